@@ -1,0 +1,3 @@
+# placeholder: replaced by the compiled core
+cdef class Engine:
+    pass
