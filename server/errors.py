@@ -1,0 +1,43 @@
+"""Domain errors of the processing service. The gRPC layer maps each to its status code and a rich detail;
+the message is written for the client (never ``str()`` of an internal exception, never a traceback)."""
+
+__all__ = ["ServiceError", "InvalidArgument", "NotFound", "AlreadyExists", "FailedPrecondition",
+           "Unavailable"]
+
+
+class ServiceError(Exception):
+    code = "INTERNAL"
+
+    def __init__(self, message: str, **details):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class InvalidArgument(ServiceError):
+    """Bad input; ``path`` names the field as the client sent it (``receipt.lines[2].quantity``)."""
+    code = "INVALID_ARGUMENT"
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}" if path else reason, path=path, reason=reason)
+        self.path = path
+        self.reason = reason
+
+
+class NotFound(ServiceError):
+    code = "NOT_FOUND"
+
+
+class AlreadyExists(ServiceError):
+    """The idempotency key was used before with a different payload."""
+    code = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(ServiceError):
+    """E.g. not enough points: ``details["available_points"]`` says how many are."""
+    code = "FAILED_PRECONDITION"
+
+
+class Unavailable(ServiceError):
+    """Storage (or another dependency) cannot be reached; nothing was written."""
+    code = "UNAVAILABLE"
