@@ -1,2 +1,590 @@
-def load_program(p): raise NotImplementedError
-load_program_text = program_from_dict = load_program
+"""The program file: YAML (SPEC section 3) in, a validated ``model.Program`` out.
+
+This module is the only place that reads a program's text. It checks every key, turns the file's units into
+the engine's (percent -> basis points, multiplier -> hundredths, exclusive ``valid.to``), and reports the
+first problem as ``ProgramError(path, reason)`` with a path such as ``promotions[3].effect`` or
+``tiers.levels[1].from``. Numbers are never taken through float arithmetic: the YAML loader keeps decimal
+scalars as ``Decimal`` built from their text, and plain floats (from ``program_from_dict``) are read through
+``Decimal(str(x))``. Top-level ``segments``, ``audiences`` and ``scenarios`` are kept in ``Program.source``
+for the modules that own them and are not interpreted here.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import math
+import pathlib
+import re
+from decimal import Decimal, InvalidOperation
+
+import yaml
+
+from .errors import ProgramError
+from .model import (
+    DISCOUNT_EFFECTS, EFFECTS, POINTS_EFFECTS, Conditions, Effect, Limits, ProductGroup, Program, Promotion,
+    Scope, Tier, Tiers, Validity,
+)
+
+__all__ = ["load_program", "load_program_text", "program_from_dict"]
+
+MAX_MONEY = 10**12
+MAX_POINTS = 10**12
+MAX_QUANTITY = 10**9
+PERIODS = ("day", "week", "month", "year", "all")
+STACKINGS = ("priority", "best_for_customer")
+TIER_METRICS = ("purchases_sum",)
+# Kept in Program.source for later modules (segments, scenarios); not interpreted here.
+PASSTHROUGH_KEYS = ("segments", "audiences", "scenarios")
+
+_HOURS_RE = re.compile(r"^(\d{2}):(\d{2})-(\d{2}):(\d{2})$")
+_CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
+
+
+# ---- loading --------------------------------------------------------------------------------------------
+
+class _ExactLoader(yaml.SafeLoader):
+    """A SafeLoader that keeps decimal scalars exact (``Decimal`` from the scalar's text) and rejects
+    duplicate keys, which plain PyYAML silently resolves to the last one."""
+
+
+def _construct_exact_float(loader, node):
+    text = loader.construct_scalar(node).replace("_", "")
+    try:
+        value = Decimal(text)
+    except InvalidOperation:  # .inf, .nan, sexagesimal 1:30.5: let the validator reject the float
+        return loader.construct_yaml_float(node)
+    return value
+
+
+def _construct_checked_mapping(loader, node, deep=False):
+    if isinstance(node, yaml.MappingNode):
+        seen = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+            except TypeError:  # unhashable key: the base constructor reports it
+                pass
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_ExactLoader.add_constructor("tag:yaml.org,2002:float", _construct_exact_float)
+_ExactLoader.construct_mapping = _construct_checked_mapping
+
+
+def _plain(value):
+    """The parsed tree as ``yaml.safe_load`` would give it (Decimal back to float), for Program.source."""
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def load_program(path) -> Program:
+    """Read and validate the program file at ``path``."""
+    p = pathlib.Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProgramError(str(p), "file not found") from None
+    except IsADirectoryError:
+        raise ProgramError(str(p), "is a directory, not a program file") from None
+    except UnicodeDecodeError as exc:
+        raise ProgramError(str(p), f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ProgramError(str(p), exc.strerror or str(exc)) from None
+    return load_program_text(text, source_name=str(p))
+
+
+def load_program_text(text: str, source_name: str = "<program>") -> Program:
+    """Validate a program given as YAML text; ``source_name`` names it in file-level errors."""
+    try:
+        data = yaml.load(text, Loader=_ExactLoader)  # noqa: S506 - _ExactLoader is a SafeLoader
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ProgramError(source_name, f"YAML syntax error at {where}{problem}") from None
+    except yaml.YAMLError as exc:
+        raise ProgramError(source_name, f"YAML syntax error: {exc}") from None
+    if data is None:
+        raise ProgramError(source_name, "the program file is empty")
+    if not isinstance(data, dict):
+        raise ProgramError(source_name, f"expected a mapping of program keys at the top, got {_kind(data)}")
+    return _build_program(data, source=_plain(data))
+
+
+def program_from_dict(d: dict) -> Program:
+    """Validate a program given as an already parsed mapping (from YAML or JSON)."""
+    if not isinstance(d, dict):
+        raise ProgramError("<program>", f"expected a mapping of program keys, got {_kind(d)}")
+    return _build_program(d, source=d)
+
+
+# ---- scalar readers: each returns the engine's unit or raises ProgramError(path, reason) ----------------
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, (float, Decimal)):
+        return f"number {value}"
+    if isinstance(value, str):
+        return f"string {value!r}"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dt.datetime):
+        return f"datetime {value.isoformat()}"
+    if isinstance(value, dt.date):
+        return f"date {value.isoformat()}"
+    return type(value).__name__
+
+
+def _join(path: str, key) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _mapping(value, path: str, allowed: tuple[str, ...]) -> dict:
+    if not isinstance(value, dict):
+        raise ProgramError(path, f"expected a mapping, got {_kind(value)}")
+    for key in value:
+        if not isinstance(key, str):
+            raise ProgramError(_join(path, key), "keys must be strings")
+        if key not in allowed:
+            raise ProgramError(_join(path, key), "unknown key")
+    return value
+
+
+def _int(value, path: str, lo: int | None = None, hi: int | None = None, what: str = "an integer") -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProgramError(path, f"expected {what}, got {_kind(value)}")
+    if lo is not None and value < lo:
+        raise ProgramError(path, f"must be at least {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ProgramError(path, f"must be at most {hi}, got {value}")
+    return value
+
+
+def _money(value, path: str) -> int:
+    return _int(value, path, 0, MAX_MONEY, "a non-negative integer amount in minor units")
+
+
+def _decimal(value, path: str, what: str) -> Decimal:
+    """An exact decimal from an int, a Decimal (exact loader) or a float (read as its shortest text)."""
+    if isinstance(value, bool):
+        raise ProgramError(path, f"expected {what}, got {_kind(value)}")
+    if isinstance(value, int):
+        return Decimal(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ProgramError(path, f"expected {what}, got {_kind(value)}")
+        return Decimal(str(value))
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ProgramError(path, f"expected {what}, got {_kind(value)}")
+        return value
+    raise ProgramError(path, f"expected {what}, got {_kind(value)}")
+
+
+def _hundredths(value, path: str, lo: int, hi: int, what: str) -> int:
+    """A number with at most two decimals, as an integer count of hundredths within [lo, hi] hundredths."""
+    d = _decimal(value, path, what)
+    scaled = d * 100
+    if scaled != scaled.to_integral_value():
+        raise ProgramError(path, f"at most two decimals allowed, got {value}")
+    n = int(scaled)
+    if not lo <= n <= hi:
+        raise ProgramError(path, f"must be between {_fmt(lo)} and {_fmt(hi)}, got {value}")
+    return n
+
+
+def _fmt(hundredths: int) -> str:
+    whole, frac = divmod(hundredths, 100)
+    return str(whole) if frac == 0 else f"{whole}.{frac:02d}".rstrip("0")
+
+
+def _percent_bp(value, path: str, hi_percent: int = 100) -> int:
+    """A percentage (two decimals at most) in basis points: ``12.5`` -> ``1250``."""
+    return _hundredths(value, path, 0, hi_percent * 100, "a percentage")
+
+
+def _bool(value, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise ProgramError(path, f"expected true or false, got {_kind(value)}")
+    return value
+
+
+def _str(value, path: str, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        hint = " (quote it in YAML)" if isinstance(value, (int, float, Decimal, bool, dt.date)) else ""
+        raise ProgramError(path, f"expected a string, got {_kind(value)}{hint}")
+    if not allow_empty and not value.strip():
+        raise ProgramError(path, "must not be empty")
+    return value
+
+
+def _str_list(value, path: str, allow_empty_list: bool = True) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ProgramError(path, f"expected a list of strings, got {_kind(value)}")
+    if not value and not allow_empty_list:
+        raise ProgramError(path, "empty list: omit the key instead")
+    return tuple(_str(item, f"{path}[{i}]") for i, item in enumerate(value))
+
+
+def _choice(value, path: str, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ProgramError(path, f"expected one of {', '.join(choices)}, got {_kind(value)}")
+    return value
+
+
+def _required(d: dict, key: str, path: str):
+    if key not in d:
+        raise ProgramError(_join(path, key), "required")
+    return d[key]
+
+
+# ---- program sections -----------------------------------------------------------------------------------
+
+TOP_KEYS = ("program", "currency", "point_value", "stacking", "accrual", "redeem", "max_discount_percent",
+            "hints", "tiers", "product_groups", "promotions") + PASSTHROUGH_KEYS
+
+
+def _build_program(d: dict, source: dict) -> Program:
+    _mapping(d, "", TOP_KEYS)
+    name = _str(_required(d, "program", ""), "program")
+    currency = "RUB"
+    if "currency" in d:
+        currency = _str(d["currency"], "currency")
+        if not _CURRENCY_RE.match(currency):
+            raise ProgramError("currency", f"expected a three-letter code such as RUB, got {currency!r}")
+    point_value = _int(d["point_value"], "point_value", 1, MAX_MONEY) if "point_value" in d else 100
+    stacking = _choice(d["stacking"], "stacking", STACKINGS) if "stacking" in d else "priority"
+
+    accrual = _mapping(d.get("accrual", {}), "accrual",
+                       ("activation_days", "expiry_days", "on_redeemed_part", "percent"))
+    activation_days = _int(accrual.get("activation_days", 0), "accrual.activation_days", 0, 36500)
+    expiry_days = accrual.get("expiry_days")
+    if expiry_days is not None:
+        expiry_days = _int(expiry_days, "accrual.expiry_days", 1, 36500)
+    on_redeemed_part = _bool(accrual.get("on_redeemed_part", False), "accrual.on_redeemed_part")
+
+    redeem = _mapping(d.get("redeem", {}), "redeem", ("max_percent", "reduced", "min_payable_per_line"))
+    redeem_max_bp = _percent_bp(redeem.get("max_percent", 100), "redeem.max_percent")
+    reduced = _reduced(redeem.get("reduced", []), "redeem.reduced")
+    min_payable = _money(redeem.get("min_payable_per_line", 0), "redeem.min_payable_per_line")
+
+    max_discount_bp = _percent_bp(d.get("max_discount_percent", 100), "max_discount_percent")
+    hints = _mapping(d.get("hints", {}), "hints", ("within_percent",))
+    hint_within_bp = _percent_bp(hints.get("within_percent", 20), "hints.within_percent")
+
+    if "tiers" in d:
+        if "percent" in accrual:
+            raise ProgramError("accrual.percent",
+                               "not allowed when tiers are given: set accrual_percent on each tier level")
+        tiers = _tiers(d["tiers"])
+    else:
+        base_bp = _percent_bp(accrual.get("percent", 0), "accrual.percent")
+        tiers = Tiers(levels=(Tier(name="Basic", threshold=0, accrual_bp=base_bp),))
+
+    groups = _product_groups(d.get("product_groups", {}))
+    promotions = _promotions(d.get("promotions", []), {g.name for g in groups}, {t.name for t in tiers.levels})
+
+    for key in PASSTHROUGH_KEYS:
+        if key in d and not isinstance(d[key], (dict, list)) and d[key] is not None:
+            raise ProgramError(key, f"expected a mapping or a list, got {_kind(d[key])}")
+
+    return Program(
+        name=name, currency=currency, point_value=point_value, stacking=stacking,
+        activation_days=activation_days, expiry_days=expiry_days, on_redeemed_part=on_redeemed_part,
+        redeem_max_bp=redeem_max_bp, reduced=reduced, min_payable_per_line=min_payable,
+        max_discount_bp=max_discount_bp, hint_within_bp=hint_within_bp, tiers=tiers,
+        product_groups=groups, promotions=promotions, source=source,
+    )
+
+
+def _reduced(value, path: str) -> tuple[tuple[int, int], ...]:
+    if not isinstance(value, list):
+        raise ProgramError(path, f"expected a list, got {_kind(value)}")
+    out = []
+    for i, item in enumerate(value):
+        p = f"{path}[{i}]"
+        _mapping(item, p, ("external_discount_over_percent", "max_percent"))
+        over = _percent_bp(_required(item, "external_discount_over_percent", p), f"{p}.external_discount_over_percent")
+        cap = _percent_bp(_required(item, "max_percent", p), f"{p}.max_percent")
+        out.append((over, cap))
+    return tuple(out)
+
+
+def _tiers(value) -> Tiers:
+    _mapping(value, "tiers", ("metric", "window_days", "levels"))
+    metric = _choice(value.get("metric", "purchases_sum"), "tiers.metric", TIER_METRICS)
+    window_days = value.get("window_days")
+    if window_days is not None:
+        window_days = _int(window_days, "tiers.window_days", 1, 36500)
+    levels_raw = _required(value, "levels", "tiers")
+    if not isinstance(levels_raw, list) or not levels_raw:
+        raise ProgramError("tiers.levels", f"expected a non-empty list of levels, got {_kind(levels_raw)}")
+    levels: list[Tier] = []
+    names: set[str] = set()
+    for i, item in enumerate(levels_raw):
+        p = f"tiers.levels[{i}]"
+        _mapping(item, p, ("name", "from", "accrual_percent", "redeem_max_percent"))
+        name = _str(_required(item, "name", p), f"{p}.name")
+        if name in names:
+            raise ProgramError(f"{p}.name", f"duplicate tier name {name!r}")
+        names.add(name)
+        threshold = _money(_required(item, "from", p), f"{p}.from")
+        if i == 0 and threshold != 0:
+            raise ProgramError(f"{p}.from", f"the first level must start from 0, got {threshold}")
+        if i > 0 and threshold <= levels[-1].threshold:
+            raise ProgramError(f"{p}.from", f"levels must be strictly ascending: {threshold} is not above "
+                                            f"{levels[-1].threshold} of {levels[-1].name!r}")
+        accrual_bp = _percent_bp(_required(item, "accrual_percent", p), f"{p}.accrual_percent")
+        redeem_max_bp = None
+        if item.get("redeem_max_percent") is not None:
+            redeem_max_bp = _percent_bp(item["redeem_max_percent"], f"{p}.redeem_max_percent")
+        levels.append(Tier(name=name, threshold=threshold, accrual_bp=accrual_bp, redeem_max_bp=redeem_max_bp))
+    return Tiers(metric=metric, window_days=window_days, levels=tuple(levels))
+
+
+def _product_groups(value) -> tuple[ProductGroup, ...]:
+    if not isinstance(value, dict):
+        raise ProgramError("product_groups", f"expected a mapping of group name to {{skus, categories}}, "
+                                             f"got {_kind(value)}")
+    groups = []
+    for name, body in value.items():
+        p = f"product_groups.{name}"
+        if not isinstance(name, str) or not name.strip():
+            raise ProgramError(p, "a group name must be a non-empty string")
+        _mapping(body, p, ("skus", "categories"))
+        skus = _str_list(body.get("skus", []), f"{p}.skus")
+        categories = _str_list(body.get("categories", []), f"{p}.categories")
+        if not skus and not categories:
+            raise ProgramError(p, "a group needs skus or categories")
+        groups.append(ProductGroup(name=name, skus=frozenset(skus), categories=frozenset(categories)))
+    return tuple(groups)
+
+
+# ---- promotions -----------------------------------------------------------------------------------------
+
+PROMOTION_KEYS = ("id", "title", "priority", "exclusive", "audience", "tiers", "valid", "when", "scope",
+                  "effect", "limits")
+EFFECT_PER = {  # which `per` values an effect accepts, the first being its default
+    "amount_off": ("unit", "receipt"),
+    "extra_points": ("receipt", "unit"),
+    "fixed_price": ("unit",),
+}
+
+
+def _promotions(value, groups: set[str], tiers: set[str]) -> tuple[Promotion, ...]:
+    if not isinstance(value, list):
+        raise ProgramError("promotions", f"expected a list of promotions, got {_kind(value)}")
+    out = []
+    ids: dict[str, int] = {}
+    for i, item in enumerate(value):
+        promo = _promotion(item, f"promotions[{i}]", groups, tiers)
+        if promo.id in ids:
+            raise ProgramError(f"promotions[{i}].id", f"duplicate id {promo.id!r} (also promotions[{ids[promo.id]}])")
+        ids[promo.id] = i
+        out.append(promo)
+    return tuple(out)
+
+
+def _promotion(d, p: str, groups: set[str], tiers: set[str]) -> Promotion:
+    _mapping(d, p, PROMOTION_KEYS)
+    pid = _str(_required(d, "id", p), f"{p}.id")
+    if pid != pid.strip():
+        raise ProgramError(f"{p}.id", f"must not start or end with spaces: {pid!r}")
+    title = _str(d.get("title", ""), f"{p}.title", allow_empty=True)
+    priority = _int(d.get("priority", 0), f"{p}.priority", -10**6, 10**6)
+    exclusive = _bool(d.get("exclusive", False), f"{p}.exclusive")
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    if "audience" in d:
+        aud = _mapping(d["audience"], f"{p}.audience", ("include", "exclude"))
+        include = _str_list(aud.get("include", []), f"{p}.audience.include")
+        exclude = _str_list(aud.get("exclude", []), f"{p}.audience.exclude")
+
+    tier_names: frozenset[str] = frozenset()
+    if "tiers" in d:
+        names = _str_list(d["tiers"], f"{p}.tiers", allow_empty_list=False)
+        for j, name in enumerate(names):
+            if name not in tiers:
+                raise ProgramError(f"{p}.tiers[{j}]", f"unknown tier {name!r} (tiers: {', '.join(sorted(tiers))})")
+        tier_names = frozenset(names)
+
+    effect = _effect(_required(d, "effect", p), f"{p}.effect")
+    return Promotion(
+        id=pid, effect=effect, title=title, priority=priority, exclusive=exclusive,
+        audience_include=include, audience_exclude=exclude, tiers=tier_names,
+        valid=_validity(d.get("valid", {}), f"{p}.valid"),
+        when=_conditions(d.get("when", {}), f"{p}.when", groups),
+        scope=_scope(d.get("scope", "all"), f"{p}.scope", groups),
+        limits=_limits(d.get("limits", {}), f"{p}.limits", effect),
+    )
+
+
+def _effect(d, p: str) -> Effect:
+    _mapping(d, p, EFFECTS + ("per",))
+    kinds = [k for k in EFFECTS if k in d]
+    if not kinds:
+        raise ProgramError(p, f"an effect expected: one of {', '.join(EFFECTS)}")
+    if len(kinds) > 1:
+        got = ", ".join(kinds[:-1]) + " and " + kinds[-1]
+        raise ProgramError(p, f"exactly one effect expected, got {got}")
+    kind = kinds[0]
+    vp = f"{p}.{kind}"
+    raw = d[kind]
+    if kind == "percent_off":
+        value = _percent_bp(raw, vp)
+    elif kind == "extra_points_percent":
+        value = _percent_bp(raw, vp, hi_percent=1000)
+    elif kind in ("amount_off", "fixed_price"):
+        value = _money(raw, vp)
+    elif kind == "nth_free":
+        value = _int(raw, vp, 2, 1000)
+    elif kind == "points_multiplier":
+        value = _hundredths(raw, vp, 100, 10000, "a multiplier such as 2 or 1.5")
+    else:  # extra_points
+        value = _int(raw, vp, 0, MAX_POINTS, "a whole number of points")
+    per = ""
+    if kind in EFFECT_PER:
+        allowed = EFFECT_PER[kind]
+        per = _choice(d["per"], f"{p}.per", allowed) if "per" in d else allowed[0]
+    elif "per" in d:
+        raise ProgramError(f"{p}.per", f"not allowed with {kind} (only with amount_off, fixed_price, extra_points)")
+    return Effect(kind=kind, value=value, per=per)
+
+
+def _when_bound(value, path: str, is_end: bool) -> dt.datetime:
+    """A ``valid.from`` / ``valid.to`` bound as a naive datetime; ``to`` becomes exclusive."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = dt.date.fromisoformat(text) if len(text) == 10 else dt.datetime.fromisoformat(text)
+        except ValueError:
+            raise ProgramError(path, f"expected a date (2026-01-31) or a datetime (2026-01-31 18:00:00), "
+                                     f"got {value!r}") from None
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is not None:
+            raise ProgramError(path, "a time zone is not allowed: times are the receipt's local wall clock")
+        value = value.replace(microsecond=0)
+        return value + dt.timedelta(seconds=1) if is_end else value
+    if isinstance(value, dt.date):
+        start = dt.datetime(value.year, value.month, value.day)
+        return start + dt.timedelta(days=1) if is_end else start
+    raise ProgramError(path, f"expected a date or a datetime, got {_kind(value)}")
+
+
+def _hours(value, p: str) -> tuple[tuple[int, int], ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ProgramError(p, f'expected "HH:MM-HH:MM" or a list of them, got {_kind(value)}')
+    windows = []
+    for j, item in enumerate(items):
+        ip = p if isinstance(value, str) else f"{p}[{j}]"
+        m = _HOURS_RE.match(item.strip()) if isinstance(item, str) else None
+        if m is None:
+            raise ProgramError(ip, f'expected "HH:MM-HH:MM", got {_kind(item)}')
+        h1, m1, h2, m2 = (int(x) for x in m.groups())
+        if h1 > 23 or m1 > 59 or m2 > 59 or h2 > 24 or (h2 == 24 and m2 != 0):
+            raise ProgramError(ip, f"not a time of day in {item!r} (00:00 to 23:59, or 24:00 as an end)")
+        start, end = h1 * 3600 + m1 * 60, h2 * 3600 + m2 * 60
+        if start == end:
+            raise ProgramError(ip, f"empty window {item!r}: start and end are equal")
+        windows.append((start, end))
+    return tuple(windows)
+
+
+def _validity(d, p: str) -> Validity:
+    _mapping(d, p, ("from", "to", "weekdays", "hours", "stores", "channels"))
+    starts = _when_bound(d["from"], f"{p}.from", False) if d.get("from") is not None else None
+    ends = _when_bound(d["to"], f"{p}.to", True) if d.get("to") is not None else None
+    if starts is not None and ends is not None and ends <= starts:
+        raise ProgramError(f"{p}.to", "ends before valid.from")
+    weekdays: frozenset[int] = frozenset()
+    if "weekdays" in d:
+        raw = d["weekdays"]
+        if not isinstance(raw, list) or not raw:
+            raise ProgramError(f"{p}.weekdays", f"expected a non-empty list of days 1..7 (Monday = 1), "
+                                                f"got {_kind(raw)}")
+        weekdays = frozenset(_int(x, f"{p}.weekdays[{j}]", 1, 7, "a day 1..7 (Monday = 1)")
+                             for j, x in enumerate(raw))
+    hours = _hours(d["hours"], f"{p}.hours") if "hours" in d else ()
+    stores = frozenset(_str_list(d["stores"], f"{p}.stores", False)) if "stores" in d else frozenset()
+    channels = frozenset(_str_list(d["channels"], f"{p}.channels", False)) if "channels" in d else frozenset()
+    return Validity(starts=starts, ends=ends, weekdays=weekdays, hours=hours, stores=stores, channels=channels)
+
+
+def _conditions(d, p: str, groups: set[str]) -> Conditions:
+    _mapping(d, p, ("receipt_total_at_least", "group_quantity_at_least", "coupon"))
+    total = None
+    if d.get("receipt_total_at_least") is not None:
+        total = _money(d["receipt_total_at_least"], f"{p}.receipt_total_at_least")
+    group_qty = None
+    if d.get("group_quantity_at_least") is not None:
+        gp = f"{p}.group_quantity_at_least"
+        g = _mapping(d["group_quantity_at_least"], gp, ("group", "quantity"))
+        group = _group_ref(_required(g, "group", gp), f"{gp}.group", groups)
+        quantity = _int(_required(g, "quantity", gp), f"{gp}.quantity", 1, MAX_QUANTITY * 1000,
+                        "a quantity in thousandths (2000 = 2 pcs)")
+        group_qty = (group, quantity)
+    coupon = _str(d["coupon"], f"{p}.coupon") if d.get("coupon") is not None else None
+    return Conditions(receipt_total_at_least=total, group_quantity_at_least=group_qty, coupon=coupon)
+
+
+def _group_ref(value, path: str, groups: set[str]) -> str:
+    name = _str(value, path)
+    if name not in groups:
+        known = ", ".join(sorted(groups)) or "none defined"
+        raise ProgramError(path, f"unknown product group {name!r} (product_groups: {known})")
+    return name
+
+
+SCOPE_KEYS = ("groups", "skus", "categories", "exclude_groups", "exclude_skus", "exclude_categories")
+
+
+def _scope(value, p: str, groups: set[str]) -> Scope:
+    if value == "all":
+        return Scope()
+    if not isinstance(value, dict):
+        raise ProgramError(p, f"expected `all` or a mapping of {', '.join(SCOPE_KEYS)}, got {_kind(value)}")
+    _mapping(value, p, SCOPE_KEYS)
+    parts = {key: _str_list(value.get(key, []), f"{p}.{key}") for key in SCOPE_KEYS}
+    for key in ("groups", "exclude_groups"):
+        for j, name in enumerate(parts[key]):
+            _group_ref(name, f"{p}.{key}[{j}]", groups)
+    return Scope(**parts)
+
+
+def _limits(d, p: str, effect: Effect) -> Limits:
+    _mapping(d, p, ("uses_per_member", "period", "discount_budget", "points_budget"))
+    uses = None
+    if d.get("uses_per_member") is not None:
+        uses = _int(d["uses_per_member"], f"{p}.uses_per_member", 1, 10**9)
+    period = _choice(d["period"], f"{p}.period", PERIODS) if "period" in d else "all"
+    discount_budget = points_budget = None
+    if d.get("discount_budget") is not None:
+        if effect.kind not in DISCOUNT_EFFECTS:
+            raise ProgramError(f"{p}.discount_budget", f"only for discount effects, this one is {effect.kind} "
+                                                       f"(use points_budget)")
+        discount_budget = _money(d["discount_budget"], f"{p}.discount_budget")
+    if d.get("points_budget") is not None:
+        if effect.kind not in POINTS_EFFECTS:
+            raise ProgramError(f"{p}.points_budget", f"only for points effects, this one is {effect.kind} "
+                                                     f"(use discount_budget)")
+        points_budget = _int(d["points_budget"], f"{p}.points_budget", 0, MAX_POINTS)
+    return Limits(uses_per_member=uses, period=period, discount_budget=discount_budget, points_budget=points_budget)
