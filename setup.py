@@ -80,6 +80,8 @@ setup(
     packages=[
         "loyalty.core",
         "loyalty.server",
+        "loyalty.server.segments",
+        "loyalty.server.scenarios",
         "loyalty.clients",
         "loyalty.cli",
         "loyalty.v1",
@@ -87,6 +89,8 @@ setup(
     package_dir={
         "loyalty.core": "core",
         "loyalty.server": "server",
+        "loyalty.server.segments": "server/segments",
+        "loyalty.server.scenarios": "server/scenarios",
         "loyalty.clients": "clients",
         "loyalty.cli": "cli",
         "loyalty.v1": "proto/loyalty/v1",
@@ -95,6 +99,7 @@ setup(
         "loyalty.core": ["*.pxd", "*.pyi", "py.typed"],
         "loyalty.server": ["demo/*.yaml", "demo/*.json", "migrations/*.py", "migrations/*.mako",
                            "migrations/versions/*.py", "alembic.ini"],
+        "loyalty.server.scenarios": ["examples/*.yaml"],
         "loyalty.v1": ["*.proto", "*.pyi"],
     },
     ext_modules=extensions(),
