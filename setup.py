@@ -80,6 +80,7 @@ setup(
     packages=[
         "loyalty.core",
         "loyalty.server",
+        "loyalty.server.demo",
         "loyalty.server.segments",
         "loyalty.server.scenarios",
         "loyalty.clients",
@@ -89,6 +90,7 @@ setup(
     package_dir={
         "loyalty.core": "core",
         "loyalty.server": "server",
+        "loyalty.server.demo": "server/demo",
         "loyalty.server.segments": "server/segments",
         "loyalty.server.scenarios": "server/scenarios",
         "loyalty.clients": "clients",
@@ -97,8 +99,8 @@ setup(
     },
     package_data={
         "loyalty.core": ["*.pxd", "*.pyi", "py.typed"],
-        "loyalty.server": ["demo/*.yaml", "demo/*.json", "migrations/*.py", "migrations/*.mako",
-                           "migrations/versions/*.py", "alembic.ini"],
+        "loyalty.server": ["migrations/*.py", "migrations/*.mako", "migrations/versions/*.py"],
+        "loyalty.server.demo": ["*.yaml", "*.json"],
         "loyalty.server.scenarios": ["examples/*.yaml"],
         "loyalty.v1": ["*.proto", "*.pyi"],
     },

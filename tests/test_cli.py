@@ -12,7 +12,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-PROGRAM = EXAMPLES / "demo-program.yaml"
+PROGRAM = ROOT / "server" / "demo" / "program.yaml"
 
 
 def loyalty_command() -> str:

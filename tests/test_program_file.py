@@ -106,7 +106,7 @@ def test_spec_program_is_normalised_to_engine_units():
 
 
 def test_demo_example_file_loads():
-    p = load_program(EXAMPLES / "demo-program.yaml")
+    p = load_program(EXAMPLES.parent / "server" / "demo" / "program.yaml")
     assert p.promotions[0].id == "women-q1-20"
     assert p.promotions[0].effect == Effect("percent_off", 2000, "")
 

@@ -1,0 +1,197 @@
+"""Connections and transactions: one ``Database`` per process over SQLite (embedded default) or PostgreSQL
+(psycopg 3), plus the Alembic entry point ``upgrade(url)``.
+
+Write transactions take the member's lock the way each backend can: on PostgreSQL the service locks rows
+(``SELECT ... FOR UPDATE``); SQLite has one writer, so a write transaction starts with ``BEGIN IMMEDIATE``
+(the write lock up front, waiting up to the busy timeout) and reads stay ``BEGIN DEFERRED``. Every storage
+failure (connection refused, lock timeout, a dropped connection) leaves this module as ``Unavailable``
+after the transaction was rolled back, so nothing is ever half-written.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pathlib
+import time
+
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.pool import NullPool
+
+from .errors import Unavailable
+
+__all__ = ["Database", "upgrade", "default_url", "alembic_config", "MIGRATIONS_DIR"]
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = pathlib.Path(__file__).parent / "migrations"
+SQLITE_BUSY_TIMEOUT_S = 10.0
+RETRIES = 3                       # deadlocks / serialization failures on PostgreSQL are retried
+
+
+def default_url() -> str:
+    """``sqlite:///<data dir>/loyalty.db`` with the data dir ``$LOYALTY_DATA_DIR`` or ``./.loyalty``."""
+    data_dir = pathlib.Path(os.environ.get("LOYALTY_DATA_DIR") or ".loyalty")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{data_dir.resolve() / 'loyalty.db'}"
+
+
+def _is_retryable(exc: DBAPIError) -> bool:
+    """A PostgreSQL deadlock (40P01) or serialization failure (40001): the transaction may simply run again."""
+    code = getattr(exc.orig, "sqlstate", None)
+    return code in ("40P01", "40001")
+
+
+def create_sql_engine(url: str, *, pool_size: int = 10) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(
+            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
+            pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn, _record):
+            # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite would otherwise delay it).
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            if ":memory:" not in url and url != "sqlite://":
+                cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):
+            mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+            conn.exec_driver_sql(f"BEGIN {mode}")
+
+        return engine
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
+                         pool_recycle=1800)
+
+
+class Database:
+    """A pool of connections and the two kinds of transaction the service uses.
+
+    ``with db.write() as conn:`` is one write transaction (SQLite: ``BEGIN IMMEDIATE``), committed on exit,
+    rolled back on any exception; ``with db.read() as conn:`` a read-only one. Storage failures become
+    ``Unavailable``; domain errors raised inside pass through unchanged (after the rollback).
+    """
+
+    def __init__(self, url: str, *, pool_size: int = 10):
+        self.url = url
+        self.engine = create_sql_engine(url, pool_size=pool_size)
+        self.dialect = self.engine.dialect.name
+        self.is_sqlite = self.dialect == "sqlite"
+
+    @contextlib.contextmanager
+    def write(self):
+        try:
+            with self.engine.connect() as conn:
+                if self.is_sqlite:
+                    conn.execution_options(sqlite_begin="IMMEDIATE")
+                with conn.begin():
+                    yield conn
+        except (OperationalError, InterfaceError) as exc:
+            raise self._unavailable(exc) from None
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise self._unavailable(exc) from None
+            raise
+
+    @contextlib.contextmanager
+    def read(self):
+        try:
+            with self.engine.connect() as conn:
+                with conn.begin():
+                    yield conn
+        except (OperationalError, InterfaceError) as exc:
+            raise self._unavailable(exc) from None
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise self._unavailable(exc) from None
+            raise
+
+    def run_write(self, fn, *args, **kwargs):
+        """``fn(conn, *args, **kwargs)`` in a write transaction, run again (up to ``RETRIES`` times) when
+        PostgreSQL reports a deadlock or a serialization failure."""
+        for attempt in range(RETRIES):
+            try:
+                with self._write_raw() as conn:
+                    return fn(conn, *args, **kwargs)
+            except OperationalError as exc:
+                if _is_retryable(exc) and attempt + 1 < RETRIES:
+                    time.sleep(0.01 * (attempt + 1))
+                    continue
+                raise self._unavailable(exc) from None
+            except InterfaceError as exc:
+                raise self._unavailable(exc) from None
+            except DBAPIError as exc:
+                if exc.connection_invalidated:
+                    raise self._unavailable(exc) from None
+                raise
+        raise AssertionError("unreachable")
+
+    @contextlib.contextmanager
+    def _write_raw(self):
+        with self.engine.connect() as conn:
+            if self.is_sqlite:
+                conn.execution_options(sqlite_begin="IMMEDIATE")
+            with conn.begin():
+                yield conn
+
+    def _unavailable(self, exc: Exception) -> Unavailable:
+        # The client gets a plain sentence; the driver's text goes to the log only.
+        log.warning("storage unavailable: %s", exc)
+        reason = "storage is busy (lock timeout)" if "locked" in str(exc) else "storage is unavailable"
+        return Unavailable(f"{reason}; nothing was written, retry later")
+
+    def ping(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return True
+        except Exception:  # noqa: BLE001 - health must never raise
+            return False
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+# ---- migrations ---------------------------------------------------------------------------------------------
+
+def alembic_config(database_url: str, connection: Connection | None = None):
+    """The Alembic configuration, built in code: no alembic.ini is needed at runtime."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def upgrade(database_url: str | None = None, revision: str = "head") -> None:
+    """Bring the schema at ``database_url`` (default: ``default_url()``) to ``revision``."""
+    from alembic import command
+
+    url = database_url or default_url()
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):]
+        if path and path != ":memory:":
+            pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url if not url.startswith("postgresql://") else
+                           "postgresql+psycopg://" + url[len("postgresql://"):], poolclass=NullPool)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(alembic_config(url, conn), revision)
+    except (OperationalError, InterfaceError) as exc:
+        log.warning("upgrade failed: %s", exc)
+        raise Unavailable(f"cannot reach the database to upgrade it: {type(exc.orig).__name__}") from None
+    finally:
+        engine.dispose()

@@ -1,0 +1,282 @@
+"""Members, cards and subscriptions: finding a member by card or phone, the member context the core needs,
+enrollment, card status changes and the ``Member`` message.
+
+The member context (status, tier, balances, audiences, promotion usage, tier metric) is read with one
+joined query; ``ContextCache`` keeps it per process for ``CONTEXT_TTL`` seconds for ``CalculateReceipt``,
+and the service drops a member's entry whenever this process writes to it. Confirm never uses the cache: it
+re-reads the context under the member's lock.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+from sqlalchemy import and_, func, insert, select, update
+
+from loyalty.core.model import CARD_STATUSES, Program
+
+from .errors import InvalidArgument
+from .models import SOURCES, balances, cards, members, point_lots, promotion_usage, subscriptions
+
+__all__ = ["MemberContext", "ContextCache", "find_member", "load_usage", "member_audiences", "tier_for",
+           "effective_tier", "period_key", "validate_ref", "normalize_phone", "validate_enroll", "CONTEXT_TTL"]
+
+CONTEXT_TTL = 2.0
+_PHONE_RE = re.compile(r"^\+?\d{5,20}$")
+_EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+@dataclass(slots=True)
+class MemberContext:
+    member_id: int
+    card: str
+    status: str
+    tier: str
+    active: int
+    pending: int
+    purchases_sum: int
+    audiences: tuple[str, ...] = ()
+    usage: dict = field(default_factory=dict)     # (promotion, period_key) -> uses
+
+    def as_core(self, program: Program, at: dt.datetime | None) -> dict:
+        """The ``member`` object of SPEC 4 for the core."""
+        usage = {}
+        if self.usage and at is not None:
+            for p in program.promotions:
+                if p.limits.uses_per_member is not None:
+                    usage[p.id] = self.usage.get((p.id, period_key(p.limits.period, at)), 0)
+        return {"card": self.card, "status": self.status, "tier": effective_tier(program, self.tier,
+                                                                                   self.purchases_sum),
+                "active_points": max(self.active, 0), "pending_points": self.pending,
+                "audiences": list(self.audiences), "usage": usage, "purchases_sum": self.purchases_sum}
+
+
+# ---- references and validation ------------------------------------------------------------------------------
+
+def normalize_phone(phone: str) -> str:
+    return re.sub(r"[\s\-()]", "", phone)
+
+
+def validate_ref(ref, path: str = "member", *, required: bool = False) -> tuple[str, str] | None:
+    """``("card", number)``, ``("phone", normalized)`` or None (anonymous) from a ``MemberRef``."""
+    card = ref.card.strip() if ref is not None else ""
+    phone = normalize_phone(ref.phone) if ref is not None else ""
+    if card:
+        if len(card) > 64:
+            raise InvalidArgument(f"{path}.card", "at most 64 characters")
+        return ("card", card)
+    if phone:
+        if not _PHONE_RE.match(phone):
+            raise InvalidArgument(f"{path}.phone", f"expected a phone number such as +79001234567, got {ref.phone!r}")
+        return ("phone", phone)
+    if required:
+        raise InvalidArgument(f"{path}.card", "required: a card number or a phone")
+    return None
+
+
+def validate_enroll(request) -> dict:
+    """The member row's values from an ``EnrollMemberRequest``; ``InvalidArgument`` on the first bad field."""
+    card = request.card.strip()
+    if not card:
+        raise InvalidArgument("card", "required")
+    if len(card) > 64:
+        raise InvalidArgument("card", "at most 64 characters")
+    phone = normalize_phone(request.phone) if request.phone else None
+    if phone is not None and not _PHONE_RE.match(phone):
+        raise InvalidArgument("phone", f"expected a phone number such as +79001234567, got {request.phone!r}")
+    source = request.source or "api"
+    if source not in SOURCES:
+        raise InvalidArgument("source", f"expected one of {', '.join(SOURCES)}, got {request.source!r}")
+    p = request.profile
+    if p.gender not in ("", "female", "male"):
+        raise InvalidArgument("profile.gender", f"expected female, male or empty, got {p.gender!r}")
+    birth_date = None
+    if p.birth_date:
+        try:
+            birth_date = dt.date.fromisoformat(p.birth_date)
+        except ValueError:
+            raise InvalidArgument("profile.birth_date", f"expected YYYY-MM-DD, got {p.birth_date!r}") from None
+    if p.email and not _EMAIL_RE.match(p.email):
+        raise InvalidArgument("profile.email", f"not an email address: {p.email!r}")
+    for name, value, limit in (("first_name", p.first_name, 100), ("last_name", p.last_name, 100),
+                               ("city", p.city, 100), ("email", p.email, 254)):
+        if len(value) > limit:
+            raise InvalidArgument(f"profile.{name}", f"at most {limit} characters")
+    for channel in request.subscriptions:
+        if not channel or len(channel) > 32:
+            raise InvalidArgument("subscriptions", f"a channel name must have 1 to 32 characters, got {channel!r}")
+    if len(request.request_id) > 100:
+        raise InvalidArgument("request_id", "at most 100 characters")
+    return {"card": card, "phone": phone, "source": source, "first_name": p.first_name,
+            "last_name": p.last_name, "gender": p.gender, "birth_date": birth_date, "email": p.email,
+            "city": p.city, "custom": dict(p.custom), "enroll_request_id": request.request_id or None,
+            "subscriptions": dict(request.subscriptions)}
+
+
+def validate_status(status: str, path: str = "status") -> str:
+    if status not in CARD_STATUSES:
+        raise InvalidArgument(path, f"expected one of {', '.join(CARD_STATUSES)}, got {status!r}")
+    return status
+
+
+# ---- tiers and periods --------------------------------------------------------------------------------------
+
+def tier_for(program: Program, purchases_sum: int) -> str:
+    """The highest level whose threshold the metric reaches."""
+    name = program.tiers.levels[0].name
+    for level in program.tiers.levels:
+        if purchases_sum >= level.threshold:
+            name = level.name
+    return name
+
+
+def effective_tier(program: Program, stored: str, purchases_sum: int) -> str:
+    """The stored tier if the program still has it, else the one the metric gives (after a program change)."""
+    for level in program.tiers.levels:
+        if level.name == stored:
+            return stored
+    return tier_for(program, purchases_sum)
+
+
+def tier_threshold(program: Program, name: str) -> int:
+    for level in program.tiers.levels:
+        if level.name == name:
+            return level.threshold
+    return -1
+
+
+def next_tier(program: Program, purchases_sum: int) -> tuple[str, int | None]:
+    for level in program.tiers.levels:
+        if level.threshold > purchases_sum:
+            return level.name, level.threshold - purchases_sum
+    return "", None
+
+
+def period_key(period: str, at: dt.datetime) -> str:
+    """The usage period a receipt's local time falls in."""
+    if period == "day":
+        return at.strftime("%Y-%m-%d")
+    if period == "week":
+        year, week, _ = at.isocalendar()
+        return f"{year}-W{week:02d}"
+    if period == "month":
+        return at.strftime("%Y-%m")
+    if period == "year":
+        return at.strftime("%Y")
+    return "all"
+
+
+# ---- reading ------------------------------------------------------------------------------------------------
+
+_CONTEXT_COLS = (balances.c.member_id, cards.c.number, cards.c.status, balances.c.tier, balances.c.active,
+                 balances.c.pending, balances.c.purchases_sum)
+
+
+def find_member(conn, ref: tuple[str, str], *, lock: bool = False) -> MemberContext | None:
+    """The member's context by card or phone (the member's newest active card for a phone). With ``lock``,
+    the ``balances`` row is locked for the transaction (PostgreSQL ``FOR UPDATE``; SQLite already holds the
+    database's write lock)."""
+    kind, value = ref
+    stmt = select(*_CONTEXT_COLS).select_from(cards.join(balances, balances.c.member_id == cards.c.member_id))
+    if kind == "card":
+        stmt = stmt.where(cards.c.number == value)
+    else:
+        stmt = (stmt.join(members, members.c.id == cards.c.member_id).where(members.c.phone == value)
+                .order_by((cards.c.status == "active").desc(), cards.c.id.desc()).limit(1))
+    if lock and conn.dialect.name == "postgresql":
+        stmt = stmt.with_for_update(of=balances)
+    row = conn.execute(stmt).first()
+    if row is None:
+        return None
+    return MemberContext(member_id=row[0], card=row[1], status=row[2], tier=row[3], active=row[4],
+                         pending=row[5], purchases_sum=row[6])
+
+
+def load_usage(conn, member_id: int, promotion_ids: list[str]) -> dict:
+    if not promotion_ids:
+        return {}
+    rows = conn.execute(select(promotion_usage.c.promotion, promotion_usage.c.period_key, promotion_usage.c.uses)
+                        .where(promotion_usage.c.member_id == member_id,
+                               promotion_usage.c.promotion.in_(promotion_ids))).all()
+    return {(p, k): u for p, k, u in rows}
+
+
+def member_audiences(conn, member_id: int) -> tuple[str, ...]:
+    """Audience ids the member belongs to, for the core's O(1) membership checks.
+
+    Hook for the segment module (SPEC 7): it will keep a compact ``member_audiences`` source (audience ids
+    per member, from its roaring bitmaps) and this function will read it. Until then nobody is in any
+    audience, so audience promotions apply to nobody."""
+    return ()
+
+
+def increment_usage(conn, member_id: int, keys: list[tuple[str, str]]) -> None:
+    """One more use of each (promotion, period_key); the caller holds the member's lock, so the
+    update-then-insert cannot race with another write of the same member."""
+    for promotion, key in keys:
+        cond = and_(promotion_usage.c.member_id == member_id, promotion_usage.c.promotion == promotion,
+                    promotion_usage.c.period_key == key)
+        if conn.execute(update(promotion_usage).where(cond).values(uses=promotion_usage.c.uses + 1)).rowcount == 0:
+            conn.execute(insert(promotion_usage).values(member_id=member_id, promotion=promotion, period_key=key,
+                                                        uses=1))
+
+
+def member_view(conn, ref: tuple[str, str]) -> dict | None:
+    """Everything the ``Member`` message shows, or None."""
+    ctx = find_member(conn, ref)
+    if ctx is None:
+        return None
+    m = conn.execute(select(members).where(members.c.id == ctx.member_id)).one()._mapping
+    subs = dict(conn.execute(select(subscriptions.c.channel, subscriptions.c.on)
+                             .where(subscriptions.c.member_id == ctx.member_id)).all())
+    expiry = conn.execute(
+        select(point_lots.c.expires_at, func.sum(point_lots.c.remaining))
+        .where(point_lots.c.member_id == ctx.member_id, point_lots.c.state == "active",
+               point_lots.c.remaining > 0, point_lots.c.expires_at.is_not(None))
+        .group_by(point_lots.c.expires_at).order_by(point_lots.c.expires_at).limit(1)).first()
+    return {"ctx": ctx, "member": dict(m), "subscriptions": subs,
+            "audiences": member_audiences(conn, ctx.member_id),
+            "next_expiry_at": expiry[0] if expiry else None, "next_expiry_points": int(expiry[1]) if expiry else 0}
+
+
+# ---- the per-process cache ----------------------------------------------------------------------------------
+
+class ContextCache:
+    """Member contexts by reference for ``CONTEXT_TTL`` seconds; ``invalidate(member_id)`` drops every
+    reference of a member this process has just written to."""
+
+    def __init__(self, ttl: float = CONTEXT_TTL, max_entries: int = 100_000):
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._items: dict[tuple[str, str], tuple[float, MemberContext]] = {}
+        self._by_member: dict[int, set] = {}
+        self._lock = threading.Lock()
+
+    def get(self, ref) -> MemberContext | None:
+        item = self._items.get(ref)
+        if item is None or item[0] < time.monotonic():
+            return None
+        return item[1]
+
+    def put(self, ref, ctx: MemberContext) -> None:
+        with self._lock:
+            if len(self._items) >= self.max_entries:
+                self._items.clear()
+                self._by_member.clear()
+            self._items[ref] = (time.monotonic() + self.ttl, ctx)
+            self._by_member.setdefault(ctx.member_id, set()).add(ref)
+
+    def invalidate(self, member_id: int | None) -> None:
+        if member_id is None:
+            return
+        with self._lock:
+            for ref in self._by_member.pop(member_id, ()):
+                self._items.pop(ref, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._by_member.clear()

@@ -1,0 +1,744 @@
+"""The processing service: SPEC sections 5-6 as plain synchronous Python, one instance per process.
+
+Each public method takes the request message of ``loyalty.v1`` and returns the response message, and reads
+like a story: validate (nothing is written before the whole request is known to be good), load the member
+context and the program snapshot, call the core, write in one transaction, answer. Errors are the
+``loyalty.server.errors`` types: ``InvalidArgument(path, reason)`` names the field as the client sent it
+(``receipt.lines[2].quantity``, ``member.card``, ``lines[0].quantity``), ``NotFound``, ``AlreadyExists``
+(an idempotency key reused with another payload), ``FailedPrecondition`` (not enough points:
+``details["available_points"]``), ``Unavailable`` (storage down; the transaction was rolled back).
+
+The gRPC layer (``grpc_server.py``) only maps these to status codes; idempotency and concurrency live here,
+in the storage transactions.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from loyalty.core import InputError
+from loyalty.core.inputs import parse_at
+from loyalty.v1 import admin_pb2, processing_pb2
+
+from . import ledger
+from .convert import answer_to_proto, iso, receipt_to_dict
+from .db import Database
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .members import (
+    ContextCache, MemberContext, effective_tier, find_member, increment_usage, load_usage, member_audiences,
+    member_view, next_tier, period_key, tier_for, tier_threshold, validate_enroll, validate_ref, validate_status,
+)
+from .models import (
+    balances, cards, events, members, operations, promotion_budgets, purchase_lines, purchases, refunds,
+    subscriptions,
+)
+from .programs import ProgramRegistry, Snapshot
+
+__all__ = ["ProcessingService"]
+
+log = logging.getLogger(__name__)
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _hash(message) -> str:
+    """The canonical hash of a request: protobuf's deterministic encoding (map keys sorted)."""
+    return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
+
+
+class _Retry(Exception):
+    """A concurrent writer took the idempotency key first: run the transaction again to replay its answer."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Returned:
+    """What one refund gives back, worked out before anything is written."""
+    line_updates: list
+    payable: int            # tier metric taken back
+    redeemed: int           # minor units paid with points, of the returned part
+    returned_points: int
+    taken_back_points: int
+    final: bool
+
+
+class ProcessingService:
+    """Sync and thread-safe; one per process, shared by every request thread.
+
+    ``clock`` is a zero-argument callable returning an aware ``datetime`` (default: UTC now); tests pass a
+    simulated one so that activation and expiry can be exercised without waiting.
+    """
+
+    def __init__(self, database: Database, programs: ProgramRegistry, *, clock=None):
+        self.db = database
+        self.programs = programs
+        self.clock = clock or _utcnow
+        self.contexts = ContextCache()
+        self._budget_cache: tuple[float, dict] | None = None
+
+    @classmethod
+    def open(cls, database_url: str, *, redis_url: str | None = None, clock=None) -> "ProcessingService":
+        """Connect to ``database_url`` (``sqlite:///...`` or ``postgresql+psycopg://...``; the schema must
+        be at head: call ``loyalty.server.db.upgrade(url)`` first) and, with ``redis_url``, listen for
+        program publications there. Storage problems surface as ``Unavailable`` on the first request and
+        as ``check_ready() == False``."""
+        database = Database(database_url)
+        clock = clock or _utcnow
+        return cls(database, ProgramRegistry(database, redis_url=redis_url, clock=clock), clock=clock)
+
+    # ---- Processing service -------------------------------------------------------------------------------
+
+    def calculate_receipt(self, request) -> processing_pb2.CalculateReceiptResponse:
+        """SPEC 4 for ``request.receipt`` with the context of ``request.member`` (card or phone; both empty:
+        anonymous). No side effects. Unknown card: ``NotFound``. No program published:
+        ``FailedPrecondition``."""
+        snap = self.programs.current()
+        receipt = receipt_to_dict(request.receipt)
+        ref = validate_ref(request.member if request.HasField("member") else None)
+        at = self._receipt_at(receipt)
+        member = None
+        if ref is not None:
+            ctx = self.contexts.get(ref)
+            if ctx is None:
+                with self.db.read() as conn:
+                    ctx = self._load_context(conn, ref, snap, lock=False)
+                self.contexts.put(ref, ctx)
+            member = ctx.as_core(snap.program, at)
+        answer = self._calculate(snap, receipt, member)
+        return processing_pb2.CalculateReceiptResponse(answer=answer_to_proto(answer))
+
+    def confirm_purchase(self, request) -> processing_pb2.ConfirmPurchaseResponse:
+        """Recompute server-side and write the purchase in one transaction. Idempotent by
+        ``receipt.store`` / ``receipt.terminal`` / ``receipt.number`` (all three required): the same payload
+        again returns the stored answer with ``replayed=True``; another payload under that key is
+        ``AlreadyExists``. When ``receipt.redeem_points`` is more than the member's active balance at the
+        moment of writing: ``FailedPrecondition(available_points=N)`` and nothing is written."""
+        snap = self.programs.current()
+        receipt = receipt_to_dict(request.receipt)
+        for name in ("store", "terminal", "number"):
+            if not receipt[name]:
+                raise InvalidArgument(f"receipt.{name}", "required to confirm: store, terminal and number "
+                                                         "identify the purchase")
+            if len(receipt[name]) > 64:
+                raise InvalidArgument(f"receipt.{name}", "at most 64 characters")
+        ref = validate_ref(request.member if request.HasField("member") else None)
+        at = self._receipt_at(receipt)
+        request_hash = _hash(request)
+        for attempt in range(2):
+            try:
+                purchase_id, answer, replayed, member_id = self.db.run_write(
+                    self._confirm_tx, snap, receipt, ref, at, request_hash)
+                break
+            except _Retry:
+                if attempt:
+                    raise
+        if not replayed:
+            self.contexts.invalidate(member_id)
+        return processing_pb2.ConfirmPurchaseResponse(purchase_id=str(purchase_id),
+                                                      answer=answer_to_proto(answer), replayed=replayed)
+
+    def _confirm_tx(self, conn, snap: Snapshot, receipt: dict, ref, at: dt.datetime, request_hash: str):
+        key = (purchases.c.store == receipt["store"], purchases.c.terminal == receipt["terminal"],
+               purchases.c.number == receipt["number"])
+        existing = conn.execute(select(purchases.c.id, purchases.c.request_hash, purchases.c.answer)
+                                .where(*key)).first()
+        if existing is not None:
+            return self._replay_purchase(existing, request_hash, receipt)
+
+        ctx = self._load_context(conn, ref, snap, lock=True) if ref is not None else None
+        member = ctx.as_core(snap.program, at) if ctx is not None else None
+        answer = self._calculate(snap, receipt, member, conn)
+        totals, state = answer["totals"], answer["member"]
+        counted = ctx is not None and not state["anonymous"]     # suspended / blocked cards are anonymous
+        if counted and ctx.status == "active" and receipt["redeem_points"] > max(ctx.active, 0):
+            available = max(ctx.active, 0)
+            raise FailedPrecondition(
+                f"not enough points: {receipt['redeem_points']} requested, {available} available",
+                available_points=available)
+
+        now = self.clock()
+        program = snap.program
+        try:
+            purchase_id = conn.execute(insert(purchases).values(
+                store=receipt["store"], terminal=receipt["terminal"], number=receipt["number"],
+                member_id=ctx.member_id if counted else None, card=ctx.card if ctx else None,
+                program_version=snap.version, request_hash=request_hash, answer=answer,
+                receipt_at=receipt.get("at", ""), amount=totals["amount"], discount=totals["discount"],
+                payable=totals["payable"], redeemed_points=totals["redeemed_points"],
+                redeemed_amount=totals["redeemed_amount"], accrued_points=totals["accrued_points"],
+                status="confirmed", created_at=now).returning(purchases.c.id)).scalar_one()
+        except IntegrityError:
+            raise _Retry() from None
+        conn.execute(insert(purchase_lines), [
+            {"purchase_id": purchase_id, "line": i, "sku": ln["sku"], "quantity": receipt["lines"][i]["quantity"],
+             "amount": ln["amount"], "payable": ln["payable"], "redeemed": ln["redeemed"], "points": ln["points"]}
+            for i, ln in enumerate(answer["lines"])])
+
+        if counted:
+            member_id = ctx.member_id
+            redeemed, accrued = totals["redeemed_points"], totals["accrued_points"]
+            active_delta, pending_delta = 0, 0
+            if redeemed:
+                ledger.consume_active(conn, member_id, redeemed)
+                ledger.add_entry(conn, key=f"purchase:{purchase_id}:redemption", member_id=member_id,
+                                 kind="redemption", active_delta=-redeemed, now=now, purchase_id=purchase_id)
+                active_delta -= redeemed
+            if accrued:
+                activates = now + dt.timedelta(days=program.activation_days)
+                expires = activates + dt.timedelta(days=program.expiry_days) if program.expiry_days else None
+                is_pending = program.activation_days > 0
+                entry = ledger.add_entry(
+                    conn, key=f"purchase:{purchase_id}:accrual", member_id=member_id, kind="accrual",
+                    active_delta=0 if is_pending else accrued, pending_delta=accrued if is_pending else 0,
+                    now=now, purchase_id=purchase_id)
+                ledger.new_lot(conn, member_id=member_id, points=accrued, entry_id=entry,
+                               state="pending" if is_pending else "active", activates_at=activates,
+                               expires_at=expires, purchase_id=purchase_id)
+                if is_pending:
+                    pending_delta += accrued
+                else:
+                    active_delta += accrued
+            # Upgrades happen here; downgrades only in the periodic recalculation (jobs.run_once).
+            tier_before = state["tier"]
+            new_sum = ctx.purchases_sum + totals["payable"]
+            reached = tier_for(program, new_sum)
+            upgrade = tier_threshold(program, reached) > tier_threshold(program, tier_before)
+            ledger.move_balance(conn, member_id, active=active_delta, pending=pending_delta,
+                                purchases_sum=totals["payable"], tier=reached if upgrade else None, now=now)
+            if accrued and not pending_delta and ctx.active < 0:
+                ledger.settle_debt(conn, member_id, ctx.active + active_delta)
+            if upgrade:
+                self._event(conn, "tier_changed", member_id, now, key=f"tier:purchase:{purchase_id}",
+                            card=ctx.card, tier_before=tier_before, tier=reached, purchases_sum=new_sum,
+                            reason="purchase")
+            limited = [(p.id, period_key(p.limits.period, at)) for p in program.promotions
+                       if p.limits.uses_per_member is not None and p.id in answer["promotions"]]
+            if limited:
+                increment_usage(conn, member_id, limited)
+        self._spend_budgets(conn, snap, answer)
+        self._event(conn, "purchase_confirmed", ctx.member_id if counted else None, now,
+                    key=f"purchase_confirmed:{purchase_id}", purchase_id=str(purchase_id),
+                    card=ctx.card if ctx else None, store=receipt["store"], terminal=receipt["terminal"],
+                    number=receipt["number"], payable=totals["payable"],
+                    redeemed_points=totals["redeemed_points"], accrued_points=totals["accrued_points"],
+                    promotions=answer["promotions"], program_version=snap.version)
+        return purchase_id, answer, False, ctx.member_id if ctx else None
+
+    def _replay_purchase(self, existing, request_hash: str, receipt: dict):
+        if existing.request_hash != request_hash:
+            raise AlreadyExists(
+                f"purchase {receipt['store']}/{receipt['terminal']}/{receipt['number']} was already confirmed "
+                f"with a different payload")
+        return existing.id, existing.answer, True, None
+
+    def _spend_budgets(self, conn, snap: Snapshot, answer: dict) -> None:
+        """Budgeted promotions count what they gave: discount budgets the minor units of their discounts,
+        points budgets the receipt's accrued points (the answer does not split points by promotion, so this
+        errs on the side of spending the budget early)."""
+        applied = set(answer["promotions"])
+        for p in snap.program.promotions:
+            if p.id not in applied:
+                continue
+            spent = 0
+            if p.limits.discount_budget is not None:
+                spent = sum(d["amount"] for ln in answer["lines"] for d in ln["discounts"] if d["promotion"] == p.id)
+            elif p.limits.points_budget is not None:
+                spent = answer["totals"]["accrued_points"]
+            if spent:
+                conn.execute(update(promotion_budgets).where(promotion_budgets.c.promotion == p.id)
+                             .values(spent=promotion_budgets.c.spent + spent))
+
+    def refund_purchase(self, request) -> processing_pb2.RefundPurchaseResponse:
+        """Return ``request.lines`` (line index and thousandths) or, with ``all_remaining``, everything not
+        yet returned. Idempotent by ``refund_id``. Unknown purchase: ``NotFound``; a cancelled purchase:
+        ``FailedPrecondition``; more than is left of a line: ``InvalidArgument("lines[i].quantity")``."""
+        refund_id = request.refund_id.strip()
+        if not refund_id:
+            raise InvalidArgument("refund_id", "required: the idempotency key of this refund")
+        if len(refund_id) > 100:
+            raise InvalidArgument("refund_id", "at most 100 characters")
+        if refund_id.startswith("cancel:"):
+            raise InvalidArgument("refund_id", "the prefix 'cancel:' is reserved")
+        key = self._purchase_key(request.purchase, "purchase")
+        if request.all_remaining and len(request.lines):
+            raise InvalidArgument("lines", "give either lines or all_remaining, not both")
+        if not request.all_remaining and not len(request.lines):
+            raise InvalidArgument("lines", "required: the lines returned, or all_remaining")
+        wanted: dict[int, int] = {}
+        for i, rl in enumerate(request.lines):
+            if rl.line < 0:
+                raise InvalidArgument(f"lines[{i}].line", f"must be at least 0, got {rl.line}")
+            if rl.line in wanted:
+                raise InvalidArgument(f"lines[{i}].line", f"line {rl.line} is listed twice")
+            if rl.quantity <= 0:
+                raise InvalidArgument(f"lines[{i}].quantity", f"must be at least 1, got {rl.quantity}")
+            wanted[rl.line] = rl.quantity
+        response, member_id = self.db.run_write(
+            self._refund_tx, refund_id, key, wanted, request.all_remaining, request.reason, _hash(request),
+            False)
+        self.contexts.invalidate(member_id)
+        return processing_pb2.RefundPurchaseResponse(**response)
+
+    def cancel_purchase(self, request) -> processing_pb2.CancelPurchaseResponse:
+        """Reverse what is left of a confirmed purchase. Calling it again returns the stored answer with
+        ``replayed=True``."""
+        key = self._purchase_key(request.purchase, "purchase")
+        refund_id = "cancel:" + "/".join(key)
+        response, member_id = self.db.run_write(
+            self._refund_tx, refund_id, key, {}, True, request.reason, "", True)
+        self.contexts.invalidate(member_id)
+        response.pop("refund_id")
+        response.pop("final")
+        return processing_pb2.CancelPurchaseResponse(**response)
+
+    def _refund_tx(self, conn, refund_id: str, key: tuple, wanted: dict, all_remaining: bool, reason: str,
+                   request_hash: str, cancel: bool):
+        done = conn.execute(select(refunds.c.request_hash, refunds.c.response)
+                            .where(refunds.c.refund_id == refund_id)).first()
+        if done is not None:
+            if not cancel and done.request_hash != request_hash:
+                raise AlreadyExists(f"refund {refund_id} was already made with a different payload")
+            return dict(done.response, replayed=True), None
+        stmt = select(purchases).where(purchases.c.store == key[0], purchases.c.terminal == key[1],
+                                       purchases.c.number == key[2])
+        if conn.dialect.name == "postgresql":
+            stmt = stmt.with_for_update()
+        purchase = conn.execute(stmt).first()
+        if purchase is None:
+            raise NotFound(f"purchase {'/'.join(key)} was not found")
+        if purchase.status == "cancelled":
+            raise FailedPrecondition(f"purchase {'/'.join(key)} was cancelled")
+        lines = conn.execute(select(purchase_lines).where(purchase_lines.c.purchase_id == purchase.id)
+                             .order_by(purchase_lines.c.line)).all()
+        if all_remaining:
+            wanted = {ln.line: ln.quantity - ln.refunded_quantity for ln in lines
+                      if ln.quantity > ln.refunded_quantity}
+            if not wanted and not cancel:
+                raise FailedPrecondition(f"nothing of purchase {'/'.join(key)} is left to return")
+        else:
+            for i, (line, qty) in enumerate(wanted.items()):
+                if line >= len(lines):
+                    raise InvalidArgument(f"lines[{i}].line", f"the purchase has {len(lines)} lines, "
+                                                              f"no line {line}")
+                left = lines[line].quantity - lines[line].refunded_quantity
+                if qty > left:
+                    raise InvalidArgument(f"lines[{i}].quantity", f"{qty} is more than the {left} left of "
+                                                                  f"line {line}")
+        ret = _work_out_return(purchase, lines, wanted)
+        now = self.clock()
+        member_id = purchase.member_id
+        if member_id is not None and (ret.returned_points or ret.taken_back_points or ret.payable):
+            ctx = self._lock_balance(conn, member_id)
+            active_delta = pending_delta = 0
+            if ret.taken_back_points:
+                from_pending, from_active = ledger.take_back(conn, member_id, ret.taken_back_points, purchase.id)
+                ledger.add_entry(conn, key=f"refund:{refund_id}:reversal", member_id=member_id, kind="reversal",
+                                 active_delta=-from_active, pending_delta=-from_pending, now=now,
+                                 purchase_id=purchase.id, refund_id=refund_id, reason=reason)
+                active_delta -= from_active
+                pending_delta -= from_pending
+            if ret.returned_points:
+                program = self.programs.current().program
+                entry = ledger.add_entry(conn, key=f"refund:{refund_id}:refund", member_id=member_id, kind="refund",
+                                         active_delta=ret.returned_points, now=now, purchase_id=purchase.id,
+                                         refund_id=refund_id, reason=reason)
+                ledger.new_lot(conn, member_id=member_id, points=ret.returned_points, entry_id=entry,
+                               state="active", activates_at=now,
+                               expires_at=now + dt.timedelta(days=program.expiry_days) if program.expiry_days
+                               else None)
+                active_delta += ret.returned_points
+            window = self._tier_window()
+            in_window = window is None or purchase.created_at >= now - window
+            ledger.move_balance(conn, member_id, active=active_delta, pending=pending_delta,
+                                purchases_sum=-ret.payable if in_window else 0, now=now)
+            if ret.returned_points:
+                ledger.settle_debt(conn, member_id, ctx[0] + active_delta)
+            balance = (ctx[0] + active_delta, ctx[1] + pending_delta)
+        elif member_id is not None:
+            balance = self._lock_balance(conn, member_id)
+        else:
+            balance = (0, 0)
+        if ret.line_updates:
+            conn.execute(update(purchase_lines).where(purchase_lines.c.purchase_id == purchase.id,
+                                                      purchase_lines.c.line == bindparam("b_line")),
+                         ret.line_updates)
+        status = "cancelled" if cancel else ("refunded" if ret.final else "confirmed")
+        conn.execute(update(purchases).where(purchases.c.id == purchase.id).values(
+            refunded_payable=purchases.c.refunded_payable + ret.payable,
+            refunded_amount=purchases.c.refunded_amount + (ret.payable - ret.redeemed),
+            returned_points=purchases.c.returned_points + ret.returned_points,
+            taken_back_points=purchases.c.taken_back_points + ret.taken_back_points,
+            status=status))
+        response = {"refund_id": refund_id, "purchase_id": str(purchase.id),
+                    "refunded_amount": ret.payable - ret.redeemed, "returned_points": ret.returned_points,
+                    "taken_back_points": ret.taken_back_points, "final": ret.final,
+                    "active_points": balance[0], "pending_points": balance[1], "replayed": False}
+        conn.execute(insert(refunds).values(refund_id=refund_id, purchase_id=purchase.id, request_hash=request_hash,
+                                            response=response, reason=reason, created_at=now))
+        self._event(conn, "refund", member_id, now, key=f"refund:{refund_id}", refund_id=refund_id,
+                    purchase_id=str(purchase.id), card=purchase.card, cancel=cancel,
+                    refunded_amount=response["refunded_amount"], returned_points=ret.returned_points,
+                    taken_back_points=ret.taken_back_points, final=ret.final or cancel,
+                    lines={str(k): v for k, v in wanted.items()})
+        return response, member_id
+
+    def _lock_balance(self, conn, member_id: int) -> tuple[int, int]:
+        stmt = select(balances.c.active, balances.c.pending).where(balances.c.member_id == member_id)
+        if conn.dialect.name == "postgresql":
+            stmt = stmt.with_for_update()
+        row = conn.execute(stmt).one()
+        return row[0], row[1]
+
+    def _tier_window(self) -> dt.timedelta | None:
+        try:
+            days = self.programs.current().program.tiers.window_days
+        except FailedPrecondition:
+            return None
+        return dt.timedelta(days=days) if days else None
+
+    def get_member(self, request) -> processing_pb2.Member:
+        """The member by ``request.member.card`` or ``.phone``: status, tier, balances, next expiry,
+        progress, subscriptions, profile. ``NotFound`` when unknown."""
+        ref = validate_ref(request.member if request.HasField("member") else None, required=True)
+        return self._member_message(ref)
+
+    def enroll_member(self, request) -> processing_pb2.Member:
+        """Register a member with a new card (required) and phone (optional); both unique
+        (``AlreadyExists``). ``source`` defaults to ``api``. With ``request_id`` a retry returns the same
+        member. Emits ``member_registered``."""
+        values = validate_enroll(request)
+        try:
+            lowest = self.programs.current().program.tiers.levels[0].name
+        except FailedPrecondition:
+            lowest = ""
+        try:
+            self.db.run_write(self._enroll_tx, values, lowest)
+        except IntegrityError:
+            raise AlreadyExists("the card or the phone is already registered") from None
+        return self._member_message(("card", values["card"]))
+
+    def _enroll_tx(self, conn, v: dict, tier: str) -> None:
+        if v["enroll_request_id"]:
+            prior = conn.execute(select(cards.c.number).join(members, members.c.id == cards.c.member_id)
+                                 .where(members.c.enroll_request_id == v["enroll_request_id"])).first()
+            if prior is not None:
+                if prior.number != v["card"]:
+                    raise AlreadyExists(f"request {v['enroll_request_id']} enrolled another card")
+                return
+        if conn.execute(select(cards.c.id).where(cards.c.number == v["card"])).first() is not None:
+            raise AlreadyExists(f"card {v['card']} is already registered")
+        if v["phone"] and conn.execute(select(members.c.id).where(members.c.phone == v["phone"])).first():
+            raise AlreadyExists(f"phone {v['phone']} is already registered")
+        now = self.clock()
+        member_id = conn.execute(insert(members).values(
+            phone=v["phone"], first_name=v["first_name"], last_name=v["last_name"], gender=v["gender"],
+            birth_date=v["birth_date"], email=v["email"], city=v["city"], custom=v["custom"], source=v["source"],
+            enroll_request_id=v["enroll_request_id"], registered_at=now).returning(members.c.id)).scalar_one()
+        conn.execute(insert(cards).values(number=v["card"], member_id=member_id, status="active",
+                                          status_changed_at=now))
+        conn.execute(insert(balances).values(member_id=member_id, active=0, pending=0, purchases_sum=0, tier=tier,
+                                             updated_at=now))
+        if v["subscriptions"]:
+            conn.execute(insert(subscriptions), [
+                {"member_id": member_id, "channel": ch, "on": on, "saved_on": None, "updated_at": now}
+                for ch, on in sorted(v["subscriptions"].items())])
+        self._event(conn, "member_registered", member_id, now, key=f"member_registered:{member_id}",
+                    card=v["card"], source=v["source"])
+
+    def adjust_points(self, request) -> processing_pb2.AdjustPointsResponse:
+        """``credit`` / ``top_up`` give ``points`` as an active lot (expiring after ``expiry_days`` or the
+        program's), ``debit`` takes them (never below zero: ``FailedPrecondition(available_points=N)``).
+        Idempotent by ``operation_id`` (required)."""
+        ref = validate_ref(request.member if request.HasField("member") else None, required=True)
+        if request.kind not in ("credit", "debit", "top_up"):
+            raise InvalidArgument("kind", f"expected credit, debit or top_up, got {request.kind!r}")
+        if request.points <= 0:
+            raise InvalidArgument("points", f"must be at least 1, got {request.points}")
+        if request.points > 10**12:
+            raise InvalidArgument("points", f"must be at most {10**12}, got {request.points}")
+        operation_id = request.operation_id.strip()
+        if not operation_id:
+            raise InvalidArgument("operation_id", "required: the idempotency key of this operation")
+        if len(operation_id) > 100:
+            raise InvalidArgument("operation_id", "at most 100 characters")
+        expiry_days = None
+        if request.HasField("expiry_days"):
+            if request.kind == "debit":
+                raise InvalidArgument("expiry_days", "only credits and top-ups expire")
+            if not 1 <= request.expiry_days <= 36500:
+                raise InvalidArgument("expiry_days", f"must be 1 to 36500, got {request.expiry_days}")
+            expiry_days = request.expiry_days
+        else:
+            try:
+                expiry_days = self.programs.current().program.expiry_days
+            except FailedPrecondition:
+                expiry_days = None
+        response, member_id = self.db.run_write(self._adjust_tx, ref, request, operation_id, expiry_days,
+                                                _hash(request))
+        self.contexts.invalidate(member_id)
+        return processing_pb2.AdjustPointsResponse(**response)
+
+    def _adjust_tx(self, conn, ref, request, operation_id: str, expiry_days: int | None, request_hash: str):
+        done = conn.execute(select(operations.c.request_hash, operations.c.response)
+                            .where(operations.c.operation_id == operation_id)).first()
+        if done is not None:
+            if done.request_hash != request_hash:
+                raise AlreadyExists(f"operation {operation_id} was already made with a different payload")
+            return dict(done.response, replayed=True), None
+        ctx = find_member(conn, ref, lock=True)
+        if ctx is None:
+            raise NotFound(f"member {ref[1]} was not found")
+        now = self.clock()
+        points, kind = request.points, request.kind
+        if kind == "debit":
+            available = max(ctx.active, 0)
+            if points > available:
+                raise FailedPrecondition(f"not enough points: {points} to debit, {available} available",
+                                         available_points=available)
+            ledger.consume_active(conn, ctx.member_id, points)
+            ledger.add_entry(conn, key=f"operation:{operation_id}", member_id=ctx.member_id, kind="adjustment",
+                             active_delta=-points, now=now, operation_id=operation_id, reason=request.reason)
+            delta = -points
+        else:
+            entry = ledger.add_entry(conn, key=f"operation:{operation_id}", member_id=ctx.member_id,
+                                     kind="top_up" if kind == "top_up" else "adjustment", active_delta=points,
+                                     now=now, operation_id=operation_id, reason=request.reason)
+            ledger.new_lot(conn, member_id=ctx.member_id, points=points, entry_id=entry, state="active",
+                           activates_at=now,
+                           expires_at=now + dt.timedelta(days=expiry_days) if expiry_days else None)
+            delta = points
+        ledger.move_balance(conn, ctx.member_id, active=delta, now=now)
+        if delta > 0 and ctx.active < 0:
+            ledger.settle_debt(conn, ctx.member_id, ctx.active + delta)
+        if kind == "top_up":
+            self._event(conn, "top_up", ctx.member_id, now, key=f"top_up:{operation_id}", card=ctx.card,
+                        points=points, reason=request.reason, operation_id=operation_id)
+        response = {"operation_id": operation_id, "active_points": ctx.active + delta,
+                    "pending_points": ctx.pending, "replayed": False}
+        conn.execute(insert(operations).values(operation_id=operation_id, member_id=ctx.member_id, kind=kind,
+                                               points=points, reason=request.reason, request_hash=request_hash,
+                                               response=response, created_at=now))
+        return response, ctx.member_id
+
+    def set_card_status(self, request) -> processing_pb2.Member:
+        """Change a card's status. Leaving ``active`` switches every subscription off and remembers which
+        were on; returning to ``active`` restores exactly those. Emits ``card_status_changed``."""
+        card = request.card.strip()
+        if not card:
+            raise InvalidArgument("card", "required")
+        status = validate_status(request.status)
+        member_id = self.db.run_write(self._status_tx, card, status, request.reason)
+        self.contexts.invalidate(member_id)
+        return self._member_message(("card", card))
+
+    def _status_tx(self, conn, card: str, status: str, reason: str) -> int:
+        stmt = select(cards.c.member_id, cards.c.status).where(cards.c.number == card)
+        if conn.dialect.name == "postgresql":
+            stmt = stmt.with_for_update()
+        row = conn.execute(stmt).first()
+        if row is None:
+            raise NotFound(f"card {card} was not found")
+        before = row.status
+        if before == status:
+            return row.member_id
+        now = self.clock()
+        subs = subscriptions.c
+        if before == "active":
+            conn.execute(update(subscriptions).where(subs.member_id == row.member_id)
+                         .values(saved_on=subs.on, on=False, updated_at=now))
+        elif status == "active":
+            conn.execute(update(subscriptions).where(subs.member_id == row.member_id, subs.saved_on.is_not(None))
+                         .values(on=subs.saved_on, saved_on=None, updated_at=now))
+        conn.execute(update(cards).where(cards.c.number == card).values(status=status, status_changed_at=now))
+        self._event(conn, "card_status_changed", row.member_id, now, card=card, status_before=before,
+                    status=status, reason=reason)
+        return row.member_id
+
+    # ---- Admin service ------------------------------------------------------------------------------------
+
+    def publish_program(self, request) -> admin_pb2.ProgramVersion:
+        """Validate ``request.yaml`` (``InvalidArgument`` with the program path, e.g.
+        ``promotions[3].effect``), store it as the next immutable version and switch every process to it."""
+        row = self.programs.publish(request.yaml, request.comment)
+        budgeted = [p.id for p in self.programs.current().program.promotions
+                    if p.limits.discount_budget is not None or p.limits.points_budget is not None]
+        if budgeted:
+            def seed(conn):
+                have = set(conn.execute(select(promotion_budgets.c.promotion)
+                                        .where(promotion_budgets.c.promotion.in_(budgeted))).scalars())
+                missing = [{"promotion": p, "spent": 0} for p in budgeted if p not in have]
+                if missing:
+                    conn.execute(insert(promotion_budgets), missing)
+            try:
+                self.db.run_write(seed)
+            except IntegrityError:   # another process seeded them at the same moment
+                pass
+        return _version_message(dict(row, current=True))
+
+    def get_program(self, request) -> admin_pb2.ProgramVersion:
+        """Version ``request.version`` (0: the current one) with its YAML; ``NotFound`` when absent."""
+        if request.version < 0:
+            raise InvalidArgument("version", f"must be 0 (the current one) or a version number, got {request.version}")
+        return _version_message(self.programs.get(request.version))
+
+    def list_program_versions(self, request) -> admin_pb2.ListProgramVersionsResponse:
+        """Every version, newest first, without the YAML text."""
+        return admin_pb2.ListProgramVersionsResponse(versions=[_version_message(r) for r in self.programs.versions()])
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------
+
+    def check_ready(self) -> bool:
+        """True when storage answers a trivial query (for the health service); never raises."""
+        return self.db.ping()
+
+    def close(self) -> None:
+        """Stop the program listener and dispose of the connection pool."""
+        self.programs.close()
+        self.db.dispose()
+
+    # ---- helpers ------------------------------------------------------------------------------------------
+
+    def _load_context(self, conn, ref, snap: Snapshot, *, lock: bool) -> MemberContext:
+        ctx = find_member(conn, ref, lock=lock)
+        if ctx is None:
+            raise NotFound(f"{'card' if ref[0] == 'card' else 'phone'} {ref[1]} was not found")
+        limited = [p.id for p in snap.program.promotions if p.limits.uses_per_member is not None]
+        if limited:
+            ctx.usage = load_usage(conn, ctx.member_id, limited)
+        ctx.audiences = member_audiences(conn, ctx.member_id)
+        return ctx
+
+    def _calculate(self, snap: Snapshot, receipt: dict, member: dict | None, conn=None) -> dict:
+        try:
+            answer = snap.engine.calculate(receipt, member, self._budgets(snap, conn))
+        except InputError as exc:
+            raise InvalidArgument(exc.path, exc.reason) from None
+        answer["program_version"] = snap.version
+        return answer
+
+    def _budgets(self, snap: Snapshot, conn=None) -> dict | None:
+        """What budgeted promotions have spent, read at most once a second per process (inside a write
+        transaction, on its own connection, so a confirm never needs a second one)."""
+        if not any(p.limits.discount_budget is not None or p.limits.points_budget is not None
+                   for p in snap.program.promotions):
+            return None
+        cached = self._budget_cache
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        query = select(promotion_budgets.c.promotion, promotion_budgets.c.spent)
+        if conn is not None:
+            used = dict(conn.execute(query).all())
+        else:
+            with self.db.read() as read:
+                used = dict(read.execute(query).all())
+        self._budget_cache = (time.monotonic() + 1.0, used)
+        return used
+
+    @staticmethod
+    def _receipt_at(receipt: dict) -> dt.datetime | None:
+        if "at" not in receipt:
+            raise InvalidArgument("receipt.at", "required")
+        try:
+            return parse_at(receipt["at"], "receipt.at")
+        except InputError as exc:
+            raise InvalidArgument(exc.path, exc.reason) from None
+
+    @staticmethod
+    def _purchase_key(key, path: str) -> tuple[str, str, str]:
+        for name in ("store", "terminal", "number"):
+            if not getattr(key, name):
+                raise InvalidArgument(f"{path}.{name}", "required")
+        return key.store, key.terminal, key.number
+
+    def _member_message(self, ref) -> processing_pb2.Member:
+        with self.db.read() as conn:
+            view = member_view(conn, ref)
+        if view is None:
+            raise NotFound(f"{'card' if ref[0] == 'card' else 'phone'} {ref[1]} was not found")
+        ctx, m = view["ctx"], view["member"]
+        msg = processing_pb2.Member(
+            member_id=str(ctx.member_id), card=ctx.card, phone=m["phone"] or "", status=ctx.status,
+            active_points=ctx.active, pending_points=ctx.pending, purchases_sum=ctx.purchases_sum,
+            next_expiry_points=view["next_expiry_points"], next_expiry_at=iso(view["next_expiry_at"]),
+            subscriptions=view["subscriptions"], audiences=view["audiences"], source=m["source"],
+            registered_at=iso(m["registered_at"]),
+            profile=processing_pb2.Profile(first_name=m["first_name"], last_name=m["last_name"],
+                                           gender=m["gender"], birth_date=iso(m["birth_date"]), email=m["email"],
+                                           city=m["city"], custom={k: str(v) for k, v in (m["custom"] or {}).items()}))
+        try:
+            program = self.programs.current().program
+        except FailedPrecondition:
+            msg.tier = ctx.tier
+            return msg
+        msg.tier = effective_tier(program, ctx.tier, ctx.purchases_sum)
+        name, missing = next_tier(program, ctx.purchases_sum)
+        msg.next_tier = name
+        if missing is not None:
+            msg.to_next_tier = missing
+        return msg
+
+    def _event(self, conn, kind: str, member_id: int | None, now: dt.datetime, *, key: str | None = None,
+               **payload) -> None:
+        conn.execute(insert(events).values(kind=kind, key=key, member_id=member_id, payload=payload,
+                                           created_at=now))
+
+
+def _cum(total: int, done_qty: int, qty: int, quantity: int) -> int:
+    """The part of ``total`` that belongs to ``done_qty + qty`` of ``quantity``, rounded down, cumulatively:
+    partial refunds never sum to more than the line, and the last one takes exactly what is left."""
+    return total * (done_qty + qty) // quantity
+
+
+def _work_out_return(purchase, lines, wanted: dict) -> _Returned:
+    """The amounts of a return, with every partial share taken cumulatively (``_cum``) so that the sum over
+    all refunds of a line is exactly the line, whatever the order and sizes of the returns."""
+    updates, payable, redeemed, taken_back = [], 0, 0, 0
+    cum_redeemed_all = 0
+    final = True
+    for ln in lines:
+        qty = wanted.get(ln.line, 0)
+        done = ln.refunded_quantity + qty
+        if done < ln.quantity:
+            final = False
+        if qty:
+            if done == ln.quantity:
+                d_pay = ln.payable - ln.refunded_payable
+                d_red = ln.redeemed - ln.refunded_redeemed
+                d_pts = ln.points - ln.refunded_points
+            else:
+                d_pay = _cum(ln.payable, ln.refunded_quantity, qty, ln.quantity) - ln.refunded_payable
+                d_red = _cum(ln.redeemed, ln.refunded_quantity, qty, ln.quantity) - ln.refunded_redeemed
+                d_pts = _cum(ln.points, ln.refunded_quantity, qty, ln.quantity) - ln.refunded_points
+            updates.append({"b_line": ln.line, "refunded_quantity": done,
+                            "refunded_payable": ln.refunded_payable + d_pay,
+                            "refunded_redeemed": ln.refunded_redeemed + d_red,
+                            "refunded_points": ln.refunded_points + d_pts})
+            payable += d_pay
+            redeemed += d_red
+            taken_back += d_pts
+            cum_redeemed_all += ln.refunded_redeemed + d_red
+        else:
+            cum_redeemed_all += ln.refunded_redeemed
+    # Written-off points come back at the receipt level: a line's share of the write-off is in minor units and
+    # need not be whole points. Cumulatively rounded down; the final return gives back exactly what is left.
+    if final:
+        returned = purchase.redeemed_points - purchase.returned_points
+    elif purchase.redeemed_points:
+        point_value = purchase.redeemed_amount // purchase.redeemed_points
+        returned = max(0, cum_redeemed_all // point_value - purchase.returned_points)
+    else:
+        returned = 0
+    return _Returned(updates, payable, redeemed, returned, taken_back, final)
+
+
+def _version_message(row: dict) -> admin_pb2.ProgramVersion:
+    return admin_pb2.ProgramVersion(version=row["version"], program=row["name"], yaml=row.get("yaml", ""),
+                                    published_at=iso(row["published_at"]), comment=row.get("comment") or "",
+                                    current=bool(row.get("current")), checksum=row["checksum"])

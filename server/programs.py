@@ -1,0 +1,201 @@
+"""Published programs: immutable versions in ``program_versions`` and, per process, the current one compiled.
+
+``ProgramRegistry.current()`` returns one immutable ``Snapshot`` (version, program, engine). Switching to a new
+version swaps that single reference, so a request holds a whole program from start to end and never sees half
+of one. A new version reaches every process within a second: with Redis, a message on ``CHANNEL`` wakes a
+listener thread at once (a slower version check stays on as a safety net); without Redis, ``current()``
+asks the database for the highest version at most every ``POLL_INTERVAL`` seconds (one indexed query).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.exc import IntegrityError
+
+from loyalty.core import Engine, ProgramError, load_program_text
+from loyalty.core.model import Program
+
+from .db import Database
+from .errors import FailedPrecondition, InvalidArgument, NotFound
+from .models import program_versions
+
+__all__ = ["ProgramRegistry", "Snapshot", "CHANNEL", "POLL_INTERVAL"]
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "loyalty:program"
+POLL_INTERVAL = 0.5           # seconds between version checks without Redis
+REDIS_POLL_INTERVAL = 5.0     # the safety net when Redis announces publications
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    version: int
+    program: Program
+    engine: Engine
+    checksum: str
+
+
+class ProgramRegistry:
+    def __init__(self, database: Database, *, redis_url: str | None = None, clock=None):
+        self.db = database
+        self.clock = clock or (lambda: dt.datetime.now(dt.timezone.utc))
+        self._snapshot: Snapshot | None = None
+        self._checked_at = 0.0
+        self._check_lock = threading.Lock()
+        self._interval = POLL_INTERVAL
+        self._redis = None
+        self._listener: threading.Thread | None = None
+        self._stop = threading.Event()
+        if redis_url:
+            self._start_listener(redis_url)
+
+    # ---- reading ------------------------------------------------------------------------------------------
+
+    def current(self) -> Snapshot:
+        """The snapshot to serve a request with; ``FailedPrecondition`` when nothing is published."""
+        if time.monotonic() - self._checked_at >= self._interval:
+            self.refresh(blocking=self._snapshot is None)
+        snap = self._snapshot
+        if snap is None:
+            raise FailedPrecondition("no loyalty program is published yet: run `loyalty program publish FILE`")
+        return snap
+
+    def refresh(self, *, blocking: bool = True) -> None:
+        """Load the highest version if it is not the one held. Only one thread checks at a time; the others
+        (``blocking=False``) keep serving the snapshot they have."""
+        if not self._check_lock.acquire(blocking=blocking):
+            return
+        try:
+            with self.db.read() as conn:
+                latest = conn.execute(select(func.max(program_versions.c.version))).scalar()
+                held = self._snapshot.version if self._snapshot else None
+                if latest is not None and latest != held:
+                    row = conn.execute(select(program_versions.c.version, program_versions.c.yaml,
+                                              program_versions.c.checksum)
+                                       .where(program_versions.c.version == latest)).one()
+                    self._snapshot = _compile(row.version, row.yaml, row.checksum)
+                    log.info("serving program version %s", row.version)
+            self._checked_at = time.monotonic()
+        finally:
+            self._check_lock.release()
+
+    # ---- publishing ---------------------------------------------------------------------------------------
+
+    def publish(self, yaml_text: str, comment: str = "") -> dict:
+        """Validate, store as the next version, switch this process and tell the others. Returns the
+        stored row as a dict (``version``, ``name``, ``checksum``, ``published_at``, ``comment``)."""
+        if not isinstance(yaml_text, str) or not yaml_text.strip():
+            raise InvalidArgument("yaml", "the program text is empty")
+        try:
+            program = load_program_text(yaml_text)
+        except ProgramError as exc:
+            raise InvalidArgument(exc.path, exc.reason) from None
+        checksum = hashlib.sha256(yaml_text.encode("utf-8")).hexdigest()
+        for _ in range(5):
+            try:
+                def write(conn):
+                    version = (conn.execute(select(func.max(program_versions.c.version))).scalar() or 0) + 1
+                    row = {"version": version, "name": program.name, "yaml": yaml_text, "checksum": checksum,
+                           "published_at": self.clock(), "comment": comment or ""}
+                    conn.execute(insert(program_versions).values(**row))
+                    return row
+                row = self.db.run_write(write)
+                break
+            except IntegrityError:   # two publishers took the same number: take the next one
+                continue
+        else:  # pragma: no cover
+            raise FailedPrecondition("could not allocate a program version; retry")
+        self._snapshot = Snapshot(row["version"], program, Engine(program), checksum)
+        self._announce(row["version"])
+        return row
+
+    def get(self, version: int = 0) -> dict:
+        with self.db.read() as conn:
+            if not version:
+                version = conn.execute(select(func.max(program_versions.c.version))).scalar()
+                if version is None:
+                    raise NotFound("no program is published yet")
+            row = conn.execute(select(program_versions).where(program_versions.c.version == version)).first()
+        if row is None:
+            raise NotFound(f"program version {version} does not exist")
+        out = dict(row._mapping)
+        out["current"] = self._is_current(version)
+        return out
+
+    def versions(self) -> list[dict]:
+        cols = [c for c in program_versions.c if c.name != "yaml"]
+        with self.db.read() as conn:
+            rows = conn.execute(select(*cols).order_by(program_versions.c.version.desc())).all()
+        latest = rows[0].version if rows else None
+        return [dict(r._mapping, yaml="", current=r.version == latest) for r in rows]
+
+    def _is_current(self, version: int) -> bool:
+        with self.db.read() as conn:
+            return conn.execute(select(func.max(program_versions.c.version))).scalar() == version
+
+    # ---- Redis --------------------------------------------------------------------------------------------
+
+    def _start_listener(self, redis_url: str) -> None:
+        try:
+            import redis
+        except ImportError:  # pragma: no cover
+            log.warning("redis is not installed; falling back to polling")
+            return
+        self._redis = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5)
+        self._interval = REDIS_POLL_INTERVAL
+        self._listener = threading.Thread(target=self._listen, name="program-listener", daemon=True)
+        self._listener.start()
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            pubsub = None
+            try:
+                pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(CHANNEL)
+                # A publication may have happened while we were not subscribed.
+                self._checked_at = 0.0
+                while not self._stop.is_set():
+                    msg = pubsub.get_message(timeout=1.0)
+                    if msg is not None:
+                        self.refresh(blocking=True)
+            except Exception as exc:  # noqa: BLE001 - Redis down: poll fast until it is back
+                log.warning("program listener: %s; polling every %.1fs", exc, POLL_INTERVAL)
+                self._interval = POLL_INTERVAL
+                self._stop.wait(2.0)
+                self._interval = REDIS_POLL_INTERVAL
+            finally:
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except Exception:  # noqa: BLE001
+                        pass
+
+    def _announce(self, version: int) -> None:
+        if self._redis is None:
+            return
+        try:
+            self._redis.publish(CHANNEL, str(version))
+        except Exception as exc:  # noqa: BLE001 - the others still find it by their version check
+            log.warning("could not announce program version %s on Redis: %s", version, exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._listener is not None:
+            self._listener.join(timeout=3)
+        if self._redis is not None:
+            try:
+                self._redis.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def _compile(version: int, yaml_text: str, checksum: str) -> Snapshot:
+    program = load_program_text(yaml_text)
+    return Snapshot(version, program, Engine(program), checksum)

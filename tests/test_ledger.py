@@ -1,0 +1,40 @@
+"""The ledger proves itself: ``check`` finds any disagreement between entries, lots and balances, and a
+refund that takes back points the member already spent leaves a debt that the next credit pays first."""
+from __future__ import annotations
+
+from sqlalchemy import update
+
+from loyalty.server import jobs, ledger
+from loyalty.server.models import balances
+from loyalty.v1 import processing_pb2 as P
+from loyalty.v1 import receipt_pb2 as R
+from test_processing_flow import coffee, confirm, enroll, member
+from test_storage_fixtures import clock, database_url, pg_url, service  # noqa: F401 - fixtures
+
+
+def test_check_reports_a_tampered_balance(service):
+    enroll(service, "7300001", points=100)
+    assert ledger.check(service) == []
+    with service.db.write() as conn:
+        conn.execute(update(balances).values(active=balances.c.active + 1))
+    problems = ledger.check(service)
+    assert any("ledger says 100 / 0" in p for p in problems)
+    assert any("lots hold 100 / 0" in p for p in problems)
+
+
+def test_take_back_beyond_the_balance_is_a_debt_the_next_credit_pays(service, clock):
+    enroll(service, "7300002")
+    confirm(service, "7300002", coffee("d-1"))          # earns floor(89900 x 3% / 100) = floor(26.97) = 26
+    clock.advance(days=15)
+    jobs.run_once(service)
+    ref = R.MemberRef(card="7300002")
+    service.adjust_points(P.AdjustPointsRequest(member=ref, kind="debit", points=20, operation_id="d-spend"))
+    r = service.refund_purchase(P.RefundPurchaseRequest(refund_id="d-r", purchase=P.PurchaseKey(
+        store="msk-01", terminal="pos-3", number="d-1"), all_remaining=True))
+    # 26 - 20 = 6 left; taking back 26 leaves a debt of 20.
+    assert (r.taken_back_points, r.active_points) == (26, -20)
+    assert ledger.check(service) == []
+    assert ledger.liability(service)["debt_points"] == 20
+    service.adjust_points(P.AdjustPointsRequest(member=ref, kind="top_up", points=50, operation_id="d-top"))
+    assert member(service, "7300002").active_points == 30            # 50 - 20 of debt
+    assert ledger.check(service) == []

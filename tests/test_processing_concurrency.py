@@ -1,0 +1,98 @@
+"""Concurrent spends of one card never take more than the balance (SPEC 5): the losers get
+FAILED_PRECONDITION with the available balance and nothing of their receipt is written; storage failures
+are UNAVAILABLE with nothing half-written."""
+from __future__ import annotations
+
+import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from sqlalchemy import func, select
+
+from loyalty.server import db, ledger
+from loyalty.server.errors import FailedPrecondition, Unavailable
+from loyalty.server.models import purchases
+from loyalty.server.processing import ProcessingService
+from loyalty.v1 import processing_pb2 as P
+from loyalty.v1 import receipt_pb2 as R
+from test_processing_flow import coffee, enroll, receipt_a
+from test_storage_fixtures import clock, database_url, pg_url, service  # noqa: F401 - fixtures
+
+
+def test_fifty_threads_spending_one_card_never_exceed_the_balance(service):
+    enroll(service, "7200001", points=1000)
+    barrier = threading.Barrier(50)
+
+    def spend(i):
+        # coffee 89900: cap 17980 -> up to 179 points; each receipt asks for 100.
+        req = P.ConfirmPurchaseRequest(member=R.MemberRef(card="7200001"), receipt=coffee(f"c-{i}", redeem=100))
+        barrier.wait()
+        try:
+            return service.confirm_purchase(req)
+        except FailedPrecondition as exc:
+            return exc
+
+    with ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(spend, range(50)))
+    won = [r for r in results if not isinstance(r, Exception)]
+    lost = [r for r in results if isinstance(r, FailedPrecondition)]
+    # 1000 points / 100 per receipt = exactly 10 winners; every loser saw less than 100 available.
+    assert (len(won), len(lost)) == (10, 40)
+    assert all(exc.details["available_points"] < 100 for exc in lost)
+    m = service.get_member(P.GetMemberRequest(member=R.MemberRef(card="7200001")))
+    # each winner earns floor((89900 - 10000) x 3% / 100) = 23 pending
+    assert (m.active_points, m.pending_points) == (0, 10 * 23)
+    with service.db.read() as conn:
+        assert conn.execute(select(func.count()).select_from(purchases)).scalar() == 10
+    assert ledger.check(service) == []
+
+
+def test_same_receipt_from_many_threads_is_written_once(service):
+    enroll(service, "7200002", points=1000)
+    req = P.ConfirmPurchaseRequest(member=R.MemberRef(card="7200002"), receipt=receipt_a())
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: service.confirm_purchase(req), range(8)))
+    assert len({r.purchase_id for r in results}) == 1
+    assert sum(not r.replayed for r in results) == 1
+    m = service.get_member(P.GetMemberRequest(member=R.MemberRef(card="7200002")))
+    assert (m.active_points, m.pending_points) == (695, 36)     # SPEC A once: 1000 - 305, +36
+    assert ledger.check(service) == []
+
+
+def test_sqlite_locked_past_the_timeout_is_unavailable_and_writes_nothing(tmp_path, monkeypatch, clock):
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    db.upgrade(url)
+    monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_S", 0.2)
+    from test_storage_fixtures import DEMO_PROGRAM
+    from loyalty.v1 import admin_pb2
+    svc = ProcessingService.open(url, clock=clock)
+    try:
+        svc.publish_program(admin_pb2.PublishProgramRequest(yaml=DEMO_PROGRAM))
+        enroll(svc, "7200003", points=1000)
+        blocker = sqlite3.connect(tmp_path / "l.db", isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(Unavailable):
+                svc.confirm_purchase(P.ConfirmPurchaseRequest(member=R.MemberRef(card="7200003"),
+                                                              receipt=receipt_a()))
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        m = svc.get_member(P.GetMemberRequest(member=R.MemberRef(card="7200003")))
+        assert (m.active_points, m.pending_points) == (1000, 0)
+        with svc.db.read() as conn:
+            assert conn.execute(select(func.count()).select_from(purchases)).scalar() == 0
+    finally:
+        svc.close()
+
+
+def test_postgresql_refusing_connections_is_unavailable():
+    svc = ProcessingService.open("postgresql+psycopg://postgres@127.0.0.1:1/nothing")
+    try:
+        assert svc.check_ready() is False
+        with pytest.raises(Unavailable) as e:
+            svc.calculate_receipt(P.CalculateReceiptRequest(receipt=receipt_a()))
+        assert "127.0.0.1" not in e.value.message          # the client never sees driver text
+    finally:
+        svc.close()
