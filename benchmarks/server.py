@@ -1,0 +1,296 @@
+"""The server under load, against a bare echo server on the same machine (STYLE section 6).
+
+    python benchmarks/server.py [--duration 3] [--concurrency 32] [--processes 2] [--json] [--no-postgres]
+
+Starts ``loyalty serve`` on SQLite (a temp data dir, demo seeded) and, unless ``--no-postgres``, on a fresh
+PostgreSQL database; beside it ``loyalty.server.echo`` answering the very bytes the real server answers to the
+fixed request. One load generator drives every scenario the same way: ``--processes`` processes, each with
+grpc.aio coroutines (``--concurrency`` in all) calling back to back for ``--duration`` seconds after a short
+warm-up, on loopback. Scenarios:
+
+- ``echo``: CalculateReceipt against the echo server (the cost of gRPC in Python alone);
+- ``calculate``: CalculateReceipt, a fixed 20-line receipt for demo member 7000001 (no side effects);
+- ``confirm_sqlite`` / ``confirm_postgres``: ConfirmPurchase of the same 20 lines with a unique receipt
+  number per call, spread over 64 members enrolled for the run (many customers at many terminals); every
+  error is counted.
+
+Prints one JSON line per scenario (``--json``: only those, plus a final summary line) and a table with RPS,
+p50, p99 and the ratios against echo. Targets: calculate >= 70% of echo's RPS with p99 <= 2x echo's;
+confirm_postgres >= 1,000/s with zero errors. Absolute numbers move with the machine; the ratios are the claim.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import pathlib
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+AT = "2026-03-02T12:30:00+03:00"
+PG_ADMIN = os.environ.get("LOYALTY_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+MEMBERS = 64
+
+
+def fixed_lines() -> list[dict]:
+    """20 lines a supermarket receipt might have: pieces and weight goods over the demo program's groups."""
+    goods = [("milk-1l", "dairy", 8990), ("cheese-200", "dairy", 45000), ("coffee-beans-1kg", "coffee", 89900),
+             ("bread-white", "bread", 5490), ("apple-gala", "fruit", 18900)]
+    lines = []
+    for i in range(20):
+        sku, cat, price = goods[i % len(goods)]
+        weight = cat == "fruit"
+        lines.append({"sku": f"{sku}" if i < 5 else f"{sku}-{i}", "categories": [cat],
+                      "quantity": 1234 if weight else 1000 * (1 + i % 3), "price": price + 10 * i})
+    return lines
+
+
+# ---- load generator (runs in fresh processes) -----------------------------------------------------------------
+
+def _generator(target: str, scenario: str, workers: int, duration: float, warmup: float, seed: str, out) -> None:
+    import grpc
+
+    from loyalty.v1 import processing_pb2
+
+    lines = fixed_lines()
+
+    def make(i: int, n: int) -> bytes:
+        if scenario in ("echo", "calculate"):
+            req = processing_pb2.CalculateReceiptRequest(
+                member={"card": "7000001"},
+                receipt={"store": "msk-01", "terminal": "bench", "number": "calc", "at": AT, "lines": lines})
+        else:
+            req = processing_pb2.ConfirmPurchaseRequest(
+                member={"card": f"bench-{(i * 7919 + n) % MEMBERS:04d}"},
+                receipt={"store": "msk-01", "terminal": f"bench-{seed}-{i}", "number": f"{n}", "at": AT,
+                         "lines": lines})
+        return req.SerializeToString()
+
+    method = "/loyalty.v1.Processing/" + ("CalculateReceipt" if scenario in ("echo", "calculate") else
+                                          "ConfirmPurchase")
+
+    async def main():
+        channel = grpc.aio.insecure_channel(target)
+        call = channel.unary_unary(method)   # bytes in, bytes out: the generator decodes nothing
+        latencies: list[float] = []
+        errors: dict[str, int] = {}
+        start = time.perf_counter()
+        t_measure, t_end = start + warmup, start + warmup + duration
+
+        async def worker(i: int):
+            n = 0
+            while True:
+                payload = make(i, n)
+                n += 1
+                t0 = time.perf_counter()
+                if t0 >= t_end:
+                    return
+                try:
+                    await call(payload, timeout=30)
+                    ok = True
+                except grpc.RpcError as exc:
+                    ok = False
+                    code = exc.code().name
+                t1 = time.perf_counter()
+                if t0 >= t_measure:
+                    if ok:
+                        latencies.append(t1 - t0)
+                    else:
+                        errors[code] = errors.get(code, 0) + 1
+
+        await asyncio.gather(*(worker(i) for i in range(workers)))
+        await channel.close()
+        out.put({"latencies": latencies, "errors": errors, "duration": duration})
+
+    asyncio.run(main())
+
+
+def drive(target: str, scenario: str, *, processes: int, concurrency: int, duration: float, warmup: float) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    run_id = uuid.uuid4().hex[:6]
+    share = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
+    procs = [ctx.Process(target=_generator, args=(target, scenario, share[i], duration, warmup,
+                                                  f"{run_id}{i}", queue)) for i in range(processes)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=duration + warmup + 120) for _ in procs]
+    for p in procs:
+        p.join()
+    latencies = sorted(x for r in results for x in r["latencies"])
+    errors: dict[str, int] = {}
+    for r in results:
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+
+    def pct(q):
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else None
+
+    return {"scenario": scenario, "rps": round(len(latencies) / duration, 1), "ok": len(latencies),
+            "errors": sum(errors.values()), "error_codes": errors,
+            "p50_ms": round(pct(0.50), 3) if latencies else None, "p99_ms": round(pct(0.99), 3) if latencies else None,
+            "concurrency": concurrency, "processes": processes, "duration_s": duration}
+
+
+# ---- servers --------------------------------------------------------------------------------------------------
+
+class Proc:
+    def __init__(self, cmd: list[str], log: pathlib.Path, env=None):
+        self.log = log
+        self.out = log.with_suffix(".out")
+        with open(log, "wb") as err, open(self.out, "wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + 90
+        while True:
+            m = re.search(r"listening on (\S+:\d+)", self.out.read_text(errors="replace"))
+            if m:
+                self.target = m.group(1)
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{cmd[:6]} did not start:\n{log.read_text()[-2000:]}")
+            time.sleep(0.05)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_loyalty(tmp: pathlib.Path, name: str, database_url: str | None, log_level: str) -> Proc:
+    cmd = [sys.executable, "-c", "from loyalty.cli.main import main; main()", "serve", "--port", "0", "--demo",
+           "--data-dir", str(tmp / name), "--log-level", log_level]
+    if database_url:
+        cmd += ["--database-url", database_url]
+    proc = Proc(cmd, tmp / f"{name}.log")
+    from loyalty.clients.client import LoyaltyClient
+    with LoyaltyClient(proc.target, timeout=30) as client:
+        client.wait_ready(30)
+        for i in range(MEMBERS):
+            client.enroll_member({"card": f"bench-{i:04d}", "request_id": f"bench-{i:04d}"})
+    return proc
+
+
+def fresh_pg_database() -> tuple[str | None, str | None]:
+    try:
+        import psycopg
+        name = f"loyalty_bench_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return name, PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + f"/{name}"
+    except Exception as exc:  # noqa: BLE001
+        print(f"PostgreSQL unavailable, skipping confirm_postgres: {exc}", file=sys.stderr)
+        return None, None
+
+
+def drop_pg_database(name: str) -> None:
+    import psycopg
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=3.0, help="measured seconds per scenario")
+    parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--processes", type=int, default=2, help="load generator processes")
+    parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--log-level", default="WARNING", help="of the servers under test")
+    parser.add_argument("--json", action="store_true", help="JSON lines only")
+    args = parser.parse_args(argv)
+
+    from loyalty.core import COMPILED
+    from loyalty.v1 import processing_pb2
+
+    def emit(obj):
+        print(json.dumps(obj), flush=True)
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="loyalty-bench-") as tmpdir:
+        tmp = pathlib.Path(tmpdir)
+        procs = []
+        pg_name = None
+        try:
+            sqlite = start_loyalty(tmp, "sqlite", None, args.log_level)
+            procs.append(sqlite)
+            from loyalty.clients.client import LoyaltyClient
+            with LoyaltyClient(sqlite.target) as client:
+                calc = processing_pb2.CalculateReceiptRequest(
+                    member={"card": "7000001"},
+                    receipt={"store": "msk-01", "terminal": "bench", "number": "calc", "at": AT,
+                             "lines": fixed_lines()})
+                response = client.calculate_receipt(calc).SerializeToString()
+            (tmp / "response.bin").write_bytes(response)
+            echo = Proc([sys.executable, "-m", "loyalty.server.echo", "--port", "0",
+                         "--response", str(tmp / "response.bin")], tmp / "echo.log")
+            procs.append(echo)
+            common = dict(processes=args.processes, concurrency=args.concurrency, duration=args.duration,
+                          warmup=args.warmup)
+            for scenario, target in (("echo", echo.target), ("calculate", sqlite.target),
+                                     ("confirm_sqlite", sqlite.target)):
+                results[scenario] = drive(target, scenario if scenario != "confirm_sqlite" else "confirm", **common)
+                results[scenario]["scenario"] = scenario
+                emit(results[scenario])
+            if not args.no_postgres:
+                pg_name, pg_url = fresh_pg_database()
+                if pg_url:
+                    pg = start_loyalty(tmp, "postgres", pg_url, args.log_level)
+                    procs.append(pg)
+                    results["confirm_postgres"] = drive(pg.target, "confirm", **common)
+                    results["confirm_postgres"]["scenario"] = "confirm_postgres"
+                    emit(results["confirm_postgres"])
+        finally:
+            for p in reversed(procs):
+                p.stop()
+            if pg_name:
+                drop_pg_database(pg_name)
+
+    echo = results["echo"]
+    calc = results["calculate"]
+    summary = {
+        "summary": True,
+        "calculate_rps_vs_echo": round(calc["rps"] / echo["rps"], 3) if echo["rps"] else None,
+        "calculate_p99_vs_echo": round(calc["p99_ms"] / echo["p99_ms"], 3) if echo["p99_ms"] else None,
+        "response_bytes": len(response), "compiled_core": COMPILED,
+        "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+        "grpcio": __import__("grpc").__version__,
+    }
+    for name in ("confirm_sqlite", "confirm_postgres"):
+        if name in results:
+            summary[f"{name}_rps_vs_echo"] = round(results[name]["rps"] / echo["rps"], 3)
+    summary["targets"] = {
+        "calculate_rps_ge_70pct_echo": bool(summary["calculate_rps_vs_echo"] and summary["calculate_rps_vs_echo"] >= 0.7),
+        "calculate_p99_le_2x_echo": bool(summary["calculate_p99_vs_echo"] and summary["calculate_p99_vs_echo"] <= 2.0),
+    }
+    if "confirm_postgres" in results:
+        r = results["confirm_postgres"]
+        summary["targets"]["confirm_postgres_ge_1000_rps_no_errors"] = r["rps"] >= 1000 and r["errors"] == 0
+    emit(summary)
+    if not args.json:
+        print(file=sys.stderr)
+        print(f"{'scenario':<18}{'rps':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}{'rps/echo':>10}{'p99/echo':>10}",
+              file=sys.stderr)
+        for name, r in results.items():
+            rr = r["rps"] / echo["rps"] if echo["rps"] else 0
+            pr = (r["p99_ms"] or 0) / echo["p99_ms"] if echo["p99_ms"] else 0
+            print(f"{name:<18}{r['rps']:>10.0f}{r['p50_ms'] or 0:>10.2f}{r['p99_ms'] or 0:>10.2f}{r['errors']:>8}"
+                  f"{rr:>10.2f}{pr:>10.2f}", file=sys.stderr)
+        print(f"targets: {summary['targets']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""The gRPC edge: ``loyalty.v1.Processing`` and ``loyalty.v1.Admin`` over grpc.aio, in front of the synchronous
+:class:`~loyalty.server.processing.ProcessingService`.
+
+This module only moves bytes and maps outcomes; everything the business cares about (validation beyond the
+wire format, idempotency, concurrency) lives in the service and its storage transactions. Per request:
+
+    raw bytes -> decode (bad wire format: INVALID_ARGUMENT) -> service method in a thread pool -> bytes
+    ServiceError -> its status code + a rich detail (google.rpc.BadRequest / ErrorInfo / PreconditionFailure)
+    anything else -> INTERNAL "internal error <incident>" (the traceback goes to the log, never to the client)
+
+Two bounded pools, because the two kinds of work differ: ``CalculateReceipt`` is short and CPU-bound (it
+holds the GIL, so more threads than cores only add switching; a few threads still overlap its member read),
+the other calls wait on the database (a pool about the size of the connection pool lets them overlap).
+``LOYALTY_INLINE_CPU=1`` runs CalculateReceipt on the event loop itself instead (no thread hop: about +30% RPS
+in ``benchmarks/server.py`` on 2 cores, at the price of blocking the loop while a member's context is read
+from storage on a cache miss); it stays opt-in until the service guarantees that calculate does no I/O.
+The number of calls in flight is bounded by ``maximum_concurrent_rpcs``; beyond it gRPC answers
+RESOURCE_EXHAUSTED instead of queueing without end. A call whose client gave up still finishes its
+transaction in its thread: every write is idempotent by its key, so the client's retry gets the stored answer.
+
+Health (``grpc.health.v1``): SERVING while ``service.check_ready()`` says storage answers (checked every
+``health_interval`` seconds), NOT_SERVING when it does not and from the moment shutdown starts. Reflection is
+on. SIGTERM / SIGINT: NOT_SERVING, stop taking calls, finish those in flight within ``grace`` seconds.
+``workers > 1``: that many processes bind the same port (SO_REUSEPORT; the kernel spreads connections) under
+a parent that forwards signals and waits.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import multiprocessing
+import os
+import re
+import signal
+import socket
+import sys
+import time
+import uuid
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from loyalty.server.errors import InvalidArgument, ServiceError
+from loyalty.server.metrics import Metrics
+from loyalty.v1 import admin_pb2, processing_pb2
+
+__all__ = ["ServeConfig", "LoyaltyServer", "SERVICE_NAMES", "serve", "run_server"]
+
+log = logging.getLogger("loyalty.server.grpc")
+
+PROCESSING = "loyalty.v1.Processing"
+ADMIN = "loyalty.v1.Admin"
+SERVICE_NAMES = (PROCESSING, ADMIN)
+ERROR_DOMAIN = "loyalty.v1"
+
+# Methods that run in the CPU pool; every other one waits on storage and runs in the I/O pool.
+CPU_METHODS = frozenset({"CalculateReceipt"})
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    database_url: str
+    host: str = "127.0.0.1"
+    port: int = 50051
+    redis_url: str | None = None
+    workers: int = 1
+    cpu_threads: int = 0            # 0: min(4, cores + 1)
+    io_threads: int = 16            # about the database connection pool: more would only wait for a connection
+    max_concurrent_rpcs: int = 1024
+    grace: float = 10.0
+    health_interval: float = 2.0
+    metrics_port: int | None = None
+    metrics_log_interval: float = 60.0
+    reuse_port: bool = False        # set for workers; a single process refuses a port that is taken
+
+
+# ---- outcome -> status ----------------------------------------------------------------------------------------
+
+def _pack(message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def status_for(exc: ServiceError) -> grpc.Status:
+    """The rich status of a domain error: its code, its client-facing message, and details a program can read
+    (a BadRequest field violation for bad input, ErrorInfo with the numbers for the rest)."""
+    code = getattr(code_pb2, exc.code, code_pb2.INTERNAL)
+    details = []
+    if isinstance(exc, InvalidArgument):
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=exc.path, description=exc.reason)])))
+    else:
+        metadata = {k: str(v) for k, v in exc.details.items() if v is not None}
+        reason = exc.details.get("reason") or exc.code
+        if exc.code == "FAILED_PRECONDITION" and "available_points" in exc.details:
+            reason = "NOT_ENOUGH_POINTS"
+            details.append(_pack(error_details_pb2.PreconditionFailure(violations=[
+                error_details_pb2.PreconditionFailure.Violation(
+                    type="NOT_ENOUGH_POINTS", subject="receipt.redeem_points", description=exc.message)])))
+        details.insert(0, _pack(error_details_pb2.ErrorInfo(reason=str(reason), domain=ERROR_DOMAIN,
+                                                            metadata=metadata)))
+        if exc.code == "UNAVAILABLE":
+            details.append(_pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=200_000_000))))
+    return rpc_status.to_status(status_pb2.Status(code=code, message=exc.message, details=details))
+
+
+def _internal_status(incident: str) -> grpc.Status:
+    return rpc_status.to_status(status_pb2.Status(
+        code=code_pb2.INTERNAL, message=f"internal error (incident {incident}, logged on the server)",
+        details=[_pack(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=ERROR_DOMAIN,
+                                                   metadata={"incident": incident}))]))
+
+
+def request_key(request) -> str:
+    """What an operator greps for: the idempotency key or the card of a request ("" when it has none)."""
+    receipt = getattr(request, "receipt", None)
+    if receipt is not None and (receipt.store or receipt.terminal or receipt.number):
+        key = f"receipt={receipt.store}/{receipt.terminal}/{receipt.number}"
+    else:
+        purchase = getattr(request, "purchase", None)
+        key = f"purchase={purchase.store}/{purchase.terminal}/{purchase.number}" if purchase is not None else ""
+    for field in ("refund_id", "operation_id", "request_id"):
+        value = getattr(request, field, "")
+        if value:
+            key += f" {field}={value}"
+    member = getattr(request, "member", None)
+    card = getattr(member, "card", "") or getattr(request, "card", "")
+    if card:
+        key += f" card={card}"
+    return key.strip()
+
+
+# ---- the server -----------------------------------------------------------------------------------------------
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+class LoyaltyServer:
+    """One process's gRPC server around one service. ``await start()``, then ``await stop()``."""
+
+    def __init__(self, service, config: ServeConfig):
+        self.service = service
+        self.config = config
+        self.metrics = Metrics()
+        cpu = config.cpu_threads or min(4, (os.cpu_count() or 1) + 1)
+        self.cpu_pool = concurrent.futures.ThreadPoolExecutor(cpu, thread_name_prefix="loyalty-cpu")
+        self.io_pool = concurrent.futures.ThreadPoolExecutor(config.io_threads, thread_name_prefix="loyalty-io")
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._metrics_http = None
+        self._stopping = False
+        options = [
+            ("grpc.so_reuseport", 1 if config.reuse_port else 0),
+            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ]
+        self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+        self.server.add_generic_rpc_handlers((self._generic_handler(PROCESSING, processing_pb2),
+                                              self._generic_handler(ADMIN, admin_pb2)))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+
+    def _generic_handler(self, service_name: str, module) -> grpc.GenericRpcHandler:
+        descriptor = module.DESCRIPTOR.services_by_name[service_name.rsplit(".", 1)[1]]
+        handlers = {}
+        for method in descriptor.methods:
+            request_cls = getattr(module, method.input_type.name)
+            fn = getattr(self.service, _snake(method.name))
+            pool = self.cpu_pool if method.name in CPU_METHODS else self.io_pool
+            if method.name in CPU_METHODS and os.environ.get("LOYALTY_INLINE_CPU"):
+                pool = None
+            # Raw bytes in and out: we decode ourselves, so that a malformed message is INVALID_ARGUMENT
+            # (gRPC's own deserializer would answer INTERNAL) and nothing is decoded twice.
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                self._make_handler(method.name, request_cls, fn, pool))
+        return grpc.method_handlers_generic_handler(service_name, handlers)
+
+    def _make_handler(self, method: str, request_cls, fn, pool):
+        loop_holder: list = []
+        metrics = self.metrics
+        debug = log.isEnabledFor
+
+        async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            started = time.perf_counter()
+            code = "OK"
+            request = None
+            try:
+                try:
+                    request = request_cls.FromString(raw)
+                except DecodeError:
+                    raise InvalidArgument("", f"not a valid {request_cls.DESCRIPTOR.full_name} message") from None
+                if not loop_holder:
+                    loop_holder.append(asyncio.get_running_loop())
+                if pool is None:
+                    response = fn(request)
+                else:
+                    response = await loop_holder[0].run_in_executor(pool, fn, request)
+                return response.SerializeToString()
+            except ServiceError as exc:
+                code = exc.code
+                level = logging.WARNING if code in ("UNAVAILABLE", "INTERNAL") else logging.INFO
+                log.log(level, "%s %s %s: %s", method, code, (request_key(request) if request else "") or "-",
+                        exc.message)
+                await context.abort_with_status(status_for(exc))
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception:
+                code = "INTERNAL"
+                incident = uuid.uuid4().hex[:12]
+                log.exception("%s INTERNAL incident=%s %s", method, incident,
+                              (request_key(request) if request else "") or "-")
+                await context.abort_with_status(_internal_status(incident))
+            finally:
+                elapsed = time.perf_counter() - started
+                metrics.observe(method, code, elapsed)
+                if debug(logging.DEBUG):
+                    log.debug("%s %s %.2fms %s", method, code, elapsed * 1000,
+                              (request_key(request) if request else "") or "-")
+
+        handler.__name__ = method
+        return handler
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------
+
+    async def _set_health(self, status) -> None:
+        for name in ("",) + SERVICE_NAMES:
+            await self.health.set(name, status)
+
+    async def _check_health(self) -> bool:
+        loop = asyncio.get_running_loop()
+        try:
+            ready = bool(await loop.run_in_executor(self.io_pool, self.service.check_ready))
+        except Exception:   # check_ready should never raise; if it does, storage is not known to be good
+            log.exception("check_ready raised")
+            ready = False
+        if not self._stopping:
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING if ready
+                                   else health_pb2.HealthCheckResponse.NOT_SERVING)
+        return ready
+
+    async def _watch_health(self) -> None:
+        was = True
+        while True:
+            await asyncio.sleep(self.config.health_interval)
+            ready = await self._check_health()
+            if ready != was:
+                (log.info if ready else log.warning)("storage %s: health %s", "reachable" if ready else "unreachable",
+                                                     "SERVING" if ready else "NOT_SERVING")
+                was = ready
+
+    async def start(self, metrics_port: int | None = None) -> int:
+        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if not self.port:
+            raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
+        await self._check_health()
+        await self.server.start()
+        self._tasks.append(asyncio.create_task(self._watch_health()))
+        if metrics_port is not None:
+            self._metrics_http = await self.metrics.serve_http(self.config.host, metrics_port)
+            log.info("metrics at http://%s:%d/metrics", self.config.host, metrics_port)
+        else:
+            self._tasks.append(asyncio.create_task(self.metrics.log_periodically(self.config.metrics_log_interval)))
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING first (load balancers stop sending), then refuse new calls and let the ones in flight
+        finish within ``grace`` seconds; then release the pools and the service."""
+        if self._stopping:
+            return
+        self._stopping = True
+        await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        await self.server.stop(self.config.grace if grace is None else grace)
+        if self._metrics_http is not None:
+            self._metrics_http.close()
+        line = self.metrics.summary()
+        if line:
+            log.info(line)
+        self.cpu_pool.shutdown(wait=True)
+        self.io_pool.shutdown(wait=True)
+
+
+# ---- running it -----------------------------------------------------------------------------------------------
+
+def _open_service(config: ServeConfig):
+    from loyalty.server.processing import ProcessingService
+    return ProcessingService.open(config.database_url, redis_url=config.redis_url)
+
+
+async def run_server(config: ServeConfig, *, service=None, announce=None, worker: int = 0) -> None:
+    """Serve until SIGTERM / SIGINT, then shut down gracefully. ``announce(line)`` is called once listening."""
+    loop = asyncio.get_running_loop()
+    own_service = service is None
+    if own_service:
+        service = await loop.run_in_executor(None, _open_service, config)
+    server = LoyaltyServer(service, config)
+    stop = asyncio.Event()
+
+    def on_signal(signum):
+        if stop.is_set():
+            log.info("already shutting down (signal %s ignored)", signal.Signals(signum).name)
+            return
+        log.info("%s: shutting down, finishing calls in flight (grace %.0fs)",
+                 signal.Signals(signum).name, config.grace)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        metrics_port = None if config.metrics_port is None else config.metrics_port + worker
+        port = await server.start(metrics_port)
+        if announce is not None:
+            announce(f"listening on {config.host}:{port}")
+        log.info("worker %d (pid %d) serving on %s:%d", worker, os.getpid(), config.host, port)
+        await stop.wait()
+    finally:
+        await server.stop()
+        if own_service:
+            service.close()
+        log.info("worker %d stopped", worker)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s")
+
+
+def _worker_main(config: ServeConfig, worker: int, log_level: str) -> None:
+    configure_logging(log_level)
+    try:
+        asyncio.run(run_server(config, worker=worker))
+    except ServiceError as exc:
+        log.error("worker %d cannot start: %s", worker, exc.message)
+        sys.exit(1)
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (without listening) a SO_REUSEPORT socket on the port the workers will share: it turns port 0 into
+    a real port, and holds that port against any process that does not opt into sharing it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _supervise(config: ServeConfig, announce, log_level: str) -> int:
+    reserved = _reserve_port(config.host, config.port)
+    config = dataclasses.replace(config, port=reserved.getsockname()[1], reuse_port=True)
+    ctx = multiprocessing.get_context("spawn")
+    children = [ctx.Process(target=_worker_main, args=(config, i, log_level), name=f"loyalty-worker-{i}")
+                for i in range(config.workers)]
+    stopping = False
+
+    def forward(signum, _frame):
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.pid and child.is_alive():
+                os.kill(child.pid, signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for child in children:
+            child.start()
+        if announce is not None:
+            announce(f"listening on {config.host}:{config.port} ({config.workers} worker processes)")
+        rc = 0
+        alive = list(children)
+        while alive:
+            ready = multiprocessing.connection.wait([c.sentinel for c in alive])
+            for child in [c for c in alive if c.sentinel in ready]:
+                child.join()
+                alive.remove(child)
+                if child.exitcode != 0 and not stopping:
+                    # A worker died on its own: stop the others and fail, so the supervisor (systemd, k8s)
+                    # restarts a whole, known-good set rather than a server quietly running on fewer workers.
+                    log.error("%s exited with %s: stopping the other workers", child.name, child.exitcode)
+                    rc = 1
+                    forward(signal.SIGTERM, None)
+        return rc
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        reserved.close()
+
+
+def serve(config: ServeConfig, *, announce=None, log_level: str = "INFO") -> int:
+    """Run the server in the foreground until signalled; returns the process exit code."""
+    configure_logging(log_level)
+    if config.workers > 1:
+        import multiprocessing.connection  # noqa: F401  (wait)
+        return _supervise(config, announce, log_level)
+    asyncio.run(run_server(config, announce=announce))
+    return 0

@@ -1,0 +1,202 @@
+"""Real servers for the API tests: ``loyalty serve`` in a subprocess on a free loopback port, over SQLite in a
+temp data dir or over a fresh PostgreSQL database, waited for until health says SERVING; and a small TCP
+proxy to put between the server and PostgreSQL, to cut and restore the database link without touching the
+real PostgreSQL.
+
+PostgreSQL tests: ``postgres_url()`` skips with the reason when PostgreSQL does not answer, except with
+``CI=true`` where it fails (CI must never pass by skipping).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from loyalty.clients.client import LoyaltyClient
+
+PG_ADMIN_URL = os.environ.get("LOYALTY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+IN_CI = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+class ServerProcess:
+    def __init__(self, proc: subprocess.Popen, target: str, log_path: pathlib.Path, database_url: str):
+        self.proc = proc
+        self.target = target
+        self.port = int(target.rsplit(":", 1)[1])
+        self.log_path = log_path
+        self.database_url = database_url
+
+    def client(self, **kwargs) -> LoyaltyClient:
+        return LoyaltyClient(self.target, **kwargs)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum=signal.SIGTERM) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def cli(*args: str, env=None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run ``loyalty ARGS...`` as a user would; returns the completed process (text stdout/stderr)."""
+    return subprocess.run([sys.executable, "-c", "from loyalty.cli.main import main; main()", *args],
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def start_server(tmp_path: pathlib.Path, *, database_url: str | None = None, workers: int = 1,
+                 args: tuple = (), timeout: float = 60.0) -> ServerProcess:
+    """``loyalty serve --port 0`` (demo seeded) in a subprocess; returns once it is SERVING."""
+    data_dir = tmp_path / f"data-{uuid.uuid4().hex[:6]}"
+    log_path = tmp_path / f"server-{uuid.uuid4().hex[:6]}.log"
+    out_path = log_path.with_suffix(".out")
+    cmd = [sys.executable, "-c", "from loyalty.cli.main import main; main()", "serve", "--port", "0",
+           "--data-dir", str(data_dir), "--demo", "--workers", str(workers), "--grace", "10", *args]
+    if database_url:
+        cmd += ["--database-url", database_url]
+    with open(log_path, "wb") as err, open(out_path, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    target = None
+    while target is None:
+        text = out_path.read_text(errors="replace")
+        m = re.search(r"listening on (\S+:\d+)", text)
+        if m:
+            target = m.group(1)
+            break
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"server did not start (rc={proc.poll()}):\n{text}\n{log_path.read_text()}")
+        time.sleep(0.05)
+    server = ServerProcess(proc, target, log_path, database_url or f"sqlite:///{data_dir / 'loyalty.db'}")
+    with server.client() as client:
+        client.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
+    return server
+
+
+# ---- PostgreSQL -----------------------------------------------------------------------------------------------
+
+def _pg_unreachable_reason() -> str | None:
+    try:
+        import psycopg
+        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
+            return None
+    except Exception as exc:  # noqa: BLE001
+        return f"PostgreSQL at {PG_ADMIN_URL} unreachable: {type(exc).__name__}: {str(exc).strip()[:120]}"
+
+
+@contextlib.contextmanager
+def fresh_postgres_database():
+    """A new empty database ``loyalty_test_<random>`` on the test PostgreSQL, dropped afterwards; yields its
+    SQLAlchemy URL. Skips (fails in CI) when PostgreSQL is down."""
+    reason = _pg_unreachable_reason()
+    if reason:
+        if IN_CI:
+            pytest.fail(reason + " (CI=true: PostgreSQL tests must run)")
+        pytest.skip(reason)
+    import psycopg
+    name = f"loyalty_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# ---- a TCP proxy we can cut -----------------------------------------------------------------------------------
+
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to ``target``. ``cut()`` drops every open connection and refuses new ones
+    (accepts and closes at once, as a dead link does); ``restore()`` forwards again."""
+
+    def __init__(self, target_host: str, target_port: int):
+        self.target = (target_host, target_port)
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(128)
+        self.port = self.listener.getsockname()[1]
+        self.up = True
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.up:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._pairs.append((client, upstream))
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        try:
+            while True:
+                readable, _, _ = select.select([a, b], [], [], 0.5)
+                for src in readable:
+                    data = src.recv(65536)
+                    if not data:
+                        raise OSError
+                    (b if src is a else a).sendall(data)
+        except (OSError, ValueError):
+            pass
+        finally:
+            for s in (a, b):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def cut(self) -> None:
+        self.up = False
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for pair in pairs:
+            for s in pair:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def restore(self) -> None:
+        self.up = True
+
+    def close(self) -> None:
+        self._closed = True
+        self.cut()
+        self.listener.close()
+
+
+def pg_url_through(url: str, proxy: TcpProxy) -> str:
+    return re.sub(r"@[^/]+/", f"@127.0.0.1:{proxy.port}/", url, count=1)
