@@ -1,0 +1,160 @@
+# C declarations of the compiled receipt core (bodies in _engine.pyx; semantics in docs/ENGINE.md).
+#
+# _engine.pyx includes this file textually: setup.py builds the module as `loyalty.core._engine`, and
+# Cython looks for that module's own .pxd at loyalty/core/_engine.pxd, which the source tree (core/) does
+# not have. So this file holds only C-level types (enums, structs); the Engine's attributes are declared
+# in its class body in the .pyx.
+#
+# A program is compiled once into the C data below: promotions in promotion order (priority desc, id asc)
+# as an array of CPromo, every list a promotion carries as an (offset, count) slice of one int32 pool,
+# strings interned to integer ids, scopes indexed (CSR arrays: id -> promotions) so that a receipt only
+# looks at the promotions its lines can reach. A receipt is decoded into CLine structs and a Work record
+# whose arrays live on a stack buffer (PyMem_Malloc past it); the arithmetic then runs without the GIL.
+from cpython.ref cimport PyObject
+from libc.stdint cimport int32_t, int64_t, uint64_t
+
+cdef extern from *:
+    # gcc's __int128: products of ENGINE.md (splits, accrual, nth_free) exceed 64 bits. Cython has no name
+    # for it, so it is declared under a C name override; never convert one to Python directly (py128 does).
+    ctypedef long long int128_t "__int128"
+
+
+cdef enum EffectKind:
+    EK_PERCENT_OFF = 0
+    EK_AMOUNT_OFF = 1
+    EK_FIXED_PRICE = 2
+    EK_NTH_FREE = 3
+    EK_POINTS_MULTIPLIER = 4
+    EK_EXTRA_POINTS_PERCENT = 5
+    EK_EXTRA_POINTS = 6
+
+
+cdef enum CardStatus:
+    ST_ACTIVE = 0
+    ST_RESTRICTED = 1
+    ST_SUSPENDED = 2
+    ST_BLOCKED = 3
+    ST_NONE = 4                      # no member: anonymous
+
+
+cdef enum Stacking:
+    STACK_PRIORITY = 0
+    STACK_BEST = 1
+
+
+cdef enum FailBits:                  # why a promotion is not eligible (step 2)
+    FAIL_OTHER = 1
+    FAIL_TOTAL = 2                   # only when.receipt_total_at_least
+    FAIL_GQ = 4                      # only when.group_quantity_at_least
+
+
+ctypedef struct Slice:
+    int32_t off
+    int32_t n
+
+
+ctypedef struct CPromo:
+    int32_t kind                     # EffectKind
+    bint is_discount
+    bint per_receipt                 # amount_off / extra_points per receipt
+    bint exclusive
+    bint scope_all                   # no include lists
+    int64_t value                    # bp, minor units, N, hundredths or points (model.Effect.value)
+    bint has_starts
+    bint has_ends
+    int64_t starts                   # local epoch seconds, inclusive
+    int64_t ends                     # local epoch seconds, exclusive
+    int32_t weekdays                 # bit d set for Monday = 1 .. Sunday = 7; 0: every day
+    Slice hours                      # pairs (start_s, end_s) in Engine.pool
+    Slice stores
+    Slice channels
+    Slice aud_include
+    Slice aud_exclude
+    Slice tiers                      # tier ids (index in program.tiers.levels; unknown names past them)
+    bint has_total
+    int64_t total                    # when.receipt_total_at_least
+    int32_t gq_group                 # -1, or index of the condition group (Engine.gq_*)
+    int64_t gq_quantity
+    int32_t coupon                   # -1, or coupon id
+    int64_t uses                     # -1, or limits.uses_per_member
+    int64_t budget                   # -1, or min(discount_budget, points_budget) of those set
+
+
+ctypedef struct CTier:
+    int64_t threshold
+    int64_t accrual_bp
+    int64_t redeem_max_bp            # -1: not set
+
+
+ctypedef struct CLine:
+    int64_t quantity
+    int64_t amount
+    int64_t external
+    int64_t min_price
+    int64_t base
+    int64_t floor                    # ENGINE.md floor_i
+    int64_t cur                      # current amount in the walk / cascade
+    int64_t disc                     # loyalty discount so far (final after stacking)
+    int64_t units                    # quantity / 1000 for piece lines, else 0
+    int64_t payable
+    int64_t redeemed
+    int128_t points
+    int64_t rate_bp
+    int64_t mult
+    int128_t n                       # accrual numerator m_i x rate x mult
+    int32_t sku                      # interned id, -1: unknown to the program
+    int32_t cat_off                  # slice of Work.cats (known category ids only)
+    int32_t cat_n
+    bint no_discount
+    bint no_accrual
+    bint no_redeem
+    bint ended                       # priority walk ended by an exclusive
+
+
+ctypedef struct Arena:               # per-call memory: a stack buffer, PyMem_Malloc blocks past it
+    char* buf
+    size_t cap
+    size_t used
+    void* blocks[64]
+    int nblocks
+
+
+ctypedef struct Work:                # everything one calculation needs, owned by its Arena
+    int32_t L
+    CLine* lines
+    int32_t* cats
+    int32_t E                        # eligible promotions, in promotion order
+    int32_t* elig                    # promotion index of each
+    char* insc                       # E x L: line in the promotion's scope
+    int64_t* dmat                    # E x L: discount given (discount promotions)
+    char* used                       # E: promotion applied (listed in the answer)
+    int32_t* drows                   # E: the discount promotions that gave some line more than zero
+    # split / sort scratch, L each
+    int64_t* sw
+    int64_t* sroom
+    int64_t* sout
+    int128_t* skey
+    int32_t* sidx
+    int32_t* sorder
+    int32_t* stmp
+    char* sact
+    char* take                       # L: line takes the promotion being computed
+    int64_t* scur
+    int64_t* sbase
+    # receipt and member facts (borrowed objects live in the request dicts)
+    PyObject** skus                  # L: each line's sku string
+    int64_t total                    # T = sum(base)
+    int32_t wd                       # weekday of `at`, Monday = 1
+    int32_t sod                      # second of the day of `at`
+    int32_t status                   # CardStatus
+    bint anonymous                   # no member, or suspended / blocked
+    int32_t tier                     # member's tier index, -1: none
+    int64_t active_points
+    int64_t pending_points
+    int64_t purchases_sum            # -1: not given
+    int64_t redeem_points
+    PyObject* card                   # NULL: not given
+    PyObject* usage                  # NULL: none (or anonymous)
+    # results
+    int64_t max_points
+    int64_t applied
