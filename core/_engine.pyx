@@ -541,7 +541,7 @@ def _effect_text(effect):
     if kind == "fixed_price":
         return f"price {_money(v)}"
     if kind == "nth_free":
-        return f"every {v}th unit free"
+        return f"1 of every {v} units free"
     if kind == "points_multiplier":
         return f"x{_pct(v)} points"
     if kind == "extra_points_percent":

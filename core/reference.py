@@ -401,7 +401,7 @@ def effect_text(effect: Effect) -> str:
     if kind == "fixed_price":
         return f"price {money_text(value)}"
     if kind == "nth_free":
-        return f"every {value}th unit free"
+        return f"1 of every {value} units free"
     if kind == "points_multiplier":
         return f"x{percent_text(value)} points"
     if kind == "extra_points_percent":

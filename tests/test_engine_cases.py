@@ -1061,7 +1061,7 @@ def test_group_quantity_hint_in_pieces(calc):
     answer = calc(YOGURT_5TH_FREE, receipt([line("yogurt", 4000, 100)]), member())
     # missing 1000 <= 5000 x 2000 // 10000 = 1000 (at the edge): hinted; qty(1000) = "1 pcs".
     assert answer["hints"] == [{"promotion": "yogurt-5th", "condition": "group_quantity_at_least",
-                                "missing": 1000, "message": "add 1 pcs of yogurt to get every 5th unit free"}]
+                                "missing": 1000, "message": "add 1 pcs of yogurt to get 1 of every 5 units free"}]
 
 
 def test_group_quantity_beyond_reach_is_not_hinted(calc):
@@ -1185,7 +1185,7 @@ HINT_MESSAGES = [
     ("h2", "add 10.00 to get 1.50 off"),
     ("h3", "add 10.00 to get 1.50 off per unit"),
     ("h4", "add 10.00 to get price 99.90"),
-    ("h5", "add 10.00 to get every 3th unit free"),
+    ("h5", "add 10.00 to get 1 of every 3 units free"),
     ("h6", "add 10.00 to get x1.5 points"),
     ("h7", "add 10.00 to get +2% points"),
     ("h8", "add 10.00 to get +50 points"),

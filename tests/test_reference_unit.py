@@ -670,7 +670,7 @@ def test_texts():
     assert effect_text(Effect("amount_off", 12000, "unit")) == "120.00 off per unit"
     assert effect_text(Effect("amount_off", 12000, "receipt")) == "120.00 off"
     assert effect_text(Effect("fixed_price", 19900, "unit")) == "price 199.00"
-    assert effect_text(Effect("nth_free", 3)) == "every 3th unit free"
+    assert effect_text(Effect("nth_free", 3)) == "1 of every 3 units free"
     assert effect_text(Effect("points_multiplier", 150)) == "x1.5 points"
     assert effect_text(Effect("extra_points_percent", 500)) == "+5% points"
     assert effect_text(Effect("extra_points", 50, "receipt")) == "+50 points"
