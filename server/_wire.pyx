@@ -1,0 +1,1 @@
+# placeholder: the protobuf wire codec of the receipt messages is being written
