@@ -158,6 +158,18 @@ def _open_service(database_url, data_dir=None):
     return ProcessingService.open(_resolve_url(database_url, data_dir))
 
 
+def _with_service(database_url, data_dir, work):
+    """Open the service on the database, run ``work(service)``, close it; any failure is one line."""
+    try:
+        service = _open_service(database_url, data_dir)
+        try:
+            return work(service)
+        finally:
+            service.close()
+    except Exception as exc:  # noqa: BLE001
+        _fail(exc)
+
+
 def register(group: click.Group) -> None:
     @group.command(name="serve")
     @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
@@ -266,14 +278,7 @@ def register(group: click.Group) -> None:
     def ledger_check(database_url, data_dir, as_json):
         """Sum the ledger and compare with the balances; exit 1 on any discrepancy."""
         from loyalty.server import ledger
-        try:
-            service = _open_service(database_url, data_dir)
-            try:
-                problems = ledger.check(service)
-            finally:
-                service.close()
-        except Exception as exc:  # noqa: BLE001
-            _fail(exc)
+        problems = _with_service(database_url, data_dir, ledger.check)
         if as_json:
             emit_json({"ok": not problems, "discrepancies": problems})
         elif problems:
@@ -291,14 +296,7 @@ def register(group: click.Group) -> None:
     def ledger_liability(database_url, data_dir, as_json):
         """Outstanding points: active, pending, expiring soon."""
         from loyalty.server import ledger
-        try:
-            service = _open_service(database_url, data_dir)
-            try:
-                report = ledger.liability(service)
-            finally:
-                service.close()
-        except Exception as exc:  # noqa: BLE001
-            _fail(exc)
+        report = _with_service(database_url, data_dir, ledger.liability)
         if as_json:
             emit_json(report)
         else:
