@@ -15,20 +15,31 @@ import os
 import pathlib
 import time
 
+import orjson
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.pool import NullPool
 
 from .errors import Unavailable
 
-__all__ = ["Database", "upgrade", "default_url", "alembic_config", "MIGRATIONS_DIR"]
+__all__ = ["Database", "upgrade", "default_url", "alembic_config", "MIGRATIONS_DIR", "driver_errors", "dumps",
+           "loads"]
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = pathlib.Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_S = 10.0
 RETRIES = 3                       # deadlocks / serialization failures on PostgreSQL are retried
+IDLE_PING_S = 2.0                 # a pooled PostgreSQL connection idle longer than this is pinged at checkout
+
+
+def dumps(value) -> str:
+    """JSON text of a stored document (answers, responses, event payloads): orjson, compact, keys as given."""
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+loads = orjson.loads
 
 
 def default_url() -> str:
@@ -48,7 +59,8 @@ def create_sql_engine(url: str, *, pool_size: int = 10) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(
             url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
-            pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False)
+            pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False, json_serializer=dumps,
+            json_deserializer=loads)
 
         @event.listens_for(engine, "connect")
         def _sqlite_connect(dbapi_conn, _record):
@@ -70,8 +82,48 @@ def create_sql_engine(url: str, *, pool_size: int = 10) -> Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
-    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
-                         pool_recycle=1800)
+    engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False,
+                           pool_recycle=1800, json_serializer=dumps, json_deserializer=loads)
+
+    # Pessimistic disconnect handling without a round trip per transaction: a connection that has been idle
+    # in the pool for more than IDLE_PING_S is pinged at checkout (a dead one is replaced transparently); a
+    # busy pool hands out connections it used a moment ago. A connection lost mid-request still surfaces as
+    # Unavailable, and SQLAlchemy then invalidates the whole pool.
+    @event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_conn, record):
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn, record, _proxy):
+        since = record.info.get("idle_since")
+        if since is not None and time.monotonic() - since > IDLE_PING_S:
+            try:
+                ok = engine.dialect.do_ping(dbapi_conn)
+            except Exception:  # noqa: BLE001 - any failure means: use another connection
+                ok = False
+            if not ok:
+                raise DisconnectionError("pooled connection is dead")
+
+    return engine
+
+
+@contextlib.contextmanager
+def driver_errors(conn: Connection):
+    """Around raw driver calls (``conn.connection.driver_connection``, the PostgreSQL fast paths): the
+    driver's own exceptions become SQLAlchemy's, so that ``Database.run_write`` treats them as it treats any
+    other (deadlock: retried; lost connection: ``Unavailable`` and the connection discarded; unique
+    violation: ``IntegrityError``)."""
+    import psycopg
+
+    try:
+        yield
+    except psycopg.Error as exc:
+        driver = conn.connection.driver_connection
+        broken = driver is None or driver.closed or driver.broken
+        wrapped = DBAPIError.instance(None, None, exc, psycopg.Error, connection_invalidated=broken)
+        if broken:
+            conn.invalidate(wrapped)
+        raise wrapped from exc
 
 
 class Database:

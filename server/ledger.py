@@ -23,21 +23,26 @@ __all__ = ["add_entry", "new_lot", "consume_active", "take_back", "settle_debt",
            "liability"]
 
 
+_insert_entry = insert(ledger).returning(ledger.c.id)
+_insert_lot = insert(point_lots)
+
+
 def add_entry(conn, *, key: str, member_id: int, kind: str, active_delta: int = 0, pending_delta: int = 0,
               now: dt.datetime, purchase_id: int | None = None, refund_id: str | None = None,
               operation_id: str | None = None, reason: str = "") -> int:
     """Append one entry; returns its id."""
-    return conn.execute(insert(ledger).values(
-        key=key, member_id=member_id, kind=kind, points=active_delta + pending_delta,
-        active_delta=active_delta, pending_delta=pending_delta, purchase_id=purchase_id, refund_id=refund_id,
-        operation_id=operation_id, reason=reason, created_at=now).returning(ledger.c.id)).scalar_one()
+    return conn.execute(_insert_entry, {
+        "key": key, "member_id": member_id, "kind": kind, "points": active_delta + pending_delta,
+        "active_delta": active_delta, "pending_delta": pending_delta, "purchase_id": purchase_id,
+        "refund_id": refund_id, "operation_id": operation_id, "reason": reason, "created_at": now}).scalar_one()
 
 
 def new_lot(conn, *, member_id: int, points: int, entry_id: int, state: str, activates_at, expires_at,
             purchase_id: int | None = None) -> None:
-    conn.execute(insert(point_lots).values(
-        member_id=member_id, points=points, remaining=points, state=state, activates_at=activates_at,
-        expires_at=expires_at, entry_id=entry_id, purchase_id=purchase_id, expiring_notified=False))
+    conn.execute(_insert_lot, {
+        "member_id": member_id, "points": points, "remaining": points, "state": state,
+        "activates_at": activates_at, "expires_at": expires_at, "entry_id": entry_id, "purchase_id": purchase_id,
+        "expiring_notified": False})
 
 
 _set_remaining = (update(point_lots).where(point_lots.c.id == bindparam("lot_id"))
@@ -62,11 +67,21 @@ def _take(conn, rows, points: int) -> tuple[int, list[tuple[str, int]]]:
     return points, taken
 
 
-def _active_lots(member_id: int):
-    return (select(point_lots.c.id, point_lots.c.remaining, point_lots.c.state)
-            .where(point_lots.c.member_id == member_id, point_lots.c.state == "active",
-                   point_lots.c.remaining > 0)
-            .order_by(point_lots.c.expires_at.asc().nulls_last(), point_lots.c.id))
+_active_lots = (select(point_lots.c.id, point_lots.c.remaining, point_lots.c.state)
+                .where(point_lots.c.member_id == bindparam("member_id"), point_lots.c.state == "active",
+                       point_lots.c.remaining > 0)
+                .order_by(point_lots.c.expires_at.asc().nulls_last(), point_lots.c.id))
+
+# PostgreSQL: the whole consumption in one statement. ``before`` is what the earlier lots (in write-off order:
+# earliest expiry first, never-expiring last, then id) hold, so a lot gives min(remaining, points - before)
+# while ``before < points``. The caller holds the member's balance lock, so the lots cannot move meanwhile.
+CONSUME_ACTIVE_PG = """WITH l AS (
+    SELECT id, remaining,
+           sum(remaining) OVER (ORDER BY expires_at ASC NULLS LAST, id) - remaining AS before
+    FROM point_lots WHERE member_id = %(member_id)s AND state = 'active' AND remaining > 0)
+UPDATE point_lots AS p SET remaining = p.remaining - LEAST(l.remaining, %(points)s - l.before)
+FROM l WHERE p.id = l.id AND l.before < %(points)s
+RETURNING l.remaining - p.remaining"""
 
 
 def consume_active(conn, member_id: int, points: int) -> int:
@@ -74,7 +89,10 @@ def consume_active(conn, member_id: int, points: int) -> int:
     not be covered (0 when the balance was checked first)."""
     if points <= 0:
         return 0
-    left, _ = _take(conn, conn.execute(_active_lots(member_id)).all(), points)
+    if conn.dialect.name == "postgresql":
+        taken = conn.exec_driver_sql(CONSUME_ACTIVE_PG, {"member_id": member_id, "points": points}).scalars()
+        return points - sum(taken)
+    left, _ = _take(conn, conn.execute(_active_lots, {"member_id": member_id}).all(), points)
     return left
 
 
@@ -106,19 +124,32 @@ def settle_debt(conn, member_id: int, active_after: int) -> None:
         consume_active(conn, member_id, excess)
 
 
+def _move_balance_stmt(dialect: str):
+    greatest = func.max if dialect == "sqlite" else func.greatest
+    b = balances.c
+    return (update(balances).where(b.member_id == bindparam("b_member_id"))
+            .values(active=b.active + bindparam("b_active"), pending=b.pending + bindparam("b_pending"),
+                    purchases_sum=greatest(b.purchases_sum + bindparam("b_sum"), 0),
+                    tier=func.coalesce(bindparam("b_tier", type_=balances.c.tier.type), b.tier),
+                    updated_at=bindparam("b_now", type_=balances.c.updated_at.type)))
+
+
+_move_balance = {"sqlite": _move_balance_stmt("sqlite"), "postgresql": _move_balance_stmt("postgresql")}
+
+# The same on PostgreSQL for the raw fast path: (active, pending, purchases_sum, tier or NULL, now, member_id).
+MOVE_BALANCE_PG = """UPDATE balances SET active = active + %s, pending = pending + %s,
+       purchases_sum = GREATEST(purchases_sum + %s, 0), tier = COALESCE(%s::varchar, tier), updated_at = %s
+WHERE member_id = %s"""
+
+
 def move_balance(conn, member_id: int, *, active: int = 0, pending: int = 0, purchases_sum: int = 0,
                  tier: str | None = None, now: dt.datetime) -> None:
-    values = {"updated_at": now}
-    if active:
-        values["active"] = balances.c.active + active
-    if pending:
-        values["pending"] = balances.c.pending + pending
-    if purchases_sum:
-        values["purchases_sum"] = func.max(balances.c.purchases_sum + purchases_sum, 0) \
-            if conn.dialect.name == "sqlite" else func.greatest(balances.c.purchases_sum + purchases_sum, 0)
-    if tier is not None:
-        values["tier"] = tier
-    conn.execute(update(balances).where(balances.c.member_id == member_id).values(**values))
+    """Add the deltas to the member's balances (``purchases_sum`` never below zero); ``tier`` when given."""
+    stmt = _move_balance.get(conn.dialect.name)
+    if stmt is None:
+        stmt = _move_balance[conn.dialect.name] = _move_balance_stmt(conn.dialect.name)
+    conn.execute(stmt, {"b_member_id": member_id, "b_active": active, "b_pending": pending,
+                        "b_sum": purchases_sum, "b_tier": tier, "b_now": now})
 
 
 # ---- proofs and reports -------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy import and_, bindparam, func, insert, select, update
 
 from loyalty.core.model import CARD_STATUSES, Program
 
@@ -175,32 +175,70 @@ _CONTEXT_COLS = (balances.c.member_id, cards.c.number, cards.c.status, balances.
                  balances.c.pending, balances.c.purchases_sum)
 
 
+def _context_stmt(kind: str, lock: bool):
+    stmt = select(*_CONTEXT_COLS).select_from(cards.join(balances, balances.c.member_id == cards.c.member_id))
+    if kind == "card":
+        stmt = stmt.where(cards.c.number == bindparam("ref"))
+    else:
+        stmt = (stmt.join(members, members.c.id == cards.c.member_id).where(members.c.phone == bindparam("ref"))
+                .order_by((cards.c.status == "active").desc(), cards.c.id.desc()).limit(1))
+    if lock:
+        stmt = stmt.with_for_update(of=balances)
+    return stmt
+
+
+# Built once: a statement object made per call costs more Python than the query itself.
+_CONTEXT_STMTS = {(kind, lock): _context_stmt(kind, lock) for kind in ("card", "phone") for lock in (False, True)}
+
+# The same two lookups in PostgreSQL's SQL for the raw fast path of ConfirmPurchase (parameter: the card number
+# or the normalized phone), locking the member's balances row.
+CONTEXT_PG = {
+    "card": """SELECT b.member_id, c.number, c.status, b.tier, b.active, b.pending, b.purchases_sum
+FROM cards AS c JOIN balances AS b ON b.member_id = c.member_id
+WHERE c.number = %s FOR UPDATE OF b""",
+    "phone": """SELECT b.member_id, c.number, c.status, b.tier, b.active, b.pending, b.purchases_sum
+FROM cards AS c JOIN balances AS b ON b.member_id = c.member_id JOIN members AS m ON m.id = c.member_id
+WHERE m.phone = %s ORDER BY c.status = 'active' DESC, c.id DESC LIMIT 1 FOR UPDATE OF b""",
+}
+
+# The member's promotion usage by the same reference (parameters: reference, promotion ids). Sent in the same
+# round trip as CONTEXT_PG but as its own statement, so it reads with a snapshot taken after the lock was
+# granted: it sees every use the previous holder of the lock committed.
+USAGE_PG = {
+    "card": """SELECT promotion, period_key, uses FROM promotion_usage
+WHERE member_id = (SELECT member_id FROM cards WHERE number = %s) AND promotion = ANY(%s::varchar[])""",
+    "phone": """SELECT promotion, period_key, uses FROM promotion_usage
+WHERE member_id = (SELECT id FROM members WHERE phone = %s) AND promotion = ANY(%s::varchar[])""",
+}
+
+# One more use of each (promotion, period_key) in one statement (parameters: member id, promotions, keys).
+INCREMENT_USAGE_PG = """INSERT INTO promotion_usage (member_id, promotion, period_key, uses)
+SELECT %s::bigint, t.promotion, t.period_key, 1 FROM unnest(%s::varchar[], %s::varchar[]) AS t(promotion, period_key)
+ON CONFLICT (member_id, promotion, period_key) DO UPDATE SET uses = promotion_usage.uses + 1"""
+
+
 def find_member(conn, ref: tuple[str, str], *, lock: bool = False) -> MemberContext | None:
     """The member's context by card or phone (the member's newest active card for a phone). With ``lock``,
     the ``balances`` row is locked for the transaction (PostgreSQL ``FOR UPDATE``; SQLite already holds the
     database's write lock)."""
     kind, value = ref
-    stmt = select(*_CONTEXT_COLS).select_from(cards.join(balances, balances.c.member_id == cards.c.member_id))
-    if kind == "card":
-        stmt = stmt.where(cards.c.number == value)
-    else:
-        stmt = (stmt.join(members, members.c.id == cards.c.member_id).where(members.c.phone == value)
-                .order_by((cards.c.status == "active").desc(), cards.c.id.desc()).limit(1))
-    if lock and conn.dialect.name == "postgresql":
-        stmt = stmt.with_for_update(of=balances)
-    row = conn.execute(stmt).first()
+    stmt = _CONTEXT_STMTS[kind, lock and conn.dialect.name == "postgresql"]
+    row = conn.execute(stmt, {"ref": value}).first()
     if row is None:
         return None
     return MemberContext(member_id=row[0], card=row[1], status=row[2], tier=row[3], active=row[4],
                          pending=row[5], purchases_sum=row[6])
 
 
+_USAGE_STMT = (select(promotion_usage.c.promotion, promotion_usage.c.period_key, promotion_usage.c.uses)
+               .where(promotion_usage.c.member_id == bindparam("member_id"),
+                      promotion_usage.c.promotion.in_(bindparam("ids", expanding=True))))
+
+
 def load_usage(conn, member_id: int, promotion_ids: list[str]) -> dict:
     if not promotion_ids:
         return {}
-    rows = conn.execute(select(promotion_usage.c.promotion, promotion_usage.c.period_key, promotion_usage.c.uses)
-                        .where(promotion_usage.c.member_id == member_id,
-                               promotion_usage.c.promotion.in_(promotion_ids))).all()
+    rows = conn.execute(_USAGE_STMT, {"member_id": member_id, "ids": list(promotion_ids)}).all()
     return {(p, k): u for p, k, u in rows}
 
 

@@ -28,11 +28,12 @@ from loyalty.v1 import admin_pb2, processing_pb2
 
 from . import ledger
 from .convert import answer_to_proto, iso, receipt_to_dict
-from .db import Database
+from .db import Database, driver_errors, dumps, loads
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .members import (
-    ContextCache, MemberContext, effective_tier, find_member, increment_usage, load_usage, member_audiences,
-    member_view, next_tier, period_key, tier_for, tier_threshold, validate_enroll, validate_ref, validate_status,
+    CONTEXT_PG, USAGE_PG, ContextCache, MemberContext, effective_tier, find_member,
+    increment_usage, load_usage, member_audiences, member_view, next_tier, period_key, tier_for, tier_threshold,
+    validate_enroll, validate_ref, validate_status,
 )
 from .models import (
     balances, cards, events, members, operations, promotion_budgets, purchase_lines, purchases, refunds,
@@ -67,6 +68,172 @@ class _Returned:
     returned_points: int
     taken_back_points: int
     final: bool
+
+
+@dataclass(slots=True)
+class _Effects:
+    """What a confirmed receipt does to the member, decided before anything is written."""
+    counted: bool               # a member's purchase (not anonymous, not a suspended / blocked card)
+    member_id: int | None       # the member written to (None when not counted)
+    redeemed: int
+    accrued: int
+    is_pending: bool
+    activates: dt.datetime | None
+    expires: dt.datetime | None
+    active_delta: int
+    pending_delta: int
+    tier_before: str
+    reached: str
+    upgrade: bool
+    new_sum: int
+    settle: bool                # active points arrive while the member is in debt: the debt eats them
+    limited: list               # (promotion, period_key) of limited promotions applied
+    budgets: list               # (promotion, spent) of budgeted promotions applied, in program order
+
+
+def _effects(snap: Snapshot, receipt: dict, ctx: MemberContext | None, answer: dict, at, now) -> _Effects:
+    """The balance check (``FailedPrecondition`` with ``available_points``) and every amount the writes need."""
+    program = snap.program
+    totals, state = answer["totals"], answer["member"]
+    counted = ctx is not None and not state["anonymous"]     # suspended / blocked cards are anonymous
+    if counted and ctx.status == "active" and receipt["redeem_points"] > max(ctx.active, 0):
+        available = max(ctx.active, 0)
+        raise FailedPrecondition(
+            f"not enough points: {receipt['redeem_points']} requested, {available} available",
+            available_points=available)
+    fx = _Effects(counted=counted, member_id=ctx.member_id if counted else None, redeemed=0, accrued=0,
+                  is_pending=False, activates=None, expires=None, active_delta=0, pending_delta=0, tier_before="",
+                  reached="", upgrade=False, new_sum=0, settle=False, limited=[], budgets=[])
+    if counted:
+        fx.redeemed, fx.accrued = totals["redeemed_points"], totals["accrued_points"]
+        fx.active_delta -= fx.redeemed
+        if fx.accrued:
+            fx.activates = now + dt.timedelta(days=program.activation_days)
+            fx.expires = fx.activates + dt.timedelta(days=program.expiry_days) if program.expiry_days else None
+            fx.is_pending = program.activation_days > 0
+            if fx.is_pending:
+                fx.pending_delta += fx.accrued
+            else:
+                fx.active_delta += fx.accrued
+        # Upgrades happen here; downgrades only in the periodic recalculation (jobs.run_once).
+        fx.tier_before = state["tier"]
+        fx.new_sum = ctx.purchases_sum + totals["payable"]
+        fx.reached = tier_for(program, fx.new_sum)
+        fx.upgrade = tier_threshold(program, fx.reached) > tier_threshold(program, fx.tier_before)
+        fx.settle = bool(fx.accrued and not fx.pending_delta and ctx.active < 0)
+        fx.limited = [(p.id, period_key(p.limits.period, at)) for p in program.promotions
+                      if p.limits.uses_per_member is not None and p.id in answer["promotions"]]
+    # Budgeted promotions count what they gave: discount budgets the minor units of their discounts, points
+    # budgets the receipt's accrued points (the answer does not split points by promotion, so this errs on the
+    # side of spending the budget early).
+    applied = set(answer["promotions"])
+    for p in program.promotions:
+        if p.id not in applied:
+            continue
+        spent = 0
+        if p.limits.discount_budget is not None:
+            spent = sum(d["amount"] for ln in answer["lines"] for d in ln["discounts"] if d["promotion"] == p.id)
+        elif p.limits.points_budget is not None:
+            spent = totals["accrued_points"]
+        if spent:
+            fx.budgets.append((p.id, spent))
+    return fx
+
+
+def _purchase_row(snap: Snapshot, receipt: dict, ctx, fx: _Effects, answer: dict, totals: dict, request_hash: str,
+                  now) -> dict:
+    return {"store": receipt["store"], "terminal": receipt["terminal"], "number": receipt["number"],
+            "member_id": fx.member_id, "card": ctx.card if ctx else None, "program_version": snap.version,
+            "request_hash": request_hash, "answer": answer, "receipt_at": receipt.get("at", ""),
+            "amount": totals["amount"], "discount": totals["discount"], "payable": totals["payable"],
+            "redeemed_points": totals["redeemed_points"], "redeemed_amount": totals["redeemed_amount"],
+            "accrued_points": totals["accrued_points"], "refunded_payable": 0, "refunded_amount": 0,
+            "returned_points": 0, "taken_back_points": 0, "status": "confirmed", "created_at": now}
+
+
+def _confirm_events(purchase_id: int, snap: Snapshot, receipt: dict, ctx, fx: _Effects, answer: dict) -> list:
+    """(kind, key, member_id, payload) of the events a confirm emits, in the order they are written."""
+    out = []
+    if fx.upgrade:
+        out.append(("tier_changed", f"tier:purchase:{purchase_id}", fx.member_id,
+                    {"card": ctx.card, "tier_before": fx.tier_before, "tier": fx.reached,
+                     "purchases_sum": fx.new_sum, "reason": "purchase"}))
+    totals = answer["totals"]
+    out.append(("purchase_confirmed", f"purchase_confirmed:{purchase_id}", fx.member_id,
+                {"purchase_id": str(purchase_id), "card": ctx.card if ctx else None, "store": receipt["store"],
+                 "terminal": receipt["terminal"], "number": receipt["number"], "payable": totals["payable"],
+                 "redeemed_points": totals["redeemed_points"], "accrued_points": totals["accrued_points"],
+                 "promotions": answer["promotions"], "program_version": snap.version}))
+    return out
+
+
+# ---- the statements of ConfirmPurchase, built once --------------------------------------------------------------
+
+_SELECT_PURCHASE = (select(purchases.c.id, purchases.c.request_hash, purchases.c.answer)
+                    .where(purchases.c.store == bindparam("store"), purchases.c.terminal == bindparam("terminal"),
+                           purchases.c.number == bindparam("number")))
+_INSERT_PURCHASE = insert(purchases).returning(purchases.c.id)
+_SPEND_BUDGET = (update(promotion_budgets).where(promotion_budgets.c.promotion == bindparam("b_promotion"))
+                 .values(spent=promotion_budgets.c.spent + bindparam("b_spent")))
+
+# PostgreSQL, raw driver SQL. The idempotency check draws the new purchase's id and two ledger entry ids in the
+# same statement (a replay or a failure leaves a gap in the sequences, as any rolled-back insert does).
+_PG_EXISTING = """SELECT p.id, p.request_hash, p.answer::text,
+       nextval('purchases_id_seq'), nextval('ledger_id_seq'), nextval('ledger_id_seq')
+FROM (VALUES (1)) AS one(x)
+LEFT JOIN purchases AS p ON p.store = %s AND p.terminal = %s AND p.number = %s"""
+# Every row of a confirm in one statement (data-modifying CTEs see the same snapshot and never the same row
+# twice: the lots consumed are older than the lot added). Rows that a confirm does not have come from empty
+# sets: no member (anonymous) matches no balance, ``redeemed`` 0 consumes nothing, ``lot_points`` 0 adds no lot.
+_PG_WRITE = """\
+WITH
+purchase AS (
+    INSERT INTO purchases (id, store, terminal, number, member_id, card, program_version, request_hash, answer,
+        receipt_at, amount, discount, payable, redeemed_points, redeemed_amount, accrued_points, refunded_payable,
+        refunded_amount, returned_points, taken_back_points, status, created_at)
+    VALUES (%(id)s::bigint, %(store)s, %(terminal)s, %(number)s, %(member_id)s::bigint, %(card)s::varchar,
+        %(version)s::bigint, %(hash)s, %(answer)s::json, %(at)s, %(amount)s::bigint, %(discount)s::bigint,
+        %(payable)s::bigint, %(redeemed_points)s::bigint, %(redeemed_amount)s::bigint, %(accrued_points)s::bigint,
+        0, 0, 0, 0, 'confirmed', %(now)s::timestamptz)),
+lines AS (
+    INSERT INTO purchase_lines (purchase_id, line, sku, quantity, amount, payable, redeemed, points,
+        refunded_quantity, refunded_payable, refunded_redeemed, refunded_points)
+    SELECT %(id)s::bigint, t.line, t.sku, t.quantity, t.amount, t.payable, t.redeemed, t.points, 0, 0, 0, 0
+    FROM json_to_recordset(%(lines)s::json)
+        AS t(line int, sku varchar, quantity bigint, amount bigint, payable bigint, redeemed bigint, points bigint)),
+held AS (
+    SELECT id, remaining, sum(remaining) OVER (ORDER BY expires_at ASC NULLS LAST, id) - remaining AS before
+    FROM point_lots
+    WHERE member_id = %(member_id)s::bigint AND state = 'active' AND remaining > 0 AND %(redeemed)s::bigint > 0),
+consumed AS (
+    UPDATE point_lots AS p SET remaining = p.remaining - LEAST(h.remaining, %(redeemed)s::bigint - h.before)
+    FROM held AS h WHERE p.id = h.id AND h.before < %(redeemed)s::bigint),
+entries AS (
+    INSERT INTO ledger (id, key, member_id, kind, points, active_delta, pending_delta, purchase_id, refund_id,
+        operation_id, reason, created_at)
+    SELECT t.id, t.key, %(member_id)s::bigint, t.kind, t.a + t.p, t.a, t.p, %(id)s::bigint, NULL, NULL, '',
+        %(now)s::timestamptz
+    FROM json_to_recordset(%(entries)s::json) AS t(id bigint, key varchar, kind varchar, a bigint, p bigint)),
+lot AS (
+    INSERT INTO point_lots (member_id, points, remaining, state, activates_at, expires_at, entry_id, purchase_id,
+        expiring_notified)
+    SELECT %(member_id)s::bigint, %(lot_points)s::bigint, %(lot_points)s::bigint, %(lot_state)s::varchar,
+        %(lot_activates)s::timestamptz, %(lot_expires)s::timestamptz, %(lot_entry)s::bigint, %(id)s::bigint, false
+    WHERE %(lot_points)s::bigint > 0 AND %(member_id)s::bigint IS NOT NULL),
+balance AS (
+    UPDATE balances SET active = active + %(active_delta)s::bigint, pending = pending + %(pending_delta)s::bigint,
+        purchases_sum = GREATEST(purchases_sum + %(payable)s::bigint, 0),
+        tier = COALESCE(%(tier)s::varchar, tier), updated_at = %(now)s::timestamptz
+    WHERE member_id = %(member_id)s::bigint),
+usage AS (
+    INSERT INTO promotion_usage (member_id, promotion, period_key, uses)
+    SELECT %(member_id)s::bigint, t.promotion, t.period_key, 1
+    FROM json_to_recordset(%(usage)s::json) AS t(promotion varchar, period_key varchar)
+    ON CONFLICT (member_id, promotion, period_key) DO UPDATE SET uses = promotion_usage.uses + 1)
+INSERT INTO events (kind, key, member_id, payload, created_at, processed_at)
+SELECT t.kind, t.key, %(member_id)s::bigint, t.payload, %(now)s::timestamptz, NULL
+FROM json_to_recordset(%(events)s::json) AS t(kind varchar, key varchar, payload json)"""
+_PG_SPEND_BUDGET = "UPDATE promotion_budgets SET spent = spent + %s WHERE promotion = %s"
 
 
 class ProcessingService:
@@ -145,115 +312,148 @@ class ProcessingService:
                                                       answer=answer_to_proto(answer), replayed=replayed)
 
     def _confirm_tx(self, conn, snap: Snapshot, receipt: dict, ref, at: dt.datetime, request_hash: str):
-        key = (purchases.c.store == receipt["store"], purchases.c.terminal == receipt["terminal"],
-               purchases.c.number == receipt["number"])
-        existing = conn.execute(select(purchases.c.id, purchases.c.request_hash, purchases.c.answer)
-                                .where(*key)).first()
+        if self.db.dialect == "postgresql":
+            return self._confirm_tx_pg(conn, snap, receipt, ref, at, request_hash)
+        existing = conn.execute(_SELECT_PURCHASE, {"store": receipt["store"], "terminal": receipt["terminal"],
+                                                   "number": receipt["number"]}).first()
         if existing is not None:
-            return self._replay_purchase(existing, request_hash, receipt)
+            return self._replay_purchase(existing.id, existing.request_hash, existing.answer, request_hash,
+                                         receipt)
 
         ctx = self._load_context(conn, ref, snap, lock=True) if ref is not None else None
         member = ctx.as_core(snap.program, at) if ctx is not None else None
         answer = self._calculate(snap, receipt, member, conn)
-        totals, state = answer["totals"], answer["member"]
-        counted = ctx is not None and not state["anonymous"]     # suspended / blocked cards are anonymous
-        if counted and ctx.status == "active" and receipt["redeem_points"] > max(ctx.active, 0):
-            available = max(ctx.active, 0)
-            raise FailedPrecondition(
-                f"not enough points: {receipt['redeem_points']} requested, {available} available",
-                available_points=available)
-
         now = self.clock()
-        program = snap.program
+        fx = _effects(snap, receipt, ctx, answer, at, now)
+        totals = answer["totals"]
         try:
-            purchase_id = conn.execute(insert(purchases).values(
-                store=receipt["store"], terminal=receipt["terminal"], number=receipt["number"],
-                member_id=ctx.member_id if counted else None, card=ctx.card if ctx else None,
-                program_version=snap.version, request_hash=request_hash, answer=answer,
-                receipt_at=receipt.get("at", ""), amount=totals["amount"], discount=totals["discount"],
-                payable=totals["payable"], redeemed_points=totals["redeemed_points"],
-                redeemed_amount=totals["redeemed_amount"], accrued_points=totals["accrued_points"],
-                status="confirmed", created_at=now).returning(purchases.c.id)).scalar_one()
+            purchase_id = conn.execute(_INSERT_PURCHASE, _purchase_row(snap, receipt, ctx, fx, answer, totals,
+                                                                       request_hash, now)).scalar_one()
         except IntegrityError:
             raise _Retry() from None
         conn.execute(insert(purchase_lines), [
             {"purchase_id": purchase_id, "line": i, "sku": ln["sku"], "quantity": receipt["lines"][i]["quantity"],
-             "amount": ln["amount"], "payable": ln["payable"], "redeemed": ln["redeemed"], "points": ln["points"]}
+             "amount": ln["amount"], "payable": ln["payable"], "redeemed": ln["redeemed"], "points": ln["points"],
+             "refunded_quantity": 0, "refunded_payable": 0, "refunded_redeemed": 0, "refunded_points": 0}
             for i, ln in enumerate(answer["lines"])])
-
-        if counted:
-            member_id = ctx.member_id
-            redeemed, accrued = totals["redeemed_points"], totals["accrued_points"]
-            active_delta, pending_delta = 0, 0
-            if redeemed:
-                ledger.consume_active(conn, member_id, redeemed)
+        if fx.counted:
+            member_id = fx.member_id
+            if fx.redeemed:
+                ledger.consume_active(conn, member_id, fx.redeemed)
                 ledger.add_entry(conn, key=f"purchase:{purchase_id}:redemption", member_id=member_id,
-                                 kind="redemption", active_delta=-redeemed, now=now, purchase_id=purchase_id)
-                active_delta -= redeemed
-            if accrued:
-                activates = now + dt.timedelta(days=program.activation_days)
-                expires = activates + dt.timedelta(days=program.expiry_days) if program.expiry_days else None
-                is_pending = program.activation_days > 0
+                                 kind="redemption", active_delta=-fx.redeemed, now=now, purchase_id=purchase_id)
+            if fx.accrued:
                 entry = ledger.add_entry(
                     conn, key=f"purchase:{purchase_id}:accrual", member_id=member_id, kind="accrual",
-                    active_delta=0 if is_pending else accrued, pending_delta=accrued if is_pending else 0,
-                    now=now, purchase_id=purchase_id)
-                ledger.new_lot(conn, member_id=member_id, points=accrued, entry_id=entry,
-                               state="pending" if is_pending else "active", activates_at=activates,
-                               expires_at=expires, purchase_id=purchase_id)
-                if is_pending:
-                    pending_delta += accrued
-                else:
-                    active_delta += accrued
-            # Upgrades happen here; downgrades only in the periodic recalculation (jobs.run_once).
-            tier_before = state["tier"]
-            new_sum = ctx.purchases_sum + totals["payable"]
-            reached = tier_for(program, new_sum)
-            upgrade = tier_threshold(program, reached) > tier_threshold(program, tier_before)
-            ledger.move_balance(conn, member_id, active=active_delta, pending=pending_delta,
-                                purchases_sum=totals["payable"], tier=reached if upgrade else None, now=now)
-            if accrued and not pending_delta and ctx.active < 0:
-                ledger.settle_debt(conn, member_id, ctx.active + active_delta)
-            if upgrade:
-                self._event(conn, "tier_changed", member_id, now, key=f"tier:purchase:{purchase_id}",
-                            card=ctx.card, tier_before=tier_before, tier=reached, purchases_sum=new_sum,
-                            reason="purchase")
-            limited = [(p.id, period_key(p.limits.period, at)) for p in program.promotions
-                       if p.limits.uses_per_member is not None and p.id in answer["promotions"]]
-            if limited:
-                increment_usage(conn, member_id, limited)
-        self._spend_budgets(conn, snap, answer)
-        self._event(conn, "purchase_confirmed", ctx.member_id if counted else None, now,
-                    key=f"purchase_confirmed:{purchase_id}", purchase_id=str(purchase_id),
-                    card=ctx.card if ctx else None, store=receipt["store"], terminal=receipt["terminal"],
-                    number=receipt["number"], payable=totals["payable"],
-                    redeemed_points=totals["redeemed_points"], accrued_points=totals["accrued_points"],
-                    promotions=answer["promotions"], program_version=snap.version)
+                    active_delta=0 if fx.is_pending else fx.accrued,
+                    pending_delta=fx.accrued if fx.is_pending else 0, now=now, purchase_id=purchase_id)
+                ledger.new_lot(conn, member_id=member_id, points=fx.accrued, entry_id=entry,
+                               state="pending" if fx.is_pending else "active", activates_at=fx.activates,
+                               expires_at=fx.expires, purchase_id=purchase_id)
+            ledger.move_balance(conn, member_id, active=fx.active_delta, pending=fx.pending_delta,
+                                purchases_sum=totals["payable"], tier=fx.reached if fx.upgrade else None, now=now)
+            if fx.settle:
+                ledger.settle_debt(conn, member_id, ctx.active + fx.active_delta)
+            if fx.limited:
+                increment_usage(conn, member_id, fx.limited)
+        for promotion, spent in fx.budgets:
+            conn.execute(_SPEND_BUDGET, {"b_promotion": promotion, "b_spent": spent})
+        conn.execute(insert(events), [
+            {"kind": kind, "key": key, "member_id": member_id, "payload": payload, "created_at": now,
+             "processed_at": None}
+            for kind, key, member_id, payload in _confirm_events(purchase_id, snap, receipt, ctx, fx, answer)])
         return purchase_id, answer, False, ctx.member_id if ctx else None
 
-    def _replay_purchase(self, existing, request_hash: str, receipt: dict):
-        if existing.request_hash != request_hash:
+    def _confirm_tx_pg(self, conn, snap: Snapshot, receipt: dict, ref, at: dt.datetime, request_hash: str):
+        """The same transaction on PostgreSQL in two round trips of the driver's pipeline mode.
+
+        1. the idempotency check (which also draws the purchase id and two ledger ids from their sequences),
+           the member's context locked ``FOR UPDATE`` and its promotion usage (its own statement, so read after
+           the lock was granted);
+        2. after the calculation: every row (purchase, lines with one ``unnest``, ledger entries, lot, lots
+           consumed, balance, usage, budgets, events) and COMMIT, sent together; a failure of any of them
+           fails the COMMIT and rolls the whole transaction back.
+        """
+        dconn = conn.connection.driver_connection
+        program = snap.program
+        limited_ids = [p.id for p in program.promotions if p.limits.uses_per_member is not None]
+        with driver_errors(conn):
+            with dconn.pipeline():
+                first = dconn.execute(_PG_EXISTING, (receipt["store"], receipt["terminal"], receipt["number"]))
+                found = dconn.execute(CONTEXT_PG[ref[0]], (ref[1],)) if ref is not None else None
+                usage = (dconn.execute(USAGE_PG[ref[0]], (ref[1], limited_ids))
+                         if ref is not None and limited_ids else None)
+            existing_id, existing_hash, existing_answer, purchase_id, entry_a, entry_b = first.fetchone()
+            if existing_id is not None:
+                return self._replay_purchase(existing_id, existing_hash, loads(existing_answer), request_hash,
+                                             receipt)
+            ctx = None
+            if found is not None:
+                row = found.fetchone()
+                if row is None:
+                    raise NotFound(f"{'card' if ref[0] == 'card' else 'phone'} {ref[1]} was not found")
+                ctx = MemberContext(member_id=row[0], card=row[1], status=row[2], tier=row[3], active=row[4],
+                                    pending=row[5], purchases_sum=row[6])
+                if usage is not None:
+                    ctx.usage = {(p, k): u for p, k, u in usage.fetchall()}
+        if ctx is not None:
+            ctx.audiences = member_audiences(conn, ctx.member_id)
+        member = ctx.as_core(program, at) if ctx is not None else None
+        answer = self._calculate(snap, receipt, member, conn)
+        now = self.clock()
+        fx = _effects(snap, receipt, ctx, answer, at, now)
+        totals = answer["totals"]
+        member_id = fx.member_id
+        lines, rlines = answer["lines"], receipt["lines"]
+        entries = []
+        if fx.redeemed:
+            entries.append({"id": entry_a, "key": f"purchase:{purchase_id}:redemption", "kind": "redemption",
+                            "a": -fx.redeemed, "p": 0})
+        if fx.accrued:
+            entries.append({"id": entry_b, "key": f"purchase:{purchase_id}:accrual", "kind": "accrual",
+                            "a": 0 if fx.is_pending else fx.accrued, "p": fx.accrued if fx.is_pending else 0})
+        params = {
+            "id": purchase_id, "store": receipt["store"], "terminal": receipt["terminal"],
+            "number": receipt["number"], "member_id": member_id, "card": ctx.card if ctx else None,
+            "version": snap.version, "hash": request_hash, "answer": dumps(answer), "at": receipt.get("at", ""),
+            "amount": totals["amount"], "discount": totals["discount"], "payable": totals["payable"],
+            "redeemed_points": totals["redeemed_points"], "redeemed_amount": totals["redeemed_amount"],
+            "accrued_points": totals["accrued_points"], "now": now,
+            "lines": dumps([{"line": i, "sku": ln["sku"], "quantity": rlines[i]["quantity"], "amount": ln["amount"],
+                             "payable": ln["payable"], "redeemed": ln["redeemed"], "points": ln["points"]}
+                            for i, ln in enumerate(lines)]),
+            "redeemed": fx.redeemed, "entries": dumps(entries),
+            "lot_points": fx.accrued, "lot_state": "pending" if fx.is_pending else "active",
+            "lot_activates": fx.activates, "lot_expires": fx.expires, "lot_entry": entry_b,
+            "active_delta": fx.active_delta, "pending_delta": fx.pending_delta,
+            "tier": fx.reached if fx.upgrade else None,
+            "usage": dumps([{"promotion": p, "period_key": k} for p, k in fx.limited]),
+            "events": dumps([{"kind": kind, "key": key, "payload": payload}
+                             for kind, key, _, payload in _confirm_events(purchase_id, snap, receipt, ctx, fx,
+                                                                          answer)]),
+        }
+        try:
+            with driver_errors(conn):
+                with dconn.pipeline():
+                    dconn.execute(_PG_WRITE, params)
+                    for promotion, spent in fx.budgets:     # program order: a fixed lock order
+                        dconn.execute(_PG_SPEND_BUDGET, (spent, promotion))
+                    if not fx.settle:
+                        dconn.commit()      # queued behind the writes: one round trip for all of them
+            if fx.settle:                   # a member in debt: rare, plain statements before the commit
+                ledger.settle_debt(conn, member_id, ctx.active + fx.active_delta)
+        except IntegrityError:
+            # Someone confirmed the same store/terminal/number meanwhile: run again to replay their answer.
+            raise _Retry() from None
+        return purchase_id, answer, False, ctx.member_id if ctx else None
+
+    @staticmethod
+    def _replay_purchase(purchase_id: int, stored_hash: str, answer: dict, request_hash: str, receipt: dict):
+        if stored_hash != request_hash:
             raise AlreadyExists(
                 f"purchase {receipt['store']}/{receipt['terminal']}/{receipt['number']} was already confirmed "
                 f"with a different payload")
-        return existing.id, existing.answer, True, None
-
-    def _spend_budgets(self, conn, snap: Snapshot, answer: dict) -> None:
-        """Budgeted promotions count what they gave: discount budgets the minor units of their discounts,
-        points budgets the receipt's accrued points (the answer does not split points by promotion, so this
-        errs on the side of spending the budget early)."""
-        applied = set(answer["promotions"])
-        for p in snap.program.promotions:
-            if p.id not in applied:
-                continue
-            spent = 0
-            if p.limits.discount_budget is not None:
-                spent = sum(d["amount"] for ln in answer["lines"] for d in ln["discounts"] if d["promotion"] == p.id)
-            elif p.limits.points_budget is not None:
-                spent = answer["totals"]["accrued_points"]
-            if spent:
-                conn.execute(update(promotion_budgets).where(promotion_budgets.c.promotion == p.id)
-                             .values(spent=promotion_budgets.c.spent + spent))
+        return purchase_id, answer, True, None
 
     def refund_purchase(self, request) -> processing_pb2.RefundPurchaseResponse:
         """Return ``request.lines`` (line index and thousandths) or, with ``all_remaining``, everything not
