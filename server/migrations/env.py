@@ -6,6 +6,8 @@ from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
 from loyalty.server.models import Base
+import loyalty.server.segments.models  # noqa: F401
+import loyalty.server.scenarios.models  # noqa: F401
 
 config = context.config
 target_metadata = Base.metadata

@@ -1,0 +1,178 @@
+"""``loyalty.v1.Segments`` over gRPC: each method turns the request message into one ``SegmentService`` call
+and its result into the response message. Errors stay ``loyalty.server.errors`` types, so the server maps
+them to status codes and rich details exactly as for the Processing and Admin services.
+
+``add_segments_service(server, service)`` is what the gRPC server calls: ``server`` is the transport's
+``LoyaltyServer`` (its raw-bytes handlers, error mapping, metrics and I/O pool are reused) or a plain
+``grpc.Server``; ``service`` is the process's ``ProcessingService`` (its database and clock are shared) or a
+``SegmentService``.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+
+import grpc
+
+from loyalty.server.errors import InvalidArgument, ServiceError
+from loyalty.v1 import segments_pb2, segments_pb2_grpc
+
+from .service import SegmentService
+
+__all__ = ["SegmentsServicer", "add_segments_service", "SERVICE_NAME"]
+
+SERVICE_NAME = "loyalty.v1.Segments"
+
+
+def _iso(value) -> str:
+    if value is None:
+        return ""
+    return value.isoformat() if isinstance(value, (dt.date, dt.datetime)) else str(value)
+
+
+def _segment(d: dict) -> segments_pb2.Segment:
+    if d["kind"] == "audience":
+        return segments_pb2.Segment(id=d["id"], kind="audience", title=d.get("title") or "",
+                                    include=d["include"], exclude=d["exclude"], origin=d.get("origin", ""))
+    return segments_pb2.Segment(
+        id=d["id"], kind="segment", title=d["title"] or "", type=d["type"],
+        conditions_json=json.dumps(d["conditions"], ensure_ascii=False) if d["conditions"] is not None else "",
+        schedule=d["schedule"] or "", member_count=d["member_count"], calculated_at=_iso(d["calculated_at"]),
+        next_run_at=_iso(d["next_run_at"]), origin=d["origin"])
+
+
+def _run(r: dict) -> segments_pb2.SegmentRun:
+    return segments_pb2.SegmentRun(
+        id=r["id"], segment_id=r["segment_id"], source=r["source"], status=r["status"], phase=r.get("phase", ""),
+        started_at=_iso(r["started_at"]), finished_at=_iso(r["finished_at"]), duration_ms=r["duration_ms"],
+        member_count=r["member_count"], added=r["added"], removed=r["removed"], error=r.get("error", ""))
+
+
+def _changed(r: dict) -> segments_pb2.ChangeMembersResponse:
+    return segments_pb2.ChangeMembersResponse(changed=r["changed"], unchanged=r["unchanged"], unknown=r["unknown"],
+                                              unknown_refs=r["unknown_refs"], member_count=r["member_count"])
+
+
+class SegmentsServicer:
+    """The methods of ``loyalty.v1.Segments`` as plain sync functions: request message in, response out."""
+
+    def __init__(self, segments: SegmentService):
+        self.segments = segments
+
+    def _define(self, request, mode):
+        spec = {"id": request.id, "title": request.title}
+        if request.type:
+            spec["type"] = request.type
+        if request.conditions_json:
+            try:
+                spec["conditions"] = json.loads(request.conditions_json)
+            except json.JSONDecodeError as exc:
+                raise InvalidArgument("conditions_json", f"invalid JSON at column {exc.colno}: {exc.msg}") from None
+        if request.schedule:
+            spec["schedule"] = request.schedule
+        return _segment(self.segments.define_segment(spec, path="", mode=mode, origin="api"))
+
+    def create_segment(self, request):
+        return self._define(request, "create")
+
+    def update_segment(self, request):
+        return self._define(request, "update")
+
+    def get_segment(self, request):
+        return _segment(self.segments.get(request.id))
+
+    def list_segments(self, request):
+        return segments_pb2.ListSegmentsResponse(segments=[_segment(d) for d in self.segments.list()])
+
+    def define_audience(self, request):
+        spec = {"id": request.id, "title": request.title, "include": list(request.include),
+                "exclude": list(request.exclude)}
+        return _segment(self.segments.define_audience(spec, path="", origin="api"))
+
+    def recalculate_segment(self, request):
+        return _run(self.segments.recalculate(request.id, source="api"))
+
+    def count_members(self, request):
+        return segments_pb2.CountResponse(count=self.segments.count(request.id))
+
+    def preview_members(self, request):
+        columns = list(request.columns) or None
+        rows = self.segments.preview(request.id, columns, request.limit or 20)
+        cols = list(rows[0]) if rows else (columns or list(self.segments._columns(None)))
+        return segments_pb2.PreviewResponse(columns=cols, rows=[
+            segments_pb2.PreviewRow(values=[_iso(r[c]) for c in cols]) for r in rows])
+
+    def export_members(self, request):
+        out = io.StringIO()
+        n = self.segments.export_csv(request.id, out, list(request.columns) or None)
+        return segments_pb2.ExportResponse(csv=out.getvalue().encode("utf-8"), count=n)
+
+    def get_history(self, request):
+        return segments_pb2.HistoryResponse(runs=[_run(r) for r in self.segments.history(request.id,
+                                                                                         request.limit or 50)])
+
+    def get_changes(self, request):
+        return segments_pb2.ChangesResponse(changes=[
+            segments_pb2.SegmentChange(member_id=c["member_id"], action=c["action"], source=c["source"],
+                                       actor=c["actor"], at=_iso(c["at"]))
+            for c in self.segments.changes(request.id, request.limit or 100)])
+
+    def add_members(self, request):
+        return _changed(self.segments.add_members(request.id, list(request.members), source="api",
+                                                  actor=request.actor))
+
+    def remove_members(self, request):
+        return _changed(self.segments.remove_members(request.id, list(request.members), source="api",
+                                                     actor=request.actor))
+
+    def import_csv(self, request):
+        try:
+            text = request.csv.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise InvalidArgument("csv", "not UTF-8 text") from None
+        return _changed(self.segments.import_csv(request.id, text, source="csv", actor=request.actor,
+                                                 remove=request.remove))
+
+    def set_tag(self, request):
+        r = self.segments.set_tag(request.id, request.tag, external=request.external, replace=request.replace)
+        return segments_pb2.SetTagResponse(**r)
+
+
+_CODES = {"INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT, "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
+          "ALREADY_EXISTS": grpc.StatusCode.ALREADY_EXISTS,
+          "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION, "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE}
+
+
+def _snake(name: str) -> str:
+    import re
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def add_segments_service(server, service, *, redis_url: str | None = None) -> SegmentsServicer:
+    """Register ``loyalty.v1.Segments`` on ``server`` (a ``LoyaltyServer`` or a plain ``grpc.Server``)."""
+    segments = service if isinstance(service, SegmentService) else SegmentService(
+        service.db, clock=getattr(service, "clock", None), redis_url=redis_url)
+    servicer = SegmentsServicer(segments)
+    descriptor = segments_pb2.DESCRIPTOR.services_by_name["Segments"]
+    if hasattr(server, "_make_handler") and hasattr(server, "server"):
+        handlers = {m.name: grpc.unary_unary_rpc_method_handler(server._make_handler(
+            m.name, getattr(segments_pb2, m.input_type.name), getattr(servicer, _snake(m.name)), server.io_pool))
+            for m in descriptor.methods}
+        server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        return servicer
+
+    class _Plain(segments_pb2_grpc.SegmentsServicer):
+        pass
+
+    def wrap(fn):
+        def call(self, request, context):
+            try:
+                return fn(request)
+            except ServiceError as exc:
+                context.abort(_CODES.get(exc.code, grpc.StatusCode.INTERNAL), exc.message)
+        return call
+    for m in descriptor.methods:
+        setattr(_Plain, m.name, wrap(getattr(servicer, _snake(m.name))))
+    segments_pb2_grpc.add_SegmentsServicer_to_server(_Plain(), server)
+    return servicer
