@@ -49,6 +49,7 @@ from grpc_status import rpc_status
 
 from loyalty.server.errors import InvalidArgument, ServiceError
 from loyalty.server.metrics import Metrics
+from loyalty.server.segments.grpc_service import add_segments_service
 from loyalty.v1 import admin_pb2, processing_pb2
 
 __all__ = ["ServeConfig", "LoyaltyServer", "SERVICE_NAMES", "serve", "run_server"]
@@ -57,7 +58,8 @@ log = logging.getLogger("loyalty.server.grpc")
 
 PROCESSING = "loyalty.v1.Processing"
 ADMIN = "loyalty.v1.Admin"
-SERVICE_NAMES = (PROCESSING, ADMIN)
+SEGMENTS = "loyalty.v1.Segments"
+SERVICE_NAMES = (PROCESSING, ADMIN, SEGMENTS)
 ERROR_DOMAIN = "loyalty.v1"
 
 # Methods that run in the CPU pool; every other one waits on storage and runs in the I/O pool.
@@ -168,6 +170,7 @@ class LoyaltyServer:
         self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
         self.server.add_generic_rpc_handlers((self._generic_handler(PROCESSING, processing_pb2),
                                               self._generic_handler(ADMIN, admin_pb2)))
+        add_segments_service(self, service, redis_url=config.redis_url)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

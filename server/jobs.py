@@ -16,6 +16,7 @@ from sqlalchemy import String, and_, case, cast, func, insert, literal, select, 
 from . import ledger
 from .errors import FailedPrecondition
 from .models import UTCDateTime, balances, events, point_lots, purchases
+from .segments.service import SegmentService
 from .models import ledger as ledger_entries
 
 __all__ = ["run_once", "EXPIRING_NOTICE_DAYS"]
@@ -28,7 +29,7 @@ def run_once(service, now: dt.datetime | None = None, *, expiring_days: int = EX
              batch: int = BATCH) -> dict:
     """One pass of every periodic task at ``now`` (default: the service's clock). Returns counts:
     ``activated_lots``, ``activated_points``, ``expired_lots``, ``expired_points``, ``expiring_notices``,
-    ``tier_changes``, ``tier_downgrades``."""
+    ``tier_changes``, ``tier_downgrades``, ``segment_runs`` (updatable segments recalculated on schedule)."""
     now = now or service.clock()
     counts = {"activated_lots": 0, "activated_points": 0, "expired_lots": 0, "expired_points": 0,
               "expiring_notices": 0, "tier_changes": 0, "tier_downgrades": 0}
@@ -36,6 +37,7 @@ def run_once(service, now: dt.datetime | None = None, *, expiring_days: int = EX
     _move_lots(service, now, batch, counts, activate=False)
     _announce_expiring(service, now, expiring_days, batch, counts)
     _recalculate_tiers(service, now, batch, counts)
+    counts["segment_runs"] = len(SegmentService(service.db, clock=service.clock).run_due(now))
     service.contexts.clear()
     return counts
 

@@ -21,7 +21,7 @@ from loyalty.core.model import CARD_STATUSES, Program
 from .errors import InvalidArgument
 from .models import SOURCES, balances, cards, members, point_lots, promotion_usage, subscriptions
 
-__all__ = ["MemberContext", "ContextCache", "find_member", "load_usage", "member_audiences", "tier_for",
+__all__ = ["MemberContext", "ContextCache", "find_member", "load_usage", "tier_for",
            "effective_tier", "period_key", "validate_ref", "normalize_phone", "validate_enroll", "CONTEXT_TTL"]
 
 CONTEXT_TTL = 2.0
@@ -242,15 +242,6 @@ def load_usage(conn, member_id: int, promotion_ids: list[str]) -> dict:
     return {(p, k): u for p, k, u in rows}
 
 
-def member_audiences(conn, member_id: int) -> tuple[str, ...]:
-    """Audience ids the member belongs to, for the core's O(1) membership checks.
-
-    Hook for the segment module (SPEC 7): it will keep a compact ``member_audiences`` source (audience ids
-    per member, from its roaring bitmaps) and this function will read it. Until then nobody is in any
-    audience, so audience promotions apply to nobody."""
-    return ()
-
-
 def increment_usage(conn, member_id: int, keys: list[tuple[str, str]]) -> None:
     """One more use of each (promotion, period_key); the caller holds the member's lock, so the
     update-then-insert cannot race with another write of the same member."""
@@ -262,8 +253,9 @@ def increment_usage(conn, member_id: int, keys: list[tuple[str, str]]) -> None:
                                                         uses=1))
 
 
-def member_view(conn, ref: tuple[str, str]) -> dict | None:
-    """Everything the ``Member`` message shows, or None."""
+def member_view(conn, ref: tuple[str, str], audiences_of) -> dict | None:
+    """Everything the ``Member`` message shows, or None; ``audiences_of(conn, member_id)`` gives the
+    member's audience ids (the segment module's index)."""
     ctx = find_member(conn, ref)
     if ctx is None:
         return None
@@ -276,7 +268,7 @@ def member_view(conn, ref: tuple[str, str]) -> dict | None:
                point_lots.c.remaining > 0, point_lots.c.expires_at.is_not(None))
         .group_by(point_lots.c.expires_at).order_by(point_lots.c.expires_at).limit(1)).first()
     return {"ctx": ctx, "member": dict(m), "subscriptions": subs,
-            "audiences": member_audiences(conn, ctx.member_id),
+            "audiences": audiences_of(conn, ctx.member_id),
             "next_expiry_at": expiry[0] if expiry else None, "next_expiry_points": int(expiry[1]) if expiry else 0}
 
 

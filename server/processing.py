@@ -16,23 +16,25 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from loyalty.core import InputError
+from loyalty.core import InputError, ProgramError, load_program_text
 from loyalty.core.inputs import parse_at
 from loyalty.v1 import admin_pb2, processing_pb2
 
 from . import ledger
+from .batcher import Batcher
 from .convert import answer_to_proto, iso, receipt_to_dict
 from .db import Database, driver_errors, dumps, loads
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ServiceError
 from .members import (
     CONTEXT_PG, USAGE_PG, ContextCache, MemberContext, effective_tier, find_member,
-    increment_usage, load_usage, member_audiences, member_view, next_tier, period_key, tier_for, tier_threshold,
+    increment_usage, load_usage, member_view, next_tier, period_key, tier_for, tier_threshold,
     validate_enroll, validate_ref, validate_status,
 )
 from .models import (
@@ -40,6 +42,8 @@ from .models import (
     subscriptions,
 )
 from .programs import ProgramRegistry, Snapshot
+from .segments.membership import AudienceIndex
+from .segments.service import SegmentService
 
 __all__ = ["ProcessingService"]
 
@@ -235,6 +239,35 @@ SELECT t.kind, t.key, %(member_id)s::bigint, t.payload, %(now)s::timestamptz, NU
 FROM json_to_recordset(%(events)s::json) AS t(kind varchar, key varchar, payload json)"""
 _PG_SPEND_BUDGET = "UPDATE promotion_budgets SET spent = spent + %s WHERE promotion = %s"
 
+# Group commit (``_confirm_batch``): the first round trip of a whole batch in four statements, whatever its size.
+# Stored purchases under the batch's keys (parameters: stores, terminals, numbers):
+_PGB_EXISTING = """SELECT p.store, p.terminal, p.number, p.id, p.request_hash, p.answer::text
+FROM purchases AS p JOIN unnest(%s::varchar[], %s::varchar[], %s::varchar[]) AS k(store, terminal, number)
+    ON p.store = k.store AND p.terminal = k.terminal AND p.number = k.number"""
+# A purchase id and two ledger entry ids per confirm (parameter: how many):
+_PGB_IDS = """SELECT nextval('purchases_id_seq'), nextval('ledger_id_seq'), nextval('ledger_id_seq')
+FROM generate_series(1, %s)"""
+# The members of every reference (parameters: cards, phones), locked in member id order: the sort runs below the
+# row locking, so any two transactions lock their common members in the same order and cannot deadlock on them.
+_PGB_MEMBERS = """SELECT member_id FROM cards WHERE number = ANY(%s::varchar[])
+    UNION SELECT id FROM members WHERE phone = ANY(%s::varchar[])"""
+_PGB_LOCK = f"""SELECT member_id FROM balances WHERE member_id IN ({_PGB_MEMBERS})
+ORDER BY member_id FOR UPDATE"""
+# Read after the lock was granted (a statement of its own: its snapshot sees what the lock's previous holder
+# committed): each reference's card, status and its member's balances (parameters: cards, phones).
+_PGB_CONTEXT = """SELECT 'card', c.number, b.member_id, c.number, c.status, b.tier, b.active, b.pending,
+    b.purchases_sum
+FROM cards AS c JOIN balances AS b ON b.member_id = c.member_id WHERE c.number = ANY(%s::varchar[])
+UNION ALL
+SELECT * FROM (SELECT DISTINCT ON (m.phone) 'phone', m.phone, b.member_id, c.number, c.status, b.tier, b.active,
+        b.pending, b.purchases_sum
+    FROM cards AS c JOIN balances AS b ON b.member_id = c.member_id JOIN members AS m ON m.id = c.member_id
+    WHERE m.phone = ANY(%s::varchar[]) ORDER BY m.phone, c.status = 'active' DESC, c.id DESC) AS by_phone"""
+# Promotion usage of those members (parameters: cards, phones, limited promotion ids).
+_PGB_USAGE = f"""SELECT member_id, promotion, period_key, uses FROM promotion_usage
+WHERE member_id IN ({_PGB_MEMBERS}) AND promotion = ANY(%s::varchar[])"""
+_ALONE = object()       # a batch's answer meaning: run this confirm in a transaction of its own
+
 
 class ProcessingService:
     """Sync and thread-safe; one per process, shared by every request thread.
@@ -243,12 +276,27 @@ class ProcessingService:
     simulated one so that activation and expiry can be exercised without waiting.
     """
 
-    def __init__(self, database: Database, programs: ProgramRegistry, *, clock=None):
+    def __init__(self, database: Database, programs: ProgramRegistry, *, clock=None,
+                 redis_url: str | None = None, audience_index: AudienceIndex | None = None,
+                 group_commit: int | None = None):
         self.db = database
         self.programs = programs
         self.clock = clock or _utcnow
         self.contexts = ContextCache()
         self._budget_cache: tuple[float, dict] | None = None
+        # Group commit of ConfirmPurchase on PostgreSQL (``_confirm_batch``): ``group_commit`` is the largest
+        # batch (0: off, every confirm in its own transaction); None reads $LOYALTY_CONFIRM_BATCH.
+        if group_commit is None:
+            group_commit = int(os.environ.get("LOYALTY_CONFIRM_BATCH") or 0)
+        self._batcher = None
+        if group_commit > 0 and database.dialect == "postgresql":
+            self._batcher = Batcher(self._confirm_batch, max_batch=group_commit,
+                                    window=float(os.environ.get("LOYALTY_CONFIRM_BATCH_WINDOW_MS") or 0) / 1000,
+                                    threads=int(os.environ.get("LOYALTY_CONFIRM_BATCH_THREADS") or 2),
+                                    name="confirm-batch")
+        # Audience membership from the segment module (roaring bitmaps, reloaded when a recalculation
+        # bumps the membership version): what the core's audience conditions check.
+        self.audience_index = audience_index or AudienceIndex(database, redis_url=redis_url)
 
     @classmethod
     def open(cls, database_url: str, *, redis_url: str | None = None, clock=None) -> "ProcessingService":
@@ -258,7 +306,8 @@ class ProcessingService:
         as ``check_ready() == False``."""
         database = Database(database_url)
         clock = clock or _utcnow
-        return cls(database, ProgramRegistry(database, redis_url=redis_url, clock=clock), clock=clock)
+        return cls(database, ProgramRegistry(database, redis_url=redis_url, clock=clock), clock=clock,
+                   redis_url=redis_url)
 
     # ---- Processing service -------------------------------------------------------------------------------
 
@@ -298,14 +347,20 @@ class ProcessingService:
         ref = validate_ref(request.member if request.HasField("member") else None)
         at = self._receipt_at(receipt)
         request_hash = _hash(request)
-        for attempt in range(2):
-            try:
-                purchase_id, answer, replayed, member_id = self.db.run_write(
-                    self._confirm_tx, snap, receipt, ref, at, request_hash)
-                break
-            except _Retry:
-                if attempt:
-                    raise
+        outcome = _ALONE
+        if self._batcher is not None:
+            outcome = self._batcher.submit((snap, receipt, ref, at, request_hash))
+        if outcome is not _ALONE:
+            purchase_id, answer, replayed, member_id = outcome
+        else:
+            for attempt in range(2):
+                try:
+                    purchase_id, answer, replayed, member_id = self.db.run_write(
+                        self._confirm_tx, snap, receipt, ref, at, request_hash)
+                    break
+                except _Retry:
+                    if attempt:
+                        raise
         if not replayed:
             self.contexts.invalidate(member_id)
         return processing_pb2.ConfirmPurchaseResponse(purchase_id=str(purchase_id),
@@ -397,11 +452,182 @@ class ProcessingService:
                 if usage is not None:
                     ctx.usage = {(p, k): u for p, k, u in usage.fetchall()}
         if ctx is not None:
-            ctx.audiences = member_audiences(conn, ctx.member_id)
+            ctx.audiences = self._audiences(conn, ctx.member_id)
         member = ctx.as_core(program, at) if ctx is not None else None
         answer = self._calculate(snap, receipt, member, conn)
         now = self.clock()
         fx = _effects(snap, receipt, ctx, answer, at, now)
+        member_id = fx.member_id
+        params = self._pg_write_params(snap, receipt, ctx, fx, answer, now, request_hash, purchase_id, entry_a,
+                                       entry_b)
+        try:
+            with driver_errors(conn):
+                with dconn.pipeline():
+                    dconn.execute(_PG_WRITE, params)
+                    for promotion, spent in fx.budgets:     # program order: a fixed lock order
+                        dconn.execute(_PG_SPEND_BUDGET, (spent, promotion))
+                    if not fx.settle:
+                        dconn.commit()      # queued behind the writes: one round trip for all of them
+            if fx.settle:                   # a member in debt: rare, plain statements before the commit
+                ledger.settle_debt(conn, member_id, ctx.active + fx.active_delta)
+        except IntegrityError:
+            # Someone confirmed the same store/terminal/number meanwhile: run again to replay their answer.
+            raise _Retry() from None
+        return purchase_id, answer, False, ctx.member_id if ctx else None
+
+    # ---- group commit (PostgreSQL) ------------------------------------------------------------------------
+
+    def _confirm_batch(self, slots: list) -> None:
+        """Run the confirms of ``slots`` (each ``(snap, receipt, ref, at, request_hash)``) in ONE transaction
+        and answer each slot: ``(purchase_id, answer, replayed, member_id)``, its own ``ServiceError``, or
+        ``_ALONE`` (run it in a transaction of its own).
+
+        Each confirm's own failures (unknown member, bad input, not enough points, a key reused with another
+        payload) are decided in Python before anything is sent, so they never touch the transaction: that
+        confirm writes nothing and the others go on. A statement failing in the write round (a concurrent
+        confirm of the same key from another process, a deadlock after the retries, anything unexpected)
+        rolls back the whole batch and sends every confirm of it back to run alone, where it gets its exact
+        answer (the replay, ``AlreadyExists``, ...). Losing the connection fails the whole batch with
+        ``Unavailable``: nothing of it was committed (or all of it was, and a retry replays). Answers are
+        given only after the COMMIT succeeded."""
+        try:
+            outcomes = self.db.run_write(self._confirm_batch_tx, [s.item for s in slots])
+        except ServiceError as exc:             # Unavailable: storage down or a lost connection
+            for s in slots:
+                s.fail(exc)
+            return
+        except Exception:  # noqa: BLE001 - IntegrityError & co: every confirm runs alone and gets its answer
+            log.info("confirm batch of %d rolled back; running each alone", len(slots), exc_info=True)
+            outcomes = [_ALONE] * len(slots)
+        for s, outcome in zip(slots, outcomes):
+            if isinstance(outcome, BaseException):
+                s.fail(outcome)
+            else:
+                s.set(outcome)
+
+    def _confirm_batch_tx(self, conn, items: list) -> list:
+        """The batch's transaction in two round trips (see ``_confirm_batch``).
+
+        1. the stored purchases under the batch's keys, the ids the new rows need, every member of the batch
+           locked in member id order, then (each its own statement, read after the locks) the members'
+           contexts and promotion usage;
+        2. after the calculations, in receipt-key order (the order every batch inserts its purchases in):
+           each confirm's write statement, the budgets spent by the whole batch (program order), COMMIT.
+
+        Two confirms of one member follow each other: the second is calculated and checked against the
+        member as the first one's writes leave it. Two confirms of one key: the second replays the first
+        (or is ``AlreadyExists``)."""
+        dconn = conn.connection.driver_connection
+        n = len(items)
+        order = sorted(range(n), key=lambda i: (items[i][1]["store"], items[i][1]["terminal"],
+                                                items[i][1]["number"]))
+        cards = sorted({it[2][1] for it in items if it[2] is not None and it[2][0] == "card"})
+        phones = sorted({it[2][1] for it in items if it[2] is not None and it[2][0] == "phone"})
+        limited = sorted({p.id for it in items for p in it[0].program.promotions
+                          if p.limits.uses_per_member is not None})
+        with driver_errors(conn):
+            with dconn.pipeline():
+                found = dconn.execute(_PGB_EXISTING, ([it[1]["store"] for it in items],
+                                                      [it[1]["terminal"] for it in items],
+                                                      [it[1]["number"] for it in items]))
+                drawn = dconn.execute(_PGB_IDS, (n,))
+                context = usage = None
+                if cards or phones:
+                    dconn.execute(_PGB_LOCK, (cards, phones))
+                    context = dconn.execute(_PGB_CONTEXT, (cards, phones))
+                    if limited:
+                        usage = dconn.execute(_PGB_USAGE, (cards, phones, limited))
+            stored = {(r[0], r[1], r[2]): r[3:] for r in found.fetchall()}
+            ids = drawn.fetchall()
+            refs, state = {}, {}        # ref -> (member_id, card, status); member_id -> its live context
+            for kind, value, member_id, card, status, tier, active, pending, purchases_sum in (
+                    context.fetchall() if context is not None else ()):
+                refs[kind, value] = (member_id, card, status)
+                if member_id not in state:
+                    state[member_id] = MemberContext(member_id=member_id, card=card, status=status, tier=tier,
+                                                     active=active, pending=pending, purchases_sum=purchases_sum)
+            if usage is not None:
+                for member_id, promotion, key, uses in usage.fetchall():
+                    state[member_id].usage[promotion, key] = uses
+        for member_id, ctx in state.items():
+            ctx.audiences = self._audiences(conn, member_id)
+
+        outcomes: list = [None] * n
+        firsts: dict = {}           # key -> index of the confirm of this batch that writes it
+        writes, budgets = [], {}
+        for k, i in enumerate(order):
+            snap, receipt, ref, at, request_hash = items[i]
+            key = (receipt["store"], receipt["terminal"], receipt["number"])
+            try:
+                if key in firsts:
+                    j = firsts[key]
+                    self._replay_purchase(None, items[j][4], None, request_hash, receipt)  # or AlreadyExists
+                    outcomes[i] = j
+                    continue
+                if key in stored:
+                    pid, stored_hash, stored_answer = stored[key]
+                    outcomes[i] = self._replay_purchase(pid, stored_hash, loads(stored_answer), request_hash,
+                                                        receipt)
+                    continue
+                ctx = None
+                if ref is not None:
+                    found_ref = refs.get(ref)
+                    if found_ref is None:
+                        raise NotFound(f"{'card' if ref[0] == 'card' else 'phone'} {ref[1]} was not found")
+                    live = state[found_ref[0]]
+                    ctx = MemberContext(member_id=live.member_id, card=found_ref[1], status=found_ref[2],
+                                        tier=live.tier, active=live.active, pending=live.pending,
+                                        purchases_sum=live.purchases_sum, audiences=live.audiences,
+                                        usage=live.usage)
+                member = ctx.as_core(snap.program, at) if ctx is not None else None
+                answer = self._calculate(snap, receipt, member, conn)
+                now = self.clock()
+                fx = _effects(snap, receipt, ctx, answer, at, now)
+            except ServiceError as exc:
+                outcomes[i] = exc
+                continue
+            except Exception as exc:  # noqa: BLE001 - this confirm's own bug, not the batch's
+                log.exception("confirm %s/%s/%s failed in a batch", *key)
+                outcomes[i] = exc
+                continue
+            if fx.settle:                   # a member in debt: rare, after this batch in its own transaction
+                outcomes[i] = _ALONE
+                continue
+            purchase_id, entry_a, entry_b = ids[k]
+            writes.append(self._pg_write_params(snap, receipt, ctx, fx, answer, now, request_hash, purchase_id,
+                                                entry_a, entry_b))
+            for promotion, spent in fx.budgets:
+                budgets[promotion] = budgets.get(promotion, 0) + spent
+            if fx.counted:                  # what the next confirm of this member sees
+                live.active += fx.active_delta
+                live.pending += fx.pending_delta
+                live.purchases_sum = max(live.purchases_sum + answer["totals"]["payable"], 0)
+                if fx.upgrade:
+                    live.tier = fx.reached
+                for pk in fx.limited:
+                    live.usage[pk] = live.usage.get(pk, 0) + 1
+            firsts[key] = i
+            outcomes[i] = (purchase_id, answer, False, ctx.member_id if ctx else None)
+        if writes:
+            program_order = {p.id: x for x, p in enumerate(max((it[0] for it in items),
+                                                               key=lambda s: s.version).program.promotions)}
+            with driver_errors(conn):
+                with dconn.pipeline():
+                    for params in writes:
+                        dconn.execute(_PG_WRITE, params)
+                    for promotion in sorted(budgets, key=lambda p: (program_order.get(p, len(program_order)), p)):
+                        dconn.execute(_PG_SPEND_BUDGET, (budgets[promotion], promotion))
+                    dconn.commit()
+        for i, outcome in enumerate(outcomes):
+            if type(outcome) is int:        # the replay of the first confirm of its key in this batch
+                pid, answer, _, _ = outcomes[outcome]
+                outcomes[i] = (pid, answer, True, None)
+        return outcomes
+
+    @staticmethod
+    def _pg_write_params(snap: Snapshot, receipt: dict, ctx, fx: _Effects, answer: dict, now, request_hash: str,
+                         purchase_id: int, entry_a: int, entry_b: int) -> dict:
+        """The parameters of ``_PG_WRITE``: every row of one confirm."""
         totals = answer["totals"]
         member_id = fx.member_id
         lines, rlines = answer["lines"], receipt["lines"]
@@ -432,20 +658,7 @@ class ProcessingService:
                              for kind, key, _, payload in _confirm_events(purchase_id, snap, receipt, ctx, fx,
                                                                           answer)]),
         }
-        try:
-            with driver_errors(conn):
-                with dconn.pipeline():
-                    dconn.execute(_PG_WRITE, params)
-                    for promotion, spent in fx.budgets:     # program order: a fixed lock order
-                        dconn.execute(_PG_SPEND_BUDGET, (spent, promotion))
-                    if not fx.settle:
-                        dconn.commit()      # queued behind the writes: one round trip for all of them
-            if fx.settle:                   # a member in debt: rare, plain statements before the commit
-                ledger.settle_debt(conn, member_id, ctx.active + fx.active_delta)
-        except IntegrityError:
-            # Someone confirmed the same store/terminal/number meanwhile: run again to replay their answer.
-            raise _Retry() from None
-        return purchase_id, answer, False, ctx.member_id if ctx else None
+        return params
 
     @staticmethod
     def _replay_purchase(purchase_id: int, stored_hash: str, answer: dict, request_hash: str, receipt: dict):
@@ -765,7 +978,17 @@ class ProcessingService:
 
     def publish_program(self, request) -> admin_pb2.ProgramVersion:
         """Validate ``request.yaml`` (``InvalidArgument`` with the program path, e.g.
-        ``promotions[3].effect``), store it as the next immutable version and switch every process to it."""
+        ``promotions[3].effect``), store it as the next immutable version and switch every process to it.
+        The file's ``segments:`` and ``audiences:`` are defined (and calculated) first, so a promotion of the
+        new version never names an audience that does not exist yet; a bad segment publishes nothing."""
+        try:
+            source = load_program_text(request.yaml).source if request.yaml.strip() else None
+        except ProgramError:
+            source = None     # programs.publish reports it with its path
+        if source and (source.get("segments") or source.get("audiences")):
+            SegmentService(self.db, clock=self.clock).apply_program(source)
+            self.audience_index.refresh()
+            self.contexts.clear()
         row = self.programs.publish(request.yaml, request.comment)
         budgeted = [p.id for p in self.programs.current().program.promotions
                     if p.limits.discount_budget is not None or p.limits.points_budget is not None]
@@ -800,10 +1023,17 @@ class ProcessingService:
 
     def close(self) -> None:
         """Stop the program listener and dispose of the connection pool."""
+        if self._batcher is not None:
+            self._batcher.close()
         self.programs.close()
+        self.audience_index.close()
         self.db.dispose()
 
     # ---- helpers ------------------------------------------------------------------------------------------
+
+    def _audiences(self, conn, member_id: int) -> tuple[str, ...]:
+        """The member's audience ids; dynamic segments are evaluated for this member on ``conn`` now."""
+        return tuple(sorted(self.audience_index.audiences_of(member_id, conn=conn)))
 
     def _load_context(self, conn, ref, snap: Snapshot, *, lock: bool) -> MemberContext:
         ctx = find_member(conn, ref, lock=lock)
@@ -812,7 +1042,7 @@ class ProcessingService:
         limited = [p.id for p in snap.program.promotions if p.limits.uses_per_member is not None]
         if limited:
             ctx.usage = load_usage(conn, ctx.member_id, limited)
-        ctx.audiences = member_audiences(conn, ctx.member_id)
+        ctx.audiences = self._audiences(conn, ctx.member_id)
         return ctx
 
     def _calculate(self, snap: Snapshot, receipt: dict, member: dict | None, conn=None) -> dict:
@@ -859,7 +1089,7 @@ class ProcessingService:
 
     def _member_message(self, ref) -> processing_pb2.Member:
         with self.db.read() as conn:
-            view = member_view(conn, ref)
+            view = member_view(conn, ref, self._audiences)
         if view is None:
             raise NotFound(f"{'card' if ref[0] == 'card' else 'phone'} {ref[1]} was not found")
         ctx, m = view["ctx"], view["member"]
