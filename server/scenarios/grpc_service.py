@@ -1,0 +1,134 @@
+"""``loyalty.v1.Scenarios`` over gRPC: each method turns the request message into one ``ScenarioService`` call
+and its result into the response message. Errors stay ``loyalty.server.errors`` types, so the server maps
+them to status codes and rich details exactly as for the other services.
+
+``add_scenarios_service(server, service)`` is what the gRPC server calls (the lead wires it into
+``grpc_server.py``, next to ``add_segments_service``): ``server`` is the transport's ``LoyaltyServer`` (its
+raw-bytes handlers, error mapping, metrics and I/O pool are reused) or a plain ``grpc.Server``; ``service``
+is the process's ``ProcessingService`` (its database and clock are shared) or a ``ScenarioService``.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import grpc
+
+from loyalty.server.errors import ServiceError
+from loyalty.v1 import scenarios_pb2, scenarios_pb2_grpc
+
+from .service import ScenarioService
+
+__all__ = ["ScenariosServicer", "add_scenarios_service", "SERVICE_NAME"]
+
+SERVICE_NAME = "loyalty.v1.Scenarios"
+
+
+def _iso(value) -> str:
+    if value is None:
+        return ""
+    return value.isoformat() if isinstance(value, (dt.date, dt.datetime)) else str(value)
+
+
+def _scenario(d: dict) -> scenarios_pb2.Scenario:
+    return scenarios_pb2.Scenario(id=d["id"], title=d["title"], version=d["version"], enabled=d["enabled"],
+                                  origin=d["origin"], triggers=d["triggers"], steps=d["steps"],
+                                  definition_json=json.dumps(d["definition"], ensure_ascii=False),
+                                  updated_at=_iso(d["updated_at"]))
+
+
+def _batch(b: dict) -> scenarios_pb2.BatchProgress:
+    return scenarios_pb2.BatchProgress(batch_id=b["id"], kind=b["kind"], points=b["points"], state=b["state"],
+                                       total=b["total"], processed=b["processed"], written=b["written"],
+                                       points_moved=b["points_moved"], created_at=_iso(b["created_at"]),
+                                       finished_at=_iso(b["finished_at"]))
+
+
+class ScenariosServicer:
+    """The methods of ``loyalty.v1.Scenarios`` as plain sync functions: request message in, response out."""
+
+    def __init__(self, scenarios: ScenarioService):
+        self.scenarios = scenarios
+
+    def create_scenario(self, request):
+        return _scenario(self.scenarios.define(request.yaml, mode="create", path="scenario"))
+
+    def update_scenario(self, request):
+        return _scenario(self.scenarios.define(request.yaml, mode="update", path="scenario"))
+
+    def list_scenarios(self, request):
+        return scenarios_pb2.ListScenariosResponse(scenarios=[_scenario(d) for d in self.scenarios.list()])
+
+    def get_scenario_stats(self, request):
+        s = self.scenarios.stats(request.id)
+        return scenarios_pb2.ScenarioStats(
+            scenario_id=s["scenario_id"], version=s["version"],
+            triggers=[scenarios_pb2.TriggerStats(**t) for t in s["triggers"]],
+            steps=[scenarios_pb2.StepStats(**x) for x in s["steps"]],
+            runs_active=s["runs"]["active"], runs_done=s["runs"]["done"], runs_failed=s["runs"]["failed"])
+
+    def get_funnel(self, request):
+        f = self.scenarios.funnel(request.id, goal=request.goal or None, within=request.within or None)
+        return scenarios_pb2.Funnel(scenario_id=f["scenario_id"], goal=f["goal"], within_seconds=f["within_seconds"],
+                                    stages=[scenarios_pb2.FunnelStage(**s) for s in f["stages"]])
+
+    def list_dead_letters(self, request):
+        rows = self.scenarios.dead_letters(request.limit or 100)
+        return scenarios_pb2.ListDeadLettersResponse(dead_letters=[
+            scenarios_pb2.DeadLetter(kind=r["kind"], id=r["id"], key=r["key"], scenario_id=r["scenario_id"] or "",
+                                     step=r["step"] or "", member_id=r["member_id"] or 0, channel=r["channel"],
+                                     attempts=r["attempts"], error=r["error"] or "", at=_iso(r["at"]))
+            for r in rows])
+
+    def retry_dead_letter(self, request):
+        return scenarios_pb2.RetryDeadLetterResponse(
+            retried=self.scenarios.retry_dead_letter(request.kind, request.id)["retried"])
+
+    def start_batch(self, request):
+        return _batch(self.scenarios.start_batch(
+            request.batch_id, request.kind, request.points, reason=request.reason,
+            expiry_days=request.expiry_days if request.HasField("expiry_days") else None,
+            segment=request.segment or None, members=list(request.members) or None,
+            all_members=request.all_members))
+
+    def get_batch_progress(self, request):
+        return _batch(self.scenarios.batch_progress(request.batch_id))
+
+
+_CODES = {"INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT, "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
+          "ALREADY_EXISTS": grpc.StatusCode.ALREADY_EXISTS,
+          "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION, "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE}
+
+
+def _snake(name: str) -> str:
+    import re
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def add_scenarios_service(server, service) -> ScenariosServicer:
+    """Register ``loyalty.v1.Scenarios`` on ``server`` (a ``LoyaltyServer`` or a plain ``grpc.Server``)."""
+    scenarios = service if isinstance(service, ScenarioService) else ScenarioService(
+        service.db, clock=getattr(service, "clock", None))
+    servicer = ScenariosServicer(scenarios)
+    descriptor = scenarios_pb2.DESCRIPTOR.services_by_name["Scenarios"]
+    if hasattr(server, "_make_handler") and hasattr(server, "server"):
+        handlers = {m.name: grpc.unary_unary_rpc_method_handler(server._make_handler(
+            m.name, getattr(scenarios_pb2, m.input_type.name), getattr(servicer, _snake(m.name)), server.io_pool))
+            for m in descriptor.methods}
+        server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        return servicer
+
+    class _Plain(scenarios_pb2_grpc.ScenariosServicer):
+        pass
+
+    def wrap(fn):
+        def call(self, request, context):
+            try:
+                return fn(request)
+            except ServiceError as exc:
+                context.abort(_CODES.get(exc.code, grpc.StatusCode.INTERNAL), exc.message)
+        return call
+    for m in descriptor.methods:
+        setattr(_Plain, m.name, wrap(getattr(servicer, _snake(m.name))))
+    scenarios_pb2_grpc.add_ScenariosServicer_to_server(_Plain(), server)
+    return servicer

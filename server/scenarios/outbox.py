@@ -1,0 +1,207 @@
+"""Delivering the outbox: messages (email, SMS, push) and webhook calls written by run steps.
+
+A row is written once (its unique ``key`` is the run, step and visit) in the transaction of the step that
+wants it. Delivery happens outside any transaction, so it is claimed with a lease: a short transaction takes
+due rows (``FOR UPDATE SKIP LOCKED`` on PostgreSQL) and pushes their ``next_attempt_at`` a lease ahead; the
+worker sends, then marks the row ``sent`` (and records ``sent`` in ``message_events``, which segment and
+scenario conditions read). A worker killed mid-send leaves the row to be taken again when the lease runs
+out: delivery to the outside world is at least once, so every adapter passes the row's key along
+(``Idempotency-Key`` header, SMTP ``Message-ID``) for the receiver to drop a repeat. Send timeouts are
+shorter than the lease, so a live worker never loses its lease (no heartbeat needed).
+
+Failures are retried with exponential backoff; a permanent failure (HTTP 4xx other than 408 / 429, an SMTP
+address refusal) or ``MAX_ATTEMPTS`` failures make the row ``dead``: the dead-letter list.
+
+Channel adapters: ``log`` (default; logs, and appends JSON lines to a file with ``log:/path``), an HTTP
+gateway (``http://...`` / ``https://...``: POST of a JSON document) and SMTP
+(``smtp://host:port?from=addr&starttls=1&user=u&password=p``). Webhook rows go to their own URL.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import smtplib
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from email.message import EmailMessage
+
+from sqlalchemy import insert, select, update
+
+from loyalty.server.segments.models import message_events
+
+from .common import backoff, claim
+from .models import scenario_outbox
+
+__all__ = ["Channels", "DeliveryError", "deliver_due", "MAX_ATTEMPTS", "LEASE_S"]
+
+log = logging.getLogger(__name__)
+message_log = logging.getLogger("loyalty.messages")
+
+MAX_ATTEMPTS = 6
+BACKOFF_S = 10.0
+BACKOFF_CAP_S = 3600.0
+LEASE_S = 60.0
+SEND_TIMEOUT_S = 10.0
+
+
+class DeliveryError(Exception):
+    def __init__(self, message: str, *, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class LogChannel:
+    def __init__(self, path: str | None = None):
+        self.path = path
+        self._lock = threading.Lock()
+
+    def send(self, row) -> None:
+        doc = {"key": row.key, "channel": row.channel, "to": row.recipient, "subject": row.subject, "body": row.body,
+               "member_id": row.member_id, "payload": row.payload}
+        message_log.info("%s to %s: %s", row.channel, row.recipient, row.subject or row.body[:80])
+        if self.path:
+            with self._lock, open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+
+
+def _http(url: str, method: str, body: dict | None, headers: dict, timeout: float) -> None:
+    data = None if body is None or method == "GET" else json.dumps(body, ensure_ascii=False).encode("utf-8")
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            resp.read()
+    except urllib.error.HTTPError as exc:
+        permanent = 400 <= exc.code < 500 and exc.code not in (408, 429)
+        raise DeliveryError(f"HTTP {exc.code} from {url}", permanent=permanent) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise DeliveryError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}") from None
+
+
+class HttpChannel:
+    """An HTTP gateway (SMS / push providers, or a message bus bridge): one JSON POST per message."""
+
+    def __init__(self, url: str, timeout: float = SEND_TIMEOUT_S):
+        self.url = url
+        self.timeout = timeout
+
+    def send(self, row) -> None:
+        _http(self.url, "POST", {"key": row.key, "channel": row.channel, "to": row.recipient, "subject": row.subject,
+                                 "body": row.body, "member_id": row.member_id,
+                                 "transactional": row.transactional},
+              {"Idempotency-Key": row.key}, self.timeout)
+
+
+class SmtpChannel:
+    def __init__(self, url: str, timeout: float = SEND_TIMEOUT_S):
+        u = urllib.parse.urlsplit(url)
+        q = dict(urllib.parse.parse_qsl(u.query))
+        self.host, self.port = u.hostname or "127.0.0.1", u.port or 25
+        self.sender = q.get("from", "loyalty@localhost")
+        self.starttls = q.get("starttls") in ("1", "true", "yes")
+        self.user, self.password = q.get("user"), q.get("password")
+        self.timeout = timeout
+
+    def send(self, row) -> None:
+        msg = EmailMessage()
+        msg["From"] = self.sender
+        msg["To"] = row.recipient
+        msg["Subject"] = row.subject
+        msg["Message-ID"] = f"<{row.key.replace(':', '.')}@loyalty>"
+        msg.set_content(row.body)
+        try:
+            with smtplib.SMTP(self.host, self.port, timeout=self.timeout) as smtp:
+                if self.starttls:
+                    smtp.starttls()
+                if self.user:
+                    smtp.login(self.user, self.password or "")
+                smtp.send_message(msg)
+        except smtplib.SMTPRecipientsRefused as exc:
+            raise DeliveryError(f"SMTP refused {row.recipient}: {exc.recipients}", permanent=True) from None
+        except (smtplib.SMTPException, OSError) as exc:
+            raise DeliveryError(f"SMTP {self.host}:{self.port}: {exc}") from None
+
+
+class WebhookChannel:
+    def __init__(self, timeout: float = SEND_TIMEOUT_S):
+        self.timeout = timeout
+
+    def send(self, row) -> None:
+        p = row.payload or {}
+        _http(row.recipient, p.get("method", "POST"), p.get("json"),
+              {**(p.get("headers") or {}), "Idempotency-Key": row.key}, self.timeout)
+
+
+def _adapter(spec: str):
+    if spec == "log":
+        return LogChannel()
+    if spec.startswith("log:"):
+        return LogChannel(spec[4:])
+    if spec.startswith(("http://", "https://")):
+        return HttpChannel(spec)
+    if spec.startswith("smtp://"):
+        return SmtpChannel(spec)
+    raise ValueError(f"unknown channel adapter {spec!r}: expected log, log:/path, http(s)://..., smtp://...")
+
+
+class Channels:
+    """Which adapter delivers each channel: ``Channels(email="smtp://127.0.0.1:2525", sms="log")``; any
+    channel not named uses ``log``. Webhook rows always go to their own URL."""
+
+    def __init__(self, **specs: str):
+        self.specs = {"email": "log", "sms": "log", "push": "log", **{k: v for k, v in specs.items() if v}}
+        self.adapters = {name: _adapter(spec) for name, spec in self.specs.items()}
+        self.adapters["webhook"] = WebhookChannel()
+
+    def send(self, row) -> None:
+        adapter = self.adapters.get(row.channel)
+        if adapter is None:
+            raise DeliveryError(f"no adapter for channel {row.channel!r}", permanent=True)
+        adapter.send(row)
+
+
+def deliver_due(database, channels: Channels, now: dt.datetime, *, limit: int = 20, lease_s: float = LEASE_S,
+                clock=None) -> int:
+    """Claim up to ``limit`` due rows, deliver them, record the outcome; returns rows handled."""
+    lease = dt.timedelta(seconds=lease_s)
+
+    def take(conn):
+        rows = conn.execute(claim(conn, select(scenario_outbox).where(
+            scenario_outbox.c.state == "pending", scenario_outbox.c.next_attempt_at <= now)
+            .order_by(scenario_outbox.c.next_attempt_at, scenario_outbox.c.id).limit(limit))).all()
+        if rows:
+            conn.execute(update(scenario_outbox).where(scenario_outbox.c.id.in_([r.id for r in rows]))
+                         .values(next_attempt_at=now + lease))
+        return rows
+    rows = database.run_write(take)
+    for row in rows:
+        error = None
+        try:
+            channels.send(row)
+        except DeliveryError as exc:
+            error = exc
+        except Exception as exc:  # noqa: BLE001 - an adapter bug must not stop the worker
+            error = DeliveryError(f"{type(exc).__name__}: {exc}")
+        database.run_write(_record, row, error, clock() if clock else now)
+    return len(rows)
+
+
+def _record(conn, row, error: DeliveryError | None, now: dt.datetime) -> None:
+    ob = scenario_outbox.c
+    attempts = row.attempts + 1
+    if error is None:
+        done = conn.execute(update(scenario_outbox).where(ob.id == row.id, ob.state == "pending").values(
+            state="sent", attempts=attempts, sent_at=now, last_error="")).rowcount
+        if done and row.channel in ("email", "sms", "push") and row.member_id is not None:
+            conn.execute(insert(message_events).values(member_id=row.member_id, channel=row.channel, kind="sent",
+                                                       at=now))
+        return
+    dead = error.permanent or attempts >= MAX_ATTEMPTS
+    log.warning("outbox %s (%s) attempt %s failed%s: %s", row.key, row.channel, attempts,
+                " for good" if dead else "", error)
+    conn.execute(update(scenario_outbox).where(ob.id == row.id, ob.state == "pending").values(
+        state="dead" if dead else "pending", attempts=attempts, last_error=str(error)[:2000],
+        next_attempt_at=now + backoff(attempts, BACKOFF_S, BACKOFF_CAP_S)))
