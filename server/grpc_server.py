@@ -8,12 +8,17 @@ wire format, idempotency, concurrency) lives in the service and its storage tran
     ServiceError -> its status code + a rich detail (google.rpc.BadRequest / ErrorInfo / PreconditionFailure)
     anything else -> INTERNAL "internal error <incident>" (the traceback goes to the log, never to the client)
 
+``CalculateReceipt``, the call a checkout makes many times per receipt, builds no message objects: the
+compiled codec (``convert.decode_calculate_request`` / ``encode_calculate_response``, i.e.
+``loyalty.server._wire``) reads the request bytes straight into the core's dicts and writes the answer dict
+straight into the response bytes, and the call runs on the event loop itself whenever the service can answer
+from memory (``calculate_answer(..., wait=False)``: the member's context cached, the program snapshot and
+budget figures fresh), which saves the thread hop; otherwise, and never blocking the loop on storage, it runs
+in the CPU pool. ``LOYALTY_CALCULATE_IN_POOL=1`` sends every call to the pool (to compare).
+
 Two bounded pools, because the two kinds of work differ: ``CalculateReceipt`` is short and CPU-bound (it
 holds the GIL, so more threads than cores only add switching; a few threads still overlap its member read),
 the other calls wait on the database (a pool about the size of the connection pool lets them overlap).
-``LOYALTY_INLINE_CPU=1`` runs CalculateReceipt on the event loop itself instead (no thread hop: about +30% RPS
-in ``benchmarks/server.py`` on 2 cores, at the price of blocking the loop while a member's context is read
-from storage on a cache miss); it stays opt-in until the service guarantees that calculate does no I/O.
 The number of calls in flight is bounded by ``maximum_concurrent_rpcs``; beyond it gRPC answers
 RESOURCE_EXHAUSTED instead of queueing without end. A call whose client gave up still finishes its
 transaction in its thread: every write is idempotent by its key, so the client's retry gets the stored answer.
@@ -47,8 +52,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from loyalty.server.convert import decode_calculate_request, encode_calculate_response
 from loyalty.server.errors import InvalidArgument, ServiceError
 from loyalty.server.metrics import Metrics
+from loyalty.server.scenarios.grpc_service import add_scenarios_service
 from loyalty.server.segments.grpc_service import add_segments_service
 from loyalty.v1 import admin_pb2, processing_pb2
 
@@ -59,7 +66,8 @@ log = logging.getLogger("loyalty.server.grpc")
 PROCESSING = "loyalty.v1.Processing"
 ADMIN = "loyalty.v1.Admin"
 SEGMENTS = "loyalty.v1.Segments"
-SERVICE_NAMES = (PROCESSING, ADMIN, SEGMENTS)
+SCENARIOS = "loyalty.v1.Scenarios"
+SERVICE_NAMES = (PROCESSING, ADMIN, SEGMENTS, SCENARIOS)
 ERROR_DOMAIN = "loyalty.v1"
 
 # Methods that run in the CPU pool; every other one waits on storage and runs in the I/O pool.
@@ -140,6 +148,44 @@ def request_key(request) -> str:
     return key.strip()
 
 
+def _calculate_key(request: tuple[str, str, dict]) -> str:
+    """``request_key`` of a decoded ``CalculateReceiptRequest`` (``(card, phone, receipt dict)``)."""
+    card, _phone, receipt = request
+    key = ""
+    if receipt["store"] or receipt["terminal"] or receipt["number"]:
+        key = f"receipt={receipt['store']}/{receipt['terminal']}/{receipt['number']}"
+    if card:
+        key += f" card={card}"
+    return key.strip()
+
+
+# ---- request and response bytes -------------------------------------------------------------------------------
+
+def _message_decoder(request_cls):
+    full_name = request_cls.DESCRIPTOR.full_name
+
+    def decode(raw: bytes):
+        try:
+            return request_cls.FromString(raw)
+        except DecodeError:
+            raise InvalidArgument("", f"not a valid {full_name} message") from None
+    return decode
+
+
+def _serializing(fn):
+    def call(request) -> bytes:
+        return fn(request).SerializeToString()
+    return call
+
+
+def _decode_calculate(raw: bytes) -> tuple[str, str, dict]:
+    """CalculateReceipt's request bytes straight to ``(card, phone, receipt dict)`` (the compiled codec)."""
+    try:
+        return decode_calculate_request(raw)
+    except ValueError:
+        raise InvalidArgument("", "not a valid loyalty.v1.CalculateReceiptRequest message") from None
+
+
 # ---- the server -----------------------------------------------------------------------------------------------
 
 def _snake(name: str) -> str:
@@ -171,6 +217,7 @@ class LoyaltyServer:
         self.server.add_generic_rpc_handlers((self._generic_handler(PROCESSING, processing_pb2),
                                               self._generic_handler(ADMIN, admin_pb2)))
         add_segments_service(self, service, redis_url=config.redis_url)
+        add_scenarios_service(self, service)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -180,18 +227,42 @@ class LoyaltyServer:
         descriptor = module.DESCRIPTOR.services_by_name[service_name.rsplit(".", 1)[1]]
         handlers = {}
         for method in descriptor.methods:
-            request_cls = getattr(module, method.input_type.name)
-            fn = getattr(self.service, _snake(method.name))
             pool = self.cpu_pool if method.name in CPU_METHODS else self.io_pool
-            if method.name in CPU_METHODS and os.environ.get("LOYALTY_INLINE_CPU"):
-                pool = None
             # Raw bytes in and out: we decode ourselves, so that a malformed message is INVALID_ARGUMENT
             # (gRPC's own deserializer would answer INTERNAL) and nothing is decoded twice.
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                self._make_handler(method.name, request_cls, fn, pool))
+            if service_name == PROCESSING and method.name == "CalculateReceipt":
+                # No message objects at all: the compiled codec turns the bytes into the core's dicts and the
+                # answer dict into the response bytes; on the loop when nothing needs storage.
+                inline = None if os.environ.get("LOYALTY_CALCULATE_IN_POOL") else self._calculate_inline
+                handler = self._bytes_handler(method.name, _decode_calculate, self._calculate_bytes, _calculate_key,
+                                              pool, inline)
+            else:
+                handler = self._make_handler(method.name, getattr(module, method.input_type.name),
+                                             getattr(self.service, _snake(method.name)), pool)
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(handler)
         return grpc.method_handlers_generic_handler(service_name, handlers)
 
+    def _calculate_bytes(self, request: tuple[str, str, dict]) -> bytes:
+        card, phone, receipt = request
+        answer = self.service.calculate_answer(card, phone, receipt)
+        return encode_calculate_response(answer, answer["program_version"])
+
+    def _calculate_inline(self, request: tuple[str, str, dict]) -> bytes | None:
+        """The response when the service can answer from memory alone (None: it needs storage, use the pool)."""
+        card, phone, receipt = request
+        answer = self.service.calculate_answer(card, phone, receipt, wait=False)
+        return None if answer is None else encode_calculate_response(answer, answer["program_version"])
+
     def _make_handler(self, method: str, request_cls, fn, pool):
+        """The handler of a method whose service function takes the request message and returns the response
+        message (every method but CalculateReceipt, and the Segments service's)."""
+        return self._bytes_handler(method, _message_decoder(request_cls), _serializing(fn), request_key, pool)
+
+    def _bytes_handler(self, method: str, decode, call, describe, pool, inline=None):
+        """The grpc.aio handler of one method: ``decode(raw)`` on the loop (``InvalidArgument`` when the bytes
+        are not the request), then ``inline(request) -> bytes | None`` on the loop if given, and when it gives
+        None (or is not given) ``call(request) -> bytes`` in ``pool``; the outcome mapped to a status.
+        ``describe(request)`` is the key an operator greps for in the log."""
         loop_holder: list = []
         metrics = self.metrics
         debug = log.isEnabledFor
@@ -201,21 +272,18 @@ class LoyaltyServer:
             code = "OK"
             request = None
             try:
-                try:
-                    request = request_cls.FromString(raw)
-                except DecodeError:
-                    raise InvalidArgument("", f"not a valid {request_cls.DESCRIPTOR.full_name} message") from None
+                request = decode(raw)
+                if inline is not None:
+                    response = inline(request)
+                    if response is not None:
+                        return response
                 if not loop_holder:
                     loop_holder.append(asyncio.get_running_loop())
-                if pool is None:
-                    response = fn(request)
-                else:
-                    response = await loop_holder[0].run_in_executor(pool, fn, request)
-                return response.SerializeToString()
+                return await loop_holder[0].run_in_executor(pool, call, request)
             except ServiceError as exc:
                 code = exc.code
                 level = logging.WARNING if code in ("UNAVAILABLE", "INTERNAL") else logging.INFO
-                log.log(level, "%s %s %s: %s", method, code, (request_key(request) if request else "") or "-",
+                log.log(level, "%s %s %s: %s", method, code, (describe(request) if request else "") or "-",
                         exc.message)
                 await context.abort_with_status(status_for(exc))
             except asyncio.CancelledError:
@@ -225,14 +293,14 @@ class LoyaltyServer:
                 code = "INTERNAL"
                 incident = uuid.uuid4().hex[:12]
                 log.exception("%s INTERNAL incident=%s %s", method, incident,
-                              (request_key(request) if request else "") or "-")
+                              (describe(request) if request else "") or "-")
                 await context.abort_with_status(_internal_status(incident))
             finally:
                 elapsed = time.perf_counter() - started
                 metrics.observe(method, code, elapsed)
                 if debug(logging.DEBUG):
                     log.debug("%s %s %.2fms %s", method, code, elapsed * 1000,
-                              (request_key(request) if request else "") or "-")
+                              (describe(request) if request else "") or "-")
 
         handler.__name__ = method
         return handler

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 from sqlalchemy import bindparam, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from loyalty.core import InputError, ProgramError, load_program_text
 from loyalty.core.inputs import parse_at
@@ -43,6 +43,7 @@ from .models import (
 )
 from .programs import ProgramRegistry, Snapshot
 from .segments.membership import AudienceIndex
+from .scenarios.definitions import parse_scenarios
 from .segments.service import SegmentService
 
 __all__ = ["ProcessingService"]
@@ -285,14 +286,17 @@ class ProcessingService:
         self.contexts = ContextCache()
         self._budget_cache: tuple[float, dict] | None = None
         # Group commit of ConfirmPurchase on PostgreSQL (``_confirm_batch``): ``group_commit`` is the largest
-        # batch (0: off, every confirm in its own transaction); None reads $LOYALTY_CONFIRM_BATCH.
+        # batch (0: off, every confirm in its own transaction); None reads $LOYALTY_CONFIRM_BATCH (default 32).
+        # $LOYALTY_CONFIRM_BATCH_WINDOW_MS (default 1) is how long a batch waits to fill, and
+        # $LOYALTY_CONFIRM_BATCH_THREADS (default 2) how many batches run at once (each on its own connection).
+        env = os.environ.get
         if group_commit is None:
-            group_commit = int(os.environ.get("LOYALTY_CONFIRM_BATCH") or 0)
+            group_commit = int(env("LOYALTY_CONFIRM_BATCH", "32") or 0)
         self._batcher = None
         if group_commit > 0 and database.dialect == "postgresql":
             self._batcher = Batcher(self._confirm_batch, max_batch=group_commit,
-                                    window=float(os.environ.get("LOYALTY_CONFIRM_BATCH_WINDOW_MS") or 0) / 1000,
-                                    threads=int(os.environ.get("LOYALTY_CONFIRM_BATCH_THREADS") or 2),
+                                    window=float(env("LOYALTY_CONFIRM_BATCH_WINDOW_MS", "1") or 0) / 1000,
+                                    threads=int(env("LOYALTY_CONFIRM_BATCH_THREADS", "2") or 2),
                                     name="confirm-batch")
         # Audience membership from the segment module (roaring bitmaps, reloaded when a recalculation
         # bumps the membership version): what the core's audience conditions check.
@@ -315,20 +319,67 @@ class ProcessingService:
         """SPEC 4 for ``request.receipt`` with the context of ``request.member`` (card or phone; both empty:
         anonymous). No side effects. Unknown card: ``NotFound``. No program published:
         ``FailedPrecondition``."""
-        snap = self.programs.current()
-        receipt = receipt_to_dict(request.receipt)
-        ref = validate_ref(request.member if request.HasField("member") else None)
+        member = request.member
+        answer = self.calculate_answer(member.card, member.phone, receipt_to_dict(request.receipt))
+        return processing_pb2.CalculateReceiptResponse(answer=answer_to_proto(answer))
+
+    class _MemberRef:
+        """A ``MemberRef`` of two plain strings, for ``validate_ref``."""
+        __slots__ = ("card", "phone")
+
+        def __init__(self, card: str, phone: str):
+            self.card, self.phone = card, phone
+
+    # What a calculate that must not wait for storage may use: (renew_at, checked_at, snapshot, budgets), set
+    # by the last waiting calculate at checked_at. Past renew_at, one call is sent to renew it (the others keep
+    # using it meanwhile); past checked_at + CALCULATE_STALE_MAX (storage not answering) nobody uses it.
+    _calc_lease: tuple[float, float, Snapshot, dict | None] | None = None
+    CALCULATE_LEASE = 0.1
+    CALCULATE_STALE_MAX = 1.0
+
+    def calculate_answer(self, card: str, phone: str, receipt: dict, *, wait: bool = True) -> dict | None:
+        """``calculate_receipt`` on plain values, for an edge that decodes the request bytes itself
+        (``convert.decode_calculate_request``): ``card`` / ``phone`` of the ``MemberRef`` (both empty:
+        anonymous), ``receipt`` as ``convert.receipt_to_dict`` makes it. Returns the core's answer dict
+        with ``program_version``; raises what ``calculate_receipt`` raises.
+
+        ``wait=False`` is for a caller on an event loop: it never touches storage, and returns None at once
+        when the answer needs anything not in memory (the member's context is not cached; the program
+        snapshot and budget figures of the last waiting call are due for renewal, about every
+        ``CALCULATE_LEASE`` seconds); the caller then asks again, waiting, from a thread. A new program
+        version or budget figure reaches these calls that much later."""
+        now = time.monotonic()
+        if wait:
+            snap = self.programs.current()
+        else:
+            lease = self._calc_lease
+            if lease is None or now - lease[1] > self.CALCULATE_STALE_MAX:
+                return None
+            if lease[0] <= now:
+                self._calc_lease = (now + self.CALCULATE_LEASE,) + lease[1:]
+                return None       # this call renews the lease from a thread; the others go on with it
+            _, _, snap, budgets = lease
+        ref = validate_ref(self._MemberRef(card, phone))
         at = self._receipt_at(receipt)
         member = None
         if ref is not None:
             ctx = self.contexts.get(ref)
             if ctx is None:
+                if not wait:
+                    return None
                 with self.db.read() as conn:
                     ctx = self._load_context(conn, ref, snap, lock=False)
                 self.contexts.put(ref, ctx)
             member = ctx.as_core(snap.program, at)
-        answer = self._calculate(snap, receipt, member)
-        return processing_pb2.CalculateReceiptResponse(answer=answer_to_proto(answer))
+        if wait:
+            budgets = self._budgets(snap)
+            self._calc_lease = (now + self.CALCULATE_LEASE, now, snap, budgets)
+        try:
+            answer = snap.engine.calculate(receipt, member, budgets)
+        except InputError as exc:
+            raise InvalidArgument(exc.path, exc.reason) from None
+        answer["program_version"] = snap.version
+        return answer
 
     def confirm_purchase(self, request) -> processing_pb2.ConfirmPurchaseResponse:
         """Recompute server-side and write the purchase in one transaction. Idempotent by
@@ -586,6 +637,8 @@ class ProcessingService:
             except ServiceError as exc:
                 outcomes[i] = exc
                 continue
+            except SQLAlchemyError:         # storage (the budgets read, an audience lookup): the batch's failure
+                raise
             except Exception as exc:  # noqa: BLE001 - this confirm's own bug, not the batch's
                 log.exception("confirm %s/%s/%s failed in a batch", *key)
                 outcomes[i] = exc
@@ -985,6 +1038,8 @@ class ProcessingService:
             source = load_program_text(request.yaml).source if request.yaml.strip() else None
         except ProgramError:
             source = None     # programs.publish reports it with its path
+        if source and source.get("scenarios"):
+            parse_scenarios(source["scenarios"])     # a bad scenario publishes nothing; workers apply them
         if source and (source.get("segments") or source.get("audiences")):
             SegmentService(self.db, clock=self.clock).apply_program(source)
             self.audience_index.refresh()
