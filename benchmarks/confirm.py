@@ -1,14 +1,17 @@
 """ConfirmPurchase in process: ``ProcessingService.confirm_purchase`` from N threads, no gRPC.
 
     python benchmarks/confirm.py [--backend postgres|sqlite|both] [--threads 8] [--duration 3]
-                                 [--warmup 0.5] [--members 64] [--lines 20] [--redeem 0] [--profile] [--json]
+                                 [--warmup 0.5] [--members 64] [--lines 20] [--redeem 0] [--group-commit N]
+                                 [--profile] [--json]
 
 Each backend gets a fresh database (PostgreSQL: ``CREATE DATABASE loyalty_bench_<random>``, dropped after;
 SQLite: a temp file), migrated, with the demo program published and ``--members`` members enrolled (each
 credited points when ``--redeem`` asks to spend some). Then ``--threads`` threads call ``confirm_purchase``
 back to back for ``--duration`` seconds after ``--warmup``: the 20-line receipt of ``benchmarks/server.py``
 with a unique number per call, spread over the members. Every error is counted; after the run the ledger
-check must be empty. Prints confirms/s, p50 and p99 per backend (``--json``: one JSON line each).
+check must be empty. Prints confirms/s, p50 and p99 per backend (``--json``: one JSON line each), the CPU
+per confirm of this process and (local PostgreSQL, Linux) of the database's backends, and with group commit
+(``--group-commit N``, PostgreSQL only) the mean batch size.
 
 ``--profile`` runs the measured part under cProfile (every thread) and prints the top functions by their own
 time; the figures then are slower, use it to see where the time goes, not for throughput.
@@ -63,7 +66,7 @@ def setup(url: str, members: int, points: int):
 
 
 def run(svc, *, threads: int, duration: float, warmup: float, members: int, lines: int, redeem: int,
-        profile: bool) -> dict:
+        profile: bool, pg_name: str | None = None) -> dict:
     from loyalty.server.errors import ServiceError
     from loyalty.v1 import processing_pb2 as P
 
@@ -113,12 +116,12 @@ def run(svc, *, threads: int, duration: float, warmup: float, members: int, line
             profiles.append(prof)
 
     pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
-    cpu0 = time.process_time()
+    cpu0, pg0 = time.process_time(), pg_backend_cpu(pg_name)
     for t in pool:
         t.start()
     for t in pool:
         t.join()
-    cpu = time.process_time() - cpu0
+    cpu, pg1 = time.process_time() - cpu0, pg_backend_cpu(pg_name)
     latencies = sorted(x for r in results for x in r[0])
     errors: dict[str, int] = {}
     for r in results:
@@ -131,7 +134,9 @@ def run(svc, *, threads: int, duration: float, warmup: float, members: int, line
     out = {"confirms_per_s": round(len(latencies) / duration, 1), "ok": len(latencies),
            "errors": sum(errors.values()), "error_codes": errors, "p50_ms": pct(0.5), "p99_ms": pct(0.99),
            "threads": threads, "duration_s": duration, "lines": lines, "redeem": redeem,
-           "process_cpu_ms_per_confirm": round(cpu * 1000 / max(1, n_total(results)), 3)}
+           "process_cpu_ms_per_confirm": round(cpu * 1000 / max(1, n_total(results)), 3),
+           "pg_cpu_ms_per_confirm": (round((pg1 - pg0) * 1000 / max(1, n_total(results)), 3)
+                                     if pg0 is not None and pg1 is not None else None)}
     if profiles:
         import pstats
         stats = pstats.Stats(profiles[0])
@@ -139,6 +144,28 @@ def run(svc, *, threads: int, duration: float, warmup: float, members: int, line
             stats.add(p)
         stats.sort_stats("tottime").print_stats(35)
     return out
+
+
+def pg_backend_cpu(dbname: str | None) -> float | None:
+    """CPU seconds (user + system) of the local PostgreSQL backends connected to ``dbname`` (Linux /proc; None
+    elsewhere): with the process's own CPU, what one confirm costs the machine."""
+    if not dbname or not os.path.isdir("/proc"):
+        return None
+    total, tick = 0, os.sysconf("SC_CLK_TCK")
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+            if not cmd.startswith(b"postgres:") or f" {dbname} ".encode() not in cmd:
+                continue
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
 
 
 def n_total(results) -> int:
@@ -169,9 +196,13 @@ def main(argv=None) -> int:
     parser.add_argument("--members", type=int, default=64)
     parser.add_argument("--lines", type=int, default=20)
     parser.add_argument("--redeem", type=int, default=0, help="points each receipt asks to spend")
+    parser.add_argument("--group-commit", type=int, default=None, metavar="N",
+                        help="PostgreSQL: confirms per transaction at most (0: off; default $LOYALTY_CONFIRM_BATCH)")
     parser.add_argument("--profile", action="store_true", help="cProfile the measured part")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.group_commit is not None:
+        os.environ["LOYALTY_CONFIRM_BATCH"] = str(args.group_commit)
 
     from loyalty.core import COMPILED
     from loyalty.server import ledger
@@ -191,8 +222,12 @@ def main(argv=None) -> int:
                 # successful path (FailedPrecondition would be counted as an error)
                 svc = setup(url, args.members, 10**9 if args.redeem else 0)
                 r = run(svc, threads=args.threads, duration=args.duration, warmup=args.warmup,
-                        members=args.members, lines=args.lines, redeem=args.redeem, profile=args.profile)
+                        members=args.members, lines=args.lines, redeem=args.redeem, profile=args.profile,
+                        pg_name=pg_name)
                 problems = ledger.check(svc)
+                batcher = getattr(svc, "_batcher", None)
+                if batcher is not None:
+                    r.update(batches=batcher.batches, mean_batch=round(batcher.items / max(1, batcher.batches), 2))
                 r.update(backend=backend, ledger_problems=len(problems), compiled_core=COMPILED,
                          at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
                 rows.append(r)
@@ -203,11 +238,12 @@ def main(argv=None) -> int:
                 if pg_name:
                     drop_pg(pg_name)
     if not args.json:
-        print(f"\n{'backend':<10}{'threads':>8}{'confirms/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
-              f"{'cpu ms':>8}{'ledger':>8}", file=sys.stderr)
+        print(f"\n{'backend':<10}{'threads':>8}{'batch':>6}{'confirms/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+              f"{'cpu ms':>8}{'pg ms':>7}{'ledger':>8}", file=sys.stderr)
         for r in rows:
-            print(f"{r['backend']:<10}{r['threads']:>8}{r['confirms_per_s']:>12.1f}{r['p50_ms'] or 0:>9.2f}"
-                  f"{r['p99_ms'] or 0:>9.2f}{r['errors']:>8}{r['process_cpu_ms_per_confirm']:>8.2f}"
+            print(f"{r['backend']:<10}{r['threads']:>8}{r.get('mean_batch', 1):>6}{r['confirms_per_s']:>12.1f}"
+                  f"{r['p50_ms'] or 0:>9.2f}{r['p99_ms'] or 0:>9.2f}{r['errors']:>8}"
+                  f"{r['process_cpu_ms_per_confirm']:>8.2f}{r['pg_cpu_ms_per_confirm'] or 0:>7.2f}"
                   f"{'ok' if not r['ledger_problems'] else r['ledger_problems']:>8}", file=sys.stderr)
     return 1 if any(r["errors"] or r["ledger_problems"] for r in rows) else 0
 

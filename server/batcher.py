@@ -1,0 +1,132 @@
+"""Group commit: requests that arrive together run through one function, in one storage transaction.
+
+``Batcher(run)`` starts ``threads`` worker threads. ``submit(item)`` (any thread) queues the item and blocks
+until a worker has run a batch holding it (``submit_nowait(item, callback)``: the callback hears of it instead):
+each worker takes whatever is queued (at most ``max_batch``; with
+``window`` > 0 it first waits up to that many seconds for the batch to fill) and calls ``run(slots)``, which
+must finish every slot with ``slot.set(value)`` or ``slot.fail(exc)``. Nothing waits when the process is
+idle: a lone request is a batch of one. While one worker is in its transaction, the next batch gathers.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+
+__all__ = ["Batcher", "Slot"]
+
+log = logging.getLogger(__name__)
+
+
+class Slot:
+    """One request in a batch: ``item`` in, ``value`` or ``error`` out."""
+
+    __slots__ = ("item", "value", "error", "done", "_event", "_callback")
+
+    def __init__(self, item, callback=None):
+        self.item = item
+        self.value = None
+        self.error: BaseException | None = None
+        self.done = False
+        self._callback = callback                       # called with the slot once answered (no waiting)
+        self._event = threading.Event() if callback is None else None
+
+    def set(self, value) -> None:
+        self.value = value
+        self._finish()
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self._finish()
+
+    def _finish(self) -> None:
+        self.done = True
+        if self._event is not None:
+            self._event.set()
+        else:
+            try:
+                self._callback(self)
+            except Exception:  # noqa: BLE001 - one waiter's callback must not stop the batch
+                log.exception("batch callback failed")
+
+
+class Batcher:
+    def __init__(self, run, *, max_batch: int = 32, window: float = 0.0, threads: int = 2,
+                 name: str = "batcher"):
+        self._run = run
+        self.max_batch = max(1, max_batch)
+        self.window = max(0.0, window)
+        self._queue: collections.deque[Slot] = collections.deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._closed = False
+        self.batches = 0            # statistics: batches run and items in them
+        self.items = 0
+        self._threads = [threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True)
+                         for i in range(max(1, threads))]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, item):
+        """Run ``item`` in the next batch; returns its value or raises its error."""
+        slot = Slot(item)
+        self._put(slot)
+        slot._event.wait()
+        if slot.error is not None:
+            raise slot.error
+        return slot.value
+
+    def submit_nowait(self, item, callback) -> None:
+        """Queue ``item``; ``callback(slot)`` is called from a worker once it is answered (``slot.value`` or
+        ``slot.error``). Keep the callback short: the next batch waits for it."""
+        self._put(Slot(item, callback))
+
+    def _put(self, slot: Slot) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("batcher is closed")
+            self._queue.append(slot)
+            self._cond.notify()
+
+    def _take(self) -> list[Slot] | None:
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            if self.window and len(self._queue) < self.max_batch:
+                deadline = time.monotonic() + self.window
+                while len(self._queue) < self.max_batch and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            n = min(len(self._queue), self.max_batch)
+            return [self._queue.popleft() for _ in range(n)]
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            self.batches += 1
+            self.items += len(batch)
+            try:
+                self._run(batch)
+            except BaseException as exc:  # noqa: BLE001 - every waiter must be woken, whatever happened
+                log.exception("batch of %d failed", len(batch))
+                for slot in batch:
+                    if not slot.done:
+                        slot.fail(exc)
+            else:
+                for slot in batch:
+                    if not slot.done:
+                        slot.fail(RuntimeError("batch left a request unanswered"))
+
+    def close(self) -> None:
+        """Finish what is queued, then stop the workers."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(30)

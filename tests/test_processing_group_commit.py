@@ -1,0 +1,253 @@
+"""Group commit of ConfirmPurchase on PostgreSQL (``LOYALTY_CONFIRM_BATCH``): confirms arriving together run
+in one transaction, and every guarantee of a confirm alone still holds per confirm: its own failure writes
+nothing and the others commit; two confirms of one member see each other in order (never more than the
+balance); two of one key replay (or AlreadyExists); a lost connection at COMMIT writes nothing and answers
+UNAVAILABLE. Numbers worked out by hand from the demo program (SPEC 3-5), arithmetic in the comments."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from sqlalchemy import func, select
+
+from loyalty.server import db, ledger
+from loyalty.server.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+from loyalty.server.models import purchases
+from loyalty.server.processing import ProcessingService
+from loyalty.v1 import admin_pb2
+from loyalty.v1 import processing_pb2 as P
+from loyalty.v1 import receipt_pb2 as R
+from test_processing_flow import coffee, enroll
+from test_storage_fixtures import DEMO_PROGRAM, clock, pg_url, sqlite_url  # noqa: F401 - fixtures
+
+def _open(url, clock, monkeypatch, *, batch, window_ms):
+    monkeypatch.setenv("LOYALTY_CONFIRM_BATCH", str(batch))
+    monkeypatch.setenv("LOYALTY_CONFIRM_BATCH_WINDOW_MS", str(window_ms))
+    monkeypatch.setenv("LOYALTY_CONFIRM_BATCH_THREADS", "1")
+    return ProcessingService.open(url, clock=clock)
+
+
+@pytest.fixture
+def gc(pg_url, clock, monkeypatch):
+    """A service whose confirms wait up to 600 ms for a batch of up to 8 (so a test's staggered requests
+    land in one batch)."""
+    db.upgrade(pg_url)
+    svc = _open(pg_url, clock, monkeypatch, batch=8, window_ms=600)
+    svc.publish_program(admin_pb2.PublishProgramRequest(yaml=DEMO_PROGRAM, comment="tests"))
+    try:
+        yield svc
+    finally:
+        svc.close()
+
+
+def _req(card, receipt):
+    return P.ConfirmPurchaseRequest(member=R.MemberRef(card=card) if card else None, receipt=receipt)
+
+
+def _together(svc, requests, gap=0.02):
+    """Submit ``requests`` in this order (``gap`` seconds apart, well inside the batch window); each result
+    is the response or the ServiceError raised."""
+    def one(i):
+        time.sleep(i * gap)
+        try:
+            return svc.confirm_purchase(requests[i])
+        except Exception as exc:  # noqa: BLE001 - the test looks at it
+            return exc
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(one, range(len(requests))))
+
+
+def _count(svc, table=purchases):
+    with svc.db.read() as conn:
+        return conn.execute(select(func.count()).select_from(table)).scalar()
+
+
+def _balances(svc, card):
+    m = svc.get_member(P.GetMemberRequest(member=R.MemberRef(card=card)))
+    return m.active_points, m.pending_points
+
+
+@pytest.mark.postgres
+def test_one_batch_mixes_winners_a_loser_a_duplicate_a_conflict_and_an_unknown_card(gc):
+    enroll(gc, "7300001", points=250)
+    enroll(gc, "7300002")
+    batches_before = gc._batcher.batches
+    requests = [
+        _req("7300001", coffee("gc-1", redeem=100)),    # 0: ok
+        _req("7300001", coffee("gc-2", redeem=100)),    # 1: ok, sees 0's spend: 250 - 100 = 150 >= 100
+        _req("7300001", coffee("gc-3", redeem=100)),    # 2: 250 - 200 = 50 left < 100: FailedPrecondition
+        _req("7300002", coffee("gc-4", redeem=10)),     # 3: member with 0 points: FailedPrecondition
+        _req("7300001", coffee("gc-1", redeem=100)),    # 4: the same request as 0: replays it
+        _req("7300001", coffee("gc-1", redeem=50)),     # 5: 0's key, another payload: AlreadyExists
+        _req("7399999", coffee("gc-5")),                # 6: unknown card: NotFound
+        _req(None, coffee("gc-6")),                     # 7: anonymous: ok, no member
+    ]
+    r = _together(gc, requests)
+    assert gc._batcher.batches - batches_before == 1          # all eight in one transaction
+    assert not r[0].replayed and not r[1].replayed and not r[7].replayed
+    assert isinstance(r[2], FailedPrecondition) and r[2].details["available_points"] == 50
+    assert isinstance(r[3], FailedPrecondition) and r[3].details["available_points"] == 0
+    assert r[4].replayed and r[4].purchase_id == r[0].purchase_id and r[4].answer == r[0].answer
+    assert isinstance(r[5], AlreadyExists)
+    assert isinstance(r[6], NotFound)
+    # coffee 89900, 100 points = 10000 paid with points; earns floor((89900 - 10000) x 3% / 100) = 23 pending
+    assert r[0].answer.totals.redeemed_points == 100 and r[0].answer.totals.accrued_points == 23
+    assert _balances(gc, "7300001") == (250 - 2 * 100, 2 * 23)
+    assert _balances(gc, "7300002") == (0, 0)
+    assert _count(gc) == 3                                      # gc-1, gc-2, gc-6
+    assert ledger.check(gc) == []
+    # the loser, retried alone after the batch, still sees 50
+    with pytest.raises(FailedPrecondition) as e:
+        gc.confirm_purchase(requests[2])
+    assert e.value.details["available_points"] == 50
+
+
+@pytest.mark.postgres
+def test_confirms_of_one_member_in_one_batch_follow_each_other(gc):
+    enroll(gc, "7300010", points=300)
+    # four receipts of 60 points each on one card: 300 -> 240 -> 180 -> 120 -> 60; every one earns
+    # floor((89900 - 6000) x 3% / 100) = floor(25.17) = 25 pending
+    r = _together(gc, [_req("7300010", coffee(f"seq-{i}", redeem=60)) for i in range(4)])
+    assert all(not x.replayed for x in r)
+    assert len({x.purchase_id for x in r}) == 4
+    assert _balances(gc, "7300010") == (300 - 4 * 60, 4 * 25)
+    m = gc.get_member(P.GetMemberRequest(member=R.MemberRef(card="7300010")))
+    # the tier metric adds the payable of each: 4 x 89900 (points do not lower it)
+    assert m.purchases_sum == 4 * 89900
+    assert ledger.check(gc) == []
+
+
+@pytest.mark.postgres
+def test_fifty_confirms_spending_one_card_never_exceed_the_balance(pg_url, clock, monkeypatch):
+    db.upgrade(pg_url)
+    svc = _open(pg_url, clock, monkeypatch, batch=32, window_ms=5)
+    try:
+        svc.publish_program(admin_pb2.PublishProgramRequest(yaml=DEMO_PROGRAM, comment="tests"))
+        enroll(svc, "7300020", points=1000)
+        barrier = threading.Barrier(50)
+
+        def spend(i):
+            req = _req("7300020", coffee(f"fifty-{i}", redeem=100))
+            barrier.wait()
+            try:
+                return svc.confirm_purchase(req)
+            except FailedPrecondition as exc:
+                return exc
+
+        items_before = svc._batcher.items
+        with ThreadPoolExecutor(50) as pool:
+            results = list(pool.map(spend, range(50)))
+        assert svc._batcher.items - items_before == 50
+        won = [x for x in results if not isinstance(x, Exception)]
+        lost = [x for x in results if isinstance(x, FailedPrecondition)]
+        # 1000 points / 100 per receipt: exactly 10 winners; each earns 23 pending (see above)
+        assert (len(won), len(lost)) == (10, 40)
+        assert all(exc.details["available_points"] < 100 for exc in lost)
+        assert _balances(svc, "7300020") == (0, 10 * 23)
+        assert _count(svc) == 10
+        assert ledger.check(svc) == []
+    finally:
+        svc.close()
+
+
+@pytest.mark.postgres
+def test_a_connection_lost_before_commit_writes_nothing_and_is_unavailable(gc, pg_url):
+    import psycopg
+
+    enroll(gc, "7300030", points=500)
+    admin = psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
+    killed, calls = [], []
+    calculate = gc._calculate
+    requests = [_req("7300030", coffee(f"lost-{i}", redeem=100)) for i in range(3)] + \
+               [_req(None, coffee("lost-anon"))]
+
+    def calculate_then_kill(snap, receipt, member, conn=None):
+        answer = calculate(snap, receipt, member, conn)
+        calls.append(1)
+        # the batch's last calculation: the next thing it sends is the write round with its COMMIT
+        if len(calls) == len(requests) and conn is not None:
+            pid = conn.connection.driver_connection.info.backend_pid
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            killed.append(pid)
+        return answer
+
+    gc._calculate = calculate_then_kill
+    batches_before = gc._batcher.batches
+    try:
+        r = _together(gc, requests)
+    finally:
+        gc._calculate = calculate
+        admin.close()
+    assert len(killed) == 1 and gc._batcher.batches - batches_before == 1
+    assert all(isinstance(x, Unavailable) for x in r), r
+    assert _count(gc) == 0
+    assert _balances(gc, "7300030") == (500, 0)
+    assert ledger.check(gc) == []
+    # the clients' retries go through (a fresh connection): 500 - 3 x 100 = 200, 3 x 23 pending
+    again = _together(gc, requests)
+    assert all(not isinstance(x, Exception) and not x.replayed for x in again), again
+    assert _balances(gc, "7300030") == (200, 3 * 23)
+    assert ledger.check(gc) == []
+
+
+@pytest.mark.postgres
+def test_a_key_taken_by_another_process_meanwhile_is_replayed_and_the_rest_commit(gc, pg_url, clock, monkeypatch):
+    enroll(gc, "7300040", points=500)
+    monkeypatch.setenv("LOYALTY_CONFIRM_BATCH", "0")
+    other = ProcessingService.open(pg_url, clock=clock)      # another process: no batching
+    race = _req(None, coffee("race-1"))
+    first = []
+    calculate = gc._calculate
+
+    def other_confirms_first(snap, receipt, member, conn=None):
+        # after this batch checked its keys and before it writes: the other process confirms race-1
+        if not first and conn is not None:
+            first.append(other.confirm_purchase(race))
+        return calculate(snap, receipt, member, conn)
+
+    gc._calculate = other_confirms_first
+    try:
+        r = _together(gc, [race, _req("7300040", coffee("race-2", redeem=100))])
+    finally:
+        gc._calculate = calculate
+        other.close()
+    # the batch's insert of race-1 hit the unique key: rolled back, each confirm ran alone
+    assert r[0].replayed and r[0].purchase_id == first[0].purchase_id and r[0].answer == first[0].answer
+    assert not r[1].replayed and r[1].answer.totals.redeemed_points == 100
+    assert _balances(gc, "7300040") == (400, 23)
+    assert _count(gc) == 2
+    assert ledger.check(gc) == []
+
+
+@pytest.mark.postgres
+def test_the_future_api_answers_without_a_waiting_thread(gc):
+    """``confirm_purchase_future`` (for the asyncio edge): bad input raises at once, the rest completes the
+    future from the batch: a success, then its replay, then a loser with the available balance."""
+    from loyalty.server.errors import InvalidArgument
+
+    enroll(gc, "7300050", points=150)
+    with pytest.raises(InvalidArgument) as e:
+        gc.confirm_purchase_future(_req("7300050", R.Receipt(store="msk-01", terminal="pos-3", at="x")))
+    assert e.value.path == "receipt.number"
+    first = gc.confirm_purchase_future(_req("7300050", coffee("fut-1", redeem=100))).result(10)
+    assert not first.replayed and first.answer.totals.redeemed_points == 100
+    again = gc.confirm_purchase_future(_req("7300050", coffee("fut-1", redeem=100))).result(10)
+    assert again.replayed and again.purchase_id == first.purchase_id
+    loser = gc.confirm_purchase_future(_req("7300050", coffee("fut-2", redeem=100)))
+    with pytest.raises(FailedPrecondition) as e:
+        loser.result(10)
+    assert e.value.details["available_points"] == 150 - 100
+    assert _balances(gc, "7300050") == (50, 23)     # 23 pending: see the first test
+    assert ledger.check(gc) == []
+
+
+def test_sqlite_never_batches(sqlite_url, clock):
+    db.upgrade(sqlite_url)
+    svc = ProcessingService.open(sqlite_url, clock=clock)
+    try:
+        assert svc._batcher is None
+        assert svc.confirm_purchase_future(_req(None, coffee("lite-1"))) is None
+    finally:
+        svc.close()
