@@ -11,51 +11,19 @@ import signal
 
 import click
 
+from loyalty.cli.common import call, database_url_option, json_option, quiet_option, resolve_url
 from loyalty.cli.output import emit_json, emit_table, error_exit, progress
 
 __all__ = ["register"]
 
-_database_url = click.option("--database-url", envvar="LOYALTY_DATABASE_URL", metavar="URL",
-                             help="sqlite:///PATH or postgresql+psycopg://USER@HOST:PORT/DB "
-                                  "[default: SQLite in the data dir; env LOYALTY_DATABASE_URL]")
-_json = click.option("--json", "as_json", is_flag=True, help="Print JSON only (for scripts).")
-_quiet = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-
-
-def _url(database_url: str | None) -> str:
-    if database_url:
-        return database_url
-    from loyalty.server.db import default_url
-    return default_url()
-
-
-def _fail(exc: Exception):
-    from loyalty.server.errors import ServiceError
-    if isinstance(exc, ServiceError):
-        error_exit(exc.message if exc.code == "INVALID_ARGUMENT" else f"{exc.code}: {exc.message}",
-                   code=2 if exc.code == "INVALID_ARGUMENT" else 1)
-    if isinstance(exc, ValueError):
-        error_exit(str(exc), code=2)
-    if os.environ.get("LOYALTY_TRACEBACK"):
-        raise exc
-    error_exit(f"internal error: {type(exc).__name__}: {exc} (LOYALTY_TRACEBACK=1 shows where)", code=1)
-
-
-def _call(fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except SystemExit:
-        raise
-    except Exception as exc:  # noqa: BLE001 - one line, never a traceback
-        _fail(exc)
 
 
 def _service(database_url, *, upgrade: bool = True):
     from loyalty.server.scenarios.service import ScenarioService
-    url = _url(database_url)
+    url = resolve_url(database_url)
     if upgrade:
         from loyalty.server.db import upgrade as db_upgrade
-        _call(db_upgrade, url)
+        call(db_upgrade, url)
     return ScenarioService.open(url)
 
 
@@ -64,6 +32,8 @@ def _read(path: str) -> str:
         return pathlib.Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         error_exit(f"{path}: {exc.strerror or exc}")
+    except UnicodeDecodeError:
+        error_exit(f"{path}: not UTF-8 text")
 
 
 def _batch_line(b: dict) -> str:
@@ -75,14 +45,14 @@ def register(group: click.Group) -> None:
     # ---- worker --------------------------------------------------------------------------------------------
 
     @group.command(name="worker")
-    @_database_url
+    @database_url_option
     @click.option("--email", default=None, help="Email adapter: log, log:/path, smtp://host:port?from=addr, "
                                                 "http(s)://gateway [env LOYALTY_CHANNEL_EMAIL; default log]")
     @click.option("--sms", default=None, help="SMS adapter (as --email) [env LOYALTY_CHANNEL_SMS]")
     @click.option("--push", default=None, help="Push adapter (as --email) [env LOYALTY_CHANNEL_PUSH]")
     @click.option("--poll", default=0.5, show_default=True, help="Seconds to sleep when idle.")
     @click.option("--lease", default=60.0, show_default=True, help="Seconds a delivery in flight is held.")
-    @click.option("--batch-chunk", default=10_000, show_default=True, help="Members per batch transaction.")
+    @click.option("--batch-chunk", default=10_000, show_default=True, type=click.IntRange(min=1), help="Members per batch transaction.")
     @click.option("--once", is_flag=True, help="Work until idle, then exit.")
     @click.option("--no-upgrade", is_flag=True, help="Do not bring the schema to head first.")
     def worker_cmd(database_url, email, sms, push, poll, lease, batch_chunk, once, no_upgrade):
@@ -91,16 +61,16 @@ def register(group: click.Group) -> None:
         from loyalty.server.scenarios.outbox import Channels
         from loyalty.server.scenarios.worker import Worker
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        url = _url(database_url)
+        url = resolve_url(database_url)
         if not no_upgrade:
             from loyalty.server.db import upgrade as db_upgrade
-            _call(db_upgrade, url)
-        channels = _call(Channels, email=email or os.environ.get("LOYALTY_CHANNEL_EMAIL"),
+            call(db_upgrade, url)
+        channels = call(Channels, email=email or os.environ.get("LOYALTY_CHANNEL_EMAIL"),
                          sms=sms or os.environ.get("LOYALTY_CHANNEL_SMS"),
                          push=push or os.environ.get("LOYALTY_CHANNEL_PUSH"))
         worker = Worker(url, channels=channels, lease_s=lease, batch_chunk=batch_chunk, poll_s=poll)
         if once:
-            _call(worker.run_until_idle, 100_000)
+            call(worker.run_until_idle, 100_000)
         else:
             signal.signal(signal.SIGTERM, lambda *_: worker.stop_event.set())
             signal.signal(signal.SIGINT, lambda *_: worker.stop_event.set())
@@ -123,9 +93,10 @@ def register(group: click.Group) -> None:
             click.option("--members-file", default=None, type=click.Path(),
                          help="A file with one member id (id:N) or card number per line."),
             click.option("--all", "all_members", is_flag=True, help="Every member."),
-            click.option("--chunk", default=10_000, show_default=True, help="Members per transaction."),
+            click.option("--chunk", default=10_000, show_default=True, type=click.IntRange(min=1),
+                         help="Members per transaction."),
             click.option("--no-wait", is_flag=True, help="Only create the batch; workers process it."),
-            _database_url, _json, _quiet,
+            database_url_option, json_option, quiet_option,
         ]):
             fn = opt(fn)
         return fn
@@ -138,11 +109,11 @@ def register(group: click.Group) -> None:
         elif members_file:
             refs = [line.strip() for line in _read(members_file).splitlines() if line.strip()]
         svc = _service(database_url)
-        b = _call(svc.start_batch, batch_id, kind, points, reason=reason, expiry_days=expiry_days, segment=segment,
+        b = call(svc.start_batch, batch_id, kind, points, reason=reason, expiry_days=expiry_days, segment=segment,
                   members=refs, all_members=all_members)
         if not no_wait and b["state"] == "running":
             with progress(b["total"], f"batch {batch_id}", quiet=quiet or as_json) as bar:
-                b = _call(svc.run_batch, batch_id, chunk=chunk, on_progress=lambda p: bar.update(p["processed"]))
+                b = call(svc.run_batch, batch_id, chunk=chunk, on_progress=lambda p: bar.update(p["processed"]))
         svc.close()
         if as_json:
             emit_json(b)
@@ -168,11 +139,11 @@ def register(group: click.Group) -> None:
 
     @batch_group.command(name="status")
     @click.argument("batch_id")
-    @_database_url
-    @_json
+    @database_url_option
+    @json_option
     def status_cmd(batch_id, database_url, as_json):
         """The progress of a batch."""
-        b = _call(_service(database_url, upgrade=False).batch_progress, batch_id)
+        b = call(_service(database_url, upgrade=False).batch_progress, batch_id)
         emit_json(b) if as_json else click.echo(_batch_line(b))
 
     # ---- scenarios ------------------------------------------------------------------------------------------
@@ -183,18 +154,18 @@ def register(group: click.Group) -> None:
 
     @scenarios_group.command(name="define")
     @click.argument("file", type=click.Path())
-    @_database_url
-    @_json
+    @database_url_option
+    @json_option
     def define_cmd(file, database_url, as_json):
         """Create or update the scenario in FILE (YAML of one scenario)."""
-        d = _call(_service(database_url).define, _read(file), origin="cli", path="scenario")
+        d = call(_service(database_url).define, _read(file), origin="cli", path="scenario")
         emit_json(d) if as_json else click.echo(f"{d['id']}: version {d['version']}, {d['triggers']} triggers, "
                                                 f"{d['steps']} steps, {'enabled' if d['enabled'] else 'disabled'}")
 
     @scenarios_group.command(name="apply")
     @click.argument("program", type=click.Path())
-    @_database_url
-    @_json
+    @database_url_option
+    @json_option
     def apply_cmd(program, database_url, as_json):
         """Apply the top-level `scenarios:` of a PROGRAM file."""
         from loyalty.core import LoyaltyError, load_program
@@ -202,7 +173,7 @@ def register(group: click.Group) -> None:
             prog = load_program(program)
         except LoyaltyError as exc:
             error_exit(f"{exc.path}: {exc.reason}" if exc.path else exc.reason)
-        out = _call(_service(database_url).apply_program, prog.source)
+        out = call(_service(database_url).apply_program, prog.source)
         if as_json:
             emit_json(out)
         else:
@@ -211,10 +182,10 @@ def register(group: click.Group) -> None:
             click.echo(f"{out['disabled']} scenario(s) no longer in the program disabled")
 
     @scenarios_group.command(name="list")
-    @_database_url
-    @_json
+    @database_url_option
+    @json_option
     def list_cmd(database_url, as_json):
-        rows = _call(_service(database_url).list)
+        rows = call(_service(database_url).list)
         if as_json:
             emit_json([{k: v for k, v in r.items() if k != "definition"} for r in rows])
         else:
@@ -223,18 +194,18 @@ def register(group: click.Group) -> None:
     for name, flag in (("enable", True), ("disable", False)):
         @scenarios_group.command(name=name)
         @click.argument("scenario_id")
-        @_database_url
+        @database_url_option
         def toggle(scenario_id, database_url, _flag=flag):
-            d = _call(_service(database_url).set_enabled, scenario_id, _flag)
+            d = call(_service(database_url).set_enabled, scenario_id, _flag)
             click.echo(f"{d['id']}: {'enabled' if d['enabled'] else 'disabled'}")
 
     @scenarios_group.command(name="stats")
     @click.argument("scenario_id")
-    @_database_url
-    @_json
+    @database_url_option
+    @json_option
     def stats_cmd(scenario_id, database_url, as_json):
         """Per step: entered, yes, no, completed, failed, waiting."""
-        s = _call(_service(database_url).stats, scenario_id)
+        s = call(_service(database_url).stats, scenario_id)
         if as_json:
             emit_json(s)
             return
@@ -245,37 +216,37 @@ def register(group: click.Group) -> None:
     @click.argument("scenario_id")
     @click.option("--goal", default=None, help="An event kind, e.g. purchase_confirmed.")
     @click.option("--within", default=None, help="e.g. 30d")
-    @_database_url
-    @_json
+    @database_url_option
+    @json_option
     def funnel_cmd(scenario_id, goal, within, database_url, as_json):
-        f = _call(_service(database_url).funnel, scenario_id, goal=goal, within=within)
+        f = call(_service(database_url).funnel, scenario_id, goal=goal, within=within)
         emit_json(f) if as_json else emit_table(f["stages"], ["stage", "count", "share"], title=scenario_id)
 
     @scenarios_group.command(name="dead-letters")
     @click.option("--limit", default=100, show_default=True)
-    @_database_url
-    @_json
+    @database_url_option
+    @json_option
     def dead_cmd(limit, database_url, as_json):
-        rows = _call(_service(database_url).dead_letters, limit)
+        rows = call(_service(database_url).dead_letters, limit)
         emit_json(rows) if as_json else emit_table(
             rows, ["kind", "id", "scenario_id", "step", "member_id", "channel", "attempts", "error"])
 
     @scenarios_group.command(name="retry")
     @click.argument("kind", type=click.Choice(["message", "run"]))
     @click.argument("item_id", type=int)
-    @_database_url
+    @database_url_option
     def retry_cmd(kind, item_id, database_url):
         """Put a dead letter back to work."""
-        _call(_service(database_url).retry_dead_letter, kind, item_id)
+        call(_service(database_url).retry_dead_letter, kind, item_id)
         click.echo(f"{kind} {item_id} is due again")
 
     @scenarios_group.command(name="codes")
     @click.argument("pool")
     @click.argument("file", type=click.Path())
-    @_database_url
-    @_json
+    @database_url_option
+    @json_option
     def codes_cmd(pool, file, database_url, as_json):
         """Add the promo codes in FILE (one per line) to POOL."""
         codes = [line.strip() for line in _read(file).splitlines() if line.strip()]
-        out = _call(_service(database_url).add_promo_codes, pool, codes)
+        out = call(_service(database_url).add_promo_codes, pool, codes)
         emit_json(out) if as_json else click.echo(f"{pool}: {out['added']} added, {out['available']} available")

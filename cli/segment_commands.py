@@ -13,50 +13,20 @@ import sys
 
 import click
 
+from loyalty.cli.common import call, database_url_option, json_option, quiet_option, resolve_url
 from loyalty.cli.output import emit_json, emit_table, error_exit, progress
 
 __all__ = ["register"]
 
-_database_url = click.option("--database-url", envvar="LOYALTY_DATABASE_URL", metavar="URL",
-                             help="sqlite:///PATH or postgresql+psycopg://USER@HOST:PORT/DB "
-                                  "[default: SQLite in the data dir; env LOYALTY_DATABASE_URL]")
-_json = click.option("--json", "as_json", is_flag=True, help="Print JSON only (for scripts).")
-_quiet = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-
-
-def _url(database_url: str | None) -> str:
-    if database_url:
-        return database_url
-    from loyalty.server.db import default_url
-    return default_url()
-
 
 def _open(database_url, *, upgrade: bool = False):
     from loyalty.server.segments.service import SegmentService
-    url = _url(database_url)
+    url = resolve_url(database_url)
     if upgrade:
         from loyalty.server.db import upgrade as db_upgrade
         db_upgrade(url)
     return SegmentService.open(url)
 
-
-def _fail(exc: Exception):
-    from loyalty.server.errors import ServiceError
-    if isinstance(exc, ServiceError):
-        error_exit(exc.message if exc.code == "INVALID_ARGUMENT" else f"{exc.code}: {exc.message}",
-                   code=2 if exc.code == "INVALID_ARGUMENT" else 1)
-    if os.environ.get("LOYALTY_TRACEBACK"):
-        raise exc
-    error_exit(f"internal error: {type(exc).__name__}: {exc} (LOYALTY_TRACEBACK=1 shows where)", code=1)
-
-
-def _call(fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except SystemExit:
-        raise
-    except Exception as exc:  # noqa: BLE001 - one line, never a traceback
-        _fail(exc)
 
 
 def _load_conditions(text: str | None):
@@ -99,11 +69,11 @@ def register(group: click.Group) -> None:
         """Segments and audiences: define, calculate, preview, export, change by hand, tag."""
 
     @segments_group.command(name="list")
-    @_database_url
-    @_json
+    @database_url_option
+    @json_option
     def list_cmd(database_url, as_json):
         """Every segment and audience with its type and member count."""
-        rows = _call(lambda: _open(database_url).list())
+        rows = call(lambda: _open(database_url).list())
         if as_json:
             emit_json(rows)
             return
@@ -121,7 +91,7 @@ def register(group: click.Group) -> None:
             spec["schedule"] = schedule
         if title is not None:
             spec["title"] = title
-        seg = _call(lambda: _open(database_url, upgrade=True).define_segment(spec, path="", mode=mode,
+        seg = call(lambda: _open(database_url, upgrade=True).define_segment(spec, path="", mode=mode,
                                                                               origin="cli"))
         if as_json:
             emit_json(seg)
@@ -137,8 +107,8 @@ def register(group: click.Group) -> None:
             @click.option("--conditions", metavar="YAML|JSON|@FILE", help="The condition tree.")
             @click.option("--schedule", metavar="CRON", help='Updatable only, e.g. "0 3 * * *".')
             @click.option("--title")
-            @_database_url
-            @_json
+            @database_url_option
+            @json_option
             def cmd(sid, stype, conditions, schedule, title, database_url, as_json):
                 _define(mode, database_url, sid, stype, conditions, schedule, title, as_json)
             cmd.__doc__ = f"{mode.capitalize()} a segment."
@@ -147,8 +117,8 @@ def register(group: click.Group) -> None:
     @segments_group.command(name="apply")
     @click.argument("program_file", type=click.Path(dir_okay=False))
     @click.option("--no-recalc", is_flag=True, help="Define only; do not calculate.")
-    @_database_url
-    @_json
+    @database_url_option
+    @json_option
     def apply_cmd(program_file, no_recalc, database_url, as_json):
         """Define the segments: and audiences: of a program file (and calculate them)."""
         from loyalty.core import ProgramError, load_program
@@ -158,7 +128,7 @@ def register(group: click.Group) -> None:
             error_exit(f"{exc.path}: {exc.reason}" if exc.path else exc.reason)
         except OSError as exc:
             error_exit(f"{program_file}: {exc.strerror or exc}")
-        out = _call(lambda: _open(database_url, upgrade=True).apply_program(program.source,
+        out = call(lambda: _open(database_url, upgrade=True).apply_program(program.source,
                                                                              recalculate=not no_recalc))
         if as_json:
             emit_json(out)
@@ -171,20 +141,20 @@ def register(group: click.Group) -> None:
     @click.option("--include", multiple=True, required=True, metavar="SEGMENT")
     @click.option("--exclude", multiple=True, metavar="SEGMENT")
     @click.option("--title", default="")
-    @_database_url
-    @_json
+    @database_url_option
+    @json_option
     def audience_cmd(aid, include, exclude, title, database_url, as_json):
         """Define an audience: in ALL --include segments and NONE of the --exclude ones."""
-        out = _call(lambda: _open(database_url, upgrade=True).define_audience(
+        out = call(lambda: _open(database_url, upgrade=True).define_audience(
             {"id": aid, "title": title, "include": list(include), "exclude": list(exclude)}, path="", origin="cli"))
         emit_json(out) if as_json else click.echo(f"{aid}: audience defined")
 
     @segments_group.command(name="recalc")
     @click.argument("sid", metavar="ID", required=False)
     @click.option("--due", is_flag=True, help="Every updatable segment whose schedule is due.")
-    @_database_url
-    @_json
-    @_quiet
+    @database_url_option
+    @json_option
+    @quiet_option
     def recalc_cmd(sid, due, database_url, as_json, quiet):
         """Recalculate an updatable segment (or snapshot a dynamic one)."""
         if not sid and not due:
@@ -192,7 +162,7 @@ def register(group: click.Group) -> None:
         svc = _open(database_url)
         with progress(3, f"calculating {sid or 'due segments'}", quiet=quiet or as_json) as bar:
             report = lambda phase, done, total: bar.update(done)  # noqa: E731
-            runs = _call(svc.run_due, progress=report) if due else [_call(svc.recalculate, sid, source="cli",
+            runs = call(svc.run_due, progress=report) if due else [call(svc.recalculate, sid, source="cli",
                                                                           progress=report)]
         if as_json:
             emit_json(runs if due else runs[0])
@@ -202,11 +172,11 @@ def register(group: click.Group) -> None:
 
     @segments_group.command(name="count")
     @click.argument("sid", metavar="ID")
-    @_database_url
-    @_json
+    @database_url_option
+    @json_option
     def count_cmd(sid, database_url, as_json):
         """The live count of a segment, audience or external tag."""
-        n = _call(lambda: _open(database_url).count(sid))
+        n = call(lambda: _open(database_url).count(sid))
         emit_json({"id": sid, "count": n}) if as_json else click.echo(n)
 
     _columns = click.option("--columns", metavar="A,B,...", help="Columns: member_id, card, phone, first_name, "
@@ -217,12 +187,12 @@ def register(group: click.Group) -> None:
     @click.argument("sid", metavar="ID")
     @_columns
     @click.option("--limit", default=20, show_default=True)
-    @_database_url
-    @_json
+    @database_url_option
+    @json_option
     def preview_cmd(sid, columns, limit, database_url, as_json):
         """The first members with the chosen columns."""
         cols = columns.split(",") if columns else None
-        rows = _call(lambda: _open(database_url).preview(sid, cols, limit))
+        rows = call(lambda: _open(database_url).preview(sid, cols, limit))
         if as_json:
             emit_json(rows)
         else:
@@ -233,8 +203,8 @@ def register(group: click.Group) -> None:
     @click.argument("sid", metavar="ID")
     @_columns
     @click.option("--output", "-o", type=click.Path(dir_okay=False), help="File [default: stdout].")
-    @_database_url
-    @_quiet
+    @database_url_option
+    @quiet_option
     def export_cmd(sid, columns, output, database_url, quiet):
         """Every member as CSV."""
         cols = columns.split(",") if columns else None
@@ -242,7 +212,7 @@ def register(group: click.Group) -> None:
         stream = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
         try:
             with progress(None, f"exporting {sid}", quiet=quiet or not output) as bar:
-                n = _call(svc.export_csv, sid, stream, cols, progress=lambda phase, done, total: bar.update(done))
+                n = call(svc.export_csv, sid, stream, cols, progress=lambda phase, done, total: bar.update(done))
         finally:
             if output:
                 stream.close()
@@ -252,11 +222,11 @@ def register(group: click.Group) -> None:
     @segments_group.command(name="history")
     @click.argument("sid", metavar="ID")
     @click.option("--limit", default=50, show_default=True)
-    @_database_url
-    @_json
+    @database_url_option
+    @json_option
     def history_cmd(sid, limit, database_url, as_json):
         """Recalculation runs: when, source, count, added, removed, duration."""
-        runs = _call(lambda: _open(database_url).history(sid, limit))
+        runs = call(lambda: _open(database_url).history(sid, limit))
         if as_json:
             emit_json(runs)
         else:
@@ -266,11 +236,11 @@ def register(group: click.Group) -> None:
     @segments_group.command(name="changes")
     @click.argument("sid", metavar="ID")
     @click.option("--limit", default=100, show_default=True)
-    @_database_url
-    @_json
+    @database_url_option
+    @json_option
     def changes_cmd(sid, limit, database_url, as_json):
         """The manual-change log of a static segment."""
-        rows = _call(lambda: _open(database_url).changes(sid, limit))
+        rows = call(lambda: _open(database_url).changes(sid, limit))
         emit_json(rows) if as_json else emit_table(rows, ["at", "member_id", "action", "source", "actor"], title=sid)
 
     for action in ("add", "remove"):
@@ -279,12 +249,12 @@ def register(group: click.Group) -> None:
             @click.argument("sid", metavar="ID")
             @click.argument("refs", nargs=-1, required=True, metavar="CARD|+PHONE|id:N...")
             @click.option("--actor", default=lambda: os.environ.get("USER", ""))
-            @_database_url
-            @_json
+            @database_url_option
+            @json_option
             def cmd(sid, refs, actor, database_url, as_json):
                 svc = _open(database_url)
                 fn = svc.add_members if action == "add" else svc.remove_members
-                out = _call(fn, sid, list(refs), source="cli", actor=actor)
+                out = call(fn, sid, list(refs), source="cli", actor=actor)
                 if as_json:
                     emit_json(out)
                 else:
@@ -298,15 +268,15 @@ def register(group: click.Group) -> None:
     @click.argument("csv_file", type=click.Path(dir_okay=False))
     @click.option("--remove", is_flag=True, help="Remove the listed members instead of adding them.")
     @click.option("--actor", default=lambda: os.environ.get("USER", ""))
-    @_database_url
-    @_json
+    @database_url_option
+    @json_option
     def import_cmd(sid, csv_file, remove, actor, database_url, as_json):
         """Add (or --remove) the members of a CSV with a member_id, card or phone column."""
         try:
             text = pathlib.Path(csv_file).read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
             error_exit(f"{csv_file}: {getattr(exc, 'strerror', None) or exc}")
-        out = _call(lambda: _open(database_url).import_csv(sid, text, source="csv", actor=actor, remove=remove))
+        out = call(lambda: _open(database_url).import_csv(sid, text, source="csv", actor=actor, remove=remove))
         if as_json:
             emit_json(out)
         else:
@@ -319,11 +289,11 @@ def register(group: click.Group) -> None:
     @click.option("--external/--no-external", default=True, show_default=True,
                   help="Pass the tag to the loyalty side as an audience promotions can name.")
     @click.option("--replace", is_flag=True, help="Take the tag off members who are not in the segment.")
-    @_database_url
-    @_json
+    @database_url_option
+    @json_option
     def tag_cmd(sid, tag, external, replace, database_url, as_json):
         """Set a tag on the members of a segment or audience."""
-        out = _call(lambda: _open(database_url).set_tag(sid, tag, external=external, replace=replace))
+        out = call(lambda: _open(database_url).set_tag(sid, tag, external=external, replace=replace))
         if as_json:
             emit_json(out)
         else:
@@ -338,18 +308,18 @@ def register(group: click.Group) -> None:
     @click.option("--members", "members_n", default=10_000, show_default=True)
     @click.option("--purchases", "purchases_n", default=100_000, show_default=True)
     @click.option("--seed", default=1, show_default=True, help="Same seed, same population.")
-    @_database_url
-    @_json
-    @_quiet
+    @database_url_option
+    @json_option
+    @quiet_option
     def seed_cmd(members_n, purchases_n, seed, database_url, as_json, quiet):
         """Generate a believable population with set-based inserts."""
         if members_n < 1 or purchases_n < 0:
             error_exit("--members: at least 1; --purchases: at least 0")
         from loyalty.server.segments.demo_seed import seed_population
-        url = _url(database_url)
-        _call(lambda: __import__("loyalty.server.db", fromlist=["upgrade"]).upgrade(url))
+        url = resolve_url(database_url)
+        call(lambda: __import__("loyalty.server.db", fromlist=["upgrade"]).upgrade(url))
         with progress(7, "seeding", quiet=quiet or as_json) as bar:
-            out = _call(seed_population, url, members_n=members_n, purchases_n=purchases_n, seed=seed,
+            out = call(seed_population, url, members_n=members_n, purchases_n=purchases_n, seed=seed,
                         progress=lambda step, done, total: bar.update(done))
         if as_json:
             emit_json(out)

@@ -18,6 +18,7 @@ import time
 
 import click
 
+from loyalty.cli.common import fail
 from loyalty.cli.output import emit_json, emit_table, error_exit
 
 __all__ = ["register"]
@@ -43,20 +44,7 @@ def _resolve_url(database_url: str | None, data_dir: str | None = None) -> str:
     return default_url()
 
 
-def _fail(exc: Exception):
-    """One line for a failure of the library or of an RPC; never a traceback."""
-    from loyalty.clients.client import LoyaltyError
-    from loyalty.server.errors import ServiceError
-
-    if isinstance(exc, LoyaltyError):
-        if exc.code.name == "UNAVAILABLE" and not exc.reason:
-            error_exit(f"UNAVAILABLE: cannot reach the server ({exc.message})", code=1)
-        error_exit(exc.one_line(), code=2 if exc.code.name == "INVALID_ARGUMENT" else 1)
-    if isinstance(exc, ServiceError):
-        error_exit(f"{exc.code}: {exc.message}", code=2 if exc.code == "INVALID_ARGUMENT" else 1)
-    if os.environ.get("LOYALTY_TRACEBACK"):
-        raise exc
-    error_exit(f"internal error: {type(exc).__name__}: {exc} (LOYALTY_TRACEBACK=1 shows where)", code=1)
+_fail = fail
 
 
 class _Backend:
@@ -226,7 +214,7 @@ def register(group: click.Group) -> None:
 
     @jobs_group.command(name="run")
     @click.option("--once", is_flag=True, help="Run one pass and exit.")
-    @click.option("--interval", type=float, default=60.0, show_default=True, help="Seconds between passes.")
+    @click.option("--interval", type=click.FloatRange(min=0.1), default=60.0, show_default=True, help="Seconds between passes.")
     @_database_url
     @_data_dir
     @_json

@@ -197,9 +197,14 @@ class Database:
                 yield conn
 
     def _unavailable(self, exc: Exception) -> Unavailable:
-        # The client gets a plain sentence; the driver's text goes to the log only.
-        log.warning("storage unavailable: %s", exc)
-        reason = "storage is busy (lock timeout)" if "locked" in str(exc) else "storage is unavailable"
+        # The client gets a plain sentence; the driver's text goes to the log only, on one line (the
+        # statement and its parameters are left out).
+        text = str(getattr(exc, "orig", None) or exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "no such table" in text or ("relation" in text and "does not exist" in text):
+            log.error("storage schema is missing (%s): run `loyalty db upgrade`", text)
+            return Unavailable("the database schema is not at head: run `loyalty db upgrade`; nothing was written")
+        log.warning("storage unavailable: %s", text)
+        reason = "storage is busy (lock timeout)" if "locked" in text else "storage is unavailable"
         return Unavailable(f"{reason}; nothing was written, retry later")
 
     def ping(self) -> bool:

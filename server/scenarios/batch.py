@@ -219,6 +219,9 @@ def _sql(dialect: str, kind: str) -> list[str]:
 def process_chunk(database, now: dt.datetime, *, batch_id: str | None = None, chunk: int = CHUNK) -> dict | None:
     """Do the next chunk of ``batch_id`` (or of any running batch no other worker holds); returns its
     progress, or None when there was nothing to do."""
+    if chunk < 1:
+        raise InvalidArgument("chunk", f"must be at least 1 member per transaction, got {chunk}")
+
     def tx(conn):
         stmt = select(batches).where(batches.c.state == "running")
         if batch_id is not None:
