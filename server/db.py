@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import pathlib
+import threading
 import time
 
 import orjson
@@ -139,15 +140,13 @@ class Database:
         self.engine = create_sql_engine(url, pool_size=pool_size)
         self.dialect = self.engine.dialect.name
         self.is_sqlite = self.dialect == "sqlite"
+        self._sqlite_writer = threading.Lock()
 
     @contextlib.contextmanager
     def write(self):
         try:
-            with self.engine.connect() as conn:
-                if self.is_sqlite:
-                    conn.execution_options(sqlite_begin="IMMEDIATE")
-                with conn.begin():
-                    yield conn
+            with self._write_raw() as conn:
+                yield conn
         except (OperationalError, InterfaceError) as exc:
             raise self._unavailable(exc) from None
         except DBAPIError as exc:
@@ -190,11 +189,22 @@ class Database:
 
     @contextlib.contextmanager
     def _write_raw(self):
-        with self.engine.connect() as conn:
-            if self.is_sqlite:
-                conn.execution_options(sqlite_begin="IMMEDIATE")
-            with conn.begin():
+        if not self.is_sqlite:
+            with self.engine.connect() as conn, conn.begin():
                 yield conn
+            return
+        # SQLite has one writer. Threads of this process queue on a lock instead of polling SQLite's busy
+        # handler, whose growing sleeps let a thread starve past the timeout under contention; the busy
+        # timeout still arbitrates between processes.
+        if not self._sqlite_writer.acquire(timeout=SQLITE_BUSY_TIMEOUT_S):
+            raise OperationalError("BEGIN IMMEDIATE", None, Exception("database is locked (writer queue)"))
+        try:
+            with self.engine.connect() as conn:
+                conn.execution_options(sqlite_begin="IMMEDIATE")
+                with conn.begin():
+                    yield conn
+        finally:
+            self._sqlite_writer.release()
 
     def _unavailable(self, exc: Exception) -> Unavailable:
         # The client gets a plain sentence; the driver's text goes to the log only, on one line (the
