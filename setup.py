@@ -106,7 +106,7 @@ setup(
     },
     package_data={
         "loyalty.core": ["*.pxd", "*.pyi", "py.typed"],
-        "loyalty.server": ["migrations/*.py", "migrations/*.mako", "migrations/versions/*.py"],
+        "loyalty.server": ["*.pyi", "migrations/*.py", "migrations/*.mako", "migrations/versions/*.py"],
         "loyalty.server.demo": ["*.yaml", "*.json"],
         "loyalty.server.scenarios": ["examples/*.yaml"],
         "loyalty.v1": ["*.proto", "*.pyi"],

@@ -4,14 +4,24 @@ The names are the same on both sides, so this is copying, not translating: a pro
 ``receipt`` object of the calc JSON (proto3 defaults become absent keys, so the core applies its own
 defaults), and the core's answer dict becomes a ``ReceiptAnswer``. Paths in the core's ``InputError`` are
 therefore already the proto field paths the client sent.
+
+``CalculateReceipt`` skips the messages altogether: ``decode_calculate_request(raw) -> (card, phone,
+receipt)`` and ``encode_calculate_response(answer, program_version) -> bytes`` go between the wire bytes and
+the dicts directly. They are the compiled codec ``loyalty.server._wire`` unless ``LOYALTY_NO_EXTENSIONS=1``
+asks for the reference (or the extension is missing), as for the core: the reference is the same two steps
+through protobuf (``*_py`` below), and tests/test_wire.py holds the compiled one to it byte for byte.
 """
 from __future__ import annotations
 
 import datetime as dt
 
-from loyalty.v1 import receipt_pb2
+from google.protobuf.message import DecodeError
 
-__all__ = ["receipt_to_dict", "answer_to_proto", "iso"]
+from loyalty.core import NO_EXTENSIONS
+from loyalty.v1 import processing_pb2, receipt_pb2
+
+__all__ = ["receipt_to_dict", "answer_to_proto", "iso", "decode_calculate_request", "encode_calculate_response",
+           "WIRE_COMPILED"]
 
 
 def receipt_to_dict(receipt: receipt_pb2.Receipt) -> dict:
@@ -71,3 +81,33 @@ def iso(value: dt.datetime | dt.date | None) -> str:
     if value is None:
         return ""
     return value.isoformat()
+
+
+def decode_calculate_request_py(data: bytes) -> tuple[str, str, dict]:
+    """``(member.card, member.phone, receipt_to_dict(receipt))`` of a serialized ``CalculateReceiptRequest``;
+    ``ValueError`` when the bytes are not one."""
+    try:
+        request = processing_pb2.CalculateReceiptRequest.FromString(data)
+    except DecodeError as exc:
+        raise ValueError(f"not a valid loyalty.v1.CalculateReceiptRequest: {exc}") from None
+    return request.member.card, request.member.phone, receipt_to_dict(request.receipt)
+
+
+def encode_calculate_response_py(answer: dict, program_version: int) -> bytes:
+    """The serialized ``CalculateReceiptResponse`` of the core's answer dict."""
+    message = answer_to_proto(answer)
+    message.program_version = program_version
+    return processing_pb2.CalculateReceiptResponse(answer=message).SerializeToString()
+
+
+if NO_EXTENSIONS:
+    decode_calculate_request, encode_calculate_response = decode_calculate_request_py, encode_calculate_response_py
+    WIRE_COMPILED = False
+else:
+    try:
+        from ._wire import decode_calculate_request, encode_calculate_response
+        WIRE_COMPILED = True
+    except ImportError:  # pragma: no cover - a build without the extension
+        decode_calculate_request, encode_calculate_response = (decode_calculate_request_py,
+                                                               encode_calculate_response_py)
+        WIRE_COMPILED = False

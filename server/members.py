@@ -22,7 +22,8 @@ from .errors import InvalidArgument
 from .models import SOURCES, balances, cards, members, point_lots, promotion_usage, subscriptions
 
 __all__ = ["MemberContext", "ContextCache", "find_member", "load_usage", "tier_for",
-           "effective_tier", "period_key", "validate_ref", "normalize_phone", "validate_enroll", "CONTEXT_TTL"]
+           "effective_tier", "period_key", "validate_ref", "normalize_phone", "validate_enroll", "check_text",
+           "CONTEXT_TTL"]
 
 CONTEXT_TTL = 2.0
 _PHONE_RE = re.compile(r"^\+?\d{5,20}$")
@@ -56,6 +57,17 @@ class MemberContext:
 
 # ---- references and validation ------------------------------------------------------------------------------
 
+def check_text(path: str, value: str, limit: int | None = None) -> str:
+    """``value`` unchanged when storage can hold it: no NUL character (PostgreSQL text cannot contain one)
+    and, with ``limit``, at most that many characters (the column's length); else ``InvalidArgument``
+    naming ``path``. Every string the service stores or looks up passes through here before any write."""
+    if "\x00" in value:
+        raise InvalidArgument(path, "must not contain NUL characters")
+    if limit is not None and len(value) > limit:
+        raise InvalidArgument(path, f"at most {limit} characters")
+    return value
+
+
 def normalize_phone(phone: str) -> str:
     return re.sub(r"[\s\-()]", "", phone)
 
@@ -65,11 +77,9 @@ def validate_ref(ref, path: str = "member", *, required: bool = False) -> tuple[
     card = ref.card.strip() if ref is not None else ""
     phone = normalize_phone(ref.phone) if ref is not None else ""
     if card:
-        if len(card) > 64:
-            raise InvalidArgument(f"{path}.card", "at most 64 characters")
-        return ("card", card)
+        return ("card", check_text(f"{path}.card", card, 64))
     if phone:
-        if not _PHONE_RE.match(phone):
+        if not _PHONE_RE.fullmatch(phone):
             raise InvalidArgument(f"{path}.phone", f"expected a phone number such as +79001234567, got {ref.phone!r}")
         return ("phone", phone)
     if required:
@@ -82,10 +92,9 @@ def validate_enroll(request) -> dict:
     card = request.card.strip()
     if not card:
         raise InvalidArgument("card", "required")
-    if len(card) > 64:
-        raise InvalidArgument("card", "at most 64 characters")
+    check_text("card", card, 64)
     phone = normalize_phone(request.phone) if request.phone else None
-    if phone is not None and not _PHONE_RE.match(phone):
+    if phone is not None and not _PHONE_RE.fullmatch(phone):
         raise InvalidArgument("phone", f"expected a phone number such as +79001234567, got {request.phone!r}")
     source = request.source or "api"
     if source not in SOURCES:
@@ -103,13 +112,15 @@ def validate_enroll(request) -> dict:
         raise InvalidArgument("profile.email", f"not an email address: {p.email!r}")
     for name, value, limit in (("first_name", p.first_name, 100), ("last_name", p.last_name, 100),
                                ("city", p.city, 100), ("email", p.email, 254)):
-        if len(value) > limit:
-            raise InvalidArgument(f"profile.{name}", f"at most {limit} characters")
+        check_text(f"profile.{name}", value, limit)
+    for key, value in p.custom.items():
+        check_text(f"profile.custom[{key!r}]", key)
+        check_text(f"profile.custom[{key!r}]", value)
     for channel in request.subscriptions:
         if not channel or len(channel) > 32:
             raise InvalidArgument("subscriptions", f"a channel name must have 1 to 32 characters, got {channel!r}")
-    if len(request.request_id) > 100:
-        raise InvalidArgument("request_id", "at most 100 characters")
+        check_text(f"subscriptions[{channel!r}]", channel)
+    check_text("request_id", request.request_id, 100)
     return {"card": card, "phone": phone, "source": source, "first_name": p.first_name,
             "last_name": p.last_name, "gender": p.gender, "birth_date": birth_date, "email": p.email,
             "city": p.city, "custom": dict(p.custom), "enroll_request_id": request.request_id or None,

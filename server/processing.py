@@ -13,15 +13,19 @@ in the storage transactions.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, insert, select, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy import bindparam, case, func, insert, select, update
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from loyalty.core import InputError, ProgramError, load_program_text
 from loyalty.core.inputs import parse_at
@@ -33,13 +37,13 @@ from .convert import answer_to_proto, iso, receipt_to_dict
 from .db import Database, driver_errors, dumps, loads
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ServiceError
 from .members import (
-    CONTEXT_PG, USAGE_PG, ContextCache, MemberContext, effective_tier, find_member,
+    CONTEXT_PG, USAGE_PG, ContextCache, MemberContext, check_text, effective_tier, find_member,
     increment_usage, load_usage, member_view, next_tier, period_key, tier_for, tier_threshold,
     validate_enroll, validate_ref, validate_status,
 )
 from .models import (
-    balances, cards, events, members, operations, promotion_budgets, purchase_lines, purchases, refunds,
-    subscriptions,
+    balances, cards, events, ledger as ledger_entries, members, operations, program_versions, promotion_budgets,
+    promotion_usage, purchase_lines, purchases, refunds, subscriptions,
 )
 from .programs import ProgramRegistry, Snapshot
 from .segments.membership import AudienceIndex
@@ -56,8 +60,43 @@ def _utcnow() -> dt.datetime:
 
 
 def _hash(message) -> str:
-    """The canonical hash of a request: protobuf's deterministic encoding (map keys sorted)."""
-    return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
+    """The canonical hash of a request: protobuf's deterministic encoding (map keys sorted) of the fields this
+    server knows; unknown fields (a newer client's additions) are not part of the payload it checks."""
+    known = type(message)()
+    known.CopyFrom(message)
+    known.DiscardUnknownFields()
+    return hashlib.sha256(known.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _data_errors(method):
+    """Safety net behind the validation: a value storage refuses (``DataError``: too long for its column, a
+    character the database cannot hold) is the client's ``InvalidArgument``, never ``INTERNAL``; the
+    driver's text goes to the log only."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except DataError as exc:
+            log.warning("storage refused a value in %s: %s", method.__name__, exc)
+            raise InvalidArgument("", "a value does not fit the field it is stored in (too long, or a "
+                                      "character storage cannot hold)") from None
+    return wrapper
+
+
+def _check_receipt(receipt: dict, path: str = "receipt") -> None:
+    """Every string of a receipt (``convert.receipt_to_dict``'s shape) that the service stores or looks up
+    fits storage (``check_text``): store / terminal / number and skus at most 64 characters, ``at`` at most
+    40, and no NUL character anywhere."""
+    for name in ("store", "terminal", "number"):
+        check_text(f"{path}.{name}", receipt.get(name, ""), 64)
+    check_text(f"{path}.at", receipt.get("at", ""), 40)
+    check_text(f"{path}.channel", receipt.get("channel", ""))
+    for j, coupon in enumerate(receipt.get("coupons", ())):
+        check_text(f"{path}.coupons[{j}]", coupon)
+    for i, ln in enumerate(receipt.get("lines", ())):
+        check_text(f"{path}.lines[{i}].sku", ln.get("sku", ""), 64)
+        for j, category in enumerate(ln.get("categories", ())):
+            check_text(f"{path}.lines[{i}].categories[{j}]", category)
 
 
 class _Retry(Exception):
@@ -73,6 +112,7 @@ class _Returned:
     returned_points: int
     taken_back_points: int
     final: bool
+    refunded_amount: int    # money back: payable - returned_points x point_value
 
 
 @dataclass(slots=True)
@@ -285,6 +325,7 @@ class ProcessingService:
         self.clock = clock or _utcnow
         self.contexts = ContextCache()
         self._budget_cache: tuple[float, dict] | None = None
+        self._old_programs: dict = {}       # version -> Program of older versions (``_program_version``)
         # Group commit of ConfirmPurchase on PostgreSQL (``_confirm_batch``): ``group_commit`` is the largest
         # batch (0: off, every confirm in its own transaction); None reads $LOYALTY_CONFIRM_BATCH (default 32).
         # $LOYALTY_CONFIRM_BATCH_WINDOW_MS (default 1) is how long a batch waits to fill, and
@@ -293,6 +334,8 @@ class ProcessingService:
         if group_commit is None:
             group_commit = int(env("LOYALTY_CONFIRM_BATCH", "32") or 0)
         self._batcher = None
+        self._alone_executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._alone_lock = threading.Lock()
         if group_commit > 0 and database.dialect == "postgresql":
             self._batcher = Batcher(self._confirm_batch, max_batch=group_commit,
                                     window=float(env("LOYALTY_CONFIRM_BATCH_WINDOW_MS", "1") or 0) / 1000,
@@ -337,6 +380,7 @@ class ProcessingService:
     CALCULATE_LEASE = 0.1
     CALCULATE_STALE_MAX = 1.0
 
+    @_data_errors
     def calculate_answer(self, card: str, phone: str, receipt: dict, *, wait: bool = True) -> dict | None:
         """``calculate_receipt`` on plain values, for an edge that decodes the request bytes itself
         (``convert.decode_calculate_request``): ``card`` / ``phone`` of the ``MemberRef`` (both empty:
@@ -360,6 +404,7 @@ class ProcessingService:
                 return None       # this call renews the lease from a thread; the others go on with it
             _, _, snap, budgets = lease
         ref = validate_ref(self._MemberRef(card, phone))
+        _check_receipt(receipt)
         at = self._receipt_at(receipt)
         member = None
         if ref is not None:
@@ -387,31 +432,75 @@ class ProcessingService:
         again returns the stored answer with ``replayed=True``; another payload under that key is
         ``AlreadyExists``. When ``receipt.redeem_points`` is more than the member's active balance at the
         moment of writing: ``FailedPrecondition(available_points=N)`` and nothing is written."""
+        item = self._confirm_item(request)
+        outcome = _ALONE if self._batcher is None else self._batcher.submit(item)
+        if outcome is _ALONE:
+            outcome = self._confirm_alone(item)
+        return self._confirm_response(outcome)
+
+    def confirm_purchase_future(self, request) -> concurrent.futures.Future | None:
+        """``confirm_purchase`` without a thread waiting for it, for an asyncio edge
+        (``await asyncio.wrap_future(future)``): the request is validated now (``InvalidArgument`` raised
+        here), the future completes from the batch's thread with the response or the error. None when group
+        commit is off (SQLite, ``LOYALTY_CONFIRM_BATCH=0``): call ``confirm_purchase`` in a thread instead."""
+        if self._batcher is None:
+            return None
+        item = self._confirm_item(request)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def done(slot) -> None:
+            try:
+                if slot.error is not None:
+                    future.set_exception(slot.error)
+                elif slot.value is _ALONE:      # rare: a rolled-back batch; its own transaction, off this thread
+                    self._alone_pool().submit(self._confirm_alone_response, item, future)
+                else:
+                    future.set_result(self._confirm_response(slot.value))
+            except BaseException as exc:  # noqa: BLE001 - the waiter must hear of it
+                if not future.done():
+                    future.set_exception(exc)
+
+        self._batcher.submit_nowait(item, done)
+        return future
+
+    def _alone_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._alone_lock:
+            if self._alone_executor is None:
+                self._alone_executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="confirm-alone")
+            return self._alone_executor
+
+    def _confirm_alone_response(self, item, future: concurrent.futures.Future) -> None:
+        try:
+            future.set_result(self._confirm_response(self._confirm_alone(item)))
+        except BaseException as exc:  # noqa: BLE001 - the waiter must hear of it
+            future.set_exception(exc)
+
+    def _confirm_item(self, request) -> tuple:
+        """The validated request: ``(snap, receipt, ref, at, request_hash)``; ``InvalidArgument`` naming the field."""
         snap = self.programs.current()
         receipt = receipt_to_dict(request.receipt)
         for name in ("store", "terminal", "number"):
             if not receipt[name]:
                 raise InvalidArgument(f"receipt.{name}", "required to confirm: store, terminal and number "
                                                          "identify the purchase")
-            if len(receipt[name]) > 64:
-                raise InvalidArgument(f"receipt.{name}", "at most 64 characters")
+        _check_receipt(receipt)
         ref = validate_ref(request.member if request.HasField("member") else None)
         at = self._receipt_at(receipt)
-        request_hash = _hash(request)
-        outcome = _ALONE
-        if self._batcher is not None:
-            outcome = self._batcher.submit((snap, receipt, ref, at, request_hash))
-        if outcome is not _ALONE:
-            purchase_id, answer, replayed, member_id = outcome
-        else:
-            for attempt in range(2):
-                try:
-                    purchase_id, answer, replayed, member_id = self.db.run_write(
-                        self._confirm_tx, snap, receipt, ref, at, request_hash)
-                    break
-                except _Retry:
-                    if attempt:
-                        raise
+        return snap, receipt, ref, at, _hash(request)
+
+    @_data_errors
+    def _confirm_alone(self, item) -> tuple:
+        """One confirm in its own transaction: ``(purchase_id, answer, replayed, member_id)``."""
+        for attempt in range(2):
+            try:
+                return self.db.run_write(self._confirm_tx, *item)
+            except _Retry:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _confirm_response(self, outcome: tuple) -> processing_pb2.ConfirmPurchaseResponse:
+        purchase_id, answer, replayed, member_id = outcome
         if not replayed:
             self.contexts.invalidate(member_id)
         return processing_pb2.ConfirmPurchaseResponse(purchase_id=str(purchase_id),
@@ -599,7 +688,8 @@ class ProcessingService:
                                                      active=active, pending=pending, purchases_sum=purchases_sum)
             if usage is not None:
                 for member_id, promotion, key, uses in usage.fetchall():
-                    state[member_id].usage[promotion, key] = uses
+                    if member_id in state:
+                        state[member_id].usage[promotion, key] = uses
         for member_id, ctx in state.items():
             ctx.audiences = self._audiences(conn, member_id)
 
@@ -631,7 +721,10 @@ class ProcessingService:
                                         purchases_sum=live.purchases_sum, audiences=live.audiences,
                                         usage=live.usage)
                 member = ctx.as_core(snap.program, at) if ctx is not None else None
-                answer = self._calculate(snap, receipt, member, conn)
+                # the budgets as this batch's earlier confirms leave them (``spent`` only then: wrappers of
+                # ``_calculate`` in tests take the four arguments)
+                answer = (self._calculate(snap, receipt, member, conn, spent=budgets) if budgets
+                          else self._calculate(snap, receipt, member, conn))
                 now = self.clock()
                 fx = _effects(snap, receipt, ctx, answer, at, now)
             except ServiceError as exc:
@@ -721,17 +814,27 @@ class ProcessingService:
                 f"with a different payload")
         return purchase_id, answer, True, None
 
+    @_data_errors
     def refund_purchase(self, request) -> processing_pb2.RefundPurchaseResponse:
         """Return ``request.lines`` (line index and thousandths) or, with ``all_remaining``, everything not
-        yet returned. Idempotent by ``refund_id``. Unknown purchase: ``NotFound``; a cancelled purchase:
-        ``FailedPrecondition``; more than is left of a line: ``InvalidArgument("lines[i].quantity")``."""
-        refund_id = request.refund_id.strip()
+        yet returned. Idempotent by ``refund_id`` (concurrent calls with the same one: one refund is made,
+        the others replay it). Unknown purchase: ``NotFound``; a cancelled purchase: ``FailedPrecondition``;
+        more than is left of a line: ``InvalidArgument("lines[i].quantity")``.
+
+        Money and points: the returned part's payable comes back as whole written-off points (cumulatively
+        rounded down over the purchase's refunds; the final refund returns what is left) and money
+        (``refunded_amount``, which also carries the fraction of a point the written-off share does not make
+        whole), so that each refund's money + points x point_value is exactly what the customer paid for the
+        returned units. Accrued points are taken back for the returned part, but never the ones the
+        purchase's own lot lost to expiry. The final refund (nothing left afterwards) also gives back the
+        purchase's use of promotions limited per member and what it spent of discount budgets; a partial
+        refund leaves both as they are."""
+        refund_id = check_text("refund_id", request.refund_id.strip(), 100)
         if not refund_id:
             raise InvalidArgument("refund_id", "required: the idempotency key of this refund")
-        if len(refund_id) > 100:
-            raise InvalidArgument("refund_id", "at most 100 characters")
         if refund_id.startswith("cancel:"):
             raise InvalidArgument("refund_id", "the prefix 'cancel:' is reserved")
+        check_text("reason", request.reason)
         key = self._purchase_key(request.purchase, "purchase")
         if request.all_remaining and len(request.lines):
             raise InvalidArgument("lines", "give either lines or all_remaining, not both")
@@ -746,39 +849,60 @@ class ProcessingService:
             if rl.quantity <= 0:
                 raise InvalidArgument(f"lines[{i}].quantity", f"must be at least 1, got {rl.quantity}")
             wanted[rl.line] = rl.quantity
-        response, member_id = self.db.run_write(
+        response, member_id = self._write_replaying(
             self._refund_tx, refund_id, key, wanted, request.all_remaining, request.reason, _hash(request),
             False)
         self.contexts.invalidate(member_id)
         return processing_pb2.RefundPurchaseResponse(**response)
 
+    @_data_errors
     def cancel_purchase(self, request) -> processing_pb2.CancelPurchaseResponse:
-        """Reverse what is left of a confirmed purchase. Calling it again returns the stored answer with
-        ``replayed=True``."""
+        """Reverse what is left of a confirmed purchase, as a final refund does (promotion uses and discount
+        budgets come back too). Idempotent by the purchase: calling it again (or concurrently) returns the
+        stored answer with ``replayed=True``."""
         key = self._purchase_key(request.purchase, "purchase")
-        refund_id = "cancel:" + "/".join(key)
-        response, member_id = self.db.run_write(
-            self._refund_tx, refund_id, key, {}, True, request.reason, "", True)
+        check_text("reason", request.reason)
+        response, member_id = self._write_replaying(
+            self._refund_tx, None, key, {}, True, request.reason, "", True)
         self.contexts.invalidate(member_id)
         response.pop("refund_id")
         response.pop("final")
         return processing_pb2.CancelPurchaseResponse(**response)
 
-    def _refund_tx(self, conn, refund_id: str, key: tuple, wanted: dict, all_remaining: bool, reason: str,
+    def _write_replaying(self, fn, *args):
+        """``db.run_write(fn, ...)`` for a write idempotent by a unique key: when a concurrent call wrote the
+        key first (the unique violation of our insert), run once more to replay its stored answer."""
+        for attempt in range(2):
+            try:
+                return self.db.run_write(fn, *args)
+            except IntegrityError:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _refund_tx(self, conn, refund_id: str | None, key: tuple, wanted: dict, all_remaining: bool, reason: str,
                    request_hash: str, cancel: bool):
-        done = conn.execute(select(refunds.c.request_hash, refunds.c.response)
-                            .where(refunds.c.refund_id == refund_id)).first()
-        if done is not None:
-            if not cancel and done.request_hash != request_hash:
-                raise AlreadyExists(f"refund {refund_id} was already made with a different payload")
-            return dict(done.response, replayed=True), None
+        """One refund (``cancel``: the purchase's cancellation, keyed ``cancel:<purchase id>``). The
+        idempotency key is checked again once the purchase row is locked, so a concurrent call with the same
+        key waits for the first one and replays it."""
+        is_pg = conn.dialect.name == "postgresql"
+        if not cancel:
+            done = self._stored_refund(conn, refund_id, request_hash)
+            if done is not None:
+                return done, None
         stmt = select(purchases).where(purchases.c.store == key[0], purchases.c.terminal == key[1],
                                        purchases.c.number == key[2])
-        if conn.dialect.name == "postgresql":
+        if is_pg:
             stmt = stmt.with_for_update()
         purchase = conn.execute(stmt).first()
         if purchase is None:
             raise NotFound(f"purchase {'/'.join(key)} was not found")
+        if cancel:
+            refund_id = f"cancel:{purchase.id}"
+        if cancel or is_pg:       # (SQLite: the write lock was held since the first check)
+            done = self._stored_refund(conn, refund_id, request_hash if not cancel else None)
+            if done is not None:
+                return done, None
         if purchase.status == "cancelled":
             raise FailedPrecondition(f"purchase {'/'.join(key)} was cancelled")
         lines = conn.execute(select(purchase_lines).where(purchase_lines.c.purchase_id == purchase.id)
@@ -798,8 +922,18 @@ class ProcessingService:
                     raise InvalidArgument(f"lines[{i}].quantity", f"{qty} is more than the {left} left of "
                                                                   f"line {line}")
         ret = _work_out_return(purchase, lines, wanted)
-        now = self.clock()
         member_id = purchase.member_id
+        if ret.taken_back_points and member_id is not None:
+            # Never take back what the purchase's own lot lost to expiry: at most its accrual less the
+            # expiry entries of its lot less what earlier refunds took back.
+            expired = -int(conn.execute(
+                select(func.coalesce(func.sum(ledger_entries.c.points), 0))
+                .where(ledger_entries.c.member_id == member_id, ledger_entries.c.purchase_id == purchase.id,
+                       ledger_entries.c.kind == "expiry")).scalar())
+            allowed = max(purchase.accrued_points - expired - purchase.taken_back_points, 0)
+            if ret.taken_back_points > allowed:
+                ret = dataclasses.replace(ret, taken_back_points=allowed)
+        now = self.clock()
         if member_id is not None and (ret.returned_points or ret.taken_back_points or ret.payable):
             ctx = self._lock_balance(conn, member_id)
             active_delta = pending_delta = 0
@@ -831,6 +965,8 @@ class ProcessingService:
             balance = self._lock_balance(conn, member_id)
         else:
             balance = (0, 0)
+        if cancel or ret.final:
+            self._give_back_limits(conn, purchase)
         if ret.line_updates:
             conn.execute(update(purchase_lines).where(purchase_lines.c.purchase_id == purchase.id,
                                                       purchase_lines.c.line == bindparam("b_line")),
@@ -838,12 +974,12 @@ class ProcessingService:
         status = "cancelled" if cancel else ("refunded" if ret.final else "confirmed")
         conn.execute(update(purchases).where(purchases.c.id == purchase.id).values(
             refunded_payable=purchases.c.refunded_payable + ret.payable,
-            refunded_amount=purchases.c.refunded_amount + (ret.payable - ret.redeemed),
+            refunded_amount=purchases.c.refunded_amount + ret.refunded_amount,
             returned_points=purchases.c.returned_points + ret.returned_points,
             taken_back_points=purchases.c.taken_back_points + ret.taken_back_points,
             status=status))
         response = {"refund_id": refund_id, "purchase_id": str(purchase.id),
-                    "refunded_amount": ret.payable - ret.redeemed, "returned_points": ret.returned_points,
+                    "refunded_amount": ret.refunded_amount, "returned_points": ret.returned_points,
                     "taken_back_points": ret.taken_back_points, "final": ret.final,
                     "active_points": balance[0], "pending_points": balance[1], "replayed": False}
         conn.execute(insert(refunds).values(refund_id=refund_id, purchase_id=purchase.id, request_hash=request_hash,
@@ -854,6 +990,64 @@ class ProcessingService:
                     taken_back_points=ret.taken_back_points, final=ret.final or cancel,
                     lines={str(k): v for k, v in wanted.items()})
         return response, member_id
+
+    @staticmethod
+    def _stored_refund(conn, refund_id: str, request_hash: str | None) -> dict | None:
+        """The stored response under ``refund_id`` marked ``replayed`` (``AlreadyExists`` when
+        ``request_hash`` is given and differs), or None."""
+        done = conn.execute(select(refunds.c.request_hash, refunds.c.response)
+                            .where(refunds.c.refund_id == refund_id)).first()
+        if done is None:
+            return None
+        if request_hash is not None and done.request_hash != request_hash:
+            raise AlreadyExists(f"refund {refund_id} was already made with a different payload")
+        return dict(done.response, replayed=True)
+
+    def _give_back_limits(self, conn, purchase) -> None:
+        """A cancelled or finally refunded purchase no longer counts: one use less of each promotion limited
+        per member that it applied (in the period of its receipt), and its discounts back into the discount
+        budgets of the promotions that gave them. The limits are those of the program version the purchase
+        was confirmed with."""
+        program = self._program_version(conn, purchase.program_version)
+        answer = purchase.answer or {}
+        applied = set(answer.get("promotions", ()))
+        if purchase.member_id is not None:
+            limited = [p for p in program.promotions if p.id in applied and p.limits.uses_per_member is not None]
+            if limited:
+                at = parse_at(purchase.receipt_at, "receipt.at")
+                u = promotion_usage.c
+                for p in limited:
+                    conn.execute(update(promotion_usage)
+                                 .where(u.member_id == purchase.member_id, u.promotion == p.id,
+                                        u.period_key == period_key(p.limits.period, at), u.uses > 0)
+                                 .values(uses=u.uses - 1))
+        given = {}
+        budgeted = {p.id for p in program.promotions if p.id in applied and p.limits.discount_budget is not None}
+        for ln in answer.get("lines", ()):
+            for d in ln.get("discounts", ()):
+                if d["promotion"] in budgeted:
+                    given[d["promotion"]] = given.get(d["promotion"], 0) + d["amount"]
+        b = promotion_budgets.c
+        for promotion in sorted(given):         # the budget rows' lock order (see ``_budgets``)
+            if given[promotion]:
+                conn.execute(update(promotion_budgets).where(b.promotion == promotion)
+                             .values(spent=case((b.spent > given[promotion], b.spent - given[promotion]), else_=0)))
+        self._budget_cache = None
+
+    def _program_version(self, conn, version: int):
+        """The ``Program`` of a published version (the current one from memory, older ones parsed once)."""
+        snap = self.programs.current()
+        if snap.version == version:
+            return snap.program
+        program = self._old_programs.get(version)
+        if program is None:
+            yaml_text = conn.execute(select(program_versions.c.yaml)
+                                     .where(program_versions.c.version == version)).scalar_one()
+            program = load_program_text(yaml_text)
+            if len(self._old_programs) >= 16:
+                self._old_programs.clear()
+            self._old_programs[version] = program
+        return program
 
     def _lock_balance(self, conn, member_id: int) -> tuple[int, int]:
         stmt = select(balances.c.active, balances.c.pending).where(balances.c.member_id == member_id)
@@ -869,23 +1063,27 @@ class ProcessingService:
             return None
         return dt.timedelta(days=days) if days else None
 
+    @_data_errors
     def get_member(self, request) -> processing_pb2.Member:
         """The member by ``request.member.card`` or ``.phone``: status, tier, balances, next expiry,
         progress, subscriptions, profile. ``NotFound`` when unknown."""
         ref = validate_ref(request.member if request.HasField("member") else None, required=True)
         return self._member_message(ref)
 
+    @_data_errors
     def enroll_member(self, request) -> processing_pb2.Member:
         """Register a member with a new card (required) and phone (optional); both unique
-        (``AlreadyExists``). ``source`` defaults to ``api``. With ``request_id`` a retry returns the same
-        member. Emits ``member_registered``."""
+        (``AlreadyExists``). ``source`` defaults to ``api``. With ``request_id`` a retry (also a concurrent
+        one) returns the same member. Emits ``member_registered``."""
         values = validate_enroll(request)
         try:
             lowest = self.programs.current().program.tiers.levels[0].name
         except FailedPrecondition:
             lowest = ""
         try:
-            self.db.run_write(self._enroll_tx, values, lowest)
+            # A concurrent enrollment of the same card / phone / request_id that committed first fails our
+            # insert: the second run sees it (the same request_id: that member; else AlreadyExists).
+            self._write_replaying(self._enroll_tx, values, lowest)
         except IntegrityError:
             raise AlreadyExists("the card or the phone is already registered") from None
         return self._member_message(("card", values["card"]))
@@ -918,10 +1116,12 @@ class ProcessingService:
         self._event(conn, "member_registered", member_id, now, key=f"member_registered:{member_id}",
                     card=v["card"], source=v["source"])
 
+    @_data_errors
     def adjust_points(self, request) -> processing_pb2.AdjustPointsResponse:
         """``credit`` / ``top_up`` give ``points`` as an active lot (expiring after ``expiry_days`` or the
         program's), ``debit`` takes them (never below zero: ``FailedPrecondition(available_points=N)``).
-        Idempotent by ``operation_id`` (required)."""
+        Idempotent by ``operation_id`` (required; concurrent calls with the same one: one operation is made,
+        the others replay it)."""
         ref = validate_ref(request.member if request.HasField("member") else None, required=True)
         if request.kind not in ("credit", "debit", "top_up"):
             raise InvalidArgument("kind", f"expected credit, debit or top_up, got {request.kind!r}")
@@ -929,11 +1129,10 @@ class ProcessingService:
             raise InvalidArgument("points", f"must be at least 1, got {request.points}")
         if request.points > 10**12:
             raise InvalidArgument("points", f"must be at most {10**12}, got {request.points}")
-        operation_id = request.operation_id.strip()
+        operation_id = check_text("operation_id", request.operation_id.strip(), 100)
         if not operation_id:
             raise InvalidArgument("operation_id", "required: the idempotency key of this operation")
-        if len(operation_id) > 100:
-            raise InvalidArgument("operation_id", "at most 100 characters")
+        check_text("reason", request.reason)
         expiry_days = None
         if request.HasField("expiry_days"):
             if request.kind == "debit":
@@ -946,21 +1145,31 @@ class ProcessingService:
                 expiry_days = self.programs.current().program.expiry_days
             except FailedPrecondition:
                 expiry_days = None
-        response, member_id = self.db.run_write(self._adjust_tx, ref, request, operation_id, expiry_days,
-                                                _hash(request))
+        response, member_id = self._write_replaying(self._adjust_tx, ref, request, operation_id, expiry_days,
+                                                    _hash(request))
         self.contexts.invalidate(member_id)
         return processing_pb2.AdjustPointsResponse(**response)
 
     def _adjust_tx(self, conn, ref, request, operation_id: str, expiry_days: int | None, request_hash: str):
-        done = conn.execute(select(operations.c.request_hash, operations.c.response)
-                            .where(operations.c.operation_id == operation_id)).first()
-        if done is not None:
-            if done.request_hash != request_hash:
+        def stored():
+            done = conn.execute(select(operations.c.request_hash, operations.c.response)
+                                .where(operations.c.operation_id == operation_id)).first()
+            if done is not None and done.request_hash != request_hash:
                 raise AlreadyExists(f"operation {operation_id} was already made with a different payload")
-            return dict(done.response, replayed=True), None
+            return None if done is None else dict(done.response, replayed=True)
+
+        done = stored()
+        if done is not None:
+            return done, None
         ctx = find_member(conn, ref, lock=True)
         if ctx is None:
             raise NotFound(f"member {ref[1]} was not found")
+        if conn.dialect.name == "postgresql":
+            # Checked again under the member's lock: a concurrent call with this key that held it has
+            # committed by now (SQLite held the write lock since the first check).
+            done = stored()
+            if done is not None:
+                return done, None
         now = self.clock()
         points, kind = request.points, request.kind
         if kind == "debit":
@@ -993,13 +1202,15 @@ class ProcessingService:
                                                response=response, created_at=now))
         return response, ctx.member_id
 
+    @_data_errors
     def set_card_status(self, request) -> processing_pb2.Member:
         """Change a card's status. Leaving ``active`` switches every subscription off and remembers which
         were on; returning to ``active`` restores exactly those. Emits ``card_status_changed``."""
-        card = request.card.strip()
+        card = check_text("card", request.card.strip(), 64)
         if not card:
             raise InvalidArgument("card", "required")
         status = validate_status(request.status)
+        check_text("reason", request.reason)
         member_id = self.db.run_write(self._status_tx, card, status, request.reason)
         self.contexts.invalidate(member_id)
         return self._member_message(("card", card))
@@ -1034,6 +1245,8 @@ class ProcessingService:
         ``promotions[3].effect``), store it as the next immutable version and switch every process to it.
         The file's ``segments:`` and ``audiences:`` are defined (and calculated) first, so a promotion of the
         new version never names an audience that does not exist yet; a bad segment publishes nothing."""
+        check_text("yaml", request.yaml)
+        check_text("comment", request.comment)
         try:
             source = load_program_text(request.yaml).source if request.yaml.strip() else None
         except ProgramError:
@@ -1080,6 +1293,8 @@ class ProcessingService:
         """Stop the program listener and dispose of the connection pool."""
         if self._batcher is not None:
             self._batcher.close()
+        if self._alone_executor is not None:
+            self._alone_executor.shutdown(wait=True)
         self.programs.close()
         self.audience_index.close()
         self.db.dispose()
@@ -1100,30 +1315,44 @@ class ProcessingService:
         ctx.audiences = self._audiences(conn, ctx.member_id)
         return ctx
 
-    def _calculate(self, snap: Snapshot, receipt: dict, member: dict | None, conn=None) -> dict:
+    def _calculate(self, snap: Snapshot, receipt: dict, member: dict | None, conn=None, *,
+                   spent: dict | None = None) -> dict:
         try:
-            answer = snap.engine.calculate(receipt, member, self._budgets(snap, conn))
+            answer = snap.engine.calculate(receipt, member, self._budgets(snap, conn, spent))
         except InputError as exc:
             raise InvalidArgument(exc.path, exc.reason) from None
         answer["program_version"] = snap.version
         return answer
 
-    def _budgets(self, snap: Snapshot, conn=None) -> dict | None:
-        """What budgeted promotions have spent, read at most once a second per process (inside a write
-        transaction, on its own connection, so a confirm never needs a second one)."""
-        if not any(p.limits.discount_budget is not None or p.limits.points_budget is not None
-                   for p in snap.program.promotions):
+    def _budgets(self, snap: Snapshot, conn=None, spent: dict | None = None) -> dict | None:
+        """What budgeted promotions have spent.
+
+        Without ``conn`` (CalculateReceipt, no side effects): read at most once a second per process.
+        With ``conn`` (a confirm's write transaction): read now, never from the cache, the program's budget
+        rows locked (PostgreSQL ``FOR UPDATE``, in promotion id order, always after the member's lock;
+        SQLite's write lock already serialises) until the COMMIT that adds this receipt's spend, so no two
+        confirms decide on the same figure and a budget ends at most one receipt's spend past its limit.
+        ``spent`` adds what earlier confirms of the same transaction (a group-commit batch) spend but have
+        not written yet."""
+        ids = [p.id for p in snap.program.promotions
+               if p.limits.discount_budget is not None or p.limits.points_budget is not None]
+        if not ids:
             return None
-        cached = self._budget_cache
-        if cached is not None and cached[0] > time.monotonic():
-            return cached[1]
-        query = select(promotion_budgets.c.promotion, promotion_budgets.c.spent)
-        if conn is not None:
-            used = dict(conn.execute(query).all())
-        else:
+        if conn is None:
+            cached = self._budget_cache
+            if cached is not None and cached[0] > time.monotonic():
+                return cached[1]
             with self.db.read() as read:
-                used = dict(read.execute(query).all())
-        self._budget_cache = (time.monotonic() + 1.0, used)
+                used = dict(read.execute(select(promotion_budgets.c.promotion, promotion_budgets.c.spent)).all())
+            self._budget_cache = (time.monotonic() + 1.0, used)
+            return used
+        stmt = (select(promotion_budgets.c.promotion, promotion_budgets.c.spent)
+                .where(promotion_budgets.c.promotion.in_(ids)).order_by(promotion_budgets.c.promotion))
+        if conn.dialect.name == "postgresql":
+            stmt = stmt.with_for_update()
+        used = dict(conn.execute(stmt).all())
+        for promotion, amount in (spent or {}).items():
+            used[promotion] = used.get(promotion, 0) + amount
         return used
 
     @staticmethod
@@ -1140,6 +1369,7 @@ class ProcessingService:
         for name in ("store", "terminal", "number"):
             if not getattr(key, name):
                 raise InvalidArgument(f"{path}.{name}", "required")
+            check_text(f"{path}.{name}", getattr(key, name), 64)
         return key.store, key.terminal, key.number
 
     def _member_message(self, ref) -> processing_pb2.Member:
@@ -1213,14 +1443,22 @@ def _work_out_return(purchase, lines, wanted: dict) -> _Returned:
             cum_redeemed_all += ln.refunded_redeemed
     # Written-off points come back at the receipt level: a line's share of the write-off is in minor units and
     # need not be whole points. Cumulatively rounded down; the final return gives back exactly what is left.
-    if final:
-        returned = purchase.redeemed_points - purchase.returned_points
-    elif purchase.redeemed_points:
+    # The money returned is the rest of the returned part's payable, so money + points x point_value is
+    # exactly what the customer paid for it: the fraction of a point not made whole is money; a later refund
+    # that completes that point gives the point and correspondingly less money.
+    returned, money = 0, payable - redeemed
+    if purchase.redeemed_points:
         point_value = purchase.redeemed_amount // purchase.redeemed_points
-        returned = max(0, cum_redeemed_all // point_value - purchase.returned_points)
-    else:
-        returned = 0
-    return _Returned(updates, payable, redeemed, returned, taken_back, final)
+        if final:
+            returned = purchase.redeemed_points - purchase.returned_points
+        else:
+            returned = max(0, cum_redeemed_all // point_value - purchase.returned_points)
+        money = payable - returned * point_value
+        if money < 0:           # rare: the returned part was paid (almost) wholly with points
+            short = -(money // point_value)         # ceil(-money / point_value) points become money
+            returned -= short
+            money += short * point_value
+    return _Returned(updates, payable, redeemed, returned, taken_back, final, money)
 
 
 def _version_message(row: dict) -> admin_pb2.ProgramVersion:

@@ -81,35 +81,37 @@ def test_full_flow_confirm_activate_spend_refund_cancel(service, clock):
     assert (second.answer.totals.redeemed_points, second.answer.totals.accrued_points) == (100, 23)
     assert balances_of(service, "7100001") == (631, 23)
 
-    # Return the cheese (line 1): money back 45000 - 8978 = 36022; written-off points floor(8978/100) = 89
-    # come back; its 11 accrued points are taken back (purchase 1's lot is active now): 631 - 11 + 89 = 709.
+    # Return the cheese (line 1, payable 45000 of which 8978 paid with points): written-off points
+    # floor(8978/100) = 89 come back, the rest is money: 45000 - 89 x 100 = 36100 (36022 paid in money + the
+    # 78 of a point not made whole); its 11 accrued points are taken back (purchase 1's lot is active now):
+    # 631 - 11 + 89 = 709.
     r1 = service.refund_purchase(P.RefundPurchaseRequest(refund_id="ret-1", purchase=KEY,
                                                          lines=[P.RefundLine(line=1, quantity=1000)]))
-    assert (r1.refunded_amount, r1.returned_points, r1.taken_back_points, r1.final) == (36022, 89, 11, False)
+    assert (r1.refunded_amount, r1.returned_points, r1.taken_back_points, r1.final) == (36100, 89, 11, False)
     assert (r1.active_points, r1.pending_points) == (709, 23)
 
     # One of two milks: payable floor(17980/2) = 8990, redeemed floor(3587/2) = 1793, points floor(4/2) = 2;
-    # money 8990 - 1793 = 7197; points back: floor((8978 + 1793) / 100) = 107, minus 89 given = 18.
+    # points back: floor((8978 + 1793) / 100) = 107, minus 89 given = 18; money 8990 - 18 x 100 = 7190.
     # 709 - 2 + 18 = 725.
     r2 = service.refund_purchase(P.RefundPurchaseRequest(refund_id="ret-2", purchase=KEY,
                                                          lines=[P.RefundLine(line=0, quantity=1000)]))
-    assert (r2.refunded_amount, r2.returned_points, r2.taken_back_points) == (7197, 18, 2)
+    assert (r2.refunded_amount, r2.returned_points, r2.taken_back_points) == (7190, 18, 2)
     assert (r2.active_points, r2.pending_points) == (725, 23)
     replay = service.refund_purchase(P.RefundPurchaseRequest(refund_id="ret-2", purchase=KEY,
                                                              lines=[P.RefundLine(line=0, quantity=1000)]))
-    assert replay.replayed and replay.refunded_amount == 7197
+    assert replay.replayed and replay.refunded_amount == 7190
     with pytest.raises(AlreadyExists):
         service.refund_purchase(P.RefundPurchaseRequest(refund_id="ret-2", purchase=KEY, all_remaining=True))
 
-    # Cancel reverses exactly what is left: milk 8990 - (3587 - 1793) and coffee 89900 - 17935:
-    # money 98890 - 19729 = 79161; points back 305 - 89 - 18 = 198; taken back (4 - 2) + 21 = 23.
+    # Cancel reverses exactly what is left: payable of milk 8990 and coffee 89900 = 98890; points back
+    # 305 - 89 - 18 = 198; money 98890 - 198 x 100 = 79090; taken back (4 - 2) + 21 = 23.
     # 725 - 23 + 198 = 900 = 1000 - the 100 of purchase 2; pending 23 is purchase 2's accrual.
     c = service.cancel_purchase(P.CancelPurchaseRequest(purchase=KEY, reason="customer"))
-    assert (c.refunded_amount, c.returned_points, c.taken_back_points, c.replayed) == (79161, 198, 23, False)
+    assert (c.refunded_amount, c.returned_points, c.taken_back_points, c.replayed) == (79090, 198, 23, False)
     assert (c.active_points, c.pending_points) == (900, 23)
-    assert 36022 + 7197 + 79161 == 152880 - 30500                 # all the money paid, nothing lost to rounding
+    assert 36100 + 7190 + 79090 == 152880 - 30500                 # all the money paid, nothing lost to rounding
     c2 = service.cancel_purchase(P.CancelPurchaseRequest(purchase=KEY))
-    assert c2.replayed and c2.refunded_amount == 79161
+    assert c2.replayed and c2.refunded_amount == 79090
     with pytest.raises(FailedPrecondition):
         service.refund_purchase(P.RefundPurchaseRequest(refund_id="ret-3", purchase=KEY, all_remaining=True))
 

@@ -1,0 +1,16 @@
+"""Typing stub of the compiled CalculateReceipt wire codec (``_wire.pyx``); the protobuf-based reference with
+the same API is ``loyalty.server.convert.decode_calculate_request_py`` / ``encode_calculate_response_py``."""
+from typing import Any, Mapping
+
+__all__ = ["decode_calculate_request", "encode_calculate_response"]
+
+def decode_calculate_request(data: bytes) -> tuple[str, str, dict[str, Any]]:
+    """``(member.card, member.phone, receipt)`` of a serialized ``loyalty.v1.CalculateReceiptRequest``, the
+    receipt exactly as ``convert.receipt_to_dict`` makes it. ``ValueError`` when the bytes are not one
+    (protobuf would raise ``DecodeError``)."""
+    ...
+
+def encode_calculate_response(answer: Mapping[str, Any], program_version: int) -> bytes:
+    """The serialized ``loyalty.v1.CalculateReceiptResponse`` of the core's answer dict (docs/ENGINE.md
+    "Answer"), byte for byte what ``convert.answer_to_proto`` + ``SerializeToString`` give."""
+    ...
