@@ -36,6 +36,8 @@ def _read_calc_file(path: str) -> dict:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         error_exit(f"{p}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")
+    except RecursionError:
+        error_exit(f"{p}: JSON nested too deeply")
     if not isinstance(data, dict):
         error_exit(f"{p}: expected a JSON object with \"receipt\" and optional \"member\", \"budgets_used\"")
     for key in data:

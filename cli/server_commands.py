@@ -124,7 +124,7 @@ def serve_command(host, port, data_dir, database_url, redis_url, workers, demo, 
     try:
         rc = serve(config, announce=click.echo, log_level=log_level)
     except OSError as exc:
-        error_exit(f"cannot listen on {host}:{port}: {exc.strerror or exc}", code=1)
+        error_exit(f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another server there?)", code=1)
     except ServiceError as exc:
         _fail(exc)
     sys.exit(rc)

@@ -72,7 +72,34 @@ def _construct_checked_mapping(loader, node, deep=False):
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
 
+MAX_EXPANDED_NODES = 100_000   # aliases may share nodes, but not blow a small file up ("billion laughs")
+
+
+def _node_size(node, sizes: dict) -> int:
+    key = id(node)
+    if key not in sizes:
+        sizes[key] = 1       # a recursive node counts once
+        if isinstance(node, yaml.SequenceNode):
+            sizes[key] = 1 + sum(_node_size(n, sizes) for n in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            sizes[key] = 1 + sum(_node_size(k, sizes) + _node_size(v, sizes) for k, v in node.value)
+    return sizes[key]
+
+
+def _compose_bounded(loader, parent, index):
+    if loader.check_event(yaml.AliasEvent):
+        event = loader.peek_event()
+        node = loader.anchors.get(event.anchor)
+        if node is not None:
+            loader._expanded = getattr(loader, "_expanded", 0) + _node_size(node, loader.__dict__.setdefault("_sizes", {}))
+            if loader._expanded > MAX_EXPANDED_NODES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"aliases expand to more than {MAX_EXPANDED_NODES} nodes", event.start_mark)
+    return yaml.SafeLoader.compose_node(loader, parent, index)
+
+
 _ExactLoader.add_constructor("tag:yaml.org,2002:float", _construct_exact_float)
+_ExactLoader.compose_node = _compose_bounded
 _ExactLoader.construct_mapping = _construct_checked_mapping
 
 
@@ -114,6 +141,9 @@ def load_program_text(text: str, source_name: str = "<program>") -> Program:
         raise ProgramError(source_name, f"YAML syntax error at {where}{problem}") from None
     except yaml.YAMLError as exc:
         raise ProgramError(source_name, f"YAML syntax error: {exc}") from None
+    except (ValueError, RecursionError) as exc:   # e.g. a date that does not exist: 2026-02-30
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ProgramError(source_name, f"invalid value in the YAML: {reason}") from None
     if data is None:
         raise ProgramError(source_name, "the program file is empty")
     if not isinstance(data, dict):

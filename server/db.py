@@ -19,10 +19,11 @@ import time
 import orjson
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import (ArgumentError, DBAPIError, DisconnectionError, InterfaceError, NoSuchModuleError,
+                            OperationalError)
 from sqlalchemy.pool import NullPool
 
-from .errors import Unavailable
+from .errors import InvalidArgument, Unavailable
 
 __all__ = ["Database", "upgrade", "default_url", "alembic_config", "MIGRATIONS_DIR", "driver_errors", "dumps",
            "loads"]
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = pathlib.Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_S = 10.0
+BAD_URL = "expected sqlite:///PATH or postgresql+psycopg://USER@HOST:PORT/DB"
 RETRIES = 3                       # deadlocks / serialization failures on PostgreSQL are retried
 IDLE_PING_S = 2.0                 # a pooled PostgreSQL connection idle longer than this is pinged at checkout
 
@@ -137,7 +139,10 @@ class Database:
 
     def __init__(self, url: str, *, pool_size: int = 10):
         self.url = url
-        self.engine = create_sql_engine(url, pool_size=pool_size)
+        try:
+            self.engine = create_sql_engine(url, pool_size=pool_size)
+        except (ArgumentError, NoSuchModuleError):
+            raise InvalidArgument("database_url", BAD_URL) from None
         self.dialect = self.engine.dialect.name
         self.is_sqlite = self.dialect == "sqlite"
         self._sqlite_writer = threading.Lock()
@@ -252,8 +257,11 @@ def upgrade(database_url: str | None = None, revision: str = "head") -> None:
         path = url[len("sqlite:///"):]
         if path and path != ":memory:":
             pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url if not url.startswith("postgresql://") else
-                           "postgresql+psycopg://" + url[len("postgresql://"):], poolclass=NullPool)
+    try:
+        engine = create_engine(url if not url.startswith("postgresql://") else
+                               "postgresql+psycopg://" + url[len("postgresql://"):], poolclass=NullPool)
+    except (ArgumentError, NoSuchModuleError):
+        raise InvalidArgument("database_url", BAD_URL) from None
     try:
         with engine.begin() as conn:
             command.upgrade(alembic_config(url, conn), revision)

@@ -338,7 +338,10 @@ class LoyaltyServer:
                 was = ready
 
     async def start(self, metrics_port: int | None = None) -> int:
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        try:
+            self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        except RuntimeError:     # grpc: "Failed to bind"
+            self.port = 0
         if not self.port:
             raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
         await self._check_health()
