@@ -12,10 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 
-import grpc
-
-from loyalty.server.errors import ServiceError
-from loyalty.v1 import scenarios_pb2, scenarios_pb2_grpc
+from loyalty.server.grpc_register import register_servicer
+from loyalty.v1 import scenarios_pb2
 
 from .service import ScenarioService
 
@@ -95,40 +93,11 @@ class ScenariosServicer:
         return _batch(self.scenarios.batch_progress(request.batch_id))
 
 
-_CODES = {"INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT, "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
-          "ALREADY_EXISTS": grpc.StatusCode.ALREADY_EXISTS,
-          "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION, "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE}
-
-
-def _snake(name: str) -> str:
-    import re
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-
-
 def add_scenarios_service(server, service) -> ScenariosServicer:
     """Register ``loyalty.v1.Scenarios`` on ``server`` (a ``LoyaltyServer`` or a plain ``grpc.Server``)."""
-    scenarios = service if isinstance(service, ScenarioService) else ScenarioService(
+    module = service if isinstance(service, ScenarioService) else ScenarioService(
         service.db, clock=getattr(service, "clock", None))
-    servicer = ScenariosServicer(scenarios)
-    descriptor = scenarios_pb2.DESCRIPTOR.services_by_name["Scenarios"]
-    if hasattr(server, "_make_handler") and hasattr(server, "server"):
-        handlers = {m.name: grpc.unary_unary_rpc_method_handler(server._make_handler(
-            m.name, getattr(scenarios_pb2, m.input_type.name), getattr(servicer, _snake(m.name)), server.io_pool))
-            for m in descriptor.methods}
-        server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-        return servicer
-
-    class _Plain(scenarios_pb2_grpc.ScenariosServicer):
-        pass
-
-    def wrap(fn):
-        def call(self, request, context):
-            try:
-                return fn(request)
-            except ServiceError as exc:
-                context.abort(_CODES.get(exc.code, grpc.StatusCode.INTERNAL), exc.message)
-        return call
-    for m in descriptor.methods:
-        setattr(_Plain, m.name, wrap(getattr(servicer, _snake(m.name))))
-    scenarios_pb2_grpc.add_ScenariosServicer_to_server(_Plain(), server)
+    servicer = ScenariosServicer(module)
+    register_servicer(server, scenarios_pb2, "Scenarios", servicer)
     return servicer
+

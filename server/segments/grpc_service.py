@@ -13,10 +13,10 @@ import datetime as dt
 import io
 import json
 
-import grpc
 
-from loyalty.server.errors import InvalidArgument, ServiceError
-from loyalty.v1 import segments_pb2, segments_pb2_grpc
+from loyalty.server.errors import InvalidArgument
+from loyalty.server.grpc_register import register_servicer
+from loyalty.v1 import segments_pb2
 
 from .service import SegmentService
 
@@ -139,40 +139,11 @@ class SegmentsServicer:
         return segments_pb2.SetTagResponse(**r)
 
 
-_CODES = {"INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT, "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
-          "ALREADY_EXISTS": grpc.StatusCode.ALREADY_EXISTS,
-          "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION, "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE}
-
-
-def _snake(name: str) -> str:
-    import re
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-
-
 def add_segments_service(server, service, *, redis_url: str | None = None) -> SegmentsServicer:
     """Register ``loyalty.v1.Segments`` on ``server`` (a ``LoyaltyServer`` or a plain ``grpc.Server``)."""
-    segments = service if isinstance(service, SegmentService) else SegmentService(
+    module = service if isinstance(service, SegmentService) else SegmentService(
         service.db, clock=getattr(service, "clock", None), redis_url=redis_url)
-    servicer = SegmentsServicer(segments)
-    descriptor = segments_pb2.DESCRIPTOR.services_by_name["Segments"]
-    if hasattr(server, "_make_handler") and hasattr(server, "server"):
-        handlers = {m.name: grpc.unary_unary_rpc_method_handler(server._make_handler(
-            m.name, getattr(segments_pb2, m.input_type.name), getattr(servicer, _snake(m.name)), server.io_pool))
-            for m in descriptor.methods}
-        server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-        return servicer
-
-    class _Plain(segments_pb2_grpc.SegmentsServicer):
-        pass
-
-    def wrap(fn):
-        def call(self, request, context):
-            try:
-                return fn(request)
-            except ServiceError as exc:
-                context.abort(_CODES.get(exc.code, grpc.StatusCode.INTERNAL), exc.message)
-        return call
-    for m in descriptor.methods:
-        setattr(_Plain, m.name, wrap(getattr(servicer, _snake(m.name))))
-    segments_pb2_grpc.add_SegmentsServicer_to_server(_Plain(), server)
+    servicer = SegmentsServicer(module)
+    register_servicer(server, segments_pb2, "Segments", servicer)
     return servicer
+
