@@ -625,6 +625,17 @@ def _member_dict(m):
     }
 
 
+cdef inline void mark_scope(char* insc, const int32_t* pe, const int32_t* off, const int32_t* idx, int32_t key,
+                            int32_t i, int32_t L, char value) noexcept nogil:
+    """Set line ``i`` in (1) or out of (0) the scope of every eligible promotion the index lists for ``key``
+    (``pe`` maps a promotion to its eligible row, -1 when not eligible)."""
+    cdef int32_t j, e
+    for j in range(off[key], off[key + 1]):
+        e = pe[idx[j]]
+        if e >= 0:
+            insc[<size_t>e * L + i] = value
+
+
 @cython.final
 cdef class Engine:
     """A program compiled for the core. ``calculate(receipt, member=None, budgets_used=None) -> dict``."""
@@ -1416,7 +1427,7 @@ cdef class Engine:
         cdef uint64_t* cand
         cdef uint64_t word
         cdef int32_t* pe
-        cdef int32_t mask, lo, hi, mid
+        cdef int32_t mask, lo, hi, mid, value
         cdef int64_t missing, within = self.hint_within_bp, T = w.total
         cdef const CPromo* p
         cdef PyObject* bud = NULL if budgets is None else <PyObject*>budgets
@@ -1525,30 +1536,16 @@ cdef class Engine:
                 pe[w.elig[e]] = e
                 if self.promos[w.elig[e]].scope_all:
                     memset(w.insc + <size_t>e * L, 1, L)
-            for i in range(L):
-                ln = &w.lines[i]
-                if ln.sku >= 0:
-                    for j in range(self.sku_inc_off[ln.sku], self.sku_inc_off[ln.sku + 1]):
-                        e = pe[self.sku_inc[j]]
-                        if e >= 0:
-                            w.insc[<size_t>e * L + i] = 1
-                for b in range(ln.cat_off, ln.cat_off + ln.cat_n):
-                    for j in range(self.cat_inc_off[w.cats[b]], self.cat_inc_off[w.cats[b] + 1]):
-                        e = pe[self.cat_inc[j]]
-                        if e >= 0:
-                            w.insc[<size_t>e * L + i] = 1
-            for i in range(L):
-                ln = &w.lines[i]
-                if ln.sku >= 0:
-                    for j in range(self.sku_exc_off[ln.sku], self.sku_exc_off[ln.sku + 1]):
-                        e = pe[self.sku_exc[j]]
-                        if e >= 0:
-                            w.insc[<size_t>e * L + i] = 0
-                for b in range(ln.cat_off, ln.cat_off + ln.cat_n):
-                    for j in range(self.cat_exc_off[w.cats[b]], self.cat_exc_off[w.cats[b] + 1]):
-                        e = pe[self.cat_exc[j]]
-                        if e >= 0:
-                            w.insc[<size_t>e * L + i] = 0
+            # includes first, then excludes over them: an excluded line leaves the scope whatever matched it
+            for value in range(1, -1, -1):
+                for i in range(L):
+                    ln = &w.lines[i]
+                    if ln.sku >= 0:
+                        mark_scope(w.insc, pe, self.sku_inc_off if value else self.sku_exc_off,
+                                   self.sku_inc if value else self.sku_exc, ln.sku, i, L, <char>value)
+                    for b in range(ln.cat_off, ln.cat_off + ln.cat_n):
+                        mark_scope(w.insc, pe, self.cat_inc_off if value else self.cat_exc_off,
+                                   self.cat_inc if value else self.cat_exc, w.cats[b], i, L, <char>value)
         # work arrays
         w.dmat = <int64_t*>arena_zalloc(a, (<size_t>E * L + 1) * sizeof(int64_t))
         w.used = <char*>arena_zalloc(a, E + 1)
