@@ -23,6 +23,7 @@ from loyalty.core.model import Program
 
 from .db import Database
 from .errors import FailedPrecondition, InvalidArgument, NotFound
+from .fanout import RedisListener
 from .models import program_versions
 
 __all__ = ["ProgramRegistry", "Snapshot", "CHANNEL", "POLL_INTERVAL"]
@@ -50,9 +51,7 @@ class ProgramRegistry:
         self._checked_at = 0.0
         self._check_lock = threading.Lock()
         self._interval = POLL_INTERVAL
-        self._redis = None
-        self._listener: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._listener: RedisListener | None = None
         if redis_url:
             self._start_listener(redis_url)
 
@@ -143,57 +142,25 @@ class ProgramRegistry:
     # ---- Redis --------------------------------------------------------------------------------------------
 
     def _start_listener(self, redis_url: str) -> None:
-        try:
-            import redis
-        except ImportError:  # pragma: no cover
-            log.warning("redis is not installed; falling back to polling")
-            return
-        self._redis = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5)
-        self._interval = REDIS_POLL_INTERVAL
-        self._listener = threading.Thread(target=self._listen, name="program-listener", daemon=True)
-        self._listener.start()
+        def connected():
+            self._interval = REDIS_POLL_INTERVAL
+            self._checked_at = 0.0       # a publication may have happened while we were not subscribed
 
-    def _listen(self) -> None:
-        while not self._stop.is_set():
-            pubsub = None
-            try:
-                pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(CHANNEL)
-                # A publication may have happened while we were not subscribed.
-                self._checked_at = 0.0
-                while not self._stop.is_set():
-                    msg = pubsub.get_message(timeout=1.0)
-                    if msg is not None:
-                        self.refresh(blocking=True)
-            except Exception as exc:  # noqa: BLE001 - Redis down: poll fast until it is back
-                log.warning("program listener: %s; polling every %.1fs", exc, POLL_INTERVAL)
-                self._interval = POLL_INTERVAL
-                self._stop.wait(2.0)
-                self._interval = REDIS_POLL_INTERVAL
-            finally:
-                if pubsub is not None:
-                    try:
-                        pubsub.close()
-                    except Exception:  # noqa: BLE001
-                        pass
+        def down(exc):
+            log.warning("program listener: %s; polling every %.1fs", exc, POLL_INTERVAL)
+            self._interval = POLL_INTERVAL
+
+        self._listener = RedisListener(redis_url, CHANNEL, name="program-listener",
+                                       on_message=lambda: self.refresh(blocking=True), on_connect=connected,
+                                       on_down=down)
 
     def _announce(self, version: int) -> None:
-        if self._redis is None:
-            return
-        try:
-            self._redis.publish(CHANNEL, str(version))
-        except Exception as exc:  # noqa: BLE001 - the others still find it by their version check
-            log.warning("could not announce program version %s on Redis: %s", version, exc)
+        if self._listener is not None:
+            self._listener.publish(str(version))
 
     def close(self) -> None:
-        self._stop.set()
         if self._listener is not None:
-            self._listener.join(timeout=3)
-        if self._redis is not None:
-            try:
-                self._redis.close()
-            except Exception:  # noqa: BLE001
-                pass
+            self._listener.close()
 
 
 def _compile(version: int, yaml_text: str, checksum: str) -> Snapshot:

@@ -131,3 +131,41 @@ def test_a_promotion_starts_and_stops_applying_at_the_till_after_recalculations(
     run = segsvc.recalculate("women-q1")
     assert (run["added"], run["removed"]) == (0, 1)
     assert discount() == 0
+
+
+@pytest.mark.redis
+def test_a_recalculation_reaches_another_process_at_once_over_redis(tmp_path):
+    import os
+    import time
+
+    import redis
+
+    from loyalty.server import db
+    from loyalty.server.segments.service import SegmentService
+
+    url = os.environ.get("LOYALTY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+    except redis.RedisError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Redis at {url} is unreachable: {exc}")
+        pytest.skip(f"Redis at {url} is unreachable: {exc}")
+    sqlite_url = f"sqlite:///{tmp_path / 'loyalty.db'}"
+    db.upgrade(sqlite_url)
+    writer = SegmentService.open(sqlite_url, redis_url=url, clock=lambda: NOW)
+    with writer.db.engine.begin() as c:
+        add_member(c, 1, active=150)
+    writer.define_segment({"id": "rich", "type": "updatable", "conditions": {"points": {"active": {"gte": 100}}}})
+    # The other process polls only once a minute: seeing the change within a second proves Redis told it.
+    other = AudienceIndex(writer.db, redis_url=url, poll_interval=60)
+    try:
+        assert other.audiences_of(1) == frozenset()     # loads membership version 0: nothing calculated
+        time.sleep(0.3)                                   # its listener is subscribed
+        writer.recalculate("rich")
+        deadline = time.monotonic() + 1.0
+        while "rich" not in other.audiences_of(1):
+            assert time.monotonic() < deadline, "the recalculation did not reach the other process in 1 s"
+            time.sleep(0.05)
+    finally:
+        other.close()
+        writer.close()

@@ -27,6 +27,8 @@ from sqlalchemy import select
 from loyalty.server.db import Database
 
 from .models import audience_bitmaps, audiences, membership_version, segments
+from loyalty.server.fanout import RedisListener
+
 from .service import CHANNEL, SegmentService
 
 __all__ = ["AudienceIndex", "POLL_INTERVAL"]
@@ -57,8 +59,7 @@ class AudienceIndex:
         self._state = _State()
         self._checked_at = 0.0
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._listener = None
+        self._listener: RedisListener | None = None
         self._segments = SegmentService(self.db)
         if redis_url:
             self._start_listener(redis_url)
@@ -119,36 +120,13 @@ class AudienceIndex:
     # ---- Redis --------------------------------------------------------------------------------------------
 
     def _start_listener(self, redis_url: str) -> None:
-        try:
-            import redis
-        except ImportError:  # pragma: no cover
-            return
-        self._redis = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=5)
-        self._listener = threading.Thread(target=self._listen, name="membership-listener", daemon=True)
-        self._listener.start()
+        def changed():
+            self._checked_at = 0.0       # the next call (or this thread) reloads
+            self.refresh(blocking=True)
 
-    def _listen(self) -> None:
-        while not self._stop.is_set():
-            pubsub = None
-            try:
-                pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(CHANNEL)
-                self._checked_at = 0.0
-                while not self._stop.is_set():
-                    if pubsub.get_message(timeout=1.0) is not None:
-                        self._checked_at = 0.0       # the next call (or this thread) reloads
-                        self.refresh(blocking=True)
-            except Exception as exc:  # noqa: BLE001 - Redis down: polling still finds changes
-                log.warning("membership listener: %s", exc)
-                self._stop.wait(2.0)
-            finally:
-                if pubsub is not None:
-                    try:
-                        pubsub.close()
-                    except Exception:  # noqa: BLE001
-                        pass
+        self._listener = RedisListener(redis_url, CHANNEL, name="membership-listener", on_message=changed,
+                                       on_connect=lambda: setattr(self, "_checked_at", 0.0))
 
     def close(self) -> None:
-        self._stop.set()
         if self._listener is not None:
-            self._listener.join(timeout=3)
+            self._listener.close()
