@@ -174,6 +174,15 @@ cdef inline int32_t intern_id(dict ids, PyObject* s) noexcept:
 cdef inline bint bit_get(const uint64_t* bits, int32_t i) noexcept nogil:
     return (bits[i >> 6] >> (i & 63)) & 1
 
+cdef inline bint in_slice(const int32_t* pool, Slice sl, int32_t value) noexcept nogil:
+    cdef int32_t j
+    if value < 0:
+        return False
+    for j in range(sl.off, sl.off + sl.n):
+        if pool[j] == value:
+            return True
+    return False
+
 cdef inline void bit_set(uint64_t* bits, int32_t i) noexcept nogil:
     bits[i >> 6] |= (<uint64_t>1) << (i & 63)
 
@@ -1125,22 +1134,11 @@ cdef class Engine:
                     break
             if not ok:
                 return FAIL_OTHER
-        if p.stores.n:
-            ok = False
-            for j in range(p.stores.off, p.stores.off + p.stores.n):
-                if pool[j] == store:
-                    ok = True
-                    break
-            if not ok or store < 0:
-                return FAIL_OTHER
-        if p.channels.n:
-            ok = False
-            for j in range(p.channels.off, p.channels.off + p.channels.n):
-                if pool[j] == chan:
-                    ok = True
-                    break
-            if not ok or chan < 0:
-                return FAIL_OTHER
+        # an unknown store or channel (id -1) is in no list
+        if p.stores.n and not in_slice(pool, p.stores, store):
+            return FAIL_OTHER
+        if p.channels.n and not in_slice(pool, p.channels, chan):
+            return FAIL_OTHER
         # audiences: an anonymous receipt's bitmap is empty (it holds none)
         for j in range(p.aud_include.off, p.aud_include.off + p.aud_include.n):
             if not bit_get(auds, pool[j]):

@@ -149,22 +149,19 @@ class Database:
 
     @contextlib.contextmanager
     def write(self):
-        try:
-            with self._write_raw() as conn:
-                yield conn
-        except (OperationalError, InterfaceError) as exc:
-            raise self._unavailable(exc) from None
-        except DBAPIError as exc:
-            if exc.connection_invalidated:
-                raise self._unavailable(exc) from None
-            raise
+        with self._storage_errors(), self._write_raw() as conn:
+            yield conn
 
     @contextlib.contextmanager
     def read(self):
+        with self._storage_errors(), self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextlib.contextmanager
+    def _storage_errors(self):
+        """A lost or refused connection (or a lock timeout) leaves as ``Unavailable``."""
         try:
-            with self.engine.connect() as conn:
-                with conn.begin():
-                    yield conn
+            yield
         except (OperationalError, InterfaceError) as exc:
             raise self._unavailable(exc) from None
         except DBAPIError as exc:
