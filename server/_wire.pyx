@@ -528,3 +528,25 @@ def encode_calculate_response(dict answer not None, program_version):
     finally:
         if w.buf != w.stack:
             PyMem_Free(w.buf)
+
+
+def encode_confirm_response(str purchase_id not None, dict answer not None, bint replayed):
+    """The serialized ``ConfirmPurchaseResponse``: ``purchase_id``, the ``answer`` dict (its own
+    ``program_version``, as stored with the purchase) and ``replayed``."""
+    cdef unsigned char stack[STACK_BUFFER]
+    cdef Writer w
+    w.buf = w.stack = stack
+    w.n = 0
+    w.cap = STACK_BUFFER
+    cdef Py_ssize_t at
+    try:
+        _put_str(&w, 1, purchase_id)
+        at = _begin(&w, 2)
+        _answer(&w, answer, answer.get("program_version", 0))
+        _end(&w, at)
+        if replayed:
+            _put_key(&w, 3, VARINT, 1)
+        return PyBytes_FromStringAndSize(<char*>w.buf, w.n)
+    finally:
+        if w.buf != w.stack:
+            PyMem_Free(w.buf)

@@ -5,9 +5,10 @@ The names are the same on both sides, so this is copying, not translating: a pro
 defaults), and the core's answer dict becomes a ``ReceiptAnswer``. Paths in the core's ``InputError`` are
 therefore already the proto field paths the client sent.
 
-``CalculateReceipt`` skips the messages altogether: ``decode_calculate_request(raw) -> (card, phone,
-receipt)`` and ``encode_calculate_response(answer, program_version) -> bytes`` go between the wire bytes and
-the dicts directly. They are the compiled codec ``loyalty.server._wire`` unless ``LOYALTY_NO_EXTENSIONS=1``
+``CalculateReceipt`` and ``ConfirmPurchase`` skip the messages altogether: ``decode_calculate_request(raw) ->
+(card, phone, receipt)`` (both requests are ``member = 1, receipt = 2``), ``encode_calculate_response(answer,
+program_version) -> bytes`` and ``encode_confirm_response(purchase_id, answer, replayed) -> bytes`` go between
+the wire bytes and the dicts directly. They are the compiled codec ``loyalty.server._wire`` unless ``LOYALTY_NO_EXTENSIONS=1``
 asks for the reference (or the extension is missing), as for the core: the reference is the same two steps
 through protobuf (``*_py`` below), and tests/test_wire.py holds the compiled one to it byte for byte.
 """
@@ -21,7 +22,7 @@ from loyalty.core import NO_EXTENSIONS
 from loyalty.v1 import processing_pb2, receipt_pb2
 
 __all__ = ["receipt_to_dict", "answer_to_proto", "iso", "decode_calculate_request", "encode_calculate_response",
-           "WIRE_COMPILED"]
+           "encode_confirm_response", "WIRE_COMPILED"]
 
 
 def receipt_to_dict(receipt: receipt_pb2.Receipt) -> dict:
@@ -100,14 +101,20 @@ def encode_calculate_response_py(answer: dict, program_version: int) -> bytes:
     return processing_pb2.CalculateReceiptResponse(answer=message).SerializeToString()
 
 
+def encode_confirm_response_py(purchase_id: str, answer: dict, replayed: bool) -> bytes:
+    """The serialized ``ConfirmPurchaseResponse`` (the answer carries its own ``program_version``)."""
+    return processing_pb2.ConfirmPurchaseResponse(purchase_id=purchase_id, answer=answer_to_proto(answer),
+                                                  replayed=replayed).SerializeToString()
+
+
+_PY_CODEC = (decode_calculate_request_py, encode_calculate_response_py, encode_confirm_response_py)
 if NO_EXTENSIONS:
-    decode_calculate_request, encode_calculate_response = decode_calculate_request_py, encode_calculate_response_py
+    decode_calculate_request, encode_calculate_response, encode_confirm_response = _PY_CODEC
     WIRE_COMPILED = False
 else:
     try:
-        from ._wire import decode_calculate_request, encode_calculate_response
+        from ._wire import decode_calculate_request, encode_calculate_response, encode_confirm_response
         WIRE_COMPILED = True
     except ImportError:  # pragma: no cover - a build without the extension
-        decode_calculate_request, encode_calculate_response = (decode_calculate_request_py,
-                                                               encode_calculate_response_py)
+        decode_calculate_request, encode_calculate_response, encode_confirm_response = _PY_CODEC
         WIRE_COMPILED = False

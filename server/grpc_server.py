@@ -56,7 +56,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from loyalty.server.convert import decode_calculate_request, encode_calculate_response
+from loyalty.server.convert import decode_calculate_request, encode_calculate_response, encode_confirm_response
 from loyalty.server.errors import InvalidArgument, ServiceError
 from loyalty.server.metrics import Metrics
 from loyalty.server.scenarios.grpc_service import add_scenarios_service
@@ -182,12 +182,19 @@ def _serializing(fn):
     return call
 
 
-def _decode_calculate(raw: bytes) -> tuple[str, str, dict]:
-    """CalculateReceipt's request bytes straight to ``(card, phone, receipt dict)`` (the compiled codec)."""
-    try:
-        return decode_calculate_request(raw)
-    except ValueError:
-        raise InvalidArgument("", "not a valid loyalty.v1.CalculateReceiptRequest message") from None
+def _dict_decoder(full_name: str):
+    """The request bytes of CalculateReceipt or ConfirmPurchase (both ``member = 1, receipt = 2``) straight to
+    ``(card, phone, receipt dict)`` (the compiled codec)."""
+    def decode(raw: bytes) -> tuple[str, str, dict]:
+        try:
+            return decode_calculate_request(raw)
+        except ValueError:
+            raise InvalidArgument("", f"not a valid {full_name} message") from None
+    return decode
+
+
+_decode_calculate = _dict_decoder("loyalty.v1.CalculateReceiptRequest")
+_decode_confirm = _dict_decoder("loyalty.v1.ConfirmPurchaseRequest")
 
 
 # ---- the server -----------------------------------------------------------------------------------------------
@@ -240,6 +247,11 @@ class LoyaltyServer:
                 inline = None if os.environ.get("LOYALTY_CALCULATE_IN_POOL") else self._calculate_inline
                 handler = self._bytes_handler(method.name, _decode_calculate, self._calculate_bytes, _calculate_key,
                                               pool, inline)
+            elif service_name == PROCESSING and method.name == "ConfirmPurchase" and hasattr(self.service,
+                                                                                              "confirm_future"):
+                # The same codec; with group commit the call waits for its batch on the loop (no thread).
+                handler = self._bytes_handler(method.name, _decode_confirm, self._confirm_bytes, _calculate_key,
+                                              pool, self._confirm_inline)
             else:
                 handler = self._make_handler(method.name, getattr(module, method.input_type.name),
                                              getattr(self.service, _snake(method.name)), pool)
@@ -257,6 +269,21 @@ class LoyaltyServer:
         answer = self.service.calculate_answer(card, phone, receipt, wait=False)
         return None if answer is None else encode_calculate_response(answer, answer["program_version"])
 
+    def _confirm_bytes(self, request: tuple[str, str, dict]) -> bytes:
+        purchase_id, answer, replayed = self.service.confirm_answer(*request)
+        return encode_confirm_response(str(purchase_id), answer, replayed)
+
+    def _confirm_inline(self, request: tuple[str, str, dict]):
+        """An awaitable of the response when the service batches confirms (None: use the pool). Validation
+        errors are raised here, on the loop."""
+        future = self.service.confirm_future(*request)
+        return None if future is None else self._confirm_awaited(future)
+
+    @staticmethod
+    async def _confirm_awaited(future) -> bytes:
+        purchase_id, answer, replayed = await asyncio.wrap_future(future)
+        return encode_confirm_response(str(purchase_id), answer, replayed)
+
     def _make_handler(self, method: str, request_cls, fn, pool):
         """The handler of a method whose service function takes the request message and returns the response
         message (every method but CalculateReceipt, and those of the Segments and Scenarios services)."""
@@ -264,8 +291,9 @@ class LoyaltyServer:
 
     def _bytes_handler(self, method: str, decode, call, describe, pool, inline=None):
         """The grpc.aio handler of one method: ``decode(raw)`` on the loop (``InvalidArgument`` when the bytes
-        are not the request), then ``inline(request) -> bytes | None`` on the loop if given, and when it gives
-        None (or is not given) ``call(request) -> bytes`` in ``pool``; the outcome mapped to a status.
+        are not the request), then ``inline(request)`` on the loop if given (bytes, an awaitable of bytes, or
+        None), and when it gives None (or is not given) ``call(request) -> bytes`` in ``pool``; the outcome
+        mapped to a status.
         ``describe(request)`` is the key an operator greps for in the log."""
         loop_holder: list = []
         metrics = self.metrics
@@ -280,7 +308,7 @@ class LoyaltyServer:
                 if inline is not None:
                     response = inline(request)
                     if response is not None:
-                        return response
+                        return response if type(response) is bytes else await response
                 if not loop_holder:
                     loop_holder.append(asyncio.get_running_loop())
                 return await loop_holder[0].run_in_executor(pool, call, request)

@@ -24,6 +24,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+import orjson
+
 from sqlalchemy import bindparam, case, func, insert, select, update
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
@@ -68,6 +70,14 @@ def _hash(message) -> str:
     return hashlib.sha256(known.SerializeToString(deterministic=True)).hexdigest()
 
 
+def _receipt_hash(card: str, phone: str, receipt: dict) -> str:
+    """The canonical hash of a confirm's payload: the member reference and the receipt as the server reads them
+    (``convert.receipt_to_dict``'s shape, which holds every field of ``Receipt``), keys sorted. Two requests
+    with the same hash confirm the same purchase; how the client ordered or encoded its fields does not count,
+    and neither do fields this server does not know."""
+    return hashlib.sha256(orjson.dumps((card, phone, receipt), option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
 def _data_errors(method):
     """Safety net behind the validation: a value storage refuses (``DataError``: too long for its column, a
     character the database cannot hold) is the client's ``InvalidArgument``, never ``INTERNAL``; the
@@ -101,6 +111,11 @@ def _check_receipt(receipt: dict, path: str = "receipt") -> None:
 
 class _Retry(Exception):
     """A concurrent writer took the idempotency key first: run the transaction again to replay its answer."""
+
+
+class _BudgetMoved(Exception):
+    """A group-commit batch applied a budgeted promotion on a budget figure that other writers have since
+    exhausted: the batch is rolled back and every confirm of it runs alone, on locked figures."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +322,16 @@ SELECT * FROM (SELECT DISTINCT ON (m.phone) 'phone', m.phone, b.member_id, c.num
 # Promotion usage of those members (parameters: cards, phones, limited promotion ids).
 _PGB_USAGE = f"""SELECT member_id, promotion, period_key, uses FROM promotion_usage
 WHERE member_id IN ({_PGB_MEMBERS}) AND promotion = ANY(%s::varchar[])"""
+# What the program's budgets have spent, read without a lock (parameter: the budgeted promotion ids): a batch
+# decides on these figures and, before writing, checks that each budget it used still had room (below).
+_PGB_BUDGETS = "SELECT promotion, spent FROM promotion_budgets WHERE promotion = ANY(%s::varchar[])"
+# Spend a batch's total on one budget if the decisions still hold: the last confirm of the batch that applied
+# the promotion saw ``spent_then + before`` (``before``: what the batch's earlier confirms spent) below the limit;
+# it still holds when ``spent_now + before`` is. Spent only grows between the read and this (a refund giving
+# some back only widens the room), so no row returned means a decision was made on a figure that has moved
+# (parameters: total, promotion, before, limit). The row stays locked until the batch's COMMIT.
+_PGB_SPEND_BUDGET = """UPDATE promotion_budgets SET spent = spent + %s::bigint
+WHERE promotion = %s AND spent + %s::bigint < %s::bigint RETURNING promotion"""
 _ALONE = object()       # a batch's answer meaning: run this confirm in a transaction of its own
 
 
@@ -432,30 +457,41 @@ class ProcessingService:
         again returns the stored answer with ``replayed=True``; another payload under that key is
         ``AlreadyExists``. When ``receipt.redeem_points`` is more than the member's active balance at the
         moment of writing: ``FailedPrecondition(available_points=N)`` and nothing is written."""
-        item = self._confirm_item(request)
+        purchase_id, answer, replayed = self.confirm_answer(
+            request.member.card, request.member.phone, receipt_to_dict(request.receipt))
+        return processing_pb2.ConfirmPurchaseResponse(purchase_id=str(purchase_id),
+                                                      answer=answer_to_proto(answer), replayed=replayed)
+
+    def confirm_answer(self, card: str, phone: str, receipt: dict) -> tuple[int, dict, bool]:
+        """``confirm_purchase`` on plain values (``card`` / ``phone`` of the ``MemberRef``, ``receipt`` as
+        ``convert.receipt_to_dict`` makes it, e.g. from ``convert.decode_calculate_request``, whose layout
+        ``ConfirmPurchaseRequest`` shares): ``(purchase_id, answer dict, replayed)``."""
+        item = self._confirm_item(card, phone, receipt)
         outcome = _ALONE if self._batcher is None else self._batcher.submit(item)
         if outcome is _ALONE:
             outcome = self._confirm_alone(item)
-        return self._confirm_response(outcome)
+        return self._confirm_outcome(outcome)
 
-    def confirm_purchase_future(self, request) -> concurrent.futures.Future | None:
-        """``confirm_purchase`` without a thread waiting for it, for an asyncio edge
+    def confirm_future(self, card: str, phone: str, receipt: dict) -> concurrent.futures.Future | None:
+        """``confirm_answer`` without a thread waiting for it, for an asyncio edge
         (``await asyncio.wrap_future(future)``): the request is validated now (``InvalidArgument`` raised
-        here), the future completes from the batch's thread with the response or the error. None when group
-        commit is off (SQLite, ``LOYALTY_CONFIRM_BATCH=0``): call ``confirm_purchase`` in a thread instead."""
+        here, without touching storage), the future completes from the batch's thread with
+        ``(purchase_id, answer, replayed)`` or the error. None when group commit is off (SQLite,
+        ``LOYALTY_CONFIRM_BATCH=0``): call ``confirm_answer`` in a thread instead."""
         if self._batcher is None:
             return None
-        item = self._confirm_item(request)
+        item = self._confirm_item(card, phone, receipt)
         future: concurrent.futures.Future = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()   # a caller that gives up cannot cancel a write already queued
 
         def done(slot) -> None:
             try:
                 if slot.error is not None:
                     future.set_exception(slot.error)
                 elif slot.value is _ALONE:      # rare: a rolled-back batch; its own transaction, off this thread
-                    self._alone_pool().submit(self._confirm_alone_response, item, future)
+                    self._alone_pool().submit(self._confirm_alone_future, item, future)
                 else:
-                    future.set_result(self._confirm_response(slot.value))
+                    future.set_result(self._confirm_outcome(slot.value))
             except BaseException as exc:  # noqa: BLE001 - the waiter must hear of it
                 if not future.done():
                     future.set_exception(exc)
@@ -463,48 +499,64 @@ class ProcessingService:
         self._batcher.submit_nowait(item, done)
         return future
 
+    def confirm_purchase_future(self, request) -> concurrent.futures.Future | None:
+        """``confirm_future`` of a ``ConfirmPurchaseRequest``, completing with the response message."""
+        inner = self.confirm_future(request.member.card, request.member.phone, receipt_to_dict(request.receipt))
+        if inner is None:
+            return None
+        outer: concurrent.futures.Future = concurrent.futures.Future()
+
+        def relay(f) -> None:
+            if f.exception() is not None:
+                outer.set_exception(f.exception())
+            else:
+                purchase_id, answer, replayed = f.result()
+                outer.set_result(processing_pb2.ConfirmPurchaseResponse(
+                    purchase_id=str(purchase_id), answer=answer_to_proto(answer), replayed=replayed))
+        inner.add_done_callback(relay)
+        return outer
+
     def _alone_pool(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._alone_lock:
             if self._alone_executor is None:
                 self._alone_executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="confirm-alone")
             return self._alone_executor
 
-    def _confirm_alone_response(self, item, future: concurrent.futures.Future) -> None:
+    def _confirm_alone_future(self, item, future: concurrent.futures.Future) -> None:
         try:
-            future.set_result(self._confirm_response(self._confirm_alone(item)))
+            future.set_result(self._confirm_outcome(self._confirm_alone(item)))
         except BaseException as exc:  # noqa: BLE001 - the waiter must hear of it
             future.set_exception(exc)
 
-    def _confirm_item(self, request) -> tuple:
-        """The validated request: ``(snap, receipt, ref, at, request_hash)``; ``InvalidArgument`` naming the field."""
-        snap = self.programs.current()
-        receipt = receipt_to_dict(request.receipt)
+    def _confirm_item(self, card: str, phone: str, receipt: dict) -> tuple:
+        """The validated request: ``(receipt, ref, at, request_hash)``; ``InvalidArgument`` naming the field.
+        Touches no storage (the program snapshot is taken by the transaction that writes)."""
         for name in ("store", "terminal", "number"):
             if not receipt[name]:
                 raise InvalidArgument(f"receipt.{name}", "required to confirm: store, terminal and number "
                                                          "identify the purchase")
         _check_receipt(receipt)
-        ref = validate_ref(request.member if request.HasField("member") else None)
+        ref = validate_ref(self._MemberRef(card, phone))
         at = self._receipt_at(receipt)
-        return snap, receipt, ref, at, _hash(request)
+        return receipt, ref, at, _receipt_hash(card, phone, receipt)
 
     @_data_errors
     def _confirm_alone(self, item) -> tuple:
         """One confirm in its own transaction: ``(purchase_id, answer, replayed, member_id)``."""
+        snap = self.programs.current()
         for attempt in range(2):
             try:
-                return self.db.run_write(self._confirm_tx, *item)
+                return self.db.run_write(self._confirm_tx, snap, *item)
             except _Retry:
                 if attempt:
                     raise
         raise AssertionError("unreachable")
 
-    def _confirm_response(self, outcome: tuple) -> processing_pb2.ConfirmPurchaseResponse:
+    def _confirm_outcome(self, outcome: tuple) -> tuple[int, dict, bool]:
         purchase_id, answer, replayed, member_id = outcome
         if not replayed:
             self.contexts.invalidate(member_id)
-        return processing_pb2.ConfirmPurchaseResponse(purchase_id=str(purchase_id),
-                                                      answer=answer_to_proto(answer), replayed=replayed)
+        return purchase_id, answer, replayed
 
     def _confirm_tx(self, conn, snap: Snapshot, receipt: dict, ref, at: dt.datetime, request_hash: str):
         if self.db.dialect == "postgresql":
@@ -618,7 +670,7 @@ class ProcessingService:
     # ---- group commit (PostgreSQL) ------------------------------------------------------------------------
 
     def _confirm_batch(self, slots: list) -> None:
-        """Run the confirms of ``slots`` (each ``(snap, receipt, ref, at, request_hash)``) in ONE transaction
+        """Run the confirms of ``slots`` (each ``(receipt, ref, at, request_hash)``) in ONE transaction
         and answer each slot: ``(purchase_id, answer, replayed, member_id)``, its own ``ServiceError``, or
         ``_ALONE`` (run it in a transaction of its own).
 
@@ -631,11 +683,16 @@ class ProcessingService:
         ``Unavailable``: nothing of it was committed (or all of it was, and a retry replays). Answers are
         given only after the COMMIT succeeded."""
         try:
-            outcomes = self.db.run_write(self._confirm_batch_tx, [s.item for s in slots])
-        except ServiceError as exc:             # Unavailable: storage down or a lost connection
+            snap = self.programs.current()      # one program for the whole batch
+            outcomes = self.db.run_write(self._confirm_batch_tx, snap, [s.item for s in slots])
+        except ServiceError as exc:             # Unavailable: storage down or a lost connection; no program
             for s in slots:
                 s.fail(exc)
             return
+        except _BudgetMoved as exc:
+            log.info("confirm batch of %d rolled back: budget of %s spent meanwhile; running each alone",
+                     len(slots), ", ".join(exc.args[0]))
+            outcomes = [_ALONE] * len(slots)
         except Exception:  # noqa: BLE001 - IntegrityError & co: every confirm runs alone and gets its answer
             log.info("confirm batch of %d rolled back; running each alone", len(slots), exc_info=True)
             outcomes = [_ALONE] * len(slots)
@@ -645,40 +702,49 @@ class ProcessingService:
             else:
                 s.set(outcome)
 
-    def _confirm_batch_tx(self, conn, items: list) -> list:
+    def _confirm_batch_tx(self, conn, snap: Snapshot, items: list) -> list:
         """The batch's transaction in two round trips (see ``_confirm_batch``).
 
         1. the stored purchases under the batch's keys, the ids the new rows need, every member of the batch
            locked in member id order, then (each its own statement, read after the locks) the members'
-           contexts and promotion usage;
-        2. after the calculations, in receipt-key order (the order every batch inserts its purchases in):
-           each confirm's write statement, the budgets spent by the whole batch (program order), COMMIT.
+           contexts, promotion usage and what the budgets have spent (not locked);
+        2. only when a confirm applied a budgeted promotion: the budgets spent by the whole batch, each on
+           the condition that the figures the batch decided on still hold (``_PGB_SPEND_BUDGET``; when one
+           does not, ``_BudgetMoved``: the batch rolls back and each confirm runs alone);
+        3. after the calculations, in receipt-key order (the order every batch inserts its purchases in):
+           each confirm's write statement, COMMIT.
 
         Two confirms of one member follow each other: the second is calculated and checked against the
         member as the first one's writes leave it. Two confirms of one key: the second replays the first
         (or is ``AlreadyExists``)."""
         dconn = conn.connection.driver_connection
         n = len(items)
-        order = sorted(range(n), key=lambda i: (items[i][1]["store"], items[i][1]["terminal"],
-                                                items[i][1]["number"]))
-        cards = sorted({it[2][1] for it in items if it[2] is not None and it[2][0] == "card"})
-        phones = sorted({it[2][1] for it in items if it[2] is not None and it[2][0] == "phone"})
-        limited = sorted({p.id for it in items for p in it[0].program.promotions
-                          if p.limits.uses_per_member is not None})
+        order = sorted(range(n), key=lambda i: (items[i][0]["store"], items[i][0]["terminal"],
+                                                items[i][0]["number"]))
+        cards = sorted({it[1][1] for it in items if it[1] is not None and it[1][0] == "card"})
+        phones = sorted({it[1][1] for it in items if it[1] is not None and it[1][0] == "phone"})
+        promotions = snap.program.promotions
+        limited = sorted(p.id for p in promotions if p.limits.uses_per_member is not None)
+        budgeted = sorted(p.id for p in promotions
+                          if p.limits.discount_budget is not None or p.limits.points_budget is not None)
         with driver_errors(conn):
             with dconn.pipeline():
-                found = dconn.execute(_PGB_EXISTING, ([it[1]["store"] for it in items],
-                                                      [it[1]["terminal"] for it in items],
-                                                      [it[1]["number"] for it in items]))
+                found = dconn.execute(_PGB_EXISTING, ([it[0]["store"] for it in items],
+                                                      [it[0]["terminal"] for it in items],
+                                                      [it[0]["number"] for it in items]))
                 drawn = dconn.execute(_PGB_IDS, (n,))
-                context = usage = None
+                context = usage = budget_rows = None
                 if cards or phones:
                     dconn.execute(_PGB_LOCK, (cards, phones))
                     context = dconn.execute(_PGB_CONTEXT, (cards, phones))
                     if limited:
                         usage = dconn.execute(_PGB_USAGE, (cards, phones, limited))
+                if budgeted:
+                    budget_rows = dconn.execute(_PGB_BUDGETS, (budgeted,))
             stored = {(r[0], r[1], r[2]): r[3:] for r in found.fetchall()}
             ids = drawn.fetchall()
+            # what the budgets had spent when locked; the batch's confirms add theirs (``budgets``) as they go
+            spent_before = dict(budget_rows.fetchall()) if budget_rows is not None else None
             refs, state = {}, {}        # ref -> (member_id, card, status); member_id -> its live context
             for kind, value, member_id, card, status, tier, active, pending, purchases_sum in (
                     context.fetchall() if context is not None else ()):
@@ -695,14 +761,15 @@ class ProcessingService:
 
         outcomes: list = [None] * n
         firsts: dict = {}           # key -> index of the confirm of this batch that writes it
-        writes, budgets = [], {}
+        writes, budgets = [], {}    # budgets: promotion -> what this batch's confirms spend of it
+        checks: dict = {}           # promotion -> what the batch had spent before its last confirm applying it
         for k, i in enumerate(order):
-            snap, receipt, ref, at, request_hash = items[i]
+            receipt, ref, at, request_hash = items[i]
             key = (receipt["store"], receipt["terminal"], receipt["number"])
             try:
                 if key in firsts:
                     j = firsts[key]
-                    self._replay_purchase(None, items[j][4], None, request_hash, receipt)  # or AlreadyExists
+                    self._replay_purchase(None, items[j][3], None, request_hash, receipt)  # or AlreadyExists
                     outcomes[i] = j
                     continue
                 if key in stored:
@@ -721,10 +788,13 @@ class ProcessingService:
                                         purchases_sum=live.purchases_sum, audiences=live.audiences,
                                         usage=live.usage)
                 member = ctx.as_core(snap.program, at) if ctx is not None else None
-                # the budgets as this batch's earlier confirms leave them (``spent`` only then: wrappers of
-                # ``_calculate`` in tests take the four arguments)
-                answer = (self._calculate(snap, receipt, member, conn, spent=budgets) if budgets
-                          else self._calculate(snap, receipt, member, conn))
+                # the budgets as this batch's earlier confirms leave them
+                used = None
+                if spent_before is not None:
+                    used = dict(spent_before)
+                    for promotion, amount in budgets.items():
+                        used[promotion] = used.get(promotion, 0) + amount
+                answer = self._calculate(snap, receipt, member, conn, budgets=used)
                 now = self.clock()
                 fx = _effects(snap, receipt, ctx, answer, at, now)
             except ServiceError as exc:
@@ -742,6 +812,10 @@ class ProcessingService:
             purchase_id, entry_a, entry_b = ids[k]
             writes.append(self._pg_write_params(snap, receipt, ctx, fx, answer, now, request_hash, purchase_id,
                                                 entry_a, entry_b))
+            if spent_before is not None:
+                for promotion in answer["promotions"]:
+                    if promotion in spent_before:
+                        checks[promotion] = budgets.get(promotion, 0)
             for promotion, spent in fx.budgets:
                 budgets[promotion] = budgets.get(promotion, 0) + spent
             if fx.counted:                  # what the next confirm of this member sees
@@ -755,14 +829,20 @@ class ProcessingService:
             firsts[key] = i
             outcomes[i] = (purchase_id, answer, False, ctx.member_id if ctx else None)
         if writes:
-            program_order = {p.id: x for x, p in enumerate(max((it[0] for it in items),
-                                                               key=lambda s: s.version).program.promotions)}
+            limits = {p.id: p.limits.discount_budget if p.limits.discount_budget is not None
+                      else p.limits.points_budget for p in promotions}
             with driver_errors(conn):
+                if checks:                  # promotion id order: the order every writer locks budget rows in
+                    spend = sorted(checks)
+                    with dconn.pipeline():
+                        spent = [dconn.execute(_PGB_SPEND_BUDGET, (budgets.get(p, 0), p, checks[p], limits[p]))
+                                 for p in spend]
+                    moved = [p for p, cur in zip(spend, spent) if cur.fetchone() is None]
+                    if moved:
+                        raise _BudgetMoved(moved)
                 with dconn.pipeline():
                     for params in writes:
                         dconn.execute(_PG_WRITE, params)
-                    for promotion in sorted(budgets, key=lambda p: (program_order.get(p, len(program_order)), p)):
-                        dconn.execute(_PG_SPEND_BUDGET, (budgets[promotion], promotion))
                     dconn.commit()
         for i, outcome in enumerate(outcomes):
             if type(outcome) is int:        # the replay of the first confirm of its key in this batch
@@ -1316,15 +1396,19 @@ class ProcessingService:
         return ctx
 
     def _calculate(self, snap: Snapshot, receipt: dict, member: dict | None, conn=None, *,
-                   spent: dict | None = None) -> dict:
+                   budgets: dict | None = None) -> dict:
+        """The core's answer; ``budgets`` (what budgeted promotions have spent) as the caller read them, or
+        None to read them here (``_budgets``)."""
+        if budgets is None:
+            budgets = self._budgets(snap, conn)
         try:
-            answer = snap.engine.calculate(receipt, member, self._budgets(snap, conn, spent))
+            answer = snap.engine.calculate(receipt, member, budgets)
         except InputError as exc:
             raise InvalidArgument(exc.path, exc.reason) from None
         answer["program_version"] = snap.version
         return answer
 
-    def _budgets(self, snap: Snapshot, conn=None, spent: dict | None = None) -> dict | None:
+    def _budgets(self, snap: Snapshot, conn=None) -> dict | None:
         """What budgeted promotions have spent.
 
         Without ``conn`` (CalculateReceipt, no side effects): read at most once a second per process.
@@ -1332,8 +1416,8 @@ class ProcessingService:
         rows locked (PostgreSQL ``FOR UPDATE``, in promotion id order, always after the member's lock;
         SQLite's write lock already serialises) until the COMMIT that adds this receipt's spend, so no two
         confirms decide on the same figure and a budget ends at most one receipt's spend past its limit.
-        ``spent`` adds what earlier confirms of the same transaction (a group-commit batch) spend but have
-        not written yet."""
+        (A group-commit batch reads them once, with ``_PGB_BUDGETS``, and adds what its earlier confirms
+        spend.)"""
         ids = [p.id for p in snap.program.promotions
                if p.limits.discount_budget is not None or p.limits.points_budget is not None]
         if not ids:
@@ -1350,10 +1434,7 @@ class ProcessingService:
                 .where(promotion_budgets.c.promotion.in_(ids)).order_by(promotion_budgets.c.promotion))
         if conn.dialect.name == "postgresql":
             stmt = stmt.with_for_update()
-        used = dict(conn.execute(stmt).all())
-        for promotion, amount in (spent or {}).items():
-            used[promotion] = used.get(promotion, 0) + amount
-        return used
+        return dict(conn.execute(stmt).all())
 
     @staticmethod
     def _receipt_at(receipt: dict) -> dt.datetime | None:

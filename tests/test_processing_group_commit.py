@@ -163,8 +163,8 @@ def test_a_connection_lost_before_commit_writes_nothing_and_is_unavailable(gc, p
     requests = [_req("7300030", coffee(f"lost-{i}", redeem=100)) for i in range(3)] + \
                [_req(None, coffee("lost-anon"))]
 
-    def calculate_then_kill(snap, receipt, member, conn=None):
-        answer = calculate(snap, receipt, member, conn)
+    def calculate_then_kill(snap, receipt, member, conn=None, **kw):
+        answer = calculate(snap, receipt, member, conn, **kw)
         calls.append(1)
         # the batch's last calculation: the next thing it sends is the write round with its COMMIT
         if len(calls) == len(requests) and conn is not None:
@@ -201,11 +201,11 @@ def test_a_key_taken_by_another_process_meanwhile_is_replayed_and_the_rest_commi
     first = []
     calculate = gc._calculate
 
-    def other_confirms_first(snap, receipt, member, conn=None):
+    def other_confirms_first(snap, receipt, member, conn=None, **kw):
         # after this batch checked its keys and before it writes: the other process confirms race-1
         if not first and conn is not None:
             first.append(other.confirm_purchase(race))
-        return calculate(snap, receipt, member, conn)
+        return calculate(snap, receipt, member, conn, **kw)
 
     gc._calculate = other_confirms_first
     try:
@@ -251,3 +251,91 @@ def test_sqlite_never_batches(sqlite_url, clock):
         assert svc.confirm_purchase_future(_req(None, coffee("lite-1"))) is None
     finally:
         svc.close()
+
+
+# ---- budgets: read once per batch, spent on the condition that the figures still hold ------------------------
+
+BUDGET_PROGRAM = DEMO_PROGRAM.replace("promotions:\n", """promotions:
+  - id: budget-10
+    priority: 99
+    scope: all
+    effect: {percent_off: 10}
+    limits: {discount_budget: 100}
+""", 1)
+
+
+def _milk(number):
+    # 2 x 89.90 = 17980; budget-10 gives 10% = 1798 while the budget has spent less than 100
+    return R.Receipt(store="msk-01", terminal="pos-3", number=number, at="2026-03-02T12:30:00+03:00",
+                     lines=[R.Line(sku="milk-1l", categories=["dairy"], quantity=2000, price=8990)])
+
+
+def _spent(svc, promotion):
+    from loyalty.server.models import promotion_budgets
+    with svc.db.read() as conn:
+        return conn.execute(select(promotion_budgets.c.spent)
+                            .where(promotion_budgets.c.promotion == promotion)).scalar_one()
+
+
+@pytest.mark.postgres
+def test_confirms_of_one_batch_share_a_budget_in_key_order(gc):
+    gc.publish_program(admin_pb2.PublishProgramRequest(yaml=BUDGET_PROGRAM))
+    batches_before = gc._batcher.batches
+    r = _together(gc, [_req(None, _milk(f"bud-{i}")) for i in (3, 1, 2, 0)])
+    assert gc._batcher.batches - batches_before == 1
+    # receipt-key order inside the batch: bud-0 spends the budget (0 < 100), bud-1..3 see 1798 >= 100
+    assert [x.answer.totals.discount for x in r] == [0, 0, 0, 1798]
+    assert _spent(gc, "budget-10") == 1798
+
+
+@pytest.mark.postgres
+def test_a_budget_spent_by_another_process_meanwhile_sends_the_batch_alone(gc, pg_url, clock, monkeypatch):
+    gc.publish_program(admin_pb2.PublishProgramRequest(yaml=BUDGET_PROGRAM))
+    monkeypatch.setenv("LOYALTY_CONFIRM_BATCH", "0")
+    other = ProcessingService.open(pg_url, clock=clock)      # another process: no batching
+    first = []
+    calculate = gc._calculate
+
+    def other_spends_first(snap, receipt, member, conn=None, **kw):
+        # the batch has read the budget (0 spent) and not written yet: the other process spends it all
+        if not first and conn is not None:
+            first.append(other.confirm_purchase(_req(None, _milk("bud-other"))))
+        return calculate(snap, receipt, member, conn, **kw)
+
+    gc._calculate = other_spends_first
+    batches_before = gc._batcher.batches
+    try:
+        r = _together(gc, [_req(None, _milk("bud-a")), _req(None, _milk("bud-b"))])
+    finally:
+        gc._calculate = calculate
+        other.close()
+    assert first[0].answer.totals.discount == 1798
+    # the batch decided bud-a on 0 spent; at its write the budget had 1798: rolled back, each confirm alone,
+    # on the locked figure: no discount for either, and the budget spent once
+    assert gc._batcher.batches - batches_before == 1
+    assert [x.answer.totals.discount for x in r] == [0, 0]
+    assert all(not x.replayed for x in r)
+    assert _spent(gc, "budget-10") == 1798
+    assert _count(gc) == 3
+    assert ledger.check(gc) == []
+
+
+@pytest.mark.postgres
+def test_the_payload_hash_ignores_field_order_on_the_wire(gc):
+    """A POS may encode fields in any order (and send a message in pieces): what counts as the same payload
+    is what the server reads, so the retry replays instead of being AlreadyExists."""
+    req = _req("7300060", coffee("order-1"))
+    enroll(gc, "7300060")
+    first = gc.confirm_purchase(req)
+    raw = req.SerializeToString()
+    # the same request with its two top-level fields swapped: receipt (field 2) first, then member (field 1)
+    member = P.ConfirmPurchaseRequest(member=req.member).SerializeToString()
+    receipt = P.ConfirmPurchaseRequest(receipt=req.receipt).SerializeToString()
+    swapped = P.ConfirmPurchaseRequest.FromString(receipt + member)
+    assert receipt + member != raw
+    again = gc.confirm_purchase(swapped)
+    assert again.replayed and again.purchase_id == first.purchase_id
+    changed = _req("7300060", coffee("order-1", redeem=0))
+    changed.receipt.lines[0].price += 1
+    with pytest.raises(AlreadyExists):
+        gc.confirm_purchase(changed)

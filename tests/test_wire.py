@@ -612,3 +612,43 @@ def test_an_expired_lease_sends_one_call_to_renew_it_and_a_dead_one_sends_all(ca
     assert calc_service.calculate_answer(*call, wait=False) == waited   # ...the others go on with it meanwhile
     monkeypatch.setattr(calc_service, "CALCULATE_STALE_MAX", -1.0)    # but not once it is too old: storage is away
     assert calc_service.calculate_answer(*call, wait=False) is None
+
+
+# ---- ConfirmPurchaseResponse --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session", params=["compiled", "reference"])
+def confirm_encoder(request):
+    return _compiled().encode_confirm_response if request.param == "compiled" else convert.encode_confirm_response_py
+
+
+def test_confirm_responses_encode_to_protobufs_bytes(confirm_encoder):
+    """The ConfirmPurchase edge writes ``purchase_id`` / ``answer`` (its own program version) / ``replayed``
+    straight to bytes: the same bytes protobuf serializes, for engine answers and the hand-made corners."""
+    rng = random.Random(31)
+    answers = list(engine_answers(300, seed=32)) + [HAND_ANSWERS[k] for k in sorted(HAND_ANSWERS)]
+    for n, answer in enumerate(answers):
+        answer = dict(answer, program_version=rng.choice((0, 1, 300, 2**40)))
+        purchase_id = rng.choice(("1", str(2**62), "", "покупка-7"))
+        replayed = bool(n % 2)
+        got = confirm_encoder(purchase_id, answer, replayed)
+        want = processing_pb2.ConfirmPurchaseResponse(purchase_id=purchase_id, answer=convert.answer_to_proto(answer),
+                                                      replayed=replayed).SerializeToString()
+        assert got == want
+        parsed = processing_pb2.ConfirmPurchaseResponse.FromString(got)
+        assert (parsed.purchase_id, parsed.replayed, parsed.answer.program_version) == (
+            purchase_id, replayed, answer["program_version"])
+
+
+def test_confirm_request_decodes_with_the_calculate_codec(wire):
+    """``ConfirmPurchaseRequest`` and ``CalculateReceiptRequest`` share their layout (member = 1, receipt = 2),
+    so one decoder serves both; this holds the protos to it."""
+    calc = processing_pb2.CalculateReceiptRequest.DESCRIPTOR
+    confirm = processing_pb2.ConfirmPurchaseRequest.DESCRIPTOR
+    assert [(f.name, f.number, f.message_type.full_name) for f in calc.fields] == \
+           [(f.name, f.number, f.message_type.full_name) for f in confirm.fields]
+    req = processing_pb2.ConfirmPurchaseRequest(
+        member=receipt_pb2.MemberRef(card="7000001", phone="+79001234567"),
+        receipt=receipt_pb2.Receipt(store="s", terminal="t", number="n", at="2026-03-02T12:30:00+03:00",
+                                    lines=[receipt_pb2.Line(sku="milk", quantity=2000, price=8990)]))
+    assert wire.decode_calculate_request(req.SerializeToString()) == (
+        "7000001", "+79001234567", convert.receipt_to_dict(req.receipt))
