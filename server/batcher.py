@@ -6,6 +6,11 @@ each worker takes whatever is queued (at most ``max_batch``; with
 ``window`` > 0 it first waits up to that many seconds for the batch to fill) and calls ``run(slots)``, which
 must finish every slot with ``slot.set(value)`` or ``slot.fail(exc)``. Nothing waits when the process is
 idle: a lone request is a batch of one. While one worker is in its transaction, the next batch gathers.
+
+``key(item)`` (optional) names what an item locks in storage (for confirms: the member): a worker leaves in
+the queue the items whose key is in a batch another worker is running, so that two batches never wait for each
+other's locks (they would only queue in the database, one batch's whole transaction behind the other's), and
+the items of one key still run in the order they came. None: the item locks nothing of its own.
 """
 from __future__ import annotations
 
@@ -22,10 +27,11 @@ log = logging.getLogger(__name__)
 class Slot:
     """One request in a batch: ``item`` in, ``value`` or ``error`` out."""
 
-    __slots__ = ("item", "value", "error", "done", "_event", "_callback")
+    __slots__ = ("item", "key", "value", "error", "done", "_event", "_callback")
 
     def __init__(self, item, callback=None):
         self.item = item
+        self.key = None
         self.value = None
         self.error: BaseException | None = None
         self.done = False
@@ -53,8 +59,10 @@ class Slot:
 
 class Batcher:
     def __init__(self, run, *, max_batch: int = 32, window: float = 0.0, threads: int = 2,
-                 name: str = "batcher"):
+                 name: str = "batcher", key=None):
         self._run = run
+        self._key = key
+        self._busy: dict = {}       # key -> how many running batches hold items of it
         self.max_batch = max(1, max_batch)
         self.window = max(0.0, window)
         self._queue: collections.deque[Slot] = collections.deque()
@@ -82,6 +90,8 @@ class Batcher:
         self._put(Slot(item, callback))
 
     def _put(self, slot: Slot) -> None:
+        if self._key is not None:
+            slot.key = self._key(slot.item)
         with self._cond:
             if self._closed:
                 raise RuntimeError("batcher is closed")
@@ -90,19 +100,61 @@ class Batcher:
 
     def _take(self) -> list[Slot] | None:
         with self._cond:
-            while not self._queue:
-                if self._closed:
-                    return None
-                self._cond.wait()
-            if self.window and len(self._queue) < self.max_batch:
-                deadline = time.monotonic() + self.window
-                while len(self._queue) < self.max_batch and not self._closed:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-            n = min(len(self._queue), self.max_batch)
-            return [self._queue.popleft() for _ in range(n)]
+            while True:
+                while not self._queue:
+                    if self._closed:
+                        return None
+                    self._cond.wait()
+                if self.window and len(self._queue) < self.max_batch:
+                    deadline = time.monotonic() + self.window
+                    while len(self._queue) < self.max_batch and not self._closed:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                # (another worker may have emptied the queue while this one waited for the window)
+                if self._key is None:
+                    n = min(len(self._queue), self.max_batch)
+                    if n:
+                        return [self._queue.popleft() for _ in range(n)]
+                    continue
+                batch = self._take_free()
+                if batch:
+                    return batch
+                if self._queue:
+                    self._cond.wait()    # everything queued waits for a running batch: until one ends
+
+    def _take_free(self) -> list[Slot]:
+        """Up to ``max_batch`` items, in queue order, whose keys no running batch holds (under the lock)."""
+        busy, key = self._busy, self._key
+        batch: list[Slot] = []
+        kept: list[Slot] = []
+        queue = self._queue
+        while queue and len(batch) < self.max_batch:
+            slot = queue.popleft()
+            k = slot.key
+            if k is not None and k in busy:
+                kept.append(slot)
+            else:
+                batch.append(slot)
+        queue.extendleft(reversed(kept))
+        for slot in batch:
+            if slot.key is not None:
+                busy[slot.key] = busy.get(slot.key, 0) + 1
+        return batch
+
+    def _release(self, batch: list[Slot]) -> None:
+        with self._cond:
+            busy = self._busy
+            for slot in batch:
+                k = slot.key
+                if k is not None:
+                    left = busy[k] - 1
+                    if left:
+                        busy[k] = left
+                    else:
+                        del busy[k]
+            self._cond.notify_all()
 
     def _loop(self) -> None:
         while True:
@@ -122,6 +174,9 @@ class Batcher:
                 for slot in batch:
                     if not slot.done:
                         slot.fail(RuntimeError("batch left a request unanswered"))
+            finally:
+                if self._key is not None:
+                    self._release(batch)
 
     def close(self) -> None:
         """Finish what is queued, then stop the workers."""

@@ -332,7 +332,158 @@ _PGB_BUDGETS = "SELECT promotion, spent FROM promotion_budgets WHERE promotion =
 # (parameters: total, promotion, before, limit). The row stays locked until the batch's COMMIT.
 _PGB_SPEND_BUDGET = """UPDATE promotion_budgets SET spent = spent + %s::bigint
 WHERE promotion = %s AND spent + %s::bigint < %s::bigint RETURNING promotion"""
+def _member_of(item) -> tuple[str, str] | None:
+    """The batcher's key of a confirm (``_confirm_item``): its member reference, whose balance row the batch
+    locks; two batches of one process never hold the same one (``Batcher``)."""
+    return item[1]
+
+
 _ALONE = object()       # a batch's answer meaning: run this confirm in a transaction of its own
+
+
+# Every row of a whole batch in ONE statement (``_BatchWrite`` builds the parameters): what ``_PG_WRITE`` does
+# for one confirm, over JSON arrays of the batch's rows. Rows of one member are summed where one statement may
+# touch a row only once: the balance (deltas and payables added; the last upgrade's tier), the promotion usage
+# (uses counted) and the points written off (one walk over the member's lots, earliest-expiring first, for the
+# batch's total: the same lots, in the same order, as the confirms one after another, as long as no confirm of
+# the batch writes off points that an earlier one of the batch made active; ``_BatchWrite.exact`` says so).
+_PGB_WRITE = """\
+WITH
+purchase AS (
+    INSERT INTO purchases (id, store, terminal, number, member_id, card, program_version, request_hash, answer,
+        receipt_at, amount, discount, payable, redeemed_points, redeemed_amount, accrued_points, refunded_payable,
+        refunded_amount, returned_points, taken_back_points, status, created_at)
+    SELECT t.id, t.store, t.terminal, t.number, t.member_id, t.card, t.version, t.hash, t.answer, t.at, t.amount,
+        t.discount, t.payable, t.redeemed_points, t.redeemed_amount, t.accrued_points, 0, 0, 0, 0, 'confirmed', t.now
+    FROM json_to_recordset(%(purchases)s::json) AS t(id bigint, store varchar, terminal varchar, number varchar,
+        member_id bigint, card varchar, version bigint, hash varchar, answer json, at varchar, amount bigint,
+        discount bigint, payable bigint, redeemed_points bigint, redeemed_amount bigint, accrued_points bigint,
+        now timestamptz)),
+lines AS (
+    INSERT INTO purchase_lines (purchase_id, line, sku, quantity, amount, payable, redeemed, points,
+        refunded_quantity, refunded_payable, refunded_redeemed, refunded_points)
+    SELECT t.purchase_id, t.line, t.sku, t.quantity, t.amount, t.payable, t.redeemed, t.points, 0, 0, 0, 0
+    FROM json_to_recordset(%(lines)s::json) AS t(purchase_id bigint, line int, sku varchar, quantity bigint,
+        amount bigint, payable bigint, redeemed bigint, points bigint)),
+held AS (
+    SELECT l.id, l.remaining, c.redeemed,
+        sum(l.remaining) OVER (PARTITION BY l.member_id ORDER BY l.expires_at ASC NULLS LAST, l.id) - l.remaining
+            AS before
+    FROM point_lots AS l JOIN json_to_recordset(%(consumed)s::json) AS c(member_id bigint, redeemed bigint)
+        ON l.member_id = c.member_id
+    WHERE l.state = 'active' AND l.remaining > 0),
+consumed AS (
+    UPDATE point_lots AS p SET remaining = p.remaining - LEAST(h.remaining, h.redeemed - h.before)
+    FROM held AS h WHERE p.id = h.id AND h.before < h.redeemed),
+entries AS (
+    INSERT INTO ledger (id, key, member_id, kind, points, active_delta, pending_delta, purchase_id, refund_id,
+        operation_id, reason, created_at)
+    SELECT t.id, t.key, t.member_id, t.kind, t.a + t.p, t.a, t.p, t.purchase_id, NULL, NULL, '', t.now
+    FROM json_to_recordset(%(entries)s::json) AS t(id bigint, key varchar, member_id bigint, kind varchar, a bigint,
+        p bigint, purchase_id bigint, now timestamptz)),
+lot AS (
+    INSERT INTO point_lots (member_id, points, remaining, state, activates_at, expires_at, entry_id, purchase_id,
+        expiring_notified)
+    SELECT t.member_id, t.points, t.points, t.state, t.activates, t.expires, t.entry, t.purchase_id, false
+    FROM json_to_recordset(%(lots)s::json) AS t(member_id bigint, points bigint, state varchar,
+        activates timestamptz, expires timestamptz, entry bigint, purchase_id bigint)),
+balance AS (
+    UPDATE balances AS b SET active = b.active + t.a, pending = b.pending + t.p,
+        purchases_sum = GREATEST(b.purchases_sum + t.payable, 0), tier = COALESCE(t.tier, b.tier), updated_at = t.now
+    FROM json_to_recordset(%(balances)s::json) AS t(member_id bigint, a bigint, p bigint, payable bigint,
+        tier varchar, now timestamptz)
+    WHERE b.member_id = t.member_id),
+usage AS (
+    INSERT INTO promotion_usage (member_id, promotion, period_key, uses)
+    SELECT t.member_id, t.promotion, t.period_key, t.uses
+    FROM json_to_recordset(%(usage)s::json) AS t(member_id bigint, promotion varchar, period_key varchar, uses int)
+    ON CONFLICT (member_id, promotion, period_key) DO UPDATE SET uses = promotion_usage.uses + EXCLUDED.uses)
+INSERT INTO events (kind, key, member_id, payload, created_at, processed_at)
+SELECT t.kind, t.key, t.member_id, t.payload, t.now, NULL
+FROM json_to_recordset(%(events)s::json) AS t(kind varchar, key varchar, member_id bigint, payload json,
+    now timestamptz)"""
+
+_JSON_PARAMS = ("answer", "lines", "entries", "usage", "events")
+
+
+def _as_json_params(rows: dict) -> dict:
+    """``_pg_rows``'s values as ``_PG_WRITE``'s parameters: its documents as JSON text."""
+    for name in _JSON_PARAMS:
+        rows[name] = dumps(rows[name])
+    return rows
+
+
+class _BatchWrite:
+    """The rows of a batch's confirms (``_pg_rows`` of each, in the order they are written), gathered into
+    ``_PGB_WRITE``'s parameters, or sent one ``_PG_WRITE`` each when one walk over a member's lots would not
+    write off what the confirms one after another would (``exact`` False: a member's confirm writes off points
+    while an earlier confirm of the batch made points active, which that later one might take)."""
+
+    def __init__(self):
+        self.confirms: list[dict] = []
+        self.exact = True
+        self._made_active: set = set()      # members with points made active by a confirm of this batch
+
+    def add(self, rows: dict) -> None:
+        self.confirms.append(rows)
+        member_id = rows["member_id"]
+        if member_id is None:
+            return
+        if rows["redeemed"] and member_id in self._made_active:
+            self.exact = False
+        if rows["lot_points"] and rows["lot_state"] == "active":
+            self._made_active.add(member_id)
+
+    def send(self, dconn) -> None:
+        """Queue the writes on ``dconn`` (in a pipeline)."""
+        if not self.exact:
+            for rows in self.confirms:
+                dconn.execute(_PG_WRITE, _as_json_params(rows))
+            return
+        purchases, lines, entries, lots, events = [], [], [], [], []
+        consumed: dict = {}
+        balances: dict = {}
+        usage: dict = {}
+        for r in self.confirms:
+            pid, member_id, now = r["id"], r["member_id"], r["now"]
+            purchases.append({k: r[k] for k in _PURCHASE_KEYS})
+            for ln in r["lines"]:
+                lines.append(dict(ln, purchase_id=pid))
+            for e in r["events"]:
+                events.append(dict(e, member_id=member_id, now=now))
+            if member_id is None:
+                continue
+            for e in r["entries"]:
+                entries.append(dict(e, member_id=member_id, purchase_id=pid, now=now))
+            if r["lot_points"] > 0:
+                lots.append({"member_id": member_id, "points": r["lot_points"], "state": r["lot_state"],
+                             "activates": r["lot_activates"], "expires": r["lot_expires"], "entry": r["lot_entry"],
+                             "purchase_id": pid})
+            if r["redeemed"]:
+                consumed[member_id] = consumed.get(member_id, 0) + r["redeemed"]
+            b = balances.get(member_id)
+            if b is None:
+                b = balances[member_id] = {"member_id": member_id, "a": 0, "p": 0, "payable": 0, "tier": None}
+            b["a"] += r["active_delta"]
+            b["p"] += r["pending_delta"]
+            b["payable"] += r["payable"]
+            b["now"] = now
+            if r["tier"] is not None:
+                b["tier"] = r["tier"]
+            for u in r["usage"]:
+                k = (member_id, u["promotion"], u["period_key"])
+                usage[k] = usage.get(k, 0) + 1
+        dconn.execute(_PGB_WRITE, {
+            "purchases": dumps(purchases), "lines": dumps(lines), "entries": dumps(entries), "lots": dumps(lots),
+            "consumed": dumps([{"member_id": m, "redeemed": n} for m, n in consumed.items()]),
+            "balances": dumps(list(balances.values())),
+            "usage": dumps([{"member_id": m, "promotion": p, "period_key": k, "uses": n}
+                            for (m, p, k), n in usage.items()]),
+            "events": dumps(events)})
+
+
+_PURCHASE_KEYS = ("id", "store", "terminal", "number", "member_id", "card", "version", "hash", "answer", "at",
+                  "amount", "discount", "payable", "redeemed_points", "redeemed_amount", "accrued_points", "now")
 
 
 class ProcessingService:
@@ -365,7 +516,7 @@ class ProcessingService:
             self._batcher = Batcher(self._confirm_batch, max_batch=group_commit,
                                     window=float(env("LOYALTY_CONFIRM_BATCH_WINDOW_MS", "1") or 0) / 1000,
                                     threads=int(env("LOYALTY_CONFIRM_BATCH_THREADS", "2") or 2),
-                                    name="confirm-batch")
+                                    name="confirm-batch", key=_member_of)
         # Audience membership from the segment module (roaring bitmaps, reloaded when a recalculation
         # bumps the membership version): what the core's audience conditions check.
         self.audience_index = audience_index or AudienceIndex(database, redis_url=redis_url)
@@ -712,7 +863,7 @@ class ProcessingService:
            the condition that the figures the batch decided on still hold (``_PGB_SPEND_BUDGET``; when one
            does not, ``_BudgetMoved``: the batch rolls back and each confirm runs alone);
         3. after the calculations, in receipt-key order (the order every batch inserts its purchases in):
-           each confirm's write statement, COMMIT.
+           every row of the batch in one statement (``_BatchWrite``), COMMIT.
 
         Two confirms of one member follow each other: the second is calculated and checked against the
         member as the first one's writes leave it. Two confirms of one key: the second replays the first
@@ -761,7 +912,7 @@ class ProcessingService:
 
         outcomes: list = [None] * n
         firsts: dict = {}           # key -> index of the confirm of this batch that writes it
-        writes, budgets = [], {}    # budgets: promotion -> what this batch's confirms spend of it
+        writes, budgets = _BatchWrite(), {}     # budgets: promotion -> what this batch's confirms spend of it
         checks: dict = {}           # promotion -> what the batch had spent before its last confirm applying it
         for k, i in enumerate(order):
             receipt, ref, at, request_hash = items[i]
@@ -810,8 +961,8 @@ class ProcessingService:
                 outcomes[i] = _ALONE
                 continue
             purchase_id, entry_a, entry_b = ids[k]
-            writes.append(self._pg_write_params(snap, receipt, ctx, fx, answer, now, request_hash, purchase_id,
-                                                entry_a, entry_b))
+            writes.add(self._pg_rows(snap, receipt, ctx, fx, answer, now, request_hash, purchase_id, entry_a,
+                                     entry_b))
             if spent_before is not None:
                 for promotion in answer["promotions"]:
                     if promotion in spent_before:
@@ -828,7 +979,7 @@ class ProcessingService:
                     live.usage[pk] = live.usage.get(pk, 0) + 1
             firsts[key] = i
             outcomes[i] = (purchase_id, answer, False, ctx.member_id if ctx else None)
-        if writes:
+        if writes.confirms:
             limits = {p.id: p.limits.discount_budget if p.limits.discount_budget is not None
                       else p.limits.points_budget for p in promotions}
             with driver_errors(conn):
@@ -841,8 +992,7 @@ class ProcessingService:
                     if moved:
                         raise _BudgetMoved(moved)
                 with dconn.pipeline():
-                    for params in writes:
-                        dconn.execute(_PG_WRITE, params)
+                    writes.send(dconn)
                     dconn.commit()
         for i, outcome in enumerate(outcomes):
             if type(outcome) is int:        # the replay of the first confirm of its key in this batch
@@ -851,11 +1001,11 @@ class ProcessingService:
         return outcomes
 
     @staticmethod
-    def _pg_write_params(snap: Snapshot, receipt: dict, ctx, fx: _Effects, answer: dict, now, request_hash: str,
-                         purchase_id: int, entry_a: int, entry_b: int) -> dict:
-        """The parameters of ``_PG_WRITE``: every row of one confirm."""
+    def _pg_rows(snap: Snapshot, receipt: dict, ctx, fx: _Effects, answer: dict, now, request_hash: str,
+                 purchase_id: int, entry_a: int, entry_b: int) -> dict:
+        """Every row of one confirm as plain values, named as ``_PG_WRITE``'s parameters (``_pg_write_params``
+        encodes them for it; a batch gathers many into ``_PGB_WRITE``, ``_BatchWrite``)."""
         totals = answer["totals"]
-        member_id = fx.member_id
         lines, rlines = answer["lines"], receipt["lines"]
         entries = []
         if fx.redeemed:
@@ -864,27 +1014,30 @@ class ProcessingService:
         if fx.accrued:
             entries.append({"id": entry_b, "key": f"purchase:{purchase_id}:accrual", "kind": "accrual",
                             "a": 0 if fx.is_pending else fx.accrued, "p": fx.accrued if fx.is_pending else 0})
-        params = {
+        return {
             "id": purchase_id, "store": receipt["store"], "terminal": receipt["terminal"],
-            "number": receipt["number"], "member_id": member_id, "card": ctx.card if ctx else None,
-            "version": snap.version, "hash": request_hash, "answer": dumps(answer), "at": receipt.get("at", ""),
+            "number": receipt["number"], "member_id": fx.member_id, "card": ctx.card if ctx else None,
+            "version": snap.version, "hash": request_hash, "answer": answer, "at": receipt.get("at", ""),
             "amount": totals["amount"], "discount": totals["discount"], "payable": totals["payable"],
             "redeemed_points": totals["redeemed_points"], "redeemed_amount": totals["redeemed_amount"],
             "accrued_points": totals["accrued_points"], "now": now,
-            "lines": dumps([{"line": i, "sku": ln["sku"], "quantity": rlines[i]["quantity"], "amount": ln["amount"],
-                             "payable": ln["payable"], "redeemed": ln["redeemed"], "points": ln["points"]}
-                            for i, ln in enumerate(lines)]),
-            "redeemed": fx.redeemed, "entries": dumps(entries),
+            "lines": [{"line": i, "sku": ln["sku"], "quantity": rlines[i]["quantity"], "amount": ln["amount"],
+                       "payable": ln["payable"], "redeemed": ln["redeemed"], "points": ln["points"]}
+                      for i, ln in enumerate(lines)],
+            "redeemed": fx.redeemed, "entries": entries,
             "lot_points": fx.accrued, "lot_state": "pending" if fx.is_pending else "active",
             "lot_activates": fx.activates, "lot_expires": fx.expires, "lot_entry": entry_b,
             "active_delta": fx.active_delta, "pending_delta": fx.pending_delta,
             "tier": fx.reached if fx.upgrade else None,
-            "usage": dumps([{"promotion": p, "period_key": k} for p, k in fx.limited]),
-            "events": dumps([{"kind": kind, "key": key, "payload": payload}
-                             for kind, key, _, payload in _confirm_events(purchase_id, snap, receipt, ctx, fx,
-                                                                          answer)]),
+            "usage": [{"promotion": p, "period_key": k} for p, k in fx.limited],
+            "events": [{"kind": kind, "key": key, "payload": payload}
+                       for kind, key, _, payload in _confirm_events(purchase_id, snap, receipt, ctx, fx, answer)],
         }
-        return params
+
+    @classmethod
+    def _pg_write_params(cls, *args) -> dict:
+        """The parameters of ``_PG_WRITE``: ``_pg_rows(*args)`` with its documents as JSON text."""
+        return _as_json_params(cls._pg_rows(*args))
 
     @staticmethod
     def _replay_purchase(purchase_id: int, stored_hash: str, answer: dict, request_hash: str, receipt: dict):

@@ -1,0 +1,121 @@
+"""The group-commit batcher (``loyalty.server.batcher``): every item answered once, batches bounded, and with
+``key``, no two running batches holding items of one key, the items of one key in the order they came."""
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+
+from loyalty.server.batcher import Batcher
+
+
+def _recording_run(log, lock, running, overlaps, hold=0.0):
+    def run(slots):
+        keys = [s.item[0] for s in slots if s.item[0] is not None]
+        with lock:
+            for k in keys:
+                if k in running:
+                    overlaps.append(k)
+            for k in keys:
+                running[k] = running.get(k, 0) + 1
+            log.append([s.item for s in slots])
+        time.sleep(hold)
+        with lock:
+            for k in keys:
+                running[k] -= 1
+                if not running[k]:
+                    del running[k]
+        for s in slots:
+            s.set(s.item)
+    return run
+
+
+def test_every_item_is_answered_with_its_own_value_in_batches_of_at_most_max():
+    log, lock = [], threading.Lock()
+    b = Batcher(_recording_run(log, lock, {}, []), max_batch=5, threads=2, window=0.002)
+    try:
+        out = [None] * 60
+        def submit(i):
+            out[i] = b.submit((None, i))
+        threads = [threading.Thread(target=submit, args=(i,)) for i in range(60)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert out == [(None, i) for i in range(60)]
+        assert all(1 <= len(batch) <= 5 for batch in log)
+        assert sorted(i for batch in log for _, i in batch) == list(range(60))
+    finally:
+        b.close()
+
+
+def test_an_error_reaches_every_waiter_of_its_batch():
+    def run(slots):
+        raise RuntimeError("storage fell over")
+    b = Batcher(run, max_batch=4, threads=1)
+    try:
+        with pytest.raises(RuntimeError, match="storage fell over"):
+            b.submit((None, 1))
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_keyed_items_never_run_in_two_batches_at_once_and_keep_their_order(seed):
+    rng = random.Random(seed)
+    log, lock, running, overlaps = [], threading.Lock(), {}, []
+    b = Batcher(_recording_run(log, lock, running, overlaps, hold=0.003), max_batch=6, threads=3,
+                key=lambda item: item[0])
+    try:
+        items = [(rng.choice(["m1", "m2", "m3", "m4", None]), n) for n in range(120)]
+        done = []
+        gate = threading.Lock()
+        for item in items:         # queued in this order (callbacks: nobody waits)
+            b.submit_nowait(item, lambda slot: (gate.acquire(), done.append(slot.value), gate.release()))
+        deadline = time.monotonic() + 20
+        while len(done) < len(items) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(done, key=lambda x: x[1]) == items
+        assert overlaps == [], "two running batches held items of one key"
+        ran = [item for batch in log for item in batch]
+        for key in ("m1", "m2", "m3", "m4"):
+            assert [n for k, n in ran if k == key] == [n for k, n in items if k == key], key
+        assert len(log) > 1 and b._busy == {}
+    finally:
+        b.close()
+
+
+def test_a_busy_key_does_not_hold_up_the_others():
+    started, release = threading.Event(), threading.Event()
+    order = []
+
+    def run(slots):
+        order.append([s.item for s in slots])      # when each batch starts
+        if any(s.item == ("slow", 0) for s in slots):
+            started.set()
+            release.wait(10)
+        for s in slots:
+            s.set(s.item)
+
+    b = Batcher(run, max_batch=8, threads=2, key=lambda item: item[0])
+    try:
+        first = threading.Thread(target=b.submit, args=(("slow", 0),))
+        first.start()
+        assert started.wait(5)
+        later = []
+        t = threading.Thread(target=lambda: later.append(b.submit(("slow", 1))))
+        t.start()
+        # "slow" is held by the running batch: ("slow", 1) waits for it, ("fast", 2) goes ahead
+        assert b.submit(("fast", 2)) == ("fast", 2)
+        assert later == []
+        release.set()
+        t.join(5)
+        first.join(5)
+        assert later == [("slow", 1)]
+        assert order[0] == [("slow", 0)] and [("slow", 1)] in order[1:]
+        assert order.index([("fast", 2)]) < order.index([("slow", 1)])
+    finally:
+        release.set()
+        b.close()
