@@ -17,7 +17,7 @@ import datetime as dt
 
 from sqlalchemy import bindparam, case, func, insert, literal, select, update
 
-from .models import balances, ledger, point_lots
+from .models import balances, ledger, point_lots, purchase_lines, purchases
 
 __all__ = ["add_entry", "new_lot", "consume_active", "take_back", "settle_debt", "move_balance", "check",
            "liability"]
@@ -155,8 +155,9 @@ def move_balance(conn, member_id: int, *, active: int = 0, pending: int = 0, pur
 # ---- proofs and reports -------------------------------------------------------------------------------------
 
 def check(service) -> list[str]:
-    """Every discrepancy between the ledger, the lots and the balances, one sentence each; empty when they
-    agree. Set-based: three grouped queries, whatever the number of members."""
+    """Every discrepancy between the ledger, the lots and the balances (and purchase lines without their
+    purchase), one sentence each; empty when they agree. Set-based: a few grouped queries, whatever the number
+    of members."""
     problems: list[str] = []
     with service.db.read() as conn:
         sums = (select(ledger.c.member_id, func.sum(ledger.c.active_delta).label("a"),
@@ -189,6 +190,10 @@ def check(service) -> list[str]:
             .distinct()).scalars().all()
         for member_id in orphans:
             problems.append(f"member {member_id}: ledger entries without a balance row")
+        lost = conn.execute(select(func.count()).select_from(purchase_lines)
+                            .where(purchase_lines.c.purchase_id.not_in(select(purchases.c.id)))).scalar()
+        if lost:
+            problems.append(f"{lost} purchase lines without their purchase")
         bad = conn.execute(select(func.count()).select_from(balances).where(balances.c.pending < 0)).scalar()
         if bad:
             problems.append(f"{bad} balances with negative pending points")

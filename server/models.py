@@ -186,8 +186,6 @@ class Purchase(Base):
     status: Mapped[str] = mapped_column(String(10), default="confirmed")
     created_at: Mapped[dt.datetime] = mapped_column(index=True)
 
-    lines: Mapped[list[PurchaseLine]] = relationship(lazy="raise")
-
     __table_args__ = (
         UniqueConstraint("store", "terminal", "number"),
         CheckConstraint("status IN ('confirmed', 'refunded', 'cancelled')", name="status"),
@@ -195,10 +193,14 @@ class Purchase(Base):
 
 
 class PurchaseLine(Base):
-    """One line's result and what of it has been returned so far (quantities in thousandths)."""
+    """One line's result and what of it has been returned so far (quantities in thousandths).
+
+    No foreign key to ``purchases``: lines are written in the statement that writes their purchase and
+    neither is ever deleted, and the key's check, one trigger call per line, was a fifth of PostgreSQL's work
+    per confirm (``benchmarks/server.py``; migration 0004). ``loyalty ledger check`` finds orphans instead."""
     __tablename__ = "purchase_lines"
 
-    purchase_id: Mapped[int] = mapped_column(ForeignKey("purchases.id"), primary_key=True)
+    purchase_id: Mapped[int] = mapped_column(Id, primary_key=True)
     line: Mapped[int] = mapped_column(Integer, primary_key=True)
     sku: Mapped[str] = mapped_column(String(64))
     quantity: Mapped[int]

@@ -38,3 +38,17 @@ def test_take_back_beyond_the_balance_is_a_debt_the_next_credit_pays(service, cl
     service.adjust_points(P.AdjustPointsRequest(member=ref, kind="top_up", points=50, operation_id="d-top"))
     assert member(service, "7300002").active_points == 30            # 50 - 20 of debt
     assert ledger.check(service) == []
+
+
+def test_ledger_check_reports_purchase_lines_without_their_purchase(service):
+    """purchase_lines has no foreign key (migration 0004): the check stands in for it."""
+    from sqlalchemy import insert
+
+    from loyalty.server.models import purchase_lines
+
+    assert ledger.check(service) == []
+    with service.db.write() as conn:
+        conn.execute(insert(purchase_lines).values(
+            purchase_id=987654, line=0, sku="ghost", quantity=1000, amount=100, payable=100, redeemed=0, points=0,
+            refunded_quantity=0, refunded_payable=0, refunded_redeemed=0, refunded_points=0))
+    assert ledger.check(service) == ["1 purchase lines without their purchase"]

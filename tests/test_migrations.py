@@ -49,3 +49,43 @@ def test_upgrade_twice_is_harmless(tmp_path):
     db.upgrade(url)
     db.upgrade(url)
     assert _diff(url)[0] == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_0004_drops_the_purchase_lines_key_and_gives_it_back_on_downgrade(tmp_path, backend, request):
+    """Data written at 0003 survives 0004 (SQLite rebuilds the table), and a downgrade restores the key."""
+    from alembic import command
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path / 'm.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
+
+    def keys():
+        engine = create_engine(url)
+        try:
+            with engine.connect() as conn:
+                return [fk["referred_table"] for fk in inspect(conn).get_foreign_keys("purchase_lines")]
+        finally:
+            engine.dispose()
+
+    db.upgrade(url, "0003")
+    assert keys() == ["purchases"]
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO program_versions (version, name, yaml, checksum, published_at, comment) "
+                          "VALUES (1, 'p', 'x', 'c', CURRENT_TIMESTAMP, '')"))
+        conn.execute(text("INSERT INTO purchases (id, store, terminal, number, program_version, request_hash, "
+                          "answer, receipt_at, amount, discount, payable, redeemed_points, redeemed_amount, "
+                          "accrued_points, refunded_payable, refunded_amount, returned_points, taken_back_points, "
+                          "status, created_at) VALUES (7, 's', 't', 'n', 1, 'h', '{}', '', 100, 0, 100, 0, 0, 0, "
+                          "0, 0, 0, 0, 'confirmed', CURRENT_TIMESTAMP)"))
+        conn.execute(text("INSERT INTO purchase_lines VALUES (7, 0, 'milk', 1000, 100, 100, 0, 0, 0, 0, 0, 0)"))
+    engine.dispose()
+    db.upgrade(url)
+    assert keys() == []
+    assert _diff(url)[0] == []
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT purchase_id, sku, amount FROM purchase_lines")).all() == [(7, "milk", 100)]
+    engine.dispose()
+    command.downgrade(db.alembic_config(url), "0003")
+    assert keys() == ["purchases"]
