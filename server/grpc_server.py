@@ -434,6 +434,11 @@ async def run_server(config: ServeConfig, *, service=None, announce=None, worker
         # objects) lives as long as the process: out of the cyclic collector's sight, a full collection no longer
         # walks it (under load that blocked the event loop for ~50 ms at a time: CalculateReceipt's p99).
         gc.freeze()
+        # A request allocates a few hundred containers (receipt and answer dicts) that die with it: at the
+        # default threshold (700) the young generation was collected every other request, and older ones
+        # often behind it. 50,000 keeps a young collection to a few milliseconds of work, a few times a
+        # second (CalculateReceipt against the echo server: about 0.68x -> 0.75x in interleaved runs).
+        gc.set_threshold(50_000, 20, 100)
         if announce is not None:
             announce(f"listening on {config.host}:{port}")
         log.info("worker %d (pid %d) serving on %s:%d", worker, os.getpid(), config.host, port)
