@@ -5,8 +5,9 @@
 Starts ``loyalty serve`` on SQLite (a temp data dir, demo seeded) and, unless ``--no-postgres``, on a fresh
 PostgreSQL database; beside it ``loyalty.server.echo`` answering the very bytes the real server answers to the
 fixed request. One load generator drives every scenario the same way: ``--processes`` processes, each with
-grpc.aio coroutines (``--concurrency`` in all) calling back to back for ``--duration`` seconds after a short
-warm-up, on loopback. Scenarios:
+``--channels`` connections and grpc.aio coroutines (``--concurrency`` in all) calling back to back for
+``--duration`` seconds after a short warm-up, on loopback. The PostgreSQL server runs ``--pg-workers``
+processes (default: one per core, as in production); the SQLite server and the echo server run one. Scenarios:
 
 - ``echo``: CalculateReceipt against the echo server (the cost of gRPC in Python alone);
 - ``calculate``: CalculateReceipt, a fixed 20-line receipt for demo member 7000001 (no side effects);
@@ -14,8 +15,10 @@ warm-up, on loopback. Scenarios:
   number per call, spread over 64 members enrolled for the run (many customers at many terminals); every
   error is counted.
 
-Prints one JSON line per scenario (``--json``: only those, plus a final summary line) and a table with RPS,
-p50, p99 and the ratios against echo. Targets: calculate >= 70% of echo's RPS with p99 <= 2x echo's;
+Runs every scenario ``--rounds`` times, interleaved (echo, calculate, confirm_sqlite, confirm_postgres, then
+again), and prints one JSON line per scenario and round (``--json``: only those, plus a final summary line)
+and a table of each scenario's median round with RPS, p50, p99 and the ratios against echo (the median of
+each round's own ratio: a shared machine drifts over minutes, rounds seconds apart do not). Targets: calculate >= 70% of echo's RPS with p99 <= 2x echo's;
 confirm_postgres >= 1,000/s with zero errors. Absolute numbers move with the machine; the ratios are the claim.
 """
 from __future__ import annotations
@@ -55,7 +58,8 @@ def fixed_lines() -> list[dict]:
 
 # ---- load generator (runs in fresh processes) -----------------------------------------------------------------
 
-def _generator(target: str, scenario: str, workers: int, duration: float, warmup: float, seed: str, out) -> None:
+def _generator(target: str, scenario: str, workers: int, duration: float, warmup: float, seed: str, out,
+               channels: int = 1) -> None:
     import grpc
 
     from loyalty.v1 import processing_pb2
@@ -78,14 +82,18 @@ def _generator(target: str, scenario: str, workers: int, duration: float, warmup
                                           "ConfirmPurchase")
 
     async def main():
-        channel = grpc.aio.insecure_channel(target)
-        call = channel.unary_unary(method)   # bytes in, bytes out: the generator decodes nothing
+        # several connections per process, as several terminals of a store would have (the coroutines share
+        # them round-robin); with --workers the kernel spreads connections, not calls, over the processes
+        opened = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+                  for _ in range(max(1, channels))]
+        calls = [ch.unary_unary(method) for ch in opened]   # bytes in, bytes out: the generator decodes nothing
         latencies: list[float] = []
         errors: dict[str, int] = {}
         start = time.perf_counter()
         t_measure, t_end = start + warmup, start + warmup + duration
 
         async def worker(i: int):
+            call = calls[i % len(calls)]
             n = 0
             while True:
                 payload = make(i, n)
@@ -107,19 +115,21 @@ def _generator(target: str, scenario: str, workers: int, duration: float, warmup
                         errors[code] = errors.get(code, 0) + 1
 
         await asyncio.gather(*(worker(i) for i in range(workers)))
-        await channel.close()
+        for ch in opened:
+            await ch.close()
         out.put({"latencies": latencies, "errors": errors, "duration": duration})
 
     asyncio.run(main())
 
 
-def drive(target: str, scenario: str, *, processes: int, concurrency: int, duration: float, warmup: float) -> dict:
+def drive(target: str, scenario: str, *, processes: int, concurrency: int, duration: float, warmup: float,
+          channels: int = 1) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     run_id = uuid.uuid4().hex[:6]
     share = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
     procs = [ctx.Process(target=_generator, args=(target, scenario, share[i], duration, warmup,
-                                                  f"{run_id}{i}", queue)) for i in range(processes)]
+                                                  f"{run_id}{i}", queue, channels)) for i in range(processes)]
     for p in procs:
         p.start()
     results = [queue.get(timeout=duration + warmup + 120) for _ in procs]
@@ -137,7 +147,7 @@ def drive(target: str, scenario: str, *, processes: int, concurrency: int, durat
     return {"scenario": scenario, "rps": round(len(latencies) / duration, 1), "ok": len(latencies),
             "errors": sum(errors.values()), "error_codes": errors,
             "p50_ms": round(pct(0.50), 3) if latencies else None, "p99_ms": round(pct(0.99), 3) if latencies else None,
-            "concurrency": concurrency, "processes": processes, "duration_s": duration}
+            "concurrency": concurrency, "processes": processes, "channels": channels, "duration_s": duration}
 
 
 # ---- servers --------------------------------------------------------------------------------------------------
@@ -169,9 +179,9 @@ class Proc:
                 self.proc.wait()
 
 
-def start_loyalty(tmp: pathlib.Path, name: str, database_url: str | None, log_level: str) -> Proc:
+def start_loyalty(tmp: pathlib.Path, name: str, database_url: str | None, log_level: str, workers: int = 1) -> Proc:
     cmd = [sys.executable, "-c", "from loyalty.cli.main import main; main()", "serve", "--port", "0", "--demo",
-           "--data-dir", str(tmp / name), "--log-level", log_level]
+           "--data-dir", str(tmp / name), "--log-level", log_level, "--workers", str(workers)]
     if database_url:
         cmd += ["--database-url", database_url]
     proc = Proc(cmd, tmp / f"{name}.log")
@@ -203,10 +213,15 @@ def drop_pg_database(name: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=3.0, help="measured seconds per scenario")
+    parser.add_argument("--duration", type=float, default=3.0, help="measured seconds per scenario and round")
+    parser.add_argument("--rounds", type=int, default=3, help="every scenario this many times, interleaved")
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--processes", type=int, default=2, help="load generator processes")
+    parser.add_argument("--channels", type=int, default=4, help="connections per load generator process")
+    parser.add_argument("--pg-workers", type=int, default=os.cpu_count() or 1,
+                        help="server processes on PostgreSQL (the production setup: one per core); the SQLite "
+                             "server and echo run one")
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--log-level", default="WARNING", help="of the servers under test")
     parser.add_argument("--json", action="store_true", help="JSON lines only")
@@ -218,7 +233,7 @@ def main(argv=None) -> int:
     def emit(obj):
         print(json.dumps(obj), flush=True)
 
-    results = {}
+    results, rounds = {}, {}
     with tempfile.TemporaryDirectory(prefix="loyalty-bench-") as tmpdir:
         tmp = pathlib.Path(tmpdir)
         procs = []
@@ -238,39 +253,52 @@ def main(argv=None) -> int:
                          "--response", str(tmp / "response.bin")], tmp / "echo.log")
             procs.append(echo)
             common = dict(processes=args.processes, concurrency=args.concurrency, duration=args.duration,
-                          warmup=args.warmup)
-            for scenario, target in (("echo", echo.target), ("calculate", sqlite.target),
-                                     ("confirm_sqlite", sqlite.target)):
-                results[scenario] = drive(target, scenario if scenario != "confirm_sqlite" else "confirm", **common)
-                results[scenario]["scenario"] = scenario
-                emit(results[scenario])
+                          warmup=args.warmup, channels=args.channels)
+            targets = [("echo", "echo", echo.target), ("calculate", "calculate", sqlite.target),
+                       ("confirm_sqlite", "confirm", sqlite.target)]
             if not args.no_postgres:
                 pg_name, pg_url = fresh_pg_database()
                 if pg_url:
-                    pg = start_loyalty(tmp, "postgres", pg_url, args.log_level)
+                    pg = start_loyalty(tmp, "postgres", pg_url, args.log_level, workers=args.pg_workers)
                     procs.append(pg)
-                    results["confirm_postgres"] = drive(pg.target, "confirm", **common)
-                    results["confirm_postgres"]["scenario"] = "confirm_postgres"
-                    emit(results["confirm_postgres"])
+                    targets.append(("confirm_postgres", "confirm", pg.target))
+            # Rounds: every scenario once per round, in the same order, so that each round's echo and calculate
+            # run seconds apart on the same machine; a scenario's figure is its median round, the ratios are
+            # the medians of the rounds' own ratios (a shared, noisy machine drifts between minutes).
+            for r in range(args.rounds):
+                for name, scenario, target in targets:
+                    result = drive(target, scenario, **common)
+                    result.update(scenario=name, round=r + 1)
+                    rounds.setdefault(name, []).append(result)
+                    emit(result)
         finally:
             for p in reversed(procs):
                 p.stop()
             if pg_name:
                 drop_pg_database(pg_name)
 
+    for name, runs in rounds.items():
+        median = sorted(runs, key=lambda x: x["rps"])[len(runs) // 2]
+        results[name] = dict(median, round="median", rounds_rps=[x["rps"] for x in runs],
+                             errors=sum(x["errors"] for x in runs))
     echo = results["echo"]
-    calc = results["calculate"]
+
+    def paired(name, key):
+        """The median over rounds of ``name``'s ``key`` against echo's in the same round."""
+        ratios = sorted(a[key] / b[key] for a, b in zip(rounds[name], rounds["echo"]) if a[key] and b[key])
+        return round(ratios[len(ratios) // 2], 3) if ratios else None
+
     summary = {
-        "summary": True,
-        "calculate_rps_vs_echo": round(calc["rps"] / echo["rps"], 3) if echo["rps"] else None,
-        "calculate_p99_vs_echo": round(calc["p99_ms"] / echo["p99_ms"], 3) if echo["p99_ms"] else None,
+        "summary": True, "rounds": args.rounds,
+        "calculate_rps_vs_echo": paired("calculate", "rps"),
+        "calculate_p99_vs_echo": paired("calculate", "p99_ms"),
         "response_bytes": len(response), "compiled_core": COMPILED,
         "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-        "grpcio": __import__("grpc").__version__,
+        "grpcio": __import__("grpc").__version__, "pg_workers": args.pg_workers,
     }
     for name in ("confirm_sqlite", "confirm_postgres"):
         if name in results:
-            summary[f"{name}_rps_vs_echo"] = round(results[name]["rps"] / echo["rps"], 3)
+            summary[f"{name}_rps_vs_echo"] = paired(name, "rps")
     summary["targets"] = {
         "calculate_rps_ge_70pct_echo": bool(summary["calculate_rps_vs_echo"] and summary["calculate_rps_vs_echo"] >= 0.7),
         "calculate_p99_le_2x_echo": bool(summary["calculate_p99_vs_echo"] and summary["calculate_p99_vs_echo"] <= 2.0),
@@ -281,13 +309,14 @@ def main(argv=None) -> int:
     emit(summary)
     if not args.json:
         print(file=sys.stderr)
-        print(f"{'scenario':<18}{'rps':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}{'rps/echo':>10}{'p99/echo':>10}",
-              file=sys.stderr)
+        print(f"median of {args.rounds} interleaved rounds of {args.duration:g} s; ratios: median of each round's "
+              f"own ratio to echo", file=sys.stderr)
+        print(f"{'scenario':<18}{'rps':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}{'rps/echo':>10}{'p99/echo':>10}"
+              f"  rounds rps", file=sys.stderr)
         for name, r in results.items():
-            rr = r["rps"] / echo["rps"] if echo["rps"] else 0
-            pr = (r["p99_ms"] or 0) / echo["p99_ms"] if echo["p99_ms"] else 0
+            rr, pr = paired(name, "rps") or 0, paired(name, "p99_ms") or 0
             print(f"{name:<18}{r['rps']:>10.0f}{r['p50_ms'] or 0:>10.2f}{r['p99_ms'] or 0:>10.2f}{r['errors']:>8}"
-                  f"{rr:>10.2f}{pr:>10.2f}", file=sys.stderr)
+                  f"{rr:>10.2f}{pr:>10.2f}  {' / '.join(f'{x:.0f}' for x in r['rounds_rps'])}", file=sys.stderr)
         print(f"targets: {summary['targets']}", file=sys.stderr)
     return 0
 
