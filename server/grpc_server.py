@@ -14,7 +14,9 @@ compiled codec (``convert.decode_calculate_request`` / ``encode_calculate_respon
 straight into the response bytes, and the call runs on the event loop itself whenever the service can answer
 from memory (``calculate_answer(..., wait=False)``: the member's context cached, the program snapshot and
 budget figures fresh), which saves the thread hop; otherwise, and never blocking the loop on storage, it runs
-in the CPU pool. ``LOYALTY_CALCULATE_IN_POOL=1`` sends every call to the pool (to compare). Against the bare
+in the CPU pool. ``ConfirmPurchase`` shares the codec (its request has the same layout); with group commit
+(PostgreSQL) the handler validates on the loop, hands the confirm to the batcher and awaits its future, so no
+thread waits for the batch; without it (SQLite) it runs in the I/O pool. ``LOYALTY_CALCULATE_IN_POOL=1`` sends every call to the pool (to compare). Against the bare
 echo server on 2 shared cores (medians of interleaved rounds of ``benchmarks/server.py``'s load) this runs at
 0.7-1.0x its calls per second with 1.1-1.5x its p99, the server spending about 410 us of CPU a call to echo's
 270 us; through protobuf messages in the pool it was 0.6x, 1.5x and 630 us.
