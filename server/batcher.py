@@ -10,7 +10,8 @@ idle: a lone request is a batch of one. While one worker is in its transaction, 
 ``key(item)`` (optional) names what an item locks in storage (for confirms: the member): a worker leaves in
 the queue the items whose key is in a batch another worker is running, so that two batches never wait for each
 other's locks (they would only queue in the database, one batch's whole transaction behind the other's), and
-the items of one key still run in the order they came. None: the item locks nothing of its own.
+the items of one key go into batches in the order they came (inside a batch, ``run`` decides the order). None:
+the item locks nothing of its own.
 """
 from __future__ import annotations
 

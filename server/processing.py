@@ -78,6 +78,36 @@ def _receipt_hash(card: str, phone: str, receipt: dict) -> str:
     return hashlib.sha256(orjson.dumps((card, phone, receipt), option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+def _legacy_hashes(card: str, phone: str, receipt: dict) -> set[str]:
+    """What releases before ``_receipt_hash`` stored for the same payload: ``_hash`` of the
+    ``ConfirmPurchaseRequest`` message, rebuilt here from what the server read (every field of it; with neither
+    card nor phone the message may have carried an empty ``member`` or none, so both). A retry across an
+    upgrade, or between workers of two releases, replays instead of being ``AlreadyExists``."""
+    from loyalty.v1 import receipt_pb2
+
+    lines = []
+    for ln in receipt["lines"]:
+        line = receipt_pb2.Line(sku=ln["sku"], categories=ln.get("categories", ()), quantity=ln["quantity"],
+                                price=ln["price"], external_discount=ln["external_discount"],
+                                min_price=ln["min_price"], no_discount=ln["no_discount"],
+                                no_accrual=ln["no_accrual"], no_redeem=ln["no_redeem"])
+        if "amount" in ln:
+            line.amount = ln["amount"]
+        lines.append(line)
+    message = processing_pb2.ConfirmPurchaseRequest(receipt=receipt_pb2.Receipt(
+        store=receipt["store"], terminal=receipt["terminal"], number=receipt["number"],
+        channel=receipt.get("channel", ""), at=receipt.get("at", ""), coupons=receipt["coupons"],
+        redeem_points=receipt["redeem_points"], lines=lines))
+    out = set()
+    if card or phone:
+        message.member.card, message.member.phone = card, phone
+    else:
+        out.add(_hash(message))
+        message.member.SetInParent()
+    out.add(_hash(message))
+    return out
+
+
 def _data_errors(method):
     """Safety net behind the validation: a value storage refuses (``DataError``: too long for its column, a
     character the database cannot hold) is the client's ``InvalidArgument``, never ``INTERNAL``; the
@@ -334,7 +364,8 @@ _PGB_SPEND_BUDGET = """UPDATE promotion_budgets SET spent = spent + %s::bigint
 WHERE promotion = %s AND spent + %s::bigint < %s::bigint RETURNING promotion"""
 def _member_of(item) -> tuple[str, str] | None:
     """The batcher's key of a confirm (``_confirm_item``): its member reference, whose balance row the batch
-    locks; two batches of one process never hold the same one (``Batcher``)."""
+    locks; two batches of one process never hold the same one (``Batcher``). A card and a phone of one member
+    are two keys: those two batches meet at the balance row's lock, which keeps them correct, only slower."""
     return item[1]
 
 
@@ -680,7 +711,8 @@ class ProcessingService:
             future.set_exception(exc)
 
     def _confirm_item(self, card: str, phone: str, receipt: dict) -> tuple:
-        """The validated request: ``(receipt, ref, at, request_hash)``; ``InvalidArgument`` naming the field.
+        """The validated request: ``(receipt, ref, at, request_hash, (card, phone) as sent)``; ``InvalidArgument``
+        naming the field.
         Touches no storage (the program snapshot is taken by the transaction that writes)."""
         for name in ("store", "terminal", "number"):
             if not receipt[name]:
@@ -689,7 +721,7 @@ class ProcessingService:
         _check_receipt(receipt)
         ref = validate_ref(self._MemberRef(card, phone))
         at = self._receipt_at(receipt)
-        return receipt, ref, at, _receipt_hash(card, phone, receipt)
+        return receipt, ref, at, _receipt_hash(card, phone, receipt), (card, phone)
 
     @_data_errors
     def _confirm_alone(self, item) -> tuple:
@@ -709,14 +741,15 @@ class ProcessingService:
             self.contexts.invalidate(member_id)
         return purchase_id, answer, replayed
 
-    def _confirm_tx(self, conn, snap: Snapshot, receipt: dict, ref, at: dt.datetime, request_hash: str):
+    def _confirm_tx(self, conn, snap: Snapshot, receipt: dict, ref, at: dt.datetime, request_hash: str,
+                    sent: tuple = None):
         if self.db.dialect == "postgresql":
-            return self._confirm_tx_pg(conn, snap, receipt, ref, at, request_hash)
+            return self._confirm_tx_pg(conn, snap, receipt, ref, at, request_hash, sent)
         existing = conn.execute(_SELECT_PURCHASE, {"store": receipt["store"], "terminal": receipt["terminal"],
                                                    "number": receipt["number"]}).first()
         if existing is not None:
             return self._replay_purchase(existing.id, existing.request_hash, existing.answer, request_hash,
-                                         receipt)
+                                         receipt, sent)
 
         ctx = self._load_context(conn, ref, snap, lock=True) if ref is not None else None
         member = ctx.as_core(snap.program, at) if ctx is not None else None
@@ -762,7 +795,8 @@ class ProcessingService:
             for kind, key, member_id, payload in _confirm_events(purchase_id, snap, receipt, ctx, fx, answer)])
         return purchase_id, answer, False, ctx.member_id if ctx else None
 
-    def _confirm_tx_pg(self, conn, snap: Snapshot, receipt: dict, ref, at: dt.datetime, request_hash: str):
+    def _confirm_tx_pg(self, conn, snap: Snapshot, receipt: dict, ref, at: dt.datetime, request_hash: str,
+                       sent: tuple = None):
         """The same transaction on PostgreSQL in two round trips of the driver's pipeline mode.
 
         1. the idempotency check (which also draws the purchase id and two ledger ids from their sequences),
@@ -784,7 +818,7 @@ class ProcessingService:
             existing_id, existing_hash, existing_answer, purchase_id, entry_a, entry_b = first.fetchone()
             if existing_id is not None:
                 return self._replay_purchase(existing_id, existing_hash, loads(existing_answer), request_hash,
-                                             receipt)
+                                             receipt, sent)
             ctx = None
             if found is not None:
                 row = found.fetchone()
@@ -821,7 +855,7 @@ class ProcessingService:
     # ---- group commit (PostgreSQL) ------------------------------------------------------------------------
 
     def _confirm_batch(self, slots: list) -> None:
-        """Run the confirms of ``slots`` (each ``(receipt, ref, at, request_hash)``) in ONE transaction
+        """Run the confirms of ``slots`` (``_confirm_item``'s tuples) in ONE transaction
         and answer each slot: ``(purchase_id, answer, replayed, member_id)``, its own ``ServiceError``, or
         ``_ALONE`` (run it in a transaction of its own).
 
@@ -915,7 +949,7 @@ class ProcessingService:
         writes, budgets = _BatchWrite(), {}     # budgets: promotion -> what this batch's confirms spend of it
         checks: dict = {}           # promotion -> what the batch had spent before its last confirm applying it
         for k, i in enumerate(order):
-            receipt, ref, at, request_hash = items[i]
+            receipt, ref, at, request_hash, sent = items[i]
             key = (receipt["store"], receipt["terminal"], receipt["number"])
             try:
                 if key in firsts:
@@ -926,7 +960,7 @@ class ProcessingService:
                 if key in stored:
                     pid, stored_hash, stored_answer = stored[key]
                     outcomes[i] = self._replay_purchase(pid, stored_hash, loads(stored_answer), request_hash,
-                                                        receipt)
+                                                        receipt, sent)
                     continue
                 ctx = None
                 if ref is not None:
@@ -1040,8 +1074,11 @@ class ProcessingService:
         return _as_json_params(cls._pg_rows(*args))
 
     @staticmethod
-    def _replay_purchase(purchase_id: int, stored_hash: str, answer: dict, request_hash: str, receipt: dict):
-        if stored_hash != request_hash:
+    def _replay_purchase(purchase_id: int, stored_hash: str, answer: dict, request_hash: str, receipt: dict,
+                         sent: tuple | None = None):
+        """The stored answer when the payloads are the same (``sent``: the card and phone as sent, to recognise
+        a hash stored by an earlier release, ``_legacy_hashes``); ``AlreadyExists`` otherwise."""
+        if stored_hash != request_hash and (sent is None or stored_hash not in _legacy_hashes(*sent, receipt)):
             raise AlreadyExists(
                 f"purchase {receipt['store']}/{receipt['terminal']}/{receipt['number']} was already confirmed "
                 f"with a different payload")
