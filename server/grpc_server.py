@@ -407,7 +407,14 @@ class LoyaltyServer:
 
 def _open_service(config: ServeConfig):
     from loyalty.server.processing import ProcessingService
-    return ProcessingService.open(config.database_url, redis_url=config.redis_url)
+    # One group-commit batch in flight per process when several processes serve (each one per core): their
+    # batches already overlap each other; two per process then only made each batch smaller (in interleaved
+    # runs of benchmarks/server.py on 2 cores, 2 workers x 1 did ~15% more confirms than 2 x 2). One process
+    # alone keeps two, so that one batch is calculated while the other waits for its COMMIT.
+    threads = None
+    if config.workers > 1 and not os.environ.get("LOYALTY_CONFIRM_BATCH_THREADS"):
+        threads = 1
+    return ProcessingService.open(config.database_url, redis_url=config.redis_url, batch_threads=threads)
 
 
 async def run_server(config: ServeConfig, *, service=None, announce=None, worker: int = 0) -> None:

@@ -526,7 +526,7 @@ class ProcessingService:
 
     def __init__(self, database: Database, programs: ProgramRegistry, *, clock=None,
                  redis_url: str | None = None, audience_index: AudienceIndex | None = None,
-                 group_commit: int | None = None):
+                 group_commit: int | None = None, batch_threads: int | None = None):
         self.db = database
         self.programs = programs
         self.clock = clock or _utcnow
@@ -546,22 +546,24 @@ class ProcessingService:
         if group_commit > 0 and database.dialect == "postgresql":
             self._batcher = Batcher(self._confirm_batch, max_batch=group_commit,
                                     window=float(env("LOYALTY_CONFIRM_BATCH_WINDOW_MS", "1") or 0) / 1000,
-                                    threads=int(env("LOYALTY_CONFIRM_BATCH_THREADS", "2") or 2),
+                                    threads=batch_threads or int(env("LOYALTY_CONFIRM_BATCH_THREADS", "2") or 2),
                                     name="confirm-batch", key=_member_of)
         # Audience membership from the segment module (roaring bitmaps, reloaded when a recalculation
         # bumps the membership version): what the core's audience conditions check.
         self.audience_index = audience_index or AudienceIndex(database, redis_url=redis_url)
 
     @classmethod
-    def open(cls, database_url: str, *, redis_url: str | None = None, clock=None) -> "ProcessingService":
+    def open(cls, database_url: str, *, redis_url: str | None = None, clock=None,
+             batch_threads: int | None = None) -> "ProcessingService":
         """Connect to ``database_url`` (``sqlite:///...`` or ``postgresql+psycopg://...``; the schema must
         be at head: call ``loyalty.server.db.upgrade(url)`` first) and, with ``redis_url``, listen for
         program publications there. Storage problems surface as ``Unavailable`` on the first request and
-        as ``check_ready() == False``."""
+        as ``check_ready() == False``. ``batch_threads``: group-commit batches in flight (None:
+        $LOYALTY_CONFIRM_BATCH_THREADS, default 2)."""
         database = Database(database_url)
         clock = clock or _utcnow
         return cls(database, ProgramRegistry(database, redis_url=redis_url, clock=clock), clock=clock,
-                   redis_url=redis_url)
+                   redis_url=redis_url, batch_threads=batch_threads)
 
     # ---- Processing service -------------------------------------------------------------------------------
 
