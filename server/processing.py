@@ -478,14 +478,11 @@ class _BatchWrite:
         for r in self.confirms:
             pid, member_id, now = r["id"], r["member_id"], r["now"]
             purchases.append({k: r[k] for k in _PURCHASE_KEYS})
-            for ln in r["lines"]:
-                lines.append(dict(ln, purchase_id=pid))
-            for e in r["events"]:
-                events.append(dict(e, member_id=member_id, now=now))
+            lines += r["lines"]
+            events += r["events"]
             if member_id is None:
                 continue
-            for e in r["entries"]:
-                entries.append(dict(e, member_id=member_id, purchase_id=pid, now=now))
+            entries += r["entries"]
             if r["lot_points"] > 0:
                 lots.append({"member_id": member_id, "points": r["lot_points"], "state": r["lot_state"],
                              "activates": r["lot_activates"], "expires": r["lot_expires"], "entry": r["lot_entry"],
@@ -1043,30 +1040,35 @@ class ProcessingService:
         encodes them for it; a batch gathers many into ``_PGB_WRITE``, ``_BatchWrite``)."""
         totals = answer["totals"]
         lines, rlines = answer["lines"], receipt["lines"]
+        member_id = fx.member_id
+        # the line, entry and event rows carry their purchase / member / time already, as ``_PGB_WRITE`` reads
+        # them (``_PG_WRITE`` takes those from its own parameters and ignores the extra keys)
         entries = []
         if fx.redeemed:
             entries.append({"id": entry_a, "key": f"purchase:{purchase_id}:redemption", "kind": "redemption",
-                            "a": -fx.redeemed, "p": 0})
+                            "a": -fx.redeemed, "p": 0, "member_id": member_id, "purchase_id": purchase_id,
+                            "now": now})
         if fx.accrued:
             entries.append({"id": entry_b, "key": f"purchase:{purchase_id}:accrual", "kind": "accrual",
-                            "a": 0 if fx.is_pending else fx.accrued, "p": fx.accrued if fx.is_pending else 0})
+                            "a": 0 if fx.is_pending else fx.accrued, "p": fx.accrued if fx.is_pending else 0,
+                            "member_id": member_id, "purchase_id": purchase_id, "now": now})
         return {
             "id": purchase_id, "store": receipt["store"], "terminal": receipt["terminal"],
-            "number": receipt["number"], "member_id": fx.member_id, "card": ctx.card if ctx else None,
+            "number": receipt["number"], "member_id": member_id, "card": ctx.card if ctx else None,
             "version": snap.version, "hash": request_hash, "answer": answer, "at": receipt.get("at", ""),
             "amount": totals["amount"], "discount": totals["discount"], "payable": totals["payable"],
             "redeemed_points": totals["redeemed_points"], "redeemed_amount": totals["redeemed_amount"],
             "accrued_points": totals["accrued_points"], "now": now,
-            "lines": [{"line": i, "sku": ln["sku"], "quantity": rlines[i]["quantity"], "amount": ln["amount"],
-                       "payable": ln["payable"], "redeemed": ln["redeemed"], "points": ln["points"]}
-                      for i, ln in enumerate(lines)],
+            "lines": [{"purchase_id": purchase_id, "line": i, "sku": ln["sku"], "quantity": rlines[i]["quantity"],
+                       "amount": ln["amount"], "payable": ln["payable"], "redeemed": ln["redeemed"],
+                       "points": ln["points"]} for i, ln in enumerate(lines)],
             "redeemed": fx.redeemed, "entries": entries,
             "lot_points": fx.accrued, "lot_state": "pending" if fx.is_pending else "active",
             "lot_activates": fx.activates, "lot_expires": fx.expires, "lot_entry": entry_b,
             "active_delta": fx.active_delta, "pending_delta": fx.pending_delta,
             "tier": fx.reached if fx.upgrade else None,
             "usage": [{"promotion": p, "period_key": k} for p, k in fx.limited],
-            "events": [{"kind": kind, "key": key, "payload": payload}
+            "events": [{"kind": kind, "key": key, "payload": payload, "member_id": member_id, "now": now}
                        for kind, key, _, payload in _confirm_events(purchase_id, snap, receipt, ctx, fx, answer)],
         }
 
