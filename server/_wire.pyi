@@ -1,8 +1,8 @@
-"""Typing stub of the compiled CalculateReceipt wire codec (``_wire.pyx``); the protobuf-based reference with
-the same API is ``loyalty.server.convert.decode_calculate_request_py`` / ``encode_calculate_response_py``."""
+"""Typing stub of the compiled CalculateReceipt / ConfirmPurchase wire codec (``_wire.pyx``); the protobuf-based
+reference with the same API is ``loyalty.server.convert``'s ``*_py`` functions."""
 from typing import Any, Mapping
 
-__all__ = ["decode_calculate_request", "encode_calculate_response"]
+__all__ = ["decode_calculate_request", "encode_calculate_response", "encode_confirm_response"]
 
 def decode_calculate_request(data: bytes) -> tuple[str, str, dict[str, Any]]:
     """``(member.card, member.phone, receipt)`` of a serialized ``loyalty.v1.CalculateReceiptRequest``, the
@@ -13,4 +13,9 @@ def decode_calculate_request(data: bytes) -> tuple[str, str, dict[str, Any]]:
 def encode_calculate_response(answer: Mapping[str, Any], program_version: int) -> bytes:
     """The serialized ``loyalty.v1.CalculateReceiptResponse`` of the core's answer dict (docs/ENGINE.md
     "Answer"), byte for byte what ``convert.answer_to_proto`` + ``SerializeToString`` give."""
+    ...
+
+def encode_confirm_response(purchase_id: str, answer: Mapping[str, Any], replayed: bool) -> bytes:
+    """The serialized ``loyalty.v1.ConfirmPurchaseResponse`` (the answer carries its own ``program_version``),
+    byte for byte what ``convert.encode_confirm_response_py`` gives."""
     ...

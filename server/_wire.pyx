@@ -511,9 +511,9 @@ cdef int _answer(Writer* w, dict answer, object program_version) except -1:
     return 0
 
 
-def encode_calculate_response(dict answer not None, program_version):
-    """The serialized ``CalculateReceiptResponse`` of the core's ``answer`` dict (docs/ENGINE.md "Answer")
-    under program version ``program_version``."""
+cdef bytes _response(str purchase_id, dict answer, object program_version, int answer_field, bint replayed):
+    """A response message: ``purchase_id`` as field 1 (when given), the answer as ``answer_field``, then
+    ``replayed`` as field 3 (when true). Written to a stack buffer, moved to the heap only past its size."""
     cdef unsigned char stack[STACK_BUFFER]
     cdef Writer w
     w.buf = w.stack = stack
@@ -521,28 +521,10 @@ def encode_calculate_response(dict answer not None, program_version):
     w.cap = STACK_BUFFER
     cdef Py_ssize_t at
     try:
-        at = _begin(&w, 1)
+        if purchase_id is not None:
+            _put_str(&w, 1, purchase_id)
+        at = _begin(&w, answer_field)
         _answer(&w, answer, program_version)
-        _end(&w, at)
-        return PyBytes_FromStringAndSize(<char*>w.buf, w.n)
-    finally:
-        if w.buf != w.stack:
-            PyMem_Free(w.buf)
-
-
-def encode_confirm_response(str purchase_id not None, dict answer not None, bint replayed):
-    """The serialized ``ConfirmPurchaseResponse``: ``purchase_id``, the ``answer`` dict (its own
-    ``program_version``, as stored with the purchase) and ``replayed``."""
-    cdef unsigned char stack[STACK_BUFFER]
-    cdef Writer w
-    w.buf = w.stack = stack
-    w.n = 0
-    w.cap = STACK_BUFFER
-    cdef Py_ssize_t at
-    try:
-        _put_str(&w, 1, purchase_id)
-        at = _begin(&w, 2)
-        _answer(&w, answer, answer.get("program_version", 0))
         _end(&w, at)
         if replayed:
             _put_key(&w, 3, VARINT, 1)
@@ -550,3 +532,15 @@ def encode_confirm_response(str purchase_id not None, dict answer not None, bint
     finally:
         if w.buf != w.stack:
             PyMem_Free(w.buf)
+
+
+def encode_calculate_response(dict answer not None, program_version):
+    """The serialized ``CalculateReceiptResponse`` of the core's ``answer`` dict (docs/ENGINE.md "Answer")
+    under program version ``program_version``."""
+    return _response(None, answer, program_version, 1, False)
+
+
+def encode_confirm_response(str purchase_id not None, dict answer not None, bint replayed):
+    """The serialized ``ConfirmPurchaseResponse``: ``purchase_id``, the ``answer`` dict (its own
+    ``program_version``, as stored with the purchase) and ``replayed``."""
+    return _response(purchase_id, answer, answer.get("program_version", 0), 2, replayed)

@@ -80,32 +80,17 @@ def _receipt_hash(card: str, phone: str, receipt: dict) -> str:
 
 def _legacy_hashes(card: str, phone: str, receipt: dict) -> set[str]:
     """What releases before ``_receipt_hash`` stored for the same payload: ``_hash`` of the
-    ``ConfirmPurchaseRequest`` message, rebuilt here from what the server read (every field of it; with neither
-    card nor phone the message may have carried an empty ``member`` or none, so both). A retry across an
-    upgrade, or between workers of two releases, replays instead of being ``AlreadyExists``."""
-    from loyalty.v1 import receipt_pb2
-
-    lines = []
-    for ln in receipt["lines"]:
-        line = receipt_pb2.Line(sku=ln["sku"], categories=ln.get("categories", ()), quantity=ln["quantity"],
-                                price=ln["price"], external_discount=ln["external_discount"],
-                                min_price=ln["min_price"], no_discount=ln["no_discount"],
-                                no_accrual=ln["no_accrual"], no_redeem=ln["no_redeem"])
-        if "amount" in ln:
-            line.amount = ln["amount"]
-        lines.append(line)
-    message = processing_pb2.ConfirmPurchaseRequest(receipt=receipt_pb2.Receipt(
-        store=receipt["store"], terminal=receipt["terminal"], number=receipt["number"],
-        channel=receipt.get("channel", ""), at=receipt.get("at", ""), coupons=receipt["coupons"],
-        redeem_points=receipt["redeem_points"], lines=lines))
-    out = set()
+    ``ConfirmPurchaseRequest`` message, rebuilt from what the server read (``receipt_to_dict``'s keys are the
+    proto's field names, and an optional ``amount`` is present exactly when it was set; with neither card nor
+    phone the message may have carried an empty ``member`` or none, so both). A retry across an upgrade, or
+    between workers of two releases, replays instead of being ``AlreadyExists``."""
+    message = processing_pb2.ConfirmPurchaseRequest(receipt=receipt)
     if card or phone:
         message.member.card, message.member.phone = card, phone
-    else:
-        out.add(_hash(message))
-        message.member.SetInParent()
-    out.add(_hash(message))
-    return out
+        return {_hash(message)}
+    bare = _hash(message)
+    message.member.SetInParent()
+    return {bare, _hash(message)}
 
 
 def _data_errors(method):
@@ -266,6 +251,17 @@ _INSERT_PURCHASE = insert(purchases).returning(purchases.c.id)
 _SPEND_BUDGET = (update(promotion_budgets).where(promotion_budgets.c.promotion == bindparam("b_promotion"))
                  .values(spent=promotion_budgets.c.spent + bindparam("b_spent")))
 
+# The columns a confirm writes, in the order both write statements (one confirm, a whole batch) give them.
+_PURCHASE_COLUMNS = ("id, store, terminal, number, member_id, card, program_version, request_hash, answer, "
+                     "receipt_at, amount, discount, payable, redeemed_points, redeemed_amount, accrued_points, "
+                     "refunded_payable, refunded_amount, returned_points, taken_back_points, status, created_at")
+_LINE_COLUMNS = ("purchase_id, line, sku, quantity, amount, payable, redeemed, points, refunded_quantity, "
+                 "refunded_payable, refunded_redeemed, refunded_points")
+_LEDGER_COLUMNS = ("id, key, member_id, kind, points, active_delta, pending_delta, purchase_id, refund_id, "
+                   "operation_id, reason, created_at")
+_LOT_COLUMNS = ("member_id, points, remaining, state, activates_at, expires_at, entry_id, purchase_id, "
+                "expiring_notified")
+
 # PostgreSQL, raw driver SQL. The idempotency check draws the new purchase's id and two ledger entry ids in the
 # same statement (a replay or a failure leaves a gap in the sequences, as any rolled-back insert does).
 _PG_EXISTING = """SELECT p.id, p.request_hash, p.answer::text,
@@ -275,19 +271,16 @@ LEFT JOIN purchases AS p ON p.store = %s AND p.terminal = %s AND p.number = %s""
 # Every row of a confirm in one statement (data-modifying CTEs see the same snapshot and never the same row
 # twice: the lots consumed are older than the lot added). Rows that a confirm does not have come from empty
 # sets: no member (anonymous) matches no balance, ``redeemed`` 0 consumes nothing, ``lot_points`` 0 adds no lot.
-_PG_WRITE = """\
+_PG_WRITE = f"""\
 WITH
 purchase AS (
-    INSERT INTO purchases (id, store, terminal, number, member_id, card, program_version, request_hash, answer,
-        receipt_at, amount, discount, payable, redeemed_points, redeemed_amount, accrued_points, refunded_payable,
-        refunded_amount, returned_points, taken_back_points, status, created_at)
+    INSERT INTO purchases ({_PURCHASE_COLUMNS})
     VALUES (%(id)s::bigint, %(store)s, %(terminal)s, %(number)s, %(member_id)s::bigint, %(card)s::varchar,
         %(version)s::bigint, %(hash)s, %(answer)s::json, %(at)s, %(amount)s::bigint, %(discount)s::bigint,
         %(payable)s::bigint, %(redeemed_points)s::bigint, %(redeemed_amount)s::bigint, %(accrued_points)s::bigint,
         0, 0, 0, 0, 'confirmed', %(now)s::timestamptz)),
 lines AS (
-    INSERT INTO purchase_lines (purchase_id, line, sku, quantity, amount, payable, redeemed, points,
-        refunded_quantity, refunded_payable, refunded_redeemed, refunded_points)
+    INSERT INTO purchase_lines ({_LINE_COLUMNS})
     SELECT %(id)s::bigint, t.line, t.sku, t.quantity, t.amount, t.payable, t.redeemed, t.points, 0, 0, 0, 0
     FROM json_to_recordset(%(lines)s::json)
         AS t(line int, sku varchar, quantity bigint, amount bigint, payable bigint, redeemed bigint, points bigint)),
@@ -299,14 +292,12 @@ consumed AS (
     UPDATE point_lots AS p SET remaining = p.remaining - LEAST(h.remaining, %(redeemed)s::bigint - h.before)
     FROM held AS h WHERE p.id = h.id AND h.before < %(redeemed)s::bigint),
 entries AS (
-    INSERT INTO ledger (id, key, member_id, kind, points, active_delta, pending_delta, purchase_id, refund_id,
-        operation_id, reason, created_at)
+    INSERT INTO ledger ({_LEDGER_COLUMNS})
     SELECT t.id, t.key, %(member_id)s::bigint, t.kind, t.a + t.p, t.a, t.p, %(id)s::bigint, NULL, NULL, '',
         %(now)s::timestamptz
     FROM json_to_recordset(%(entries)s::json) AS t(id bigint, key varchar, kind varchar, a bigint, p bigint)),
 lot AS (
-    INSERT INTO point_lots (member_id, points, remaining, state, activates_at, expires_at, entry_id, purchase_id,
-        expiring_notified)
+    INSERT INTO point_lots ({_LOT_COLUMNS})
     SELECT %(member_id)s::bigint, %(lot_points)s::bigint, %(lot_points)s::bigint, %(lot_state)s::varchar,
         %(lot_activates)s::timestamptz, %(lot_expires)s::timestamptz, %(lot_entry)s::bigint, %(id)s::bigint, false
     WHERE %(lot_points)s::bigint > 0 AND %(member_id)s::bigint IS NOT NULL),
@@ -362,6 +353,8 @@ _PGB_BUDGETS = "SELECT promotion, spent FROM promotion_budgets WHERE promotion =
 # (parameters: total, promotion, before, limit). The row stays locked until the batch's COMMIT.
 _PGB_SPEND_BUDGET = """UPDATE promotion_budgets SET spent = spent + %s::bigint
 WHERE promotion = %s AND spent + %s::bigint < %s::bigint RETURNING promotion"""
+
+
 def _member_of(item) -> tuple[str, str] | None:
     """The batcher's key of a confirm (``_confirm_item``): its member reference, whose balance row the batch
     locks; two batches of one process never hold the same one (``Batcher``). A card and a phone of one member
@@ -378,12 +371,10 @@ _ALONE = object()       # a batch's answer meaning: run this confirm in a transa
 # (uses counted) and the points written off (one walk over the member's lots, earliest-expiring first, for the
 # batch's total: the same lots, in the same order, as the confirms one after another, as long as no confirm of
 # the batch writes off points that an earlier one of the batch made active; ``_BatchWrite.exact`` says so).
-_PGB_WRITE = """\
+_PGB_WRITE = f"""\
 WITH
 purchase AS (
-    INSERT INTO purchases (id, store, terminal, number, member_id, card, program_version, request_hash, answer,
-        receipt_at, amount, discount, payable, redeemed_points, redeemed_amount, accrued_points, refunded_payable,
-        refunded_amount, returned_points, taken_back_points, status, created_at)
+    INSERT INTO purchases ({_PURCHASE_COLUMNS})
     SELECT t.id, t.store, t.terminal, t.number, t.member_id, t.card, t.version, t.hash, t.answer, t.at, t.amount,
         t.discount, t.payable, t.redeemed_points, t.redeemed_amount, t.accrued_points, 0, 0, 0, 0, 'confirmed', t.now
     FROM json_to_recordset(%(purchases)s::json) AS t(id bigint, store varchar, terminal varchar, number varchar,
@@ -391,8 +382,7 @@ purchase AS (
         discount bigint, payable bigint, redeemed_points bigint, redeemed_amount bigint, accrued_points bigint,
         now timestamptz)),
 lines AS (
-    INSERT INTO purchase_lines (purchase_id, line, sku, quantity, amount, payable, redeemed, points,
-        refunded_quantity, refunded_payable, refunded_redeemed, refunded_points)
+    INSERT INTO purchase_lines ({_LINE_COLUMNS})
     SELECT t.purchase_id, t.line, t.sku, t.quantity, t.amount, t.payable, t.redeemed, t.points, 0, 0, 0, 0
     FROM json_to_recordset(%(lines)s::json) AS t(purchase_id bigint, line int, sku varchar, quantity bigint,
         amount bigint, payable bigint, redeemed bigint, points bigint)),
@@ -407,14 +397,12 @@ consumed AS (
     UPDATE point_lots AS p SET remaining = p.remaining - LEAST(h.remaining, h.redeemed - h.before)
     FROM held AS h WHERE p.id = h.id AND h.before < h.redeemed),
 entries AS (
-    INSERT INTO ledger (id, key, member_id, kind, points, active_delta, pending_delta, purchase_id, refund_id,
-        operation_id, reason, created_at)
+    INSERT INTO ledger ({_LEDGER_COLUMNS})
     SELECT t.id, t.key, t.member_id, t.kind, t.a + t.p, t.a, t.p, t.purchase_id, NULL, NULL, '', t.now
     FROM json_to_recordset(%(entries)s::json) AS t(id bigint, key varchar, member_id bigint, kind varchar, a bigint,
         p bigint, purchase_id bigint, now timestamptz)),
 lot AS (
-    INSERT INTO point_lots (member_id, points, remaining, state, activates_at, expires_at, entry_id, purchase_id,
-        expiring_notified)
+    INSERT INTO point_lots ({_LOT_COLUMNS})
     SELECT t.member_id, t.points, t.points, t.state, t.activates, t.expires, t.entry, t.purchase_id, false
     FROM json_to_recordset(%(lots)s::json) AS t(member_id bigint, points bigint, state varchar,
         activates timestamptz, expires timestamptz, entry bigint, purchase_id bigint)),
@@ -680,23 +668,6 @@ class ProcessingService:
         self._batcher.submit_nowait(item, done)
         return future
 
-    def confirm_purchase_future(self, request) -> concurrent.futures.Future | None:
-        """``confirm_future`` of a ``ConfirmPurchaseRequest``, completing with the response message."""
-        inner = self.confirm_future(request.member.card, request.member.phone, receipt_to_dict(request.receipt))
-        if inner is None:
-            return None
-        outer: concurrent.futures.Future = concurrent.futures.Future()
-
-        def relay(f) -> None:
-            if f.exception() is not None:
-                outer.set_exception(f.exception())
-            else:
-                purchase_id, answer, replayed = f.result()
-                outer.set_result(processing_pb2.ConfirmPurchaseResponse(
-                    purchase_id=str(purchase_id), answer=answer_to_proto(answer), replayed=replayed))
-        inner.add_done_callback(relay)
-        return outer
-
     def _alone_pool(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._alone_lock:
             if self._alone_executor is None:
@@ -741,7 +712,7 @@ class ProcessingService:
         return purchase_id, answer, replayed
 
     def _confirm_tx(self, conn, snap: Snapshot, receipt: dict, ref, at: dt.datetime, request_hash: str,
-                    sent: tuple = None):
+                    sent: tuple | None = None):
         if self.db.dialect == "postgresql":
             return self._confirm_tx_pg(conn, snap, receipt, ref, at, request_hash, sent)
         existing = conn.execute(_SELECT_PURCHASE, {"store": receipt["store"], "terminal": receipt["terminal"],
@@ -795,7 +766,7 @@ class ProcessingService:
         return purchase_id, answer, False, ctx.member_id if ctx else None
 
     def _confirm_tx_pg(self, conn, snap: Snapshot, receipt: dict, ref, at: dt.datetime, request_hash: str,
-                       sent: tuple = None):
+                       sent: tuple | None = None):
         """The same transaction on PostgreSQL in two round trips of the driver's pipeline mode.
 
         1. the idempotency check (which also draws the purchase id and two ledger ids from their sequences),
@@ -927,7 +898,7 @@ class ProcessingService:
                     budget_rows = dconn.execute(_PGB_BUDGETS, (budgeted,))
             stored = {(r[0], r[1], r[2]): r[3:] for r in found.fetchall()}
             ids = drawn.fetchall()
-            # what the budgets had spent when locked; the batch's confirms add theirs (``budgets``) as they go
+            # what the budgets had spent when read; the batch's confirms add theirs (``budgets``) as they go
             spent_before = dict(budget_rows.fetchall()) if budget_rows is not None else None
             refs, state = {}, {}        # ref -> (member_id, card, status); member_id -> its live context
             for kind, value, member_id, card, status, tier, active, pending, purchases_sum in (
@@ -1013,10 +984,10 @@ class ProcessingService:
             firsts[key] = i
             outcomes[i] = (purchase_id, answer, False, ctx.member_id if ctx else None)
         if writes.confirms:
-            limits = {p.id: p.limits.discount_budget if p.limits.discount_budget is not None
-                      else p.limits.points_budget for p in promotions}
             with driver_errors(conn):
                 if checks:                  # promotion id order: the order every writer locks budget rows in
+                    limits = {p.id: p.limits.discount_budget if p.limits.discount_budget is not None
+                              else p.limits.points_budget for p in promotions}
                     spend = sorted(checks)
                     with dconn.pipeline():
                         spent = [dconn.execute(_PGB_SPEND_BUDGET, (budgets.get(p, 0), p, checks[p], limits[p]))

@@ -15,11 +15,13 @@ from sqlalchemy import func, select
 from loyalty.server import db, ledger
 from loyalty.server.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from loyalty.server.models import purchases
+from loyalty.server.convert import receipt_to_dict
 from loyalty.server.processing import ProcessingService
 from loyalty.v1 import admin_pb2
 from loyalty.v1 import processing_pb2 as P
 from loyalty.v1 import receipt_pb2 as R
 from test_processing_flow import coffee, enroll
+from test_processing_review_fixes import BUDGET_PROGRAM, _spent
 from test_storage_fixtures import DEMO_PROGRAM, clock, pg_url, sqlite_url  # noqa: F401 - fixtures
 
 def _open(url, clock, monkeypatch, *, batch, window_ms):
@@ -222,20 +224,24 @@ def test_a_key_taken_by_another_process_meanwhile_is_replayed_and_the_rest_commi
 
 
 @pytest.mark.postgres
+def _future(svc, card, receipt):
+    return svc.confirm_future(card or "", "", receipt_to_dict(receipt))
+
+
 def test_the_future_api_answers_without_a_waiting_thread(gc):
-    """``confirm_purchase_future`` (for the asyncio edge): bad input raises at once, the rest completes the
-    future from the batch: a success, then its replay, then a loser with the available balance."""
+    """``confirm_future`` (for the asyncio edge): bad input raises at once, the rest completes the future
+    from the batch: a success, then its replay, then a loser with the available balance."""
     from loyalty.server.errors import InvalidArgument
 
     enroll(gc, "7300050", points=150)
     with pytest.raises(InvalidArgument) as e:
-        gc.confirm_purchase_future(_req("7300050", R.Receipt(store="msk-01", terminal="pos-3", at="x")))
+        _future(gc, "7300050", R.Receipt(store="msk-01", terminal="pos-3", at="x"))
     assert e.value.path == "receipt.number"
-    first = gc.confirm_purchase_future(_req("7300050", coffee("fut-1", redeem=100))).result(10)
-    assert not first.replayed and first.answer.totals.redeemed_points == 100
-    again = gc.confirm_purchase_future(_req("7300050", coffee("fut-1", redeem=100))).result(10)
-    assert again.replayed and again.purchase_id == first.purchase_id
-    loser = gc.confirm_purchase_future(_req("7300050", coffee("fut-2", redeem=100)))
+    first_id, first_answer, first_replayed = _future(gc, "7300050", coffee("fut-1", redeem=100)).result(10)
+    assert not first_replayed and first_answer["totals"]["redeemed_points"] == 100
+    again_id, _, again_replayed = _future(gc, "7300050", coffee("fut-1", redeem=100)).result(10)
+    assert again_replayed and again_id == first_id
+    loser = _future(gc, "7300050", coffee("fut-2", redeem=100))
     with pytest.raises(FailedPrecondition) as e:
         loser.result(10)
     assert e.value.details["available_points"] == 150 - 100
@@ -248,33 +254,17 @@ def test_sqlite_never_batches(sqlite_url, clock):
     svc = ProcessingService.open(sqlite_url, clock=clock)
     try:
         assert svc._batcher is None
-        assert svc.confirm_purchase_future(_req(None, coffee("lite-1"))) is None
+        assert _future(svc, None, coffee("lite-1")) is None
     finally:
         svc.close()
 
 
 # ---- budgets: read once per batch, spent on the condition that the figures still hold ------------------------
 
-BUDGET_PROGRAM = DEMO_PROGRAM.replace("promotions:\n", """promotions:
-  - id: budget-10
-    priority: 99
-    scope: all
-    effect: {percent_off: 10}
-    limits: {discount_budget: 100}
-""", 1)
-
-
 def _milk(number):
     # 2 x 89.90 = 17980; budget-10 gives 10% = 1798 while the budget has spent less than 100
     return R.Receipt(store="msk-01", terminal="pos-3", number=number, at="2026-03-02T12:30:00+03:00",
                      lines=[R.Line(sku="milk-1l", categories=["dairy"], quantity=2000, price=8990)])
-
-
-def _spent(svc, promotion):
-    from loyalty.server.models import promotion_budgets
-    with svc.db.read() as conn:
-        return conn.execute(select(promotion_budgets.c.spent)
-                            .where(promotion_budgets.c.promotion == promotion)).scalar_one()
 
 
 @pytest.mark.postgres
