@@ -28,7 +28,7 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.stdint cimport int64_t, uint32_t, uint64_t
-from libc.string cimport memcpy, memmove
+from libc.string cimport memchr, memcpy, memmove
 
 cdef extern from "Python.h":
     object PyUnicode_DecodeUTF8(const char* s, Py_ssize_t size, const char* errors)
@@ -143,6 +143,11 @@ cdef inline int _sub(Reader* r, Reader* sub) except -1:
 cdef inline str _string(Reader* r):
     cdef Py_ssize_t n = 0
     _length(r, &n)
+    return _text(r, n)
+
+
+cdef inline str _text(Reader* r, Py_ssize_t n):
+    """The ``n`` bytes at ``r.p`` (within the message: ``_length`` checked) as a str; ``r.p`` moves past them."""
     cdef const unsigned char* start = r.p
     r.p += n
     try:
@@ -150,6 +155,23 @@ cdef inline str _string(Reader* r):
     except UnicodeDecodeError:
         r.p = start
         _malformed(r, "invalid UTF-8 in a string field")
+
+
+cdef enum:
+    # the longest strings (in UTF-8 bytes; a str of that many bytes has at most that many characters) that
+    # processing._check_receipt lets through; -1: no limit, only no NUL
+    ID_LIMIT = 64       # store, terminal, number, sku
+    AT_LIMIT = 40
+    NO_LIMIT = -1
+
+
+cdef inline str _fitting_string(Reader* r, Py_ssize_t limit, bint* fits):
+    """``_string``, clearing ``fits`` when the bytes hold a NUL or are longer than ``limit``."""
+    cdef Py_ssize_t n = 0
+    _length(r, &n)
+    if (limit >= 0 and n > limit) or memchr(r.p, 0, n) != NULL:
+        fits[0] = False
+    return _text(r, n)
 
 
 cdef int _skip(Reader* r, uint32_t field, int wire_type, int depth) except -1:
@@ -198,12 +220,14 @@ cdef class _Receipt:
     cdef str store, terminal, number, channel, at
     cdef list coupons, lines
     cdef int64_t redeem_points
+    cdef bint fits      # every string within what storage takes (see decode_receipt_request)
 
     def __cinit__(self):
         self.store = self.terminal = self.number = self.channel = self.at = ""
         self.coupons = []
         self.lines = []
         self.redeem_points = 0
+        self.fits = True
 
     cdef dict as_dict(self):
         """``convert.receipt_to_dict``'s dict, key for key."""
@@ -216,7 +240,7 @@ cdef class _Receipt:
         return out
 
 
-cdef dict _line(Reader* r):
+cdef dict _line(Reader* r, bint* fits):
     cdef str sku = ""
     cdef list categories = None
     cdef int64_t quantity = 0, price = 0, amount = 0, external_discount = 0, min_price = 0
@@ -228,12 +252,12 @@ cdef dict _line(Reader* r):
         _tag(r, &field, &wire_type)
         if wire_type == LEN:
             if field == 1:
-                sku = _string(r)
+                sku = _fitting_string(r, ID_LIMIT, fits)
                 continue
             if field == 2:
                 if categories is None:
                     categories = []
-                categories.append(_string(r))
+                categories.append(_fitting_string(r, NO_LIMIT, fits))
                 continue
         elif wire_type == VARINT and 3 <= field <= 10:
             _varint(r, &v)
@@ -276,19 +300,19 @@ cdef int _receipt(Reader* r, _Receipt acc) except -1:
         if wire_type == LEN and field <= 8 and field != 7:
             if field == 8:
                 _sub(r, &sub)
-                acc.lines.append(_line(&sub))
+                acc.lines.append(_line(&sub, &acc.fits))
             elif field == 1:
-                acc.store = _string(r)
+                acc.store = _fitting_string(r, ID_LIMIT, &acc.fits)
             elif field == 2:
-                acc.terminal = _string(r)
+                acc.terminal = _fitting_string(r, ID_LIMIT, &acc.fits)
             elif field == 3:
-                acc.number = _string(r)
+                acc.number = _fitting_string(r, ID_LIMIT, &acc.fits)
             elif field == 4:
-                acc.channel = _string(r)
+                acc.channel = _fitting_string(r, NO_LIMIT, &acc.fits)
             elif field == 5:
-                acc.at = _string(r)
+                acc.at = _fitting_string(r, AT_LIMIT, &acc.fits)
             else:
-                acc.coupons.append(_string(r))
+                acc.coupons.append(_fitting_string(r, NO_LIMIT, &acc.fits))
         elif wire_type == VARINT and field == 7:
             _varint(r, &v)
             acc.redeem_points = <int64_t>v
@@ -300,6 +324,15 @@ cdef int _receipt(Reader* r, _Receipt acc) except -1:
 def decode_calculate_request(bytes data not None):
     """``(card, phone, receipt)`` of a serialized ``CalculateReceiptRequest``; ``ValueError`` when the bytes
     are not one."""
+    card, phone, receipt, _fits = decode_receipt_request(data)
+    return card, phone, receipt
+
+
+def decode_receipt_request(bytes data not None):
+    """``decode_calculate_request``'s three values and ``fits``: True when every string of the receipt is
+    within what ``processing._check_receipt`` lets through (no NUL; store, terminal, number and skus at most
+    64 UTF-8 bytes, ``at`` at most 40), so that the service need not check them again. False says only that
+    the service must check (a 40-character Cyrillic sku is 80 bytes and still fits)."""
     cdef Reader r, sub
     r.base = r.p = <const unsigned char*>PyBytes_AS_STRING(data)
     r.end = r.p + PyBytes_GET_SIZE(data)
@@ -324,7 +357,7 @@ def decode_calculate_request(bytes data not None):
                     _skip(&sub, inner, inner_type, 1)
         else:
             _skip(&r, field, wire_type, 0)
-    return card, phone, receipt.as_dict()
+    return card, phone, receipt.as_dict(), receipt.fits
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------

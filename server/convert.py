@@ -6,7 +6,8 @@ defaults), and the core's answer dict becomes a ``ReceiptAnswer``. Paths in the 
 therefore already the proto field paths the client sent.
 
 ``CalculateReceipt`` and ``ConfirmPurchase`` skip the messages altogether: ``decode_calculate_request(raw) ->
-(card, phone, receipt)`` (both requests are ``member = 1, receipt = 2``), ``encode_calculate_response(answer,
+(card, phone, receipt)`` (both requests are ``member = 1, receipt = 2``; ``decode_receipt_request`` adds
+``fits``: the receipt's strings are known to pass the service's storage check, which then need not run), ``encode_calculate_response(answer,
 program_version) -> bytes`` and ``encode_confirm_response(purchase_id, answer, replayed) -> bytes`` go between
 the wire bytes and the dicts directly. They are the compiled codec ``loyalty.server._wire`` unless ``LOYALTY_NO_EXTENSIONS=1``
 asks for the reference (or the extension is missing), as for the core: the reference is the same two steps
@@ -21,8 +22,13 @@ from google.protobuf.message import DecodeError
 from loyalty.core import NO_EXTENSIONS
 from loyalty.v1 import processing_pb2, receipt_pb2
 
-__all__ = ["receipt_to_dict", "answer_to_proto", "iso", "decode_calculate_request", "encode_calculate_response",
-           "encode_confirm_response", "WIRE_COMPILED"]
+__all__ = ["receipt_to_dict", "answer_to_proto", "iso", "decode_calculate_request", "decode_receipt_request",
+           "encode_calculate_response", "encode_confirm_response", "receipt_fits_storage", "WIRE_COMPILED"]
+
+# The longest strings of a receipt, in characters, that storage takes (the service checks them with
+# ``processing._check_receipt``; the compiled decoder's ``fits`` applies the same figures to UTF-8 bytes).
+ID_LIMIT = 64           # store, terminal, number, line sku
+AT_LIMIT = 40
 
 
 def receipt_to_dict(receipt: receipt_pb2.Receipt) -> dict:
@@ -94,6 +100,25 @@ def decode_calculate_request_py(data: bytes) -> tuple[str, str, dict]:
     return request.member.card, request.member.phone, receipt_to_dict(request.receipt)
 
 
+def receipt_fits_storage(receipt: dict) -> bool:
+    """True when no string of ``receipt`` (``receipt_to_dict``'s shape) holds a NUL and store / terminal /
+    number / skus are at most ``ID_LIMIT`` UTF-8 bytes and ``at`` at most ``AT_LIMIT``: the ``fits`` of
+    ``decode_receipt_request`` (a conservative test: bytes, not characters)."""
+    def fit(value: str, limit: int | None = None) -> bool:
+        return "\x00" not in value and (limit is None or len(value.encode()) <= limit)
+    return (all(fit(receipt.get(k, ""), ID_LIMIT) for k in ("store", "terminal", "number"))
+            and fit(receipt.get("at", ""), AT_LIMIT) and fit(receipt.get("channel", ""))
+            and all(fit(c) for c in receipt.get("coupons", ()))
+            and all(fit(ln.get("sku", ""), ID_LIMIT) and all(fit(c) for c in ln.get("categories", ()))
+                    for ln in receipt.get("lines", ())))
+
+
+def decode_receipt_request_py(data: bytes) -> tuple[str, str, dict, bool]:
+    """``decode_calculate_request_py``'s values and ``receipt_fits_storage`` of the receipt."""
+    card, phone, receipt = decode_calculate_request_py(data)
+    return card, phone, receipt, receipt_fits_storage(receipt)
+
+
 def encode_calculate_response_py(answer: dict, program_version: int) -> bytes:
     """The serialized ``CalculateReceiptResponse`` of the core's answer dict."""
     message = answer_to_proto(answer)
@@ -107,14 +132,17 @@ def encode_confirm_response_py(purchase_id: str, answer: dict, replayed: bool) -
                                                   replayed=replayed).SerializeToString()
 
 
-_PY_CODEC = (decode_calculate_request_py, encode_calculate_response_py, encode_confirm_response_py)
+_PY_CODEC = (decode_calculate_request_py, decode_receipt_request_py, encode_calculate_response_py,
+             encode_confirm_response_py)
 if NO_EXTENSIONS:
-    decode_calculate_request, encode_calculate_response, encode_confirm_response = _PY_CODEC
+    decode_calculate_request, decode_receipt_request, encode_calculate_response, encode_confirm_response = _PY_CODEC
     WIRE_COMPILED = False
 else:
     try:
-        from ._wire import decode_calculate_request, encode_calculate_response, encode_confirm_response
+        from ._wire import (decode_calculate_request, decode_receipt_request, encode_calculate_response,
+                            encode_confirm_response)
         WIRE_COMPILED = True
     except ImportError:  # pragma: no cover - a build without the extension
-        decode_calculate_request, encode_calculate_response, encode_confirm_response = _PY_CODEC
+        (decode_calculate_request, decode_receipt_request, encode_calculate_response,
+         encode_confirm_response) = _PY_CODEC
         WIRE_COMPILED = False

@@ -47,6 +47,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 
@@ -58,7 +59,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from loyalty.server.convert import decode_calculate_request, encode_calculate_response, encode_confirm_response
+from loyalty.server.convert import decode_receipt_request, encode_calculate_response, encode_confirm_response
 from loyalty.server.errors import InvalidArgument, ServiceError
 from loyalty.server.metrics import Metrics
 from loyalty.server.scenarios.grpc_service import add_scenarios_service
@@ -154,9 +155,9 @@ def request_key(request) -> str:
     return key.strip()
 
 
-def _calculate_key(request: tuple[str, str, dict]) -> str:
-    """``request_key`` of a decoded ``CalculateReceiptRequest`` (``(card, phone, receipt dict)``)."""
-    card, _phone, receipt = request
+def _calculate_key(request: tuple[str, str, dict, bool]) -> str:
+    """``request_key`` of a decoded ``CalculateReceiptRequest`` (``(card, phone, receipt dict, fits)``)."""
+    card, _phone, receipt, _fits = request
     key = ""
     if receipt["store"] or receipt["terminal"] or receipt["number"]:
         key = f"receipt={receipt['store']}/{receipt['terminal']}/{receipt['number']}"
@@ -186,10 +187,10 @@ def _serializing(fn):
 
 def _dict_decoder(full_name: str):
     """The request bytes of CalculateReceipt or ConfirmPurchase (both ``member = 1, receipt = 2``) straight to
-    ``(card, phone, receipt dict)`` (the compiled codec)."""
-    def decode(raw: bytes) -> tuple[str, str, dict]:
+    ``(card, phone, receipt dict, fits)`` (the compiled codec; ``fits``: the strings need no storage check)."""
+    def decode(raw: bytes) -> tuple[str, str, dict, bool]:
         try:
-            return decode_calculate_request(raw)
+            return decode_receipt_request(raw)
         except ValueError:
             raise InvalidArgument("", f"not a valid {full_name} message") from None
     return decode
@@ -197,6 +198,51 @@ def _dict_decoder(full_name: str):
 
 _decode_calculate = _dict_decoder("loyalty.v1.CalculateReceiptRequest")
 _decode_confirm = _dict_decoder("loyalty.v1.ConfirmPurchaseRequest")
+
+
+# ---- futures from other threads ------------------------------------------------------------------------------
+
+class _Inbox:
+    """Futures completed on other threads, handed to awaiting coroutines on one event loop, with one wake-up
+    of the loop for all of those that complete together.
+
+    ``asyncio.wrap_future`` wakes the loop once per future (a write to its self-pipe, a pass of the loop):
+    a group-commit batch completes all its confirms in a burst, so that is a dozen wake-ups and as many
+    handoffs of the GIL where one does. Here the first completion of a burst schedules ``_drain`` and the
+    others only join the list it will empty."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._done: list = []
+
+    def wrap(self, future: concurrent.futures.Future) -> asyncio.Future:
+        """An asyncio future on the loop with ``future``'s outcome (call on the loop's thread)."""
+        waiter = self._loop.create_future()
+        future.add_done_callback(lambda f: self._post(waiter, f))
+        return waiter
+
+    def _post(self, waiter: asyncio.Future, future: concurrent.futures.Future) -> None:
+        with self._lock:
+            first = not self._done
+            self._done.append((waiter, future))
+        if first:
+            try:
+                self._loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:      # the loop is closed: nobody is waiting any more
+                pass
+
+    def _drain(self) -> None:
+        with self._lock:
+            done, self._done = self._done, []
+        for waiter, future in done:
+            if waiter.cancelled():      # the client went away; the write itself stands
+                continue
+            exc = future.exception()
+            if exc is None:
+                waiter.set_result(future.result())
+            else:
+                waiter.set_exception(exc)
 
 
 # ---- the server -----------------------------------------------------------------------------------------------
@@ -212,11 +258,14 @@ class LoyaltyServer:
         self.service = service
         self.config = config
         self.metrics = Metrics()
+        if hasattr(service, "group_commit_counters"):
+            self.metrics.add_counters(service.group_commit_counters)
         cpu = config.cpu_threads or min(4, (os.cpu_count() or 1) + 1)
         self.cpu_pool = concurrent.futures.ThreadPoolExecutor(cpu, thread_name_prefix="loyalty-cpu")
         self.io_pool = concurrent.futures.ThreadPoolExecutor(config.io_threads, thread_name_prefix="loyalty-io")
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
+        self._inbox: _Inbox | None = None       # confirms answered by group-commit batches come back here
         self._tasks: list[asyncio.Task] = []
         self._metrics_http = None
         self._stopping = False
@@ -260,30 +309,36 @@ class LoyaltyServer:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(handler)
         return grpc.method_handlers_generic_handler(service_name, handlers)
 
-    def _calculate_bytes(self, request: tuple[str, str, dict]) -> bytes:
-        card, phone, receipt = request
-        answer = self.service.calculate_answer(card, phone, receipt)
+    def _calculate_bytes(self, request: tuple[str, str, dict, bool]) -> bytes:
+        card, phone, receipt, fits = request
+        answer = self.service.calculate_answer(card, phone, receipt, fits=fits)
         return encode_calculate_response(answer, answer["program_version"])
 
-    def _calculate_inline(self, request: tuple[str, str, dict]) -> bytes | None:
+    def _calculate_inline(self, request: tuple[str, str, dict, bool]) -> bytes | None:
         """The response when the service can answer from memory alone (None: it needs storage, use the pool)."""
-        card, phone, receipt = request
-        answer = self.service.calculate_answer(card, phone, receipt, wait=False)
+        card, phone, receipt, fits = request
+        answer = self.service.calculate_answer(card, phone, receipt, wait=False, fits=fits)
         return None if answer is None else encode_calculate_response(answer, answer["program_version"])
 
-    def _confirm_bytes(self, request: tuple[str, str, dict]) -> bytes:
-        purchase_id, answer, replayed = self.service.confirm_answer(*request)
+    def _confirm_bytes(self, request: tuple[str, str, dict, bool]) -> bytes:
+        card, phone, receipt, fits = request
+        purchase_id, answer, replayed = self.service.confirm_answer(card, phone, receipt, fits=fits)
         return encode_confirm_response(str(purchase_id), answer, replayed)
 
-    def _confirm_inline(self, request: tuple[str, str, dict]):
+    def _confirm_inline(self, request: tuple[str, str, dict, bool]):
         """An awaitable of the response when the service batches confirms (None: use the pool). Validation
         errors are raised here, on the loop."""
-        future = self.service.confirm_future(*request)
-        return None if future is None else self._confirm_awaited(future)
+        card, phone, receipt, fits = request
+        future = self.service.confirm_future(card, phone, receipt, fits=fits)
+        if future is None:
+            return None
+        if self._inbox is None:
+            self._inbox = _Inbox(asyncio.get_running_loop())
+        return self._confirm_awaited(self._inbox.wrap(future))
 
     @staticmethod
-    async def _confirm_awaited(future) -> bytes:
-        purchase_id, answer, replayed = await asyncio.wrap_future(future)
+    async def _confirm_awaited(waiter: asyncio.Future) -> bytes:
+        purchase_id, answer, replayed = await waiter
         return encode_confirm_response(str(purchase_id), answer, replayed)
 
     def _make_handler(self, method: str, request_cls, fn, pool):

@@ -61,6 +61,19 @@ class Metrics:
         self.latency: dict[str, _Histogram] = {}
         self.started = time.time()
         self._last_summary: dict[tuple[str, str], int] = {}
+        self._counter_sources: list = []
+        self._last_counters: dict[str, int] = {}
+
+    def add_counters(self, source) -> None:
+        """``source()`` -> ``{name: (help, value)}``: counters that another part of the process keeps (the
+        confirm batcher's), read when rendering and summarising."""
+        self._counter_sources.append(source)
+
+    def _counters(self) -> dict[str, tuple[str, int]]:
+        out: dict[str, tuple[str, int]] = {}
+        for source in self._counter_sources:
+            out.update(source())
+        return out
 
     def observe(self, method: str, code: str, seconds: float) -> None:
         key = (method, code)
@@ -91,6 +104,8 @@ class Metrics:
                 out.append(f'loyalty_grpc_request_seconds_bucket{{method="{method}",le="{le}"}} {cumulative}')
             out.append(f'loyalty_grpc_request_seconds_sum{{method="{method}"}} {hist.total:.6f}')
             out.append(f'loyalty_grpc_request_seconds_count{{method="{method}"}} {hist.count}')
+        for name, (text, value) in sorted(self._counters().items()):
+            out += [f"# HELP {name} {text}", f"# TYPE {name} counter", f"{name} {value}"]
         out += [
             "# HELP loyalty_process_start_time_seconds Start time of the process since the Unix epoch.",
             "# TYPE loyalty_process_start_time_seconds gauge",
@@ -133,12 +148,18 @@ class Metrics:
         self._last_summary = dict(self.requests)
         if not delta:
             return None
+        counters = {name: value for name, (_text, value) in self._counters().items()}
+        moved = {name: value - self._last_counters.get(name, 0) for name, value in counters.items()}
+        self._last_counters = counters
         parts = []
         for method, codes in sorted(delta.items()):
             hist = self.latency[method]
             counts = " ".join(f"{code}={n}" for code, n in sorted(codes.items()))
             parts.append(f"{method}: {counts} p50<={hist.quantile(0.5) * 1000:g}ms "
                          f"p99<={hist.quantile(0.99) * 1000:g}ms")
+        batches, batched = moved.get("loyalty_confirm_batches_total"), moved.get("loyalty_confirm_batched_total")
+        if batches:
+            parts.append(f"confirm batches: {batches} of {batched / batches:.1f} on average")
         return "requests since last summary: " + "; ".join(parts)
 
     async def log_periodically(self, interval: float) -> None:

@@ -35,7 +35,7 @@ from loyalty.v1 import admin_pb2, processing_pb2
 
 from . import ledger
 from .batcher import Batcher
-from .convert import answer_to_proto, iso, receipt_to_dict
+from .convert import AT_LIMIT, ID_LIMIT, answer_to_proto, iso, receipt_to_dict
 from .db import Database, driver_errors, dumps, loads
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ServiceError
 from .members import (
@@ -111,15 +111,16 @@ def _data_errors(method):
 def _check_receipt(receipt: dict, path: str = "receipt") -> None:
     """Every string of a receipt (``convert.receipt_to_dict``'s shape) that the service stores or looks up
     fits storage (``check_text``): store / terminal / number and skus at most 64 characters, ``at`` at most
-    40, and no NUL character anywhere."""
+    40, and no NUL character anywhere. (``convert.decode_receipt_request``'s ``fits`` tells a caller that
+    decoded the request itself that this would pass.)"""
     for name in ("store", "terminal", "number"):
-        check_text(f"{path}.{name}", receipt.get(name, ""), 64)
-    check_text(f"{path}.at", receipt.get("at", ""), 40)
+        check_text(f"{path}.{name}", receipt.get(name, ""), ID_LIMIT)
+    check_text(f"{path}.at", receipt.get("at", ""), AT_LIMIT)
     check_text(f"{path}.channel", receipt.get("channel", ""))
     for j, coupon in enumerate(receipt.get("coupons", ())):
         check_text(f"{path}.coupons[{j}]", coupon)
     for i, ln in enumerate(receipt.get("lines", ())):
-        check_text(f"{path}.lines[{i}].sku", ln.get("sku", ""), 64)
+        check_text(f"{path}.lines[{i}].sku", ln.get("sku", ""), ID_LIMIT)
         for j, category in enumerate(ln.get("categories", ())):
             check_text(f"{path}.lines[{i}].categories[{j}]", category)
 
@@ -575,7 +576,8 @@ class ProcessingService:
     CALCULATE_STALE_MAX = 1.0
 
     @_data_errors
-    def calculate_answer(self, card: str, phone: str, receipt: dict, *, wait: bool = True) -> dict | None:
+    def calculate_answer(self, card: str, phone: str, receipt: dict, *, wait: bool = True,
+                         fits: bool = False) -> dict | None:
         """``calculate_receipt`` on plain values, for an edge that decodes the request bytes itself
         (``convert.decode_calculate_request``): ``card`` / ``phone`` of the ``MemberRef`` (both empty:
         anonymous), ``receipt`` as ``convert.receipt_to_dict`` makes it. Returns the core's answer dict
@@ -585,7 +587,10 @@ class ProcessingService:
         when the answer needs anything not in memory (the member's context is not cached; the program
         snapshot and budget figures of the last waiting call are due for renewal, about every
         ``CALCULATE_LEASE`` seconds); the caller then asks again, waiting, from a thread. A new program
-        version or budget figure reaches these calls that much later."""
+        version or budget figure reaches these calls that much later.
+
+        ``fits=True``: the caller's decoder already knows the receipt's strings pass the storage check
+        (``convert.decode_receipt_request``), which is then skipped."""
         now = time.monotonic()
         if wait:
             snap = self.programs.current()
@@ -598,7 +603,8 @@ class ProcessingService:
                 return None       # this call renews the lease from a thread; the others go on with it
             _, _, snap, budgets = lease
         ref = validate_ref(self._MemberRef(card, phone))
-        _check_receipt(receipt)
+        if not fits:
+            _check_receipt(receipt)
         at = self._receipt_at(receipt)
         member = None
         if ref is not None:
@@ -631,17 +637,27 @@ class ProcessingService:
         return processing_pb2.ConfirmPurchaseResponse(purchase_id=str(purchase_id),
                                                       answer=answer_to_proto(answer), replayed=replayed)
 
-    def confirm_answer(self, card: str, phone: str, receipt: dict) -> tuple[int, dict, bool]:
+    def confirm_answer(self, card: str, phone: str, receipt: dict, *, fits: bool = False) -> tuple[int, dict, bool]:
         """``confirm_purchase`` on plain values (``card`` / ``phone`` of the ``MemberRef``, ``receipt`` as
-        ``convert.receipt_to_dict`` makes it, e.g. from ``convert.decode_calculate_request``, whose layout
-        ``ConfirmPurchaseRequest`` shares): ``(purchase_id, answer dict, replayed)``."""
-        item = self._confirm_item(card, phone, receipt)
+        ``convert.receipt_to_dict`` makes it, e.g. from ``convert.decode_receipt_request``, whose layout
+        ``ConfirmPurchaseRequest`` shares, and whose ``fits`` is ``fits`` here, as for ``calculate_answer``):
+        ``(purchase_id, answer dict, replayed)``."""
+        item = self._confirm_item(card, phone, receipt, fits)
         outcome = _ALONE if self._batcher is None else self._batcher.submit(item)
         if outcome is _ALONE:
             outcome = self._confirm_alone(item)
         return self._confirm_outcome(outcome)
 
-    def confirm_future(self, card: str, phone: str, receipt: dict) -> concurrent.futures.Future | None:
+    def group_commit_counters(self) -> dict[str, tuple[str, int]]:
+        """The confirm batcher's counters for the metrics (``Metrics.add_counters``); empty without one."""
+        batcher = self._batcher
+        if batcher is None:
+            return {}
+        return {"loyalty_confirm_batches_total": ("ConfirmPurchase group-commit batches run.", batcher.batches),
+                "loyalty_confirm_batched_total": ("Confirms run in group-commit batches.", batcher.items)}
+
+    def confirm_future(self, card: str, phone: str, receipt: dict, *,
+                       fits: bool = False) -> concurrent.futures.Future | None:
         """``confirm_answer`` without a thread waiting for it, for an asyncio edge
         (``await asyncio.wrap_future(future)``): the request is validated now (``InvalidArgument`` raised
         here, without touching storage), the future completes from the batch's thread with
@@ -649,7 +665,7 @@ class ProcessingService:
         ``LOYALTY_CONFIRM_BATCH=0``): call ``confirm_answer`` in a thread instead."""
         if self._batcher is None:
             return None
-        item = self._confirm_item(card, phone, receipt)
+        item = self._confirm_item(card, phone, receipt, fits)
         future: concurrent.futures.Future = concurrent.futures.Future()
         future.set_running_or_notify_cancel()   # a caller that gives up cannot cancel a write already queued
 
@@ -680,7 +696,7 @@ class ProcessingService:
         except BaseException as exc:  # noqa: BLE001 - the waiter must hear of it
             future.set_exception(exc)
 
-    def _confirm_item(self, card: str, phone: str, receipt: dict) -> tuple:
+    def _confirm_item(self, card: str, phone: str, receipt: dict, fits: bool = False) -> tuple:
         """The validated request: ``(receipt, ref, at, request_hash, (card, phone) as sent)``; ``InvalidArgument``
         naming the field.
         Touches no storage (the program snapshot is taken by the transaction that writes)."""
@@ -688,7 +704,8 @@ class ProcessingService:
             if not receipt[name]:
                 raise InvalidArgument(f"receipt.{name}", "required to confirm: store, terminal and number "
                                                          "identify the purchase")
-        _check_receipt(receipt)
+        if not fits:
+            _check_receipt(receipt)
         ref = validate_ref(self._MemberRef(card, phone))
         at = self._receipt_at(receipt)
         return receipt, ref, at, _receipt_hash(card, phone, receipt), (card, phone)
