@@ -47,7 +47,6 @@ import re
 import signal
 import socket
 import sys
-import threading
 import time
 import uuid
 
@@ -200,51 +199,6 @@ _decode_calculate = _dict_decoder("loyalty.v1.CalculateReceiptRequest")
 _decode_confirm = _dict_decoder("loyalty.v1.ConfirmPurchaseRequest")
 
 
-# ---- futures from other threads ------------------------------------------------------------------------------
-
-class _Inbox:
-    """Futures completed on other threads, handed to awaiting coroutines on one event loop, with one wake-up
-    of the loop for all of those that complete together.
-
-    ``asyncio.wrap_future`` wakes the loop once per future (a write to its self-pipe, a pass of the loop):
-    a group-commit batch completes all its confirms in a burst, so that is a dozen wake-ups and as many
-    handoffs of the GIL where one does. Here the first completion of a burst schedules ``_drain`` and the
-    others only join the list it will empty."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
-        self._lock = threading.Lock()
-        self._done: list = []
-
-    def wrap(self, future: concurrent.futures.Future) -> asyncio.Future:
-        """An asyncio future on the loop with ``future``'s outcome (call on the loop's thread)."""
-        waiter = self._loop.create_future()
-        future.add_done_callback(lambda f: self._post(waiter, f))
-        return waiter
-
-    def _post(self, waiter: asyncio.Future, future: concurrent.futures.Future) -> None:
-        with self._lock:
-            first = not self._done
-            self._done.append((waiter, future))
-        if first:
-            try:
-                self._loop.call_soon_threadsafe(self._drain)
-            except RuntimeError:      # the loop is closed: nobody is waiting any more
-                pass
-
-    def _drain(self) -> None:
-        with self._lock:
-            done, self._done = self._done, []
-        for waiter, future in done:
-            if waiter.cancelled():      # the client went away; the write itself stands
-                continue
-            exc = future.exception()
-            if exc is None:
-                waiter.set_result(future.result())
-            else:
-                waiter.set_exception(exc)
-
-
 # ---- the server -----------------------------------------------------------------------------------------------
 
 def _snake(name: str) -> str:
@@ -265,7 +219,6 @@ class LoyaltyServer:
         self.io_pool = concurrent.futures.ThreadPoolExecutor(config.io_threads, thread_name_prefix="loyalty-io")
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
-        self._inbox: _Inbox | None = None       # confirms answered by group-commit batches come back here
         self._tasks: list[asyncio.Task] = []
         self._metrics_http = None
         self._stopping = False
@@ -330,15 +283,11 @@ class LoyaltyServer:
         errors are raised here, on the loop."""
         card, phone, receipt, fits = request
         future = self.service.confirm_future(card, phone, receipt, fits=fits)
-        if future is None:
-            return None
-        if self._inbox is None:
-            self._inbox = _Inbox(asyncio.get_running_loop())
-        return self._confirm_awaited(self._inbox.wrap(future))
+        return None if future is None else self._confirm_awaited(future)
 
     @staticmethod
-    async def _confirm_awaited(waiter: asyncio.Future) -> bytes:
-        purchase_id, answer, replayed = await waiter
+    async def _confirm_awaited(future) -> bytes:
+        purchase_id, answer, replayed = await asyncio.wrap_future(future)
         return encode_confirm_response(str(purchase_id), answer, replayed)
 
     def _make_handler(self, method: str, request_cls, fn, pool):

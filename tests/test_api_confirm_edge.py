@@ -9,7 +9,7 @@ import pytest
 from loyalty.clients.client import LoyaltyError
 from serverutil import fresh_postgres_database, start_server
 
-pytestmark = pytest.mark.postgres
+POSTGRES = pytest.mark.postgres
 
 AT = "2026-03-02T12:30:00+03:00"
 
@@ -21,6 +21,41 @@ def confirm(number: str, *, card="7000002", redeem=0, price=89900, **receipt) ->
                                    "price": price}], **receipt}}
 
 
+def check_receipt_strings(client, prefix: str) -> None:
+    """Strings the decoder cannot vouch for (its ``fits`` is False) still get the service's check: a NUL or an
+    over-long value is INVALID_ARGUMENT naming the field and writes nothing; 40 Cyrillic characters (80 UTF-8
+    bytes, over the decoder's byte limit) are a valid sku."""
+    coffee = {"categories": ["coffee"], "quantity": 1000, "price": 89900}
+    bad = [({"lines": [dict(coffee, sku="a\x00b")]}, "receipt.lines[0].sku"),
+           ({"lines": [dict(coffee, sku="x" * 65)]}, "receipt.lines[0].sku"),
+           ({"lines": [dict(coffee, sku="c", categories=["co\x00ffee"])]}, "receipt.lines[0].categories[0]"),
+           ({"store": "m" * 65}, "receipt.store"),
+           ({"coupons": ["W\x00"]}, "receipt.coupons[0]")]
+    for i, (receipt, field) in enumerate(bad):
+        for call in (client.calculate_receipt, client.confirm_purchase):
+            with pytest.raises(LoyaltyError) as e:
+                call(confirm(f"{prefix}-{i}", **receipt))
+            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.field == field, (call, receipt)
+    before = client.get_member({"member": {"card": "7000002"}})
+    long_sku = {"lines": [dict(coffee, sku="кофе" * 10)]}
+    assert client.calculate_receipt(confirm(f"{prefix}-ok", **long_sku)).answer.lines[0].sku == "кофе" * 10
+    done = client.confirm_purchase(confirm(f"{prefix}-ok", **long_sku))
+    assert done.answer.lines[0].sku == "кофе" * 10 and not done.replayed
+    after = client.get_member({"member": {"card": "7000002"}})
+    # only the valid one was written: its points, pending
+    assert after.pending_points == before.pending_points + done.answer.totals.accrued_points > before.pending_points
+
+
+def test_receipt_strings_through_the_edge_on_sqlite(tmp_path):
+    server = start_server(tmp_path)
+    try:
+        with server.client(retries=0) as client:
+            check_receipt_strings(client, "lite-s")
+    finally:
+        server.stop()
+
+
+@POSTGRES
 def test_confirm_outcomes_through_the_edge_on_postgresql(tmp_path):
     with fresh_postgres_database() as url:
         server = start_server(tmp_path, database_url=url)
@@ -53,6 +88,8 @@ def test_confirm_outcomes_through_the_edge_on_postgresql(tmp_path):
 
                 anonymous = client.confirm_purchase(confirm("edge-5", card=""))
                 assert not anonymous.replayed and anonymous.answer.member.anonymous
+
+                check_receipt_strings(client, "edge-s")
 
             channel = grpc.insecure_channel(server.target)
             call = channel.unary_unary("/loyalty.v1.Processing/ConfirmPurchase")

@@ -652,3 +652,76 @@ def test_confirm_request_decodes_with_the_calculate_codec(wire):
                                     lines=[receipt_pb2.Line(sku="milk", quantity=2000, price=8990)]))
     assert wire.decode_calculate_request(req.SerializeToString()) == (
         "7000001", "+79001234567", convert.receipt_to_dict(req.receipt))
+
+
+# ---- fits: the storage check the service may skip -----------------------------------------------------------------
+
+# Around each limit (store / terminal / number / sku 64, at 40: characters for the service, UTF-8 bytes for the
+# decoder), two-byte Cyrillic on both sides of it, and NUL characters.
+FIT_STRINGS = ("", "a", "x" * 40, "x" * 41, "x" * 64, "x" * 65, "я" * 20, "я" * 21, "я" * 32, "я" * 33, "я" * 64,
+               "я" * 65, "a\x00b", "\x00")
+
+
+@pytest.fixture(params=["compiled", "reference"])
+def receipt_decoder(request):
+    if request.param == "compiled":
+        return _compiled().decode_receipt_request
+    return convert.decode_receipt_request_py
+
+
+def fit_receipts(n: int, seed: int):
+    """Receipts whose strings are mostly ordinary and now and then one of ``FIT_STRINGS``."""
+    rng = random.Random(seed)
+
+    def text(ordinary: str) -> str:
+        return rng.choice(FIT_STRINGS) if rng.random() < 0.08 else ordinary
+
+    for i in range(n):
+        lines = [dict(sku=text(f"sku-{j}"), categories=[text("dairy") for _ in range(rng.randrange(3))],
+                      quantity=1000, price=100) for j in range(rng.randrange(4))]
+        yield dict(store=text("msk-01"), terminal=text("pos-1"), number=text(str(i)), channel=text("pos"),
+                   at=text("2026-03-02T12:30:00+03:00"), coupons=[text("WELCOME") for _ in range(rng.randrange(2))],
+                   lines=lines)
+
+
+def test_fits_is_true_only_when_the_services_string_check_passes(receipt_decoder):
+    """``fits`` lets the service skip ``_check_receipt``: it must never be True when the check would refuse the
+    receipt; with ASCII strings (bytes = characters) it is exactly the check's verdict."""
+    from loyalty.server.errors import InvalidArgument
+    from loyalty.server.processing import _check_receipt
+
+    seen: dict = {}
+    for receipt in fit_receipts(3000, seed=21):
+        data = processing_pb2.CalculateReceiptRequest(member={"card": "7000001"}, receipt=receipt).SerializeToString()
+        card, phone, got, fits = receipt_decoder(data)
+        assert (card, phone, got) == convert.decode_calculate_request_py(data)
+        try:
+            _check_receipt(got)
+            passes = True
+        except InvalidArgument:
+            passes = False
+        if fits:
+            assert passes, got
+        strings = [got["store"], got["terminal"], got["number"], got.get("at", ""), got.get("channel", ""),
+                   *got["coupons"], *(ln["sku"] for ln in got["lines"]),
+                   *(c for ln in got["lines"] for c in ln.get("categories", ()))]
+        if all(s.isascii() for s in strings):
+            assert fits == passes, got
+        seen[fits, passes] = seen.get((fits, passes), 0) + 1
+    # all three verdicts occur: fits; refused; and a Cyrillic string over the byte limit that the check passes
+    assert seen.get((True, True)) and seen.get((False, False)) and seen.get((False, True)), seen
+    assert not seen.get((True, False))
+
+
+def test_fits_of_the_compiled_decoder_never_vouches_for_what_the_reference_refuses(wire):
+    """On field soup: the compiled ``fits`` implies the reference's (it may be False where the reference says
+    True: a string field sent twice is checked at each occurrence, though only the last one stays)."""
+    rng = random.Random(22)
+    verdicts = {}
+    for _ in range(2000):
+        data = request_soup(rng)
+        ours, reference = wire.decode_receipt_request(data), convert.decode_receipt_request_py(data)
+        assert ours[:3] == reference[:3] == wire.decode_calculate_request(data)
+        assert reference[3] or not ours[3]
+        verdicts[ours[3], reference[3]] = verdicts.get((ours[3], reference[3]), 0) + 1
+    assert verdicts.get((True, True)) and verdicts.get((False, False)), verdicts
