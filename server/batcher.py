@@ -2,10 +2,13 @@
 
 ``Batcher(run)`` starts ``threads`` worker threads. ``submit(item)`` (any thread) queues the item and blocks
 until a worker has run a batch holding it (``submit_nowait(item, callback)``: the callback hears of it instead):
-each worker takes whatever is queued (at most ``max_batch``; with
-``window`` > 0 it first waits up to that many seconds for the batch to fill) and calls ``run(slots)``, which
-must finish every slot with ``slot.set(value)`` or ``slot.fail(exc)``. Nothing waits when the process is
-idle: a lone request is a batch of one. While one worker is in its transaction, the next batch gathers.
+each worker takes whatever is queued (at most ``max_batch``) and calls ``run(slots)``, which must finish every
+slot with ``slot.set(value)`` or ``slot.fail(exc)``. While one worker is in its transaction, the next batch
+gathers. Under load a worker first waits up to ``window`` seconds for its batch to fill: the storage's cost of
+a batch is mostly per batch (its round trips and COMMIT), so a few milliseconds buy larger batches and less
+work per request. Nothing waits when the process is idle: a request that finds the queue empty while the
+previous batch held one request (no load) goes at once, as a batch of one (``idle_wait=True``: it waits too,
+so that requests sent a moment apart from idle share a batch; for tests that need that).
 
 ``key(item)`` (optional) names what an item locks in storage (for confirms: the member): a worker leaves in
 the queue the items whose key is in a batch another worker is running, so that two batches never wait for each
@@ -60,17 +63,19 @@ class Slot:
 
 class Batcher:
     def __init__(self, run, *, max_batch: int = 32, window: float = 0.0, threads: int = 2,
-                 name: str = "batcher", key=None):
+                 name: str = "batcher", key=None, idle_wait: bool = False):
         self._run = run
         self._key = key
         self._busy: dict = {}       # key -> how many running batches hold items of it
         self.max_batch = max(1, max_batch)
         self.window = max(0.0, window)
+        self.idle_wait = idle_wait
         self._queue: collections.deque[Slot] = collections.deque()
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
         self.batches = 0            # statistics: batches run and items in them
         self.items = 0
+        self._last = 0              # the size of the batch taken last: 1 (or 0) means no load, take at once
         self._threads = [threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True)
                          for i in range(max(1, threads))]
         for t in self._threads:
@@ -106,7 +111,8 @@ class Batcher:
                     if self._closed:
                         return None
                     self._cond.wait()
-                if self.window and len(self._queue) < self.max_batch:
+                if (self.window and len(self._queue) < self.max_batch
+                        and (self._last > 1 or len(self._queue) > 1 or self.idle_wait)):
                     deadline = time.monotonic() + self.window
                     while len(self._queue) < self.max_batch and not self._closed:
                         left = deadline - time.monotonic()
@@ -117,10 +123,12 @@ class Batcher:
                 if self._key is None:
                     n = min(len(self._queue), self.max_batch)
                     if n:
+                        self._last = n
                         return [self._queue.popleft() for _ in range(n)]
                     continue
                 batch = self._take_free()
                 if batch:
+                    self._last = len(batch)
                     return batch
                 if self._queue:
                     self._cond.wait()    # everything queued waits for a running batch: until one ends

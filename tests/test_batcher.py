@@ -119,3 +119,52 @@ def test_a_busy_key_does_not_hold_up_the_others():
     finally:
         release.set()
         b.close()
+
+
+def test_a_lone_request_never_waits_for_the_window_and_a_loaded_batcher_does():
+    log, lock = [], threading.Lock()
+    window = 0.3
+    b = Batcher(_recording_run(log, lock, {}, []), max_batch=8, threads=1, window=window)
+    try:
+        # idle: one request after another, each alone, none waiting for the window
+        for i in range(3):
+            t0 = time.monotonic()
+            assert b.submit((None, i)) == (None, i)
+            assert time.monotonic() - t0 < window / 2
+        assert log == [[(None, 0)], [(None, 1)], [(None, 2)]]
+        # load: two requests queued together are a batch of two (taken after the window: the queue held more
+        # than one); then a request arriving within the window of the next batch joins it
+        log.clear()
+        hold = threading.Event()
+        b2 = Batcher(lambda slots: (hold.wait(5), [s.set(s.item) for s in slots]), max_batch=8, threads=1,
+                     window=window)
+        try:
+            first = threading.Thread(target=b2.submit, args=((None, "a"),))
+            first.start()
+            time.sleep(0.05)                 # "a" alone (no load yet): running at once, held in its batch
+            out = []
+            pair = [threading.Thread(target=lambda i=i: out.append(b2.submit((None, i)))) for i in ("b", "c")]
+            for t in pair:
+                t.start()
+            time.sleep(0.05)
+            hold.set()                       # "a" finishes; "b" and "c" are queued: one batch, after the window
+            t0 = time.monotonic()
+            for t in pair:
+                t.join(5)
+            first.join(5)
+            assert sorted(out) == [(None, "b"), (None, "c")]
+            assert time.monotonic() - t0 >= window * 0.8
+            assert b2.batches == 2 and b2.items == 3
+            # the last batch held two: the next lone request waits for company, and one arriving meanwhile joins
+            later = []
+            t1 = threading.Thread(target=lambda: later.append(b2.submit((None, "d"))))
+            t1.start()
+            time.sleep(window / 3)
+            assert b2.submit((None, "e")) == (None, "e")
+            t1.join(5)
+            assert later == [(None, "d")] and b2.batches == 3 and b2.items == 5
+        finally:
+            hold.set()
+            b2.close()
+    finally:
+        b.close()

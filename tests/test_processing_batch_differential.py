@@ -56,6 +56,8 @@ def _services(batched_url, alone_url, clock, monkeypatch, program):
         monkeypatch.setenv("LOYALTY_CONFIRM_BATCH_THREADS", "1")
         db.upgrade(url)
         svc = ProcessingService.open(url, clock=clock)
+        if svc._batcher is not None:
+            svc._batcher.idle_wait = True   # requests a moment apart from idle share a batch
         svc.publish_program(admin_pb2.PublishProgramRequest(yaml=program, comment="tests"))
         for i, card in enumerate(CARDS):
             svc.enroll_member(P.EnrollMemberRequest(card=card, source="pos"))

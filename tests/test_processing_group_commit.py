@@ -28,7 +28,10 @@ def _open(url, clock, monkeypatch, *, batch, window_ms):
     monkeypatch.setenv("LOYALTY_CONFIRM_BATCH", str(batch))
     monkeypatch.setenv("LOYALTY_CONFIRM_BATCH_WINDOW_MS", str(window_ms))
     monkeypatch.setenv("LOYALTY_CONFIRM_BATCH_THREADS", "1")
-    return ProcessingService.open(url, clock=clock)
+    svc = ProcessingService.open(url, clock=clock)
+    if svc._batcher is not None:
+        svc._batcher.idle_wait = True       # requests a moment apart from idle share a batch
+    return svc
 
 
 @pytest.fixture
