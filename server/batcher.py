@@ -135,7 +135,7 @@ class Batcher:
 
     def _take_free(self) -> list[Slot]:
         """Up to ``max_batch`` items, in queue order, whose keys no running batch holds (under the lock)."""
-        busy, key = self._busy, self._key
+        busy = self._busy
         batch: list[Slot] = []
         kept: list[Slot] = []
         queue = self._queue

@@ -7,11 +7,12 @@ therefore already the proto field paths the client sent.
 
 ``CalculateReceipt`` and ``ConfirmPurchase`` skip the messages altogether: ``decode_calculate_request(raw) ->
 (card, phone, receipt)`` (both requests are ``member = 1, receipt = 2``; ``decode_receipt_request`` adds
-``fits``: the receipt's strings are known to pass the service's storage check, which then need not run), ``encode_calculate_response(answer,
-program_version) -> bytes`` and ``encode_confirm_response(purchase_id, answer, replayed) -> bytes`` go between
-the wire bytes and the dicts directly. They are the compiled codec ``loyalty.server._wire`` unless ``LOYALTY_NO_EXTENSIONS=1``
-asks for the reference (or the extension is missing), as for the core: the reference is the same two steps
-through protobuf (``*_py`` below), and tests/test_wire.py holds the compiled one to it byte for byte.
+``fits``: the receipt's strings are known to pass the service's storage check, which then need not run),
+``encode_calculate_response(answer, program_version) -> bytes`` and ``encode_confirm_response(purchase_id,
+answer, replayed) -> bytes`` go between the wire bytes and the dicts directly. They are the compiled codec
+``loyalty.server._wire`` unless ``LOYALTY_NO_EXTENSIONS=1`` asks for the reference (or the extension is
+missing), as for the core: the reference is the same two steps through protobuf (``*_py`` below), and
+tests/test_wire.py holds the compiled one to it byte for byte.
 """
 from __future__ import annotations
 

@@ -9,17 +9,20 @@ wire format, idempotency, concurrency) lives in the service and its storage tran
     anything else -> INTERNAL "internal error <incident>" (the traceback goes to the log, never to the client)
 
 ``CalculateReceipt``, the call a checkout makes many times per receipt, builds no message objects: the
-compiled codec (``convert.decode_calculate_request`` / ``encode_calculate_response``, i.e.
-``loyalty.server._wire``) reads the request bytes straight into the core's dicts and writes the answer dict
-straight into the response bytes, and the call runs on the event loop itself whenever the service can answer
+compiled codec (``convert.decode_receipt_request`` / ``encode_calculate_response``, i.e.
+``loyalty.server._wire``) reads the request bytes straight into the core's dicts (checking on the way that
+every string fits storage, so the service need not check again) and writes the answer dict straight into the
+response bytes, and the call runs on the event loop itself whenever the service can answer
 from memory (``calculate_answer(..., wait=False)``: the member's context cached, the program snapshot and
 budget figures fresh), which saves the thread hop; otherwise, and never blocking the loop on storage, it runs
 in the CPU pool. ``ConfirmPurchase`` shares the codec (its request has the same layout); with group commit
 (PostgreSQL) the handler validates on the loop, hands the confirm to the batcher and awaits its future, so no
-thread waits for the batch; without it (SQLite) it runs in the I/O pool. ``LOYALTY_CALCULATE_IN_POOL=1`` sends every call to the pool (to compare). Against the bare
-echo server on 2 shared cores (medians of interleaved rounds of ``benchmarks/server.py``'s load) this runs at
-0.7-1.0x its calls per second with 1.1-1.5x its p99, the server spending about 410 us of CPU a call to echo's
-270 us; through protobuf messages in the pool it was 0.6x, 1.5x and 630 us.
+thread waits for the batch; without it (SQLite) it runs in the I/O pool. ``LOYALTY_CALCULATE_IN_POOL=1``
+sends every call to the pool (to compare). Against the bare echo server on 2 shared cores (medians of
+interleaved rounds of ``benchmarks/server.py``'s load) this runs at about 0.7-0.75x its calls per second
+(single rounds 0.6-0.9x) with 1.3-1.5x its p99, the server spending about 1.4x echo's CPU a call (e.g. 245 us
+to 175 us; our own code is about a tenth of the server's samples, gRPC the rest); through protobuf messages in
+the pool it was 0.6x, 1.5x and 2.3x.
 
 Two bounded pools, because the two kinds of work differ: ``CalculateReceipt`` is short and CPU-bound (it
 holds the GIL, so more threads than cores only add switching; a few threads still overlap its member read),

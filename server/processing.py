@@ -108,6 +108,11 @@ def _data_errors(method):
     return wrapper
 
 
+# The longest free-text reason (adjustments, refunds, cancels, card status changes) kept in the ledger and the
+# audit trail: a sentence or two for the operator who reads it later, not a document.
+REASON_LIMIT = 500
+
+
 def _check_receipt(receipt: dict, path: str = "receipt") -> None:
     """Every string of a receipt (``convert.receipt_to_dict``'s shape) that the service stores or looks up
     fits storage (``check_text``): store / terminal / number and skus at most 64 characters, ``at`` at most
@@ -1098,7 +1103,7 @@ class ProcessingService:
             raise InvalidArgument("refund_id", "required: the idempotency key of this refund")
         if refund_id.startswith("cancel:"):
             raise InvalidArgument("refund_id", "the prefix 'cancel:' is reserved")
-        check_text("reason", request.reason)
+        check_text("reason", request.reason, REASON_LIMIT)
         key = self._purchase_key(request.purchase, "purchase")
         if request.all_remaining and len(request.lines):
             raise InvalidArgument("lines", "give either lines or all_remaining, not both")
@@ -1125,7 +1130,7 @@ class ProcessingService:
         budgets come back too). Idempotent by the purchase: calling it again (or concurrently) returns the
         stored answer with ``replayed=True``."""
         key = self._purchase_key(request.purchase, "purchase")
-        check_text("reason", request.reason)
+        check_text("reason", request.reason, REASON_LIMIT)
         response, member_id = self._write_replaying(
             self._refund_tx, None, key, {}, True, request.reason, "", True)
         self.contexts.invalidate(member_id)
@@ -1396,7 +1401,7 @@ class ProcessingService:
         operation_id = check_text("operation_id", request.operation_id.strip(), 100)
         if not operation_id:
             raise InvalidArgument("operation_id", "required: the idempotency key of this operation")
-        check_text("reason", request.reason)
+        check_text("reason", request.reason, REASON_LIMIT)
         expiry_days = None
         if request.HasField("expiry_days"):
             if request.kind == "debit":
@@ -1474,7 +1479,7 @@ class ProcessingService:
         if not card:
             raise InvalidArgument("card", "required")
         status = validate_status(request.status)
-        check_text("reason", request.reason)
+        check_text("reason", request.reason, REASON_LIMIT)
         member_id = self.db.run_write(self._status_tx, card, status, request.reason)
         self.contexts.invalidate(member_id)
         return self._member_message(("card", card))

@@ -14,6 +14,7 @@ from sqlalchemy.exc import DataError
 
 from loyalty.server import jobs, ledger
 from loyalty.server.errors import InvalidArgument
+from loyalty.server.models import ledger as ledger_entries
 from loyalty.server.models import members, promotion_budgets, promotion_usage, purchase_lines, purchases
 from loyalty.v1 import admin_pb2
 from loyalty.v1 import processing_pb2 as P
@@ -165,6 +166,13 @@ BAD_REQUESTS = [
      "profile.custom['k']"),
     ("enroll", lambda: P.EnrollMemberRequest(card="7600006", request_id="r\x00"), "request_id"),
     ("status", lambda: P.SetCardStatusRequest(card="7600005", status="blocked", reason="\x00"), "reason"),
+    ("status", lambda: P.SetCardStatusRequest(card="7600005", status="blocked", reason="r" * 501), "reason"),
+    ("adjust", lambda: P.AdjustPointsRequest(member=R.MemberRef(card="7600005"), kind="credit", points=1,
+                                             reason="я" * 501, operation_id="v-op2"), "reason"),
+    ("refund", lambda: P.RefundPurchaseRequest(refund_id="v-r2", purchase=P.PurchaseKey(
+        store="msk-01", terminal="pos-3", number="v-ok"), all_remaining=True, reason="r" * 501), "reason"),
+    ("cancel", lambda: P.CancelPurchaseRequest(purchase=P.PurchaseKey(store="msk-01", terminal="pos-3",
+                                                                      number="v-ok"), reason="r" * 501), "reason"),
 ]
 CALLS = {"confirm": "confirm_purchase", "calculate": "calculate_receipt", "get": "get_member",
          "adjust": "adjust_points", "refund": "refund_purchase", "cancel": "cancel_purchase",
@@ -401,3 +409,15 @@ def test_retries_carrying_unknown_fields_replay(service):
     adj = P.AdjustPointsRequest(member=R.MemberRef(card="7600014"), kind="credit", points=5, operation_id="u-op")
     service.adjust_points(adj)
     assert service.adjust_points(_with_unknown(adj)).replayed
+
+
+def test_a_reason_of_exactly_the_limit_is_kept_whole(service):
+    enroll(service, "7600008")
+    reason = "я" * 500                     # characters, not bytes: 1,000 bytes of UTF-8
+    service.adjust_points(P.AdjustPointsRequest(member=R.MemberRef(card="7600008"), kind="credit", points=7,
+                                                reason=reason, operation_id="v-limit"))
+    assert balances_of(service, "7600008")[0] == 7
+    with service.db.read() as conn:
+        kept = conn.execute(select(ledger_entries.c.reason)
+                            .where(ledger_entries.c.operation_id == "v-limit")).scalars().all()
+    assert kept == [reason]
