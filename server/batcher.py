@@ -123,15 +123,22 @@ class Batcher:
                 if self._key is None:
                     n = min(len(self._queue), self.max_batch)
                     if n:
-                        self._last = n
+                        self._taken(n)
                         return [self._queue.popleft() for _ in range(n)]
                     continue
                 batch = self._take_free()
                 if batch:
-                    self._last = len(batch)
+                    self._taken(len(batch))
                     return batch
                 if self._queue:
                     self._cond.wait()    # everything queued waits for a running batch: until one ends
+
+    def _taken(self, n: int) -> None:
+        """A batch of ``n`` is taken (under the lock, so that the counters, which the metrics export, lose no
+        increment between worker threads and a scrape never sees a batch without its items)."""
+        self._last = n
+        self.batches += 1
+        self.items += n
 
     def _take_free(self) -> list[Slot]:
         """Up to ``max_batch`` items, in queue order, whose keys no running batch holds (under the lock)."""
@@ -170,8 +177,6 @@ class Batcher:
             batch = self._take()
             if batch is None:
                 return
-            self.batches += 1
-            self.items += len(batch)
             try:
                 self._run(batch)
             except BaseException as exc:  # noqa: BLE001 - every waiter must be woken, whatever happened

@@ -10,9 +10,9 @@ wire format, idempotency, concurrency) lives in the service and its storage tran
 
 ``CalculateReceipt``, the call a checkout makes many times per receipt, builds no message objects: the
 compiled codec (``convert.decode_receipt_request`` / ``encode_calculate_response``, i.e.
-``loyalty.server._wire``) reads the request bytes straight into the core's dicts (checking on the way that
-every string fits storage, so the service need not check again) and writes the answer dict straight into the
-response bytes, and the call runs on the event loop itself whenever the service can answer
+``loyalty.server._wire``) reads the request bytes straight into the core's dicts (checking on the way whether
+every string fits storage; when it says so, ``fits``, the service need not check again) and writes the answer
+dict straight into the response bytes, and the call runs on the event loop itself whenever the service can answer
 from memory (``calculate_answer(..., wait=False)``: the member's context cached, the program snapshot and
 budget figures fresh), which saves the thread hop; otherwise, and never blocking the loop on storage, it runs
 in the CPU pool. ``ConfirmPurchase`` shares the codec (its request has the same layout); with group commit

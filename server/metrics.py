@@ -6,13 +6,17 @@ method, readable two ways with nothing to install:
   a scraper sees every process; SO_REUSEPORT would hand each scrape to a random worker);
 - otherwise one summary line in the log every ``interval`` seconds when there was traffic.
 
-Why not ``prometheus_client``: it is not a dependency of the project, and the two series we keep do not need
+Besides its own two series it renders counters that other parts of the process keep (``add_counters``: the
+confirm batcher's batches and confirms), read when a scrape or a summary asks.
+
+Why not ``prometheus_client``: it is not a dependency of the project, and the few series we keep do not need
 it; its multi-process mode (a shared directory of mmap files) would be one more thing for operators to manage
 with ``--workers``. The exposition format is small and stable, and the names follow its conventions
 (``loyalty_grpc_requests_total``, ``loyalty_grpc_request_seconds`` histogram), so a switch later changes no
 dashboard.
 
-Everything here is called on the event loop's thread only, so there are no locks.
+Everything here is called on the event loop's thread only, so there are no locks; the counters of other
+parts are kept by their own threads under their own locks and only read here.
 """
 from __future__ import annotations
 

@@ -121,6 +121,13 @@ def test_a_busy_key_does_not_hold_up_the_others():
         b.close()
 
 
+def _until(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
 def test_a_lone_request_never_waits_for_the_window_and_a_loaded_batcher_does():
     log, lock = [], threading.Lock()
     window = 0.3
@@ -132,39 +139,62 @@ def test_a_lone_request_never_waits_for_the_window_and_a_loaded_batcher_does():
             assert b.submit((None, i)) == (None, i)
             assert time.monotonic() - t0 < window / 2
         assert log == [[(None, 0)], [(None, 1)], [(None, 2)]]
-        # load: two requests queued together are a batch of two (taken after the window: the queue held more
-        # than one); then a request arriving within the window of the next batch joins it
-        log.clear()
-        hold = threading.Event()
-        b2 = Batcher(lambda slots: (hold.wait(5), [s.set(s.item) for s in slots]), max_batch=8, threads=1,
-                     window=window)
-        try:
-            first = threading.Thread(target=b2.submit, args=((None, "a"),))
-            first.start()
-            time.sleep(0.05)                 # "a" alone (no load yet): running at once, held in its batch
-            out = []
-            pair = [threading.Thread(target=lambda i=i: out.append(b2.submit((None, i)))) for i in ("b", "c")]
-            for t in pair:
-                t.start()
-            time.sleep(0.05)
-            hold.set()                       # "a" finishes; "b" and "c" are queued: one batch, after the window
-            t0 = time.monotonic()
-            for t in pair:
-                t.join(5)
-            first.join(5)
-            assert sorted(out) == [(None, "b"), (None, "c")]
-            assert time.monotonic() - t0 >= window * 0.8
-            assert b2.batches == 2 and b2.items == 3
-            # the last batch held two: the next lone request waits for company, and one arriving meanwhile joins
-            later = []
-            t1 = threading.Thread(target=lambda: later.append(b2.submit((None, "d"))))
-            t1.start()
-            time.sleep(window / 3)
-            assert b2.submit((None, "e")) == (None, "e")
-            t1.join(5)
-            assert later == [(None, "d")] and b2.batches == 3 and b2.items == 5
-        finally:
-            hold.set()
-            b2.close()
+    finally:
+        b.close()
+
+    # load: two requests queued together are a batch of two (taken after the window: the queue held more than
+    # one); then a request arriving within the window of the next batch joins it
+    hold, running = threading.Event(), threading.Event()
+
+    def run(slots):
+        running.set()
+        hold.wait(5)
+        for s in slots:
+            s.set(s.item)
+
+    b2 = Batcher(run, max_batch=8, threads=1, window=window)
+    try:
+        first = threading.Thread(target=b2.submit, args=((None, "a"),))
+        first.start()
+        assert running.wait(5)               # "a" alone (no load yet): running at once, held in its batch
+        out = []
+        pair = [threading.Thread(target=lambda i=i: out.append(b2.submit((None, i)))) for i in ("b", "c")]
+        for t in pair:
+            t.start()
+        _until(lambda: len(b2._queue) == 2)
+        t0 = time.monotonic()
+        hold.set()                           # "a" finishes; "b" and "c" are queued: one batch, after the window
+        for t in pair:
+            t.join(5)
+        first.join(5)
+        assert sorted(out) == [(None, "b"), (None, "c")]
+        assert time.monotonic() - t0 >= window * 0.8
+        assert b2.batches == 2 and b2.items == 3
+        # the last batch held two: the next lone request waits for company, and one arriving meanwhile joins
+        later = []
+        t1 = threading.Thread(target=lambda: later.append(b2.submit((None, "d"))))
+        t1.start()
+        _until(lambda: len(b2._queue) == 1)
+        assert b2.submit((None, "e")) == (None, "e")
+        t1.join(5)
+        assert later == [(None, "d")] and b2.batches == 3 and b2.items == 5
+    finally:
+        hold.set()
+        b2.close()
+
+
+def test_counters_add_up_with_keys_and_two_workers():
+    log, lock, overlaps = [], threading.Lock(), []
+    b = Batcher(_recording_run(log, lock, {}, overlaps, hold=0.002), max_batch=4, threads=2, window=0.002,
+                key=lambda item: item[0])
+    try:
+        threads = [threading.Thread(target=b.submit, args=((f"k{i % 5}", i),)) for i in range(80)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert b.items == 80 and b.batches == len(log)
+        assert sorted(i for batch in log for _, i in batch) == list(range(80))
+        assert overlaps == []
     finally:
         b.close()
