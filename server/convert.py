@@ -24,7 +24,8 @@ from loyalty.core import NO_EXTENSIONS
 from loyalty.v1 import processing_pb2, receipt_pb2
 
 __all__ = ["receipt_to_dict", "answer_to_proto", "iso", "decode_calculate_request", "decode_receipt_request",
-           "encode_calculate_response", "encode_confirm_response", "receipt_fits_storage", "WIRE_COMPILED"]
+           "encode_calculate_response", "encode_confirm_response", "receipt_fits_storage", "receipt_strings",
+           "WIRE_COMPILED"]
 
 # The longest strings of a receipt, in characters, that storage takes (the service checks them with
 # ``processing._check_receipt``; the compiled decoder's ``fits`` applies the same figures to UTF-8 bytes).
@@ -101,17 +102,28 @@ def decode_calculate_request_py(data: bytes) -> tuple[str, str, dict]:
     return request.member.card, request.member.phone, receipt_to_dict(request.receipt)
 
 
+def receipt_strings(receipt: dict, path: str = "receipt"):
+    """``(field path, value, limit)`` of every string of ``receipt`` (``receipt_to_dict``'s shape) that the
+    service stores or looks up; ``limit`` None: any length, only no NUL. What ``processing._check_receipt``
+    checks and ``receipt_fits_storage`` tests."""
+    for name in ("store", "terminal", "number"):
+        yield f"{path}.{name}", receipt.get(name, ""), ID_LIMIT
+    yield f"{path}.at", receipt.get("at", ""), AT_LIMIT
+    yield f"{path}.channel", receipt.get("channel", ""), None
+    for j, coupon in enumerate(receipt.get("coupons", ())):
+        yield f"{path}.coupons[{j}]", coupon, None
+    for i, ln in enumerate(receipt.get("lines", ())):
+        yield f"{path}.lines[{i}].sku", ln.get("sku", ""), ID_LIMIT
+        for j, category in enumerate(ln.get("categories", ())):
+            yield f"{path}.lines[{i}].categories[{j}]", category, None
+
+
 def receipt_fits_storage(receipt: dict) -> bool:
-    """True when no string of ``receipt`` (``receipt_to_dict``'s shape) holds a NUL and store / terminal /
-    number / skus are at most ``ID_LIMIT`` UTF-8 bytes and ``at`` at most ``AT_LIMIT``: the ``fits`` of
-    ``decode_receipt_request`` (a conservative test: bytes, not characters)."""
-    def fit(value: str, limit: int | None = None) -> bool:
-        return "\x00" not in value and (limit is None or len(value.encode()) <= limit)
-    return (all(fit(receipt.get(k, ""), ID_LIMIT) for k in ("store", "terminal", "number"))
-            and fit(receipt.get("at", ""), AT_LIMIT) and fit(receipt.get("channel", ""))
-            and all(fit(c) for c in receipt.get("coupons", ()))
-            and all(fit(ln.get("sku", ""), ID_LIMIT) and all(fit(c) for c in ln.get("categories", ()))
-                    for ln in receipt.get("lines", ())))
+    """True when no string of ``receipt`` holds a NUL and none is longer than its limit in UTF-8 bytes
+    (``receipt_strings``): the ``fits`` of ``decode_receipt_request`` (a conservative test: bytes, not
+    characters)."""
+    return all("\x00" not in value and (limit is None or len(value.encode()) <= limit)
+               for _path, value, limit in receipt_strings(receipt))
 
 
 def decode_receipt_request_py(data: bytes) -> tuple[str, str, dict, bool]:

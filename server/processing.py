@@ -35,7 +35,7 @@ from loyalty.v1 import admin_pb2, processing_pb2
 
 from . import ledger
 from .batcher import Batcher
-from .convert import AT_LIMIT, ID_LIMIT, answer_to_proto, iso, receipt_to_dict
+from .convert import answer_to_proto, iso, receipt_strings, receipt_to_dict
 from .db import Database, driver_errors, dumps, loads
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ServiceError
 from .members import (
@@ -118,16 +118,8 @@ def _check_receipt(receipt: dict, path: str = "receipt") -> None:
     fits storage (``check_text``): store / terminal / number and skus at most 64 characters, ``at`` at most
     40, and no NUL character anywhere. (``convert.decode_receipt_request``'s ``fits`` tells a caller that
     decoded the request itself that this would pass.)"""
-    for name in ("store", "terminal", "number"):
-        check_text(f"{path}.{name}", receipt.get(name, ""), ID_LIMIT)
-    check_text(f"{path}.at", receipt.get("at", ""), AT_LIMIT)
-    check_text(f"{path}.channel", receipt.get("channel", ""))
-    for j, coupon in enumerate(receipt.get("coupons", ())):
-        check_text(f"{path}.coupons[{j}]", coupon)
-    for i, ln in enumerate(receipt.get("lines", ())):
-        check_text(f"{path}.lines[{i}].sku", ln.get("sku", ""), ID_LIMIT)
-        for j, category in enumerate(ln.get("categories", ())):
-            check_text(f"{path}.lines[{i}].categories[{j}]", category)
+    for field, value, limit in receipt_strings(receipt, path):
+        check_text(field, value, limit)
 
 
 class _Retry(Exception):
