@@ -14,16 +14,19 @@ import re
 from .errors import InputError
 from .model import CARD_STATUSES, Line, Member, Program, Receipt
 
-__all__ = ["parse_request", "parse_budgets_used", "round_half_up", "MAX_MONEY", "MAX_POINTS", "MAX_QUANTITY",
-           "MAX_LINES"]
+__all__ = ["parse_request", "parse_budgets_used", "parse_at", "parse_receipt_time", "round_half_up", "MAX_MONEY",
+           "MAX_POINTS", "MAX_QUANTITY", "MAX_LINES", "MAX_OFFSET_HOURS"]
 
 MAX_MONEY = 10**12
 MAX_POINTS = 10**12
 MAX_QUANTITY = 10**9
 MAX_LINES = 1000
+# The widest UTC offset a receipt's ``at`` may carry, as java.time.ZoneOffset bounds it (real zones span -12:00
+# to +14:00); minutes of an offset are 00-59.
+MAX_OFFSET_HOURS = 18
 
 _AT_RE = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2})(?::(\d{2})(?:\.\d{1,9})?)?(?:Z|[+-]\d{2}:?\d{2})?$")
+    r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2})(?::(\d{2})(?:\.\d{1,9})?)?(Z|([+-])(\d{2}):?(\d{2}))?$")
 _MISSING = object()
 
 
@@ -34,6 +37,17 @@ def round_half_up(num: int, den: int) -> int:
 
 # ---- field readers --------------------------------------------------------------------------------------
 
+QUOTE_LIMIT = 32
+
+
+def _quote(value: str) -> str:
+    """A client's string as an error quotes it: whole when short, else its first ``QUOTE_LIMIT`` characters and
+    its length (an error must stay small: gRPC clients refuse large trailers)."""
+    if len(value) <= QUOTE_LIMIT:
+        return repr(value)
+    return f"{value[:QUOTE_LIMIT]!r}... ({len(value)} characters)"
+
+
 def _kind(value) -> str:
     if value is None:
         return "null"
@@ -42,7 +56,7 @@ def _kind(value) -> str:
     if isinstance(value, (int, float)):
         return f"number {value}"
     if isinstance(value, str):
-        return f"string {value!r}"
+        return f"string {_quote(value)}"
     if isinstance(value, dict):
         return "an object"
     if isinstance(value, list):
@@ -112,22 +126,42 @@ def _required(d: dict, key: str, path: str):
     return value
 
 
-def parse_at(value, path: str = "receipt.at") -> dt.datetime:
-    """ISO 8601 ``YYYY-MM-DDTHH:MM[:SS[.ffffff]][offset]`` as the naive wall clock written: the offset and
-    fractions of a second are dropped."""
+def _match_at(value, path: str):
     if not isinstance(value, str):
         raise InputError(path, f"expected an ISO 8601 local time such as 2026-03-02T12:30:00+03:00, "
                                f"got {_kind(value)}")
     m = _AT_RE.match(value)
     if m is None:
         raise InputError(path, f"expected an ISO 8601 local time such as 2026-03-02T12:30:00+03:00, "
-                               f"got {value!r}")
+                               f"got {_quote(value)}")
     year, month, day, hour, minute = (int(x) for x in m.groups()[:5])
     second = int(m.group(6) or 0)
     try:
-        return dt.datetime(year, month, day, hour, minute, second)
+        local = dt.datetime(year, month, day, hour, minute, second)
     except ValueError as exc:
-        raise InputError(path, f"not a valid date and time: {value!r} ({exc})") from None
+        raise InputError(path, f"not a valid date and time: {_quote(value)} ({exc})") from None
+    offset = dt.timedelta(0)
+    if m.group(8):
+        oh, om = int(m.group(9)), int(m.group(10))
+        if oh > MAX_OFFSET_HOURS or om > 59 or (oh == MAX_OFFSET_HOURS and om):
+            raise InputError(path, f"not a valid UTC offset: {m.group(7)} (offsets run from -18:00 to +18:00, "
+                                   f"minutes 00-59)")
+        offset = dt.timedelta(hours=oh, minutes=om) * (-1 if m.group(8) == "-" else 1)
+    return local, offset
+
+
+def parse_at(value, path: str = "receipt.at") -> dt.datetime:
+    """ISO 8601 ``YYYY-MM-DDTHH:MM[:SS[.ffffff]][offset]`` as the naive wall clock written: the offset and
+    fractions of a second are dropped (the offset is checked: at most 18 hours, minutes 00-59)."""
+    return _match_at(value, path)[0]
+
+
+def parse_receipt_time(value, path: str = "receipt.at") -> tuple[dt.datetime, dt.datetime]:
+    """``(local, instant)``: the naive wall clock written (``parse_at``) and the moment it names, an aware UTC
+    ``datetime`` (a time written without an offset is taken as UTC). The local date is the receipt's date
+    (segments, tier windows, usage periods); the instant orders it against the server's clock (activation)."""
+    local, offset = _match_at(value, path)
+    return local, (local - offset).replace(tzinfo=dt.timezone.utc)
 
 
 # ---- receipt --------------------------------------------------------------------------------------------

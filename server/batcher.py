@@ -31,11 +31,12 @@ log = logging.getLogger(__name__)
 class Slot:
     """One request in a batch: ``item`` in, ``value`` or ``error`` out."""
 
-    __slots__ = ("item", "key", "value", "error", "done", "_event", "_callback")
+    __slots__ = ("item", "key", "deadline", "value", "error", "done", "_event", "_callback")
 
-    def __init__(self, item, callback=None):
+    def __init__(self, item, callback=None, deadline: float | None = None):
         self.item = item
         self.key = None
+        self.deadline = deadline                        # time.monotonic() by which its caller wants an answer
         self.value = None
         self.error: BaseException | None = None
         self.done = False
@@ -81,19 +82,20 @@ class Batcher:
         for t in self._threads:
             t.start()
 
-    def submit(self, item):
+    def submit(self, item, deadline: float | None = None):
         """Run ``item`` in the next batch; returns its value or raises its error."""
-        slot = Slot(item)
+        slot = Slot(item, deadline=deadline)
         self._put(slot)
         slot._event.wait()
         if slot.error is not None:
             raise slot.error
         return slot.value
 
-    def submit_nowait(self, item, callback) -> None:
+    def submit_nowait(self, item, callback, deadline: float | None = None) -> None:
         """Queue ``item``; ``callback(slot)`` is called from a worker once it is answered (``slot.value`` or
-        ``slot.error``). Keep the callback short: the next batch waits for it."""
-        self._put(Slot(item, callback))
+        ``slot.error``). Keep the callback short: the next batch waits for it. ``deadline``: for ``run``
+        (``slot.deadline``)."""
+        self._put(Slot(item, callback, deadline))
 
     def _put(self, slot: Slot) -> None:
         if self._key is not None:

@@ -62,6 +62,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from loyalty.server.convert import decode_receipt_request, encode_calculate_response, encode_confirm_response
+from loyalty.server.db import deadline as db_deadline
 from loyalty.server.errors import InvalidArgument, ServiceError
 from loyalty.server.metrics import Metrics
 from loyalty.server.scenarios.grpc_service import add_scenarios_service
@@ -81,6 +82,14 @@ ERROR_DOMAIN = "loyalty.v1"
 
 # Methods that run in the CPU pool; every other one waits on storage and runs in the I/O pool.
 CPU_METHODS = frozenset({"CalculateReceipt"})
+# The storage time of a call that sent no deadline (and the most any call gets): $LOYALTY_STORAGE_TIMEOUT_S.
+STORAGE_TIMEOUT_S = float(os.environ.get("LOYALTY_STORAGE_TIMEOUT_S", "60") or 60)
+
+
+def _bounded(until: float, call, request):
+    """``call(request)`` on a pool thread with its storage work bounded by ``until`` (``db.deadline``)."""
+    with db_deadline(until):
+        return call(request)
 
 
 @dataclasses.dataclass
@@ -221,6 +230,7 @@ class LoyaltyServer:
         self.cpu_pool = concurrent.futures.ThreadPoolExecutor(cpu, thread_name_prefix="loyalty-cpu")
         self.io_pool = concurrent.futures.ThreadPoolExecutor(config.io_threads, thread_name_prefix="loyalty-io")
         self.health = health.aio.HealthServicer()
+        self._probe: asyncio.Future | None = None       # the storage probe in flight (``_check_health``)
         self.port: int | None = None
         self._tasks: list[asyncio.Task] = []
         self._metrics_http = None
@@ -312,15 +322,20 @@ class LoyaltyServer:
             started = time.perf_counter()
             code = "OK"
             request = None
+            remaining = context.time_remaining()
+            # storage work of this call ends by the client's deadline (``db.deadline``; none sent: ours)
+            until = time.monotonic() + (STORAGE_TIMEOUT_S if remaining is None else min(remaining,
+                                                                                        STORAGE_TIMEOUT_S))
             try:
                 request = decode(raw)
                 if inline is not None:
-                    response = inline(request)
+                    with db_deadline(until):
+                        response = inline(request)
                     if response is not None:
                         return response if type(response) is bytes else await response
                 if not loop_holder:
                     loop_holder.append(asyncio.get_running_loop())
-                return await loop_holder[0].run_in_executor(pool, call, request)
+                return await loop_holder[0].run_in_executor(pool, _bounded, until, call, request)
             except ServiceError as exc:
                 code = exc.code
                 level = logging.WARNING if code in ("UNAVAILABLE", "INTERNAL") else logging.INFO
@@ -354,8 +369,16 @@ class LoyaltyServer:
 
     async def _check_health(self) -> bool:
         loop = asyncio.get_running_loop()
+        timeout = max(0.5, min(self.config.health_interval, 5.0))
         try:
-            ready = bool(await loop.run_in_executor(self.io_pool, self.service.check_ready))
+            if self._probe is None or self._probe.done():
+                self._probe = loop.run_in_executor(self.io_pool, self.service.check_ready, timeout)
+            # a probe that does not answer in time (a hung database) is NOT_SERVING, and is waited for, not
+            # repeated, by the next checks
+            ready = bool(await asyncio.wait_for(asyncio.shield(self._probe), timeout + 0.5))
+        except asyncio.TimeoutError:
+            log.warning("storage did not answer the health probe within %.1fs", timeout + 0.5)
+            ready = False
         except Exception:   # check_ready should never raise; if it does, storage is not known to be good
             log.exception("check_ready raised")
             ready = False

@@ -15,6 +15,7 @@ from sqlalchemy import String, and_, case, cast, func, insert, literal, select, 
 
 from . import ledger
 from .errors import FailedPrecondition
+from .members import tier_window_start
 from .models import UTCDateTime, balances, events, point_lots, purchases
 from .segments.service import SegmentService
 from .models import ledger as ledger_entries
@@ -129,14 +130,18 @@ def _recalculate_tiers(service, now: dt.datetime, batch: int, counts: dict) -> N
         return
     levels = program.tiers.levels
     rank = {lvl.name: i for i, lvl in enumerate(levels)}
-    if program.tiers.window_days:
-        since = now - dt.timedelta(days=program.tiers.window_days)
+    start = tier_window_start(program, now)
+    if start is not None:
+        # SPEC 6: receipts count by their local date, whenever they were confirmed
         metric = (select(func.coalesce(func.sum(purchases.c.payable - purchases.c.refunded_payable), 0))
-                  .where(purchases.c.member_id == balances.c.member_id, purchases.c.created_at >= since)
+                  .where(purchases.c.member_id == balances.c.member_id, purchases.c.receipt_date >= start)
                   .scalar_subquery())
     else:
         metric = balances.c.purchases_sum
-    tier = case(*[(metric >= lvl.threshold, lvl.name) for lvl in reversed(levels[1:])], else_=levels[0].name)
+    if len(levels) > 1:
+        tier = case(*[(metric >= lvl.threshold, lvl.name) for lvl in reversed(levels[1:])], else_=levels[0].name)
+    else:                   # one level: everybody holds it (a CASE needs at least one WHEN)
+        tier = literal(levels[0].name, String)
     last = 0
     while True:
         def step(conn, last=last):

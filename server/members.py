@@ -166,6 +166,19 @@ def next_tier(program: Program, purchases_sum: int) -> tuple[str, int | None]:
     return "", None
 
 
+def tier_window_start(program: Program, now: dt.datetime) -> dt.date | None:
+    """The first receipt date the tier metric counts at ``now`` (SPEC 6: receipts count by their local date):
+    ``window_days`` N covers the N dates up to and including today (UTC); None for a lifetime metric."""
+    days = program.tiers.window_days
+    return now.astimezone(dt.timezone.utc).date() - dt.timedelta(days=days - 1) if days else None
+
+
+def in_tier_window(program: Program, receipt_date: dt.date, now: dt.datetime) -> bool:
+    """Whether a purchase of ``receipt_date`` counts in the tier metric at ``now``."""
+    start = tier_window_start(program, now)
+    return start is None or receipt_date >= start
+
+
 def period_key(period: str, at: dt.datetime) -> str:
     """The usage period a receipt's local time falls in."""
     if period == "day":

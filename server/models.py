@@ -14,7 +14,7 @@ import datetime as dt
 from typing import Any
 
 from sqlalchemy import (
-    JSON, BigInteger, Boolean, CheckConstraint, DateTime, ForeignKey, Index, Integer, MetaData, String, Text,
+    JSON, BigInteger, Boolean, CheckConstraint, Date, DateTime, ForeignKey, Index, Integer, MetaData, String, Text,
     TypeDecorator, UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -70,6 +70,7 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {
         dt.datetime: UTCDateTime(),
+        dt.date: Date(),
         int: BigInteger(),
         dict[str, Any]: JSON(),
     }
@@ -173,6 +174,11 @@ class Purchase(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     answer: Mapped[dict[str, Any]]                               # the stored answer, replayed on retries
     receipt_at: Mapped[str] = mapped_column(String(40))         # local time as the POS sent it
+    # When the purchase happened, by its receipt (SPEC 6), not when the server heard of it: the moment (UTC; a
+    # time sent without an offset is taken as UTC) orders it against the clock (activation of its points), the
+    # local date counts it in windows (segments, tier windows).
+    receipt_time: Mapped[dt.datetime]
+    receipt_date: Mapped[dt.date]
     amount: Mapped[int]
     discount: Mapped[int]
     payable: Mapped[int]
@@ -189,6 +195,7 @@ class Purchase(Base):
     __table_args__ = (
         UniqueConstraint("store", "terminal", "number"),
         CheckConstraint("status IN ('confirmed', 'refunded', 'cancelled')", name="status"),
+        Index("ix_purchases_member_id_receipt_date", "member_id", "receipt_date"),
     )
 
 

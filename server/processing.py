@@ -14,6 +14,7 @@ in the storage transactions.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -30,17 +31,19 @@ from sqlalchemy import bindparam, case, func, insert, select, update
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from loyalty.core import InputError, ProgramError, load_program_text
-from loyalty.core.inputs import parse_at
+from loyalty.core.inputs import parse_at, parse_receipt_time
 from loyalty.v1 import admin_pb2, processing_pb2
 
 from . import ledger
 from .batcher import Batcher
 from .convert import answer_to_proto, iso, receipt_strings, receipt_to_dict
-from .db import Database, driver_errors, dumps, loads
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ServiceError
+from .db import (
+    Database, committing, current_deadline, deadline as db_deadline, driver_errors, dumps, loads,
+)
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ServiceError, Unavailable
 from .members import (
     CONTEXT_PG, USAGE_PG, ContextCache, MemberContext, check_text, effective_tier, find_member,
-    increment_usage, load_usage, member_view, next_tier, period_key, tier_for, tier_threshold,
+    in_tier_window, increment_usage, load_usage, member_view, next_tier, period_key, tier_for, tier_threshold,
     validate_enroll, validate_ref, validate_status,
 )
 from .models import (
@@ -108,6 +111,10 @@ def _data_errors(method):
     return wrapper
 
 
+# A group-commit batch is given at least this long in storage, even when a caller's deadline is nearer (a caller
+# whose deadline is nearer than this when its batch starts is answered at once and nothing of it is written).
+BATCH_MIN_TIME_S = 0.2
+
 # The longest free-text reason (adjustments, refunds, cancels, card status changes) kept in the ledger and the
 # audit trail: a sentence or two for the operator who reads it later, not a document.
 REASON_LIMIT = 500
@@ -148,6 +155,9 @@ class _Effects:
     """What a confirmed receipt does to the member, decided before anything is written."""
     counted: bool               # a member's purchase (not anonymous, not a suspended / blocked card)
     member_id: int | None       # the member written to (None when not counted)
+    receipt_time: dt.datetime   # when the purchase happened, by its receipt (UTC)
+    receipt_date: dt.date       # the receipt's local date
+    metric: int                 # what the purchase adds to the tier metric (0 outside the tier window)
     redeemed: int
     accrued: int
     is_pending: bool
@@ -174,23 +184,30 @@ def _effects(snap: Snapshot, receipt: dict, ctx: MemberContext | None, answer: d
         raise FailedPrecondition(
             f"not enough points: {receipt['redeem_points']} requested, {available} available",
             available_points=available)
-    fx = _Effects(counted=counted, member_id=ctx.member_id if counted else None, redeemed=0, accrued=0,
-                  is_pending=False, activates=None, expires=None, active_delta=0, pending_delta=0, tier_before="",
+    local, moment = parse_receipt_time(receipt["at"])      # validated with the request
+    fx = _Effects(counted=counted, member_id=ctx.member_id if counted else None, receipt_time=moment,
+                  receipt_date=local.date(), metric=0, redeemed=0, accrued=0, is_pending=False, activates=None,
+                  expires=None, active_delta=0, pending_delta=0, tier_before="",
                   reached="", upgrade=False, new_sum=0, settle=False, limited=[], budgets=[])
     if counted:
         fx.redeemed, fx.accrued = totals["redeemed_points"], totals["accrued_points"]
         fx.active_delta -= fx.redeemed
         if fx.accrued:
-            fx.activates = now + dt.timedelta(days=program.activation_days)
+            # SPEC 6: pending for activation_days after the receipt's time, active at once if that is past (a
+            # receipt confirmed late); expiry counts from activation.
+            fx.activates = max(moment + dt.timedelta(days=program.activation_days), now)
             fx.expires = fx.activates + dt.timedelta(days=program.expiry_days) if program.expiry_days else None
-            fx.is_pending = program.activation_days > 0
+            fx.is_pending = fx.activates > now
+            if not fx.is_pending:
+                _accrued_active(answer, fx.accrued)
             if fx.is_pending:
                 fx.pending_delta += fx.accrued
             else:
                 fx.active_delta += fx.accrued
         # Upgrades happen here; downgrades only in the periodic recalculation (jobs.run_once).
         fx.tier_before = state["tier"]
-        fx.new_sum = ctx.purchases_sum + totals["payable"]
+        fx.metric = totals["payable"] if in_tier_window(program, fx.receipt_date, now) else 0
+        fx.new_sum = ctx.purchases_sum + fx.metric
         fx.reached = tier_for(program, fx.new_sum)
         fx.upgrade = tier_threshold(program, fx.reached) > tier_threshold(program, fx.tier_before)
         fx.settle = bool(fx.accrued and not fx.pending_delta and ctx.active < 0)
@@ -213,11 +230,20 @@ def _effects(snap: Snapshot, receipt: dict, ctx: MemberContext | None, answer: d
     return fx
 
 
+def _accrued_active(answer: dict, accrued: int) -> None:
+    """The answer's balances after a receipt whose points are active at once (a receipt older than the return
+    window, or no window): the core books accrued points as pending; move them."""
+    state = answer["member"]
+    state["active_after"] += accrued
+    state["pending_after"] -= accrued
+
+
 def _purchase_row(snap: Snapshot, receipt: dict, ctx, fx: _Effects, answer: dict, totals: dict, request_hash: str,
                   now) -> dict:
     return {"store": receipt["store"], "terminal": receipt["terminal"], "number": receipt["number"],
             "member_id": fx.member_id, "card": ctx.card if ctx else None, "program_version": snap.version,
             "request_hash": request_hash, "answer": answer, "receipt_at": receipt.get("at", ""),
+            "receipt_time": fx.receipt_time, "receipt_date": fx.receipt_date,
             "amount": totals["amount"], "discount": totals["discount"], "payable": totals["payable"],
             "redeemed_points": totals["redeemed_points"], "redeemed_amount": totals["redeemed_amount"],
             "accrued_points": totals["accrued_points"], "refunded_payable": 0, "refunded_amount": 0,
@@ -251,7 +277,8 @@ _SPEND_BUDGET = (update(promotion_budgets).where(promotion_budgets.c.promotion =
 
 # The columns a confirm writes, in the order both write statements (one confirm, a whole batch) give them.
 _PURCHASE_COLUMNS = ("id, store, terminal, number, member_id, card, program_version, request_hash, answer, "
-                     "receipt_at, amount, discount, payable, redeemed_points, redeemed_amount, accrued_points, "
+                     "receipt_at, receipt_time, receipt_date, amount, discount, payable, redeemed_points, "
+                     "redeemed_amount, accrued_points, "
                      "refunded_payable, refunded_amount, returned_points, taken_back_points, status, created_at")
 _LINE_COLUMNS = ("purchase_id, line, sku, quantity, amount, payable, redeemed, points, refunded_quantity, "
                  "refunded_payable, refunded_redeemed, refunded_points")
@@ -274,7 +301,8 @@ WITH
 purchase AS (
     INSERT INTO purchases ({_PURCHASE_COLUMNS})
     VALUES (%(id)s::bigint, %(store)s, %(terminal)s, %(number)s, %(member_id)s::bigint, %(card)s::varchar,
-        %(version)s::bigint, %(hash)s, %(answer)s::json, %(at)s, %(amount)s::bigint, %(discount)s::bigint,
+        %(version)s::bigint, %(hash)s, %(answer)s::json, %(at)s, %(receipt_time)s::timestamptz,
+        %(receipt_date)s::date, %(amount)s::bigint, %(discount)s::bigint,
         %(payable)s::bigint, %(redeemed_points)s::bigint, %(redeemed_amount)s::bigint, %(accrued_points)s::bigint,
         0, 0, 0, 0, 'confirmed', %(now)s::timestamptz)),
 lines AS (
@@ -301,7 +329,7 @@ lot AS (
     WHERE %(lot_points)s::bigint > 0 AND %(member_id)s::bigint IS NOT NULL),
 balance AS (
     UPDATE balances SET active = active + %(active_delta)s::bigint, pending = pending + %(pending_delta)s::bigint,
-        purchases_sum = GREATEST(purchases_sum + %(payable)s::bigint, 0),
+        purchases_sum = GREATEST(purchases_sum + %(metric)s::bigint, 0),
         tier = COALESCE(%(tier)s::varchar, tier), updated_at = %(now)s::timestamptz
     WHERE member_id = %(member_id)s::bigint),
 usage AS (
@@ -373,10 +401,12 @@ _PGB_WRITE = f"""\
 WITH
 purchase AS (
     INSERT INTO purchases ({_PURCHASE_COLUMNS})
-    SELECT t.id, t.store, t.terminal, t.number, t.member_id, t.card, t.version, t.hash, t.answer, t.at, t.amount,
+    SELECT t.id, t.store, t.terminal, t.number, t.member_id, t.card, t.version, t.hash, t.answer, t.at,
+        t.receipt_time, t.receipt_date, t.amount,
         t.discount, t.payable, t.redeemed_points, t.redeemed_amount, t.accrued_points, 0, 0, 0, 0, 'confirmed', t.now
     FROM json_to_recordset(%(purchases)s::json) AS t(id bigint, store varchar, terminal varchar, number varchar,
-        member_id bigint, card varchar, version bigint, hash varchar, answer json, at varchar, amount bigint,
+        member_id bigint, card varchar, version bigint, hash varchar, answer json, at varchar,
+        receipt_time timestamptz, receipt_date date, amount bigint,
         discount bigint, payable bigint, redeemed_points bigint, redeemed_amount bigint, accrued_points bigint,
         now timestamptz)),
 lines AS (
@@ -406,8 +436,8 @@ lot AS (
         activates timestamptz, expires timestamptz, entry bigint, purchase_id bigint)),
 balance AS (
     UPDATE balances AS b SET active = b.active + t.a, pending = b.pending + t.p,
-        purchases_sum = GREATEST(b.purchases_sum + t.payable, 0), tier = COALESCE(t.tier, b.tier), updated_at = t.now
-    FROM json_to_recordset(%(balances)s::json) AS t(member_id bigint, a bigint, p bigint, payable bigint,
+        purchases_sum = GREATEST(b.purchases_sum + t.metric, 0), tier = COALESCE(t.tier, b.tier), updated_at = t.now
+    FROM json_to_recordset(%(balances)s::json) AS t(member_id bigint, a bigint, p bigint, metric bigint,
         tier varchar, now timestamptz)
     WHERE b.member_id = t.member_id),
 usage AS (
@@ -477,10 +507,10 @@ class _BatchWrite:
                 consumed[member_id] = consumed.get(member_id, 0) + r["redeemed"]
             b = balances.get(member_id)
             if b is None:
-                b = balances[member_id] = {"member_id": member_id, "a": 0, "p": 0, "payable": 0, "tier": None}
+                b = balances[member_id] = {"member_id": member_id, "a": 0, "p": 0, "metric": 0, "tier": None}
             b["a"] += r["active_delta"]
             b["p"] += r["pending_delta"]
-            b["payable"] += r["payable"]
+            b["metric"] += r["metric"]
             b["now"] = now
             if r["tier"] is not None:
                 b["tier"] = r["tier"]
@@ -497,6 +527,7 @@ class _BatchWrite:
 
 
 _PURCHASE_KEYS = ("id", "store", "terminal", "number", "member_id", "card", "version", "hash", "answer", "at",
+                  "receipt_time", "receipt_date",
                   "amount", "discount", "payable", "redeemed_points", "redeemed_amount", "accrued_points", "now")
 
 
@@ -622,6 +653,12 @@ class ProcessingService:
             answer = snap.engine.calculate(receipt, member, budgets)
         except InputError as exc:
             raise InvalidArgument(exc.path, exc.reason) from None
+        accrued = answer["totals"]["accrued_points"]
+        if accrued and member is not None and not answer["member"]["anonymous"]:
+            # what a confirm now would do: the points of a receipt past its return window are active at once
+            moment = parse_receipt_time(receipt["at"])[1]
+            if moment + dt.timedelta(days=snap.program.activation_days) <= self.clock():
+                _accrued_active(answer, accrued)
         answer["program_version"] = snap.version
         return answer
 
@@ -642,7 +679,7 @@ class ProcessingService:
         ``ConfirmPurchaseRequest`` shares, and whose ``fits`` is ``fits`` here, as for ``calculate_answer``):
         ``(purchase_id, answer dict, replayed)``."""
         item = self._confirm_item(card, phone, receipt, fits)
-        outcome = _ALONE if self._batcher is None else self._batcher.submit(item)
+        outcome = _ALONE if self._batcher is None else self._batcher.submit(item, current_deadline())
         if outcome is _ALONE:
             outcome = self._confirm_alone(item)
         return self._confirm_outcome(outcome)
@@ -673,14 +710,14 @@ class ProcessingService:
                 if slot.error is not None:
                     future.set_exception(slot.error)
                 elif slot.value is _ALONE:      # rare: a rolled-back batch; its own transaction, off this thread
-                    self._alone_pool().submit(self._confirm_alone_future, item, future)
+                    self._alone_pool().submit(self._confirm_alone_future, item, future, slot.deadline)
                 else:
                     future.set_result(self._confirm_outcome(slot.value))
             except BaseException as exc:  # noqa: BLE001 - the waiter must hear of it
                 if not future.done():
                     future.set_exception(exc)
 
-        self._batcher.submit_nowait(item, done)
+        self._batcher.submit_nowait(item, done, current_deadline())
         return future
 
     def _alone_pool(self) -> concurrent.futures.ThreadPoolExecutor:
@@ -689,9 +726,10 @@ class ProcessingService:
                 self._alone_executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="confirm-alone")
             return self._alone_executor
 
-    def _confirm_alone_future(self, item, future: concurrent.futures.Future) -> None:
+    def _confirm_alone_future(self, item, future: concurrent.futures.Future, until: float | None = None) -> None:
         try:
-            future.set_result(self._confirm_outcome(self._confirm_alone(item)))
+            with db_deadline(until):
+                future.set_result(self._confirm_outcome(self._confirm_alone(item)))
         except BaseException as exc:  # noqa: BLE001 - the waiter must hear of it
             future.set_exception(exc)
 
@@ -715,7 +753,7 @@ class ProcessingService:
         snap = self.programs.current()
         for attempt in range(2):
             try:
-                return self.db.run_write(self._confirm_tx, snap, *item)
+                return self.db.run_write(self._confirm_tx, snap, *item, idempotent=True)
             except _Retry:
                 if attempt:
                     raise
@@ -768,7 +806,7 @@ class ProcessingService:
                                state="pending" if fx.is_pending else "active", activates_at=fx.activates,
                                expires_at=fx.expires, purchase_id=purchase_id)
             ledger.move_balance(conn, member_id, active=fx.active_delta, pending=fx.pending_delta,
-                                purchases_sum=totals["payable"], tier=fx.reached if fx.upgrade else None, now=now)
+                                purchases_sum=fx.metric, tier=fx.reached if fx.upgrade else None, now=now)
             if fx.settle:
                 ledger.settle_debt(conn, member_id, ctx.active + fx.active_delta)
             if fx.limited:
@@ -824,7 +862,7 @@ class ProcessingService:
         params = self._pg_write_params(snap, receipt, ctx, fx, answer, now, request_hash, purchase_id, entry_a,
                                        entry_b)
         try:
-            with driver_errors(conn):
+            with committing() if not fx.settle else contextlib.nullcontext(), driver_errors(conn):
                 with dconn.pipeline():
                     dconn.execute(_PG_WRITE, params)
                     for promotion, spent in fx.budgets:     # program order: a fixed lock order
@@ -853,9 +891,22 @@ class ProcessingService:
         answer (the replay, ``AlreadyExists``, ...). Losing the connection fails the whole batch with
         ``Unavailable``: nothing of it was committed (or all of it was, and a retry replays). Answers are
         given only after the COMMIT succeeded."""
+        now = time.monotonic()
+        late = [s for s in slots if s.deadline is not None and s.deadline - BATCH_MIN_TIME_S <= now]
+        if late:                                # their callers have given up: write nothing for them
+            for s in late:
+                s.fail(Unavailable("the call's deadline passed before storage could take it; nothing was written",
+                                   outcome="not_written"))
+            slots = [s for s in slots if s not in late]
+            if not slots:
+                return
+        # storage work is bounded by the nearest deadline of the batch, given at least BATCH_MIN_TIME_S
+        until = min((s.deadline for s in slots if s.deadline is not None), default=None)
         try:
             snap = self.programs.current()      # one program for the whole batch
-            outcomes = self.db.run_write(self._confirm_batch_tx, snap, [s.item for s in slots])
+            with db_deadline(None if until is None else max(until, now + BATCH_MIN_TIME_S)):
+                outcomes = self.db.run_write(self._confirm_batch_tx, snap, [s.item for s in slots],
+                                             idempotent=True)
         except ServiceError as exc:             # Unavailable: storage down or a lost connection; no program
             for s in slots:
                 s.fail(exc)
@@ -992,7 +1043,7 @@ class ProcessingService:
             if fx.counted:                  # what the next confirm of this member sees
                 live.active += fx.active_delta
                 live.pending += fx.pending_delta
-                live.purchases_sum = max(live.purchases_sum + answer["totals"]["payable"], 0)
+                live.purchases_sum = max(live.purchases_sum + fx.metric, 0)
                 if fx.upgrade:
                     live.tier = fx.reached
                 for pk in fx.limited:
@@ -1011,9 +1062,9 @@ class ProcessingService:
                     moved = [p for p, cur in zip(spend, spent) if cur.fetchone() is None]
                     if moved:
                         raise _BudgetMoved(moved)
-                with dconn.pipeline():
-                    writes.send(dconn)
-                    dconn.commit()
+            with committing(), driver_errors(conn), dconn.pipeline():
+                writes.send(dconn)
+                dconn.commit()
         for i, outcome in enumerate(outcomes):
             if type(outcome) is int:        # the replay of the first confirm of its key in this batch
                 pid, answer, _, _ = outcomes[outcome]
@@ -1043,6 +1094,7 @@ class ProcessingService:
             "id": purchase_id, "store": receipt["store"], "terminal": receipt["terminal"],
             "number": receipt["number"], "member_id": member_id, "card": ctx.card if ctx else None,
             "version": snap.version, "hash": request_hash, "answer": answer, "at": receipt.get("at", ""),
+            "receipt_time": fx.receipt_time, "receipt_date": fx.receipt_date, "metric": fx.metric,
             "amount": totals["amount"], "discount": totals["discount"], "payable": totals["payable"],
             "redeemed_points": totals["redeemed_points"], "redeemed_amount": totals["redeemed_amount"],
             "accrued_points": totals["accrued_points"], "now": now,
@@ -1130,12 +1182,13 @@ class ProcessingService:
         response.pop("final")
         return processing_pb2.CancelPurchaseResponse(**response)
 
-    def _write_replaying(self, fn, *args):
+    def _write_replaying(self, fn, *args, idempotent: bool = True):
         """``db.run_write(fn, ...)`` for a write idempotent by a unique key: when a concurrent call wrote the
-        key first (the unique violation of our insert), run once more to replay its stored answer."""
+        key first (the unique violation of our insert), run once more to replay its stored answer; when the
+        connection is lost while committing, run again to learn the outcome (``Database.run_write``)."""
         for attempt in range(2):
             try:
-                return self.db.run_write(fn, *args)
+                return self.db.run_write(fn, *args, idempotent=idempotent)
             except IntegrityError:
                 if attempt:
                     raise
@@ -1215,8 +1268,10 @@ class ProcessingService:
                                expires_at=now + dt.timedelta(days=program.expiry_days) if program.expiry_days
                                else None)
                 active_delta += ret.returned_points
-            window = self._tier_window()
-            in_window = window is None or purchase.created_at >= now - window
+            try:
+                in_window = in_tier_window(self.programs.current().program, purchase.receipt_date, now)
+            except FailedPrecondition:
+                in_window = True
             ledger.move_balance(conn, member_id, active=active_delta, pending=pending_delta,
                                 purchases_sum=-ret.payable if in_window else 0, now=now)
             if ret.returned_points:
@@ -1317,13 +1372,6 @@ class ProcessingService:
         row = conn.execute(stmt).one()
         return row[0], row[1]
 
-    def _tier_window(self) -> dt.timedelta | None:
-        try:
-            days = self.programs.current().program.tiers.window_days
-        except FailedPrecondition:
-            return None
-        return dt.timedelta(days=days) if days else None
-
     @_data_errors
     def get_member(self, request) -> processing_pb2.Member:
         """The member by ``request.member.card`` or ``.phone``: status, tier, balances, next expiry,
@@ -1344,7 +1392,8 @@ class ProcessingService:
         try:
             # A concurrent enrollment of the same card / phone / request_id that committed first fails our
             # insert: the second run sees it (the same request_id: that member; else AlreadyExists).
-            self._write_replaying(self._enroll_tx, values, lowest)
+            self._write_replaying(self._enroll_tx, values, lowest,
+                                  idempotent=bool(values.get("enroll_request_id")))
         except IntegrityError:
             raise AlreadyExists("the card or the phone is already registered") from None
         return self._member_message(("card", values["card"]))
@@ -1546,9 +1595,10 @@ class ProcessingService:
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
 
-    def check_ready(self) -> bool:
-        """True when storage answers a trivial query (for the health service); never raises."""
-        return self.db.ping()
+    def check_ready(self, timeout: float | None = None) -> bool:
+        """True when storage answers a trivial query (within ``timeout`` seconds: a hung server is not ready;
+        for the health service); never raises."""
+        return self.db.ping(timeout)
 
     def close(self) -> None:
         """Stop the program listener and dispose of the connection pool."""

@@ -57,6 +57,14 @@ class ServerProcess:
         return self.proc.returncode
 
 
+def now_at(**ago) -> str:
+    """The local time of a receipt printed now (Moscow, ``+03:00``; ``ago``: a ``timedelta``'s keywords back):
+    such a receipt's points wait out the program's return window (SPEC 6), as at a real till."""
+    import datetime as dt
+    moscow = dt.timezone(dt.timedelta(hours=3))
+    return (dt.datetime.now(moscow) - dt.timedelta(**ago)).replace(microsecond=0).isoformat()
+
+
 def cli(*args: str, env=None, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run ``loyalty ARGS...`` as a user would; returns the completed process (text stdout/stderr)."""
     return subprocess.run([sys.executable, "-c", "from loyalty.cli.main import main; main()", *args],
@@ -129,7 +137,10 @@ def fresh_postgres_database():
 
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to ``target``. ``cut()`` drops every open connection and refuses new ones
-    (accepts and closes at once, as a dead link does); ``restore()`` forwards again."""
+    (accepts and closes at once, as a dead link does); ``restore()`` forwards again. ``hang()`` stops
+    forwarding while keeping every connection open and taking new ones (a database that stopped answering);
+    ``lose_commit_reply(then_cut=...)`` lets the next COMMIT a client sends reach the server, drops that
+    connection before the server's reply gets back, and (``then_cut``) refuses new connections."""
 
     def __init__(self, target_host: str, target_port: int):
         self.target = (target_host, target_port)
@@ -142,6 +153,9 @@ class TcpProxy:
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._lock = threading.Lock()
         self._closed = False
+        self.hanging = False
+        self.commits_lost = 0
+        self._lose_commit: bool | None = None       # armed: whether to stay cut after losing the reply
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -163,14 +177,33 @@ class TcpProxy:
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        wrote = False                   # the client sent a write since its last COMMIT
         try:
             while True:
-                readable, _, _ = select.select([a, b], [], [], 0.5)
+                readable, _, _ = select.select([a, b], [], [], 0.05 if self.hanging else 0.5)
+                if self.hanging:
+                    continue
                 for src in readable:
                     data = src.recv(65536)
                     if not data:
                         raise OSError
                     (b if src is a else a).sendall(data)
+                    if src is not a:
+                        continue
+                    upper = data.upper()
+                    wrote = wrote or b"INSERT INTO" in upper
+                    if b"COMMIT" not in upper:
+                        continue
+                    if not wrote or self._lose_commit is None:
+                        wrote = False
+                        continue
+                    stay_cut, self._lose_commit = self._lose_commit, None
+                    time.sleep(0.3)             # the server commits; its reply is never relayed
+                    self.commits_lost += 1
+                    self.lost_data = bytes(data[:400])
+                    if stay_cut:
+                        self.cut()
+                    raise OSError
         except (OSError, ValueError):
             pass
         finally:
@@ -191,6 +224,13 @@ class TcpProxy:
 
     def restore(self) -> None:
         self.up = True
+        self.hanging = False
+
+    def hang(self) -> None:
+        self.hanging = True
+
+    def lose_commit_reply(self, *, then_cut: bool = False) -> None:
+        self._lose_commit = then_cut
 
     def close(self) -> None:
         self._closed = True

@@ -7,11 +7,11 @@ import grpc
 import pytest
 
 from loyalty.clients.client import LoyaltyError
-from serverutil import fresh_postgres_database, start_server
+from serverutil import fresh_postgres_database, now_at, start_server
 
 POSTGRES = pytest.mark.postgres
 
-AT = "2026-03-02T12:30:00+03:00"
+AT = now_at()       # printed now: its points wait out the return window
 
 
 def confirm(number: str, *, card="7000002", redeem=0, price=89900, **receipt) -> dict:

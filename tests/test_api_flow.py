@@ -21,15 +21,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from loyalty.clients.client import LoyaltyError
-from serverutil import cli, start_server
+from serverutil import cli, now_at, start_server
 
 EXAMPLE_A = json.loads((pathlib.Path(__file__).parent.parent / "examples" / "receipt-a.json").read_text())
 CARD = "7000001"
 
 
 def receipt(number: str, **changes) -> dict:
+    """Example A's receipt, printed now (its points wait out the return window; none of the demo's
+    time-limited promotions touches its lines)."""
     r = copy.deepcopy(EXAMPLE_A["receipt"])
     r["number"] = number
+    r["at"] = now_at()
     r.update(changes)
     return r
 

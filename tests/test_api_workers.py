@@ -8,10 +8,10 @@ import grpc
 
 from loyalty.server.demo import DEMO_PROGRAM_PATH
 from loyalty.v1 import processing_pb2, processing_pb2_grpc
-from serverutil import start_server
+from serverutil import now_at, start_server
 
 REQUEST = processing_pb2.CalculateReceiptRequest(receipt={
-    "store": "msk-01", "terminal": "pos-1", "number": "w", "at": "2026-03-02T12:30:00+03:00",
+    "store": "msk-01", "terminal": "pos-1", "number": "w", "at": now_at(),
     "lines": [{"sku": "milk-1l", "categories": ["dairy"], "quantity": 1000, "price": 8990}]})
 
 

@@ -9,9 +9,9 @@ import grpc
 import pytest
 
 from loyalty.clients.client import AsyncLoyaltyClient, LoyaltyClient, LoyaltyError
-from serverutil import start_server
+from serverutil import now_at, start_server
 
-AT = "2026-03-02T12:30:00+03:00"
+AT = now_at()       # printed now: its points wait out the return window
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 (SPEC section 3) and numbers worked out by hand from SPEC 4-6 (arithmetic in the comments)."""
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 from sqlalchemy import func, select
 
@@ -24,8 +26,8 @@ def receipt_a(number="000123", redeem=500):
                             R.Line(sku="coffee-beans-1kg", categories=["coffee"], quantity=1000, price=89900)])
 
 
-def coffee(number, redeem=0, price=89900):
-    return R.Receipt(store="msk-01", terminal="pos-3", number=number, at=AT, redeem_points=redeem,
+def coffee(number, redeem=0, price=89900, at=AT):
+    return R.Receipt(store="msk-01", terminal="pos-3", number=number, at=at, redeem_points=redeem,
                      lines=[R.Line(sku="coffee-beans-1kg", categories=["coffee"], quantity=1000, price=price)])
 
 
@@ -77,7 +79,9 @@ def test_full_flow_confirm_activate_spend_refund_cancel(service, clock):
 
     # Spend 100 on coffee 89900: cap floor(89900 x 20%) = 17980 -> 179 >= 100; redeemed 10000;
     # earns floor((89900 - 10000) x 3%) / 100 = floor(2397 / 100) = 23 -> 631 active, 23 pending.
-    second = confirm(service, "7100001", coffee("000124", redeem=100))
+    # printed on day 14 (a receipt's points wait out the return window from the receipt's own time, SPEC 6)
+    day14 = clock().astimezone(dt.timezone(dt.timedelta(hours=3))).isoformat()
+    second = confirm(service, "7100001", coffee("000124", redeem=100, at=day14))
     assert (second.answer.totals.redeemed_points, second.answer.totals.accrued_points) == (100, 23)
     assert balances_of(service, "7100001") == (631, 23)
 

@@ -72,7 +72,8 @@ def add_member(conn, mid: int, *, gender="female", birth=None, city="Moscow", so
         n = _counter["purchase"]
         pid = conn.execute(insert(purchases).values(
             store="s", terminal="t", number=f"N{mid}-{n}", member_id=mid, card=f"C{mid}", program_version=1,
-            request_hash="", answer={}, receipt_at="", amount=payable, discount=0, payable=payable,
+            request_hash="", answer={}, receipt_at=at(day).isoformat(), receipt_time=at(day),
+            receipt_date=at(day).date(), amount=payable, discount=0, payable=payable,
             redeemed_points=0, redeemed_amount=0, accrued_points=0, refunded_payable=refunded,
             status=status, created_at=at(day)).returning(purchases.c.id)).scalar_one()
         for i, sku in enumerate(skus):

@@ -20,7 +20,9 @@ A comparison is a scalar (equality) or a mapping of operators, all of which must
 numbers and dates, ``exists: true|false`` for fields that may be empty (birth date, custom fields).
 
 Semantics, identical in SQL and in ``evaluate``: every leaf is two-valued (a missing value satisfies no
-comparison except ``exists: false``), so ``not`` is plain negation. Dates are UTC days. A purchase counts
+comparison except ``exists: false``), so ``not`` is plain negation. A purchase's date is its receipt's local
+date (``purchases.receipt_date``: receipts confirmed late count on their own dates); other dates are UTC days.
+A purchase counts
 while its status is ``confirmed`` (partly refunded ones included), its amount is ``payable`` minus
 ``refunded_payable``; ``average`` compares sum with value x count in integers (no division); a member with
 no purchase in the window has count 0 and sum 0 and no average, first or last date. ``accrued_total`` is the
@@ -313,13 +315,20 @@ def _midnight(d: dt.date) -> dt.datetime:
     return dt.datetime(d.year, d.month, d.day, tzinfo=UTC)
 
 
-def _window_bounds(spec: dict, as_of: dt.date) -> tuple[dt.datetime | None, dt.datetime | None]:
-    """[start, end) in UTC; window_days N covers the N days up to and including ``as_of``."""
+def _window_dates(spec: dict, as_of: dt.date) -> tuple[dt.date | None, dt.date | None]:
+    """[start, end) as dates; window_days N covers the N days up to and including ``as_of``; ``from`` / ``to``
+    include both days."""
     if "window_days" in spec:
-        return _midnight(as_of - dt.timedelta(days=spec["window_days"] - 1)), None
-    start = _midnight(_d(spec["from"])) if "from" in spec else None
-    end = _midnight(_d(spec["to"]) + dt.timedelta(days=1)) if "to" in spec else None
+        return as_of - dt.timedelta(days=spec["window_days"] - 1), None
+    start = _d(spec["from"]) if "from" in spec else None
+    end = _d(spec["to"]) + dt.timedelta(days=1) if "to" in spec else None
     return start, end
+
+
+def _window_bounds(spec: dict, as_of: dt.date) -> tuple[dt.datetime | None, dt.datetime | None]:
+    """``_window_dates`` as [start, end) instants in UTC (for timestamps: message events)."""
+    start, end = _window_dates(spec, as_of)
+    return (None if start is None else _midnight(start)), (None if end is None else _midnight(end))
 
 
 def _years_before(d: dt.date, n: int) -> dt.date:
@@ -369,8 +378,10 @@ class _Compiler:
     def _one(self, col) -> list:
         return [] if self.ctx.only_member is None else [col == self.ctx.only_member]
 
-    def _window_where(self, col, spec) -> list:
-        start, end = _window_bounds(spec, self.ctx.as_of)
+    def _window_where(self, col, spec, *, by_date: bool = False) -> list:
+        """``col`` inside the window of ``spec``: a timestamp by UTC day, or (``by_date``) a date column, as
+        purchases are counted by their receipt's local date (SPEC 6-7)."""
+        start, end = (_window_dates if by_date else _window_bounds)(spec, self.ctx.as_of)
         out = []
         if start is not None:
             out.append(col >= start)
@@ -385,9 +396,10 @@ class _Compiler:
             p = purchases
             return (select(p.c.member_id.label("member_id"), func.count().label("n"),
                            func.sum(p.c.payable - p.c.refunded_payable).label("total"),
-                           func.min(p.c.created_at).label("first_at"), func.max(p.c.created_at).label("last_at"))
+                           func.min(p.c.receipt_date).label("first_at"),
+                           func.max(p.c.receipt_date).label("last_at"))
                     .where(p.c.member_id.is_not(None), p.c.status == "confirmed",
-                           *self._window_where(p.c.created_at, spec), *self._one(p.c.member_id))
+                           *self._window_where(p.c.receipt_date, spec, by_date=True), *self._one(p.c.member_id))
                     .group_by(p.c.member_id).subquery(name))
         return self._agg(key, build)
 
@@ -440,10 +452,12 @@ class _Compiler:
         return and_(*parts)
 
     @staticmethod
-    def day_cmp(col, c: dict, *, nullable: bool) -> ColumnElement:
-        """A date comparison on a timestamp column, by UTC day."""
+    def day_cmp(col, c: dict, *, nullable: bool, by_date: bool = False) -> ColumnElement:
+        """A date comparison on a timestamp column, by UTC day (``by_date``: on a date column)."""
         def day(d):
             d = _d(d)
+            if by_date:
+                return d, d + dt.timedelta(days=1)
             return _midnight(d), _midnight(d + dt.timedelta(days=1))
 
         parts = []
@@ -559,9 +573,9 @@ class _Compiler:
             if "average" in v:
                 parts.append(and_(n > 0, self.average(total, n, v["average"])))
             if "first_date" in v:
-                parts.append(self.day_cmp(agg.c.first_at, v["first_date"], nullable=True))
+                parts.append(self.day_cmp(agg.c.first_at, v["first_date"], nullable=True, by_date=True))
             if "last_date" in v:
-                parts.append(self.day_cmp(agg.c.last_at, v["last_date"], nullable=True))
+                parts.append(self.day_cmp(agg.c.last_at, v["last_date"], nullable=True, by_date=True))
         if "bought" in v:
             b = v["bought"]
             skus = sorted(self.ctx.groups.get(b["group"], frozenset())) if "group" in b else b["skus"]
@@ -571,7 +585,8 @@ class _Compiler:
                 p, l = purchases, purchase_lines
                 sub = (select(p.c.member_id).select_from(p.join(l, l.c.purchase_id == p.c.id))
                        .where(p.c.member_id.is_not(None), p.c.status == "confirmed", l.c.sku.in_(skus),
-                              l.c.quantity > l.c.refunded_quantity, *self._window_where(p.c.created_at, v)))
+                              l.c.quantity > l.c.refunded_quantity,
+                              *self._window_where(p.c.receipt_date, v, by_date=True)))
                 parts.append(members.c.id.in_(sub))
         return and_(*parts)
 
@@ -684,8 +699,9 @@ def _dates(c: dict) -> dict:
     return out
 
 
-def _in_window(at: dt.datetime, spec: dict, as_of: dt.date) -> bool:
-    start, end = _window_bounds(spec, as_of)
+def _in_window(at: dt.datetime | dt.date, spec: dict, as_of: dt.date) -> bool:
+    """A timestamp (by UTC day) or a date (a purchase's receipt date) inside the window of ``spec``."""
+    start, end = (_window_bounds if isinstance(at, dt.datetime) else _window_dates)(spec, as_of)
     return (start is None or at >= start) and (end is None or at < end)
 
 
@@ -730,7 +746,7 @@ def evaluate(tree: dict, facts: dict, ctx: CompileContext, segment_facts: Callab
             avg = Fraction(total, n) if n else None
             if avg is None or not _test(avg, v["average"]):
                 return False
-        days = sorted(p["at"].astimezone(UTC).date() for p in rows)
+        days = sorted(p["at"] for p in rows)        # receipt dates
         if "first_date" in v and not _test(days[0] if days else None, _dates(v["first_date"])):
             return False
         if "last_date" in v and not _test(days[-1] if days else None, _dates(v["last_date"])):
@@ -787,9 +803,9 @@ def load_facts(conn, member_ids=None) -> dict[int, dict]:
             facts[r.member_id]["accrued_total"] += r.points
     by_purchase = {}
     for r in conn.execute(select(purchases.c.id, purchases.c.member_id, purchases.c.status, purchases.c.payable,
-                                 purchases.c.refunded_payable, purchases.c.created_at)):
+                                 purchases.c.refunded_payable, purchases.c.receipt_date)):
         if r.member_id in ids:
-            p = {"status": r.status, "net": r.payable - r.refunded_payable, "at": r.created_at, "skus": set()}
+            p = {"status": r.status, "net": r.payable - r.refunded_payable, "at": r.receipt_date, "skus": set()}
             facts[r.member_id]["purchases"].append(p)
             by_purchase[r.id] = p
     for r in conn.execute(select(purchase_lines.c.purchase_id, purchase_lines.c.sku, purchase_lines.c.quantity,

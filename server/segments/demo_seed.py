@@ -82,6 +82,19 @@ class _Dialect:
             return f"(date '{base}' + ({days})::int)"
         return f"date('{base}', '+' || ({days}) || ' days')"
 
+    def day(self, days: str, secs: str) -> str:
+        """The UTC date of ``ts(days, secs)``, as a date column reads it back."""
+        if self.pg:
+            return f"({self.ts(days, secs)})::date"
+        return f"date('{self.now:%Y-%m-%d}', '-' || ({days}) || ' days', '+' || ({secs}) || ' seconds')"
+
+    def iso(self, days: str, secs: str) -> str:
+        """``ts(days, secs)`` as the ISO 8601 text a POS sends (``receipt.at``, UTC)."""
+        if self.pg:
+            return f"to_char(({self.ts(days, secs)}) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"+00:00\"')"
+        return f"strftime('%Y-%m-%dT%H:%M:%S+00:00', '{self.now:%Y-%m-%d}', '-' || ({days}) || ' days', " \
+               f"'+' || ({secs}) || ' seconds')"
+
     def pad(self, expr: str, width: int) -> str:
         if self.pg:
             return f"lpad(({expr})::text, {width}, '0')"
@@ -187,12 +200,13 @@ def seed_population(database: Database | str, *, members_n: int, purchases_n: in
         FROM {{S}}"""
     run("purchases", [d.series(m, f"""
         INSERT INTO purchases (id, store, terminal, number, member_id, card, program_version, request_hash, answer,
-                               receipt_at, amount, discount, payable, redeemed_points, redeemed_amount,
-                               accrued_points, refunded_payable, refunded_amount, returned_points,
-                               taken_back_points, status, created_at)
+                               receipt_at, receipt_time, receipt_date, amount, discount, payable,
+                               redeemed_points, redeemed_amount, accrued_points, refunded_payable,
+                               refunded_amount, returned_points, taken_back_points, status, created_at)
         SELECT {pbase} + i, 'store-' || {d.pad('store + 1', 2)}, 'pos-' || {d.text('i % 4 + 1')},
                'S{seed}-' || {d.text(f'{pbase} + i')}, member_id, '77' || {d.pad('member_id', 11)}, {version},
-               '', {d.json("'{}'")}, '', amount, disc, amount - disc, 0, 0, (amount - disc) * 3 / 10000,
+               '', {d.json("'{}'")}, {d.iso('days', 'secs')}, {d.ts('days', 'secs')}, {d.day('days', 'secs')},
+               amount, disc, amount - disc, 0, 0, (amount - disc) * 3 / 10000,
                CASE WHEN st >= 97 AND st < 99 THEN amount - disc ELSE 0 END,
                CASE WHEN st >= 97 AND st < 99 THEN amount - disc ELSE 0 END, 0, 0,
                CASE WHEN st < 97 THEN 'confirmed' WHEN st < 99 THEN 'refunded' ELSE 'cancelled' END,
