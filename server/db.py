@@ -415,7 +415,7 @@ class Database:
             log.error("storage refused a statement (a defect, not a passing failure): %s", text)
             return ServiceError("storage refused the statement: a server defect that retrying will not fix "
                                 "(logged on the server); nothing was written", outcome=NOT_WRITTEN)
-        log.warning("storage unavailable: %s", text, exc_info=os.environ.get("LOYALTY_DEBUG_STORAGE") == "1")
+        log.warning("storage unavailable: %s", text)
         reason = "storage is busy (lock timeout)" if "locked" in text else "storage is unavailable"
         return Unavailable(f"{reason}; nothing was written, retry later", outcome=NOT_WRITTEN)
 
