@@ -1277,10 +1277,12 @@ cdef class Engine:
         cap_bp = self.redeem_max_bp
         if w.tier >= 0 and not w.anonymous and self.tiers[w.tier].redeem_max_bp >= 0:
             cap_bp = self.tiers[w.tier].redeem_max_bp
+        # the external share is the whole receipt's (no_redeem lines too); the amounts of the cap are the
+        # redeemable lines'
         for i in range(L):
+            ext += ln[i].external
+            amt += ln[i].amount
             if not ln[i].no_redeem:
-                ext += ln[i].external
-                amt += ln[i].amount
                 pay += ln[i].payable
                 rooms += i64max(0, ln[i].payable - self.min_payable)
         for k in range(self.n_reduced):
