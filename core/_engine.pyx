@@ -204,11 +204,17 @@ cdef inline bint is_digit(unsigned char c) noexcept nogil:
 cdef inline int two(const unsigned char* s) noexcept nogil:
     return (s[0] - 48) * 10 + (s[1] - 48)
 
+# The widest UTC offset of ``receipt.at``: java.time.ZoneOffset's +-18:00 (inputs.parse_at checks the same).
+DEF MAX_OFFSET_MINUTES = 18 * 60
+DEF AT_BAD_OFFSET = 2
+
 cdef int parse_at(const unsigned char* s, Py_ssize_t n, int64_t* epoch, int32_t* wd,
                   int32_t* sod) noexcept nogil:
-    """``YYYY-MM-DDTHH:MM[:SS[.f{1,9}]][Z|(+|-)HH[:]MM]`` (inputs._AT_RE, ASCII digits only). 0 when valid."""
+    """``YYYY-MM-DDTHH:MM[:SS[.f{1,9}]][Z|(+|-)HH[:]MM]`` (inputs._AT_RE, ASCII digits only). 0 when valid,
+    AT_BAD_OFFSET when only the offset is out of java.time.ZoneOffset's range (over 18:00, or minutes over
+    59), 1 for anything else."""
     cdef Py_ssize_t pos = 16, k
-    cdef int year, month, day, hour, minute, second = 0, dim
+    cdef int year, month, day, hour, minute, second = 0, dim, off_h = 0, off_m = 0
     cdef int64_t days
     cdef int i
     if n < 16:
@@ -237,11 +243,13 @@ cdef int parse_at(const unsigned char* s, Py_ssize_t n, int64_t* epoch, int32_t*
         elif s[pos] == 43 or s[pos] == 45:                         # + -
             if pos + 3 > n or not is_digit(s[pos + 1]) or not is_digit(s[pos + 2]):
                 return 1
+            off_h = two(s + pos + 1)
             pos += 3
             if pos < n and s[pos] == 58:
                 pos += 1
             if pos + 2 > n or not is_digit(s[pos]) or not is_digit(s[pos + 1]):
                 return 1
+            off_m = two(s + pos)
             pos += 2
         else:
             return 1
@@ -262,11 +270,29 @@ cdef int parse_at(const unsigned char* s, Py_ssize_t n, int64_t* epoch, int32_t*
         dim = 31
     if day > dim:
         return 1
+    if off_m > 59 or off_h * 60 + off_m > MAX_OFFSET_MINUTES:
+        return AT_BAD_OFFSET
     days = days_from_civil(year, month, day)
     sod[0] = hour * 3600 + minute * 60 + second
     epoch[0] = days * 86400 + sod[0]
     wd[0] = <int32_t>(((days + 3) % 7 + 7) % 7 + 1)                # 1970-01-01 was a Thursday (4)
     return 0
+
+
+cdef refuse_bad_offset(object receipt):
+    """Raise InputError at ``receipt.at`` when its only fault is an offset beyond +-18:00 (or minutes over 59).
+    The fast path already refuses such a time; this keeps the core refusing it when the parser it falls back
+    to for the error (inputs.parse_at) lets the offset pass, since the offset is dropped after parsing."""
+    cdef int64_t epoch
+    cdef int32_t wd, sod
+    at = receipt.get(K_AT) if type(receipt) is dict else None
+    if type(at) is not str or c_str_kind(<PyObject*>at) != 1:
+        return
+    if parse_at(<const unsigned char*>c_str_data(<PyObject*>at), c_str_len(<PyObject*>at), &epoch, &wd,
+                &sod) == AT_BAD_OFFSET:
+        offset = at[16:].lstrip(":.0123456789")     # past the seconds and their fraction: the sign on
+        raise InputError("receipt.at", f"not a valid UTC offset: {offset} (offsets run from -18:00 to +18:00, "
+                                       f"minutes 00-59)")
 
 
 # The keys of a line, by slot. A line dict is read in one PyDict_Next pass when its keys are these very
@@ -1277,10 +1303,12 @@ cdef class Engine:
         cap_bp = self.redeem_max_bp
         if w.tier >= 0 and not w.anonymous and self.tiers[w.tier].redeem_max_bp >= 0:
             cap_bp = self.tiers[w.tier].redeem_max_bp
+        # the external share is the whole receipt's (no_redeem lines too); the amounts of the cap are the
+        # redeemable lines'
         for i in range(L):
+            ext += ln[i].external
+            amt += ln[i].amount
             if not ln[i].no_redeem:
-                ext += ln[i].external
-                amt += ln[i].amount
                 pay += ln[i].payable
                 rooms += i64max(0, ln[i].payable - self.min_payable)
         for k in range(self.n_reduced):
@@ -1399,6 +1427,7 @@ cdef class Engine:
                 # an anomaly: the reference's parser names it; should it accept the request after all,
                 # its normalised form is decoded again (so both engines answer the same)
                 parsed = self._parse_request(receipt, member, self.program)
+                refuse_bad_offset(receipt)
                 try:
                     receipt = _receipt_dict(parsed[0])
                     member = _member_dict(parsed[1])

@@ -313,12 +313,13 @@ def best_for_customer(promos: Sequence[Promotion], lines: Sequence[Line], floors
 
 # ---- write-off (steps 4-5) ------------------------------------------------------------------------------
 
-def cap_percent_bp(program: Program, tier: Tier | None, redeemable: Sequence[Line]) -> int:
-    """The tier's cap (else the program's), lowered by every ``reduced`` threshold the receipt's external
-    discount share is strictly over; a reduction never raises the cap."""
+def cap_percent_bp(program: Program, tier: Tier | None, lines: Sequence[Line]) -> int:
+    """The tier's cap (else the program's), lowered by every ``reduced`` threshold that the receipt's external
+    discount share is strictly over; a reduction never raises the cap. The share is the whole receipt's,
+    ``no_redeem`` lines included: a partner's discount is on the receipt whatever points may pay."""
     cap_bp = tier.redeem_max_bp if tier is not None and tier.redeem_max_bp is not None else program.redeem_max_bp
-    external = sum(line.external_discount for line in redeemable)
-    amount = sum(line.amount for line in redeemable)
+    external = sum(line.external_discount for line in lines)
+    amount = sum(line.amount for line in lines)
     for threshold_bp, max_bp in program.reduced:
         if amount > 0 and external * BP > threshold_bp * amount:
             cap_bp = min(cap_bp, max_bp)
@@ -328,8 +329,8 @@ def cap_percent_bp(program: Program, tier: Tier | None, redeemable: Sequence[Lin
 def write_off_cap(program: Program, tier: Tier | None, lines: Sequence[Line], payable: Sequence[int]) -> int:
     """``cap_amount``: the cap's share of the redeemable payable sum, and no more than the lines can give while
     each keeps ``min_payable_per_line``."""
+    cap_bp = cap_percent_bp(program, tier, lines)
     redeemable = [i for i, line in enumerate(lines) if not line.no_redeem]
-    cap_bp = cap_percent_bp(program, tier, [lines[i] for i in redeemable])
     payable_sum = sum(payable[i] for i in redeemable)
     by_percent = payable_sum * cap_bp // BP
     by_rooms = sum(max(0, payable[i] - program.min_payable_per_line) for i in redeemable)

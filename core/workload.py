@@ -365,6 +365,26 @@ def _format_at(rng: random.Random, at: dt.datetime) -> str:
     return text + rng.choice(("+03:00", "+03:00", "", "+00:00", "+05:00", "-04:00"))
 
 
+def _partner_discount(rng: random.Random, lines: list[dict], reduced: list[dict]) -> None:
+    """A partner's discount on some of the goods, its share of the whole receipt right at the edge of one of
+    the program's ``reduced`` thresholds (at it, or one minor unit over), replacing the lines' external
+    discounts; about half the partner's lines are closed to points, so the share over the redeemable lines
+    alone is another figure (SPEC 4 step 4 counts the whole receipt)."""
+    amounts = [line.get("amount", _round_half_up(line["quantity"] * line["price"], 1000)) for line in lines]
+    threshold_bp = round(rng.choice(reduced)["external_discount_over_percent"] * 100)
+    left = sum(amounts) * threshold_bp // 10000 + rng.choice((0, 1))
+    for line in lines:
+        line.pop("external_discount", None)
+    for i in rng.sample(range(len(lines)), len(lines)):
+        if left == 0:
+            break
+        take = min(left, amounts[i])
+        lines[i]["external_discount"] = take
+        left -= take
+        if rng.random() < 0.5:
+            lines[i]["no_redeem"] = True
+
+
 def random_request(rng: random.Random, program: dict, n_lines: int, *,
                    products: tuple[Product, ...] | None = None) -> tuple[dict, dict | None, dict]:
     """A ``(receipt, member, budgets_used)`` triple for ``program`` with ``n_lines`` lines, aimed at the
@@ -409,12 +429,19 @@ def random_request(rng: random.Random, program: dict, n_lines: int, *,
             line["external_discount"] = 0
         if rng.random() < 0.15:
             line["min_price"] = rng.choice((price // 2, price * 9 // 10, price, price + 1, 1))
-        for flag, p in (("no_discount", 0.05), ("no_accrual", 0.05), ("no_redeem", 0.08)):
+        # Goods sold under a partner's discount are often closed to points (tobacco, gift cards, a partner's
+        # own offer): such a line is no_redeem far more often, so that receipts whose external share differs
+        # between the whole receipt and its redeemable lines are common (SPEC 4 step 4 counts the whole).
+        no_redeem = 0.4 if line.get("external_discount") else 0.08
+        for flag, p in (("no_discount", 0.05), ("no_accrual", 0.05), ("no_redeem", no_redeem)):
             if rng.random() < p:
                 line[flag] = True
             elif rng.random() < 0.03:
                 line[flag] = False
         lines.append(line)
+    reduced = program.get("redeem", {}).get("reduced")
+    if reduced and n_lines > 1 and rng.random() < 0.08:
+        _partner_discount(rng, lines, reduced)
 
     # ---- when: random moment, an edge of some promotion's validity, or inside some window
     with_valid = [p for p in promotions if p.get("valid")]

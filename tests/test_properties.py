@@ -105,9 +105,10 @@ def expected_max_points(program: dict, request, answer: dict) -> int:
     tier = member_tier(program, member)
     cap_bp = bp(tier["redeem_max_percent"]) if tier.get("redeem_max_percent") is not None \
         else bp(redeem.get("max_percent", 100))
+    # The external share is the whole receipt's (no_redeem lines too); the cap's amounts are the redeemable lines'.
+    external = sum(line.get("external_discount", 0) for line in receipt["lines"])
+    amount = sum(line_amount(line) for line in receipt["lines"])
     pairs = [(line, out) for line, out in zip(receipt["lines"], answer["lines"]) if not line.get("no_redeem")]
-    external = sum(line.get("external_discount", 0) for line, _ in pairs)
-    amount = sum(line_amount(line) for line, _ in pairs)
     for threshold in redeem.get("reduced", []):
         if amount > 0 and external * 10000 > bp(threshold["external_discount_over_percent"]) * amount:
             cap_bp = min(cap_bp, bp(threshold["max_percent"]))
