@@ -279,22 +279,6 @@ cdef int parse_at(const unsigned char* s, Py_ssize_t n, int64_t* epoch, int32_t*
     return 0
 
 
-cdef refuse_bad_offset(object receipt):
-    """Raise InputError at ``receipt.at`` when its only fault is an offset beyond +-18:00 (or minutes over 59).
-    The fast path already refuses such a time; this keeps the core refusing it when the parser it falls back
-    to for the error (inputs.parse_at) lets the offset pass, since the offset is dropped after parsing."""
-    cdef int64_t epoch
-    cdef int32_t wd, sod
-    at = receipt.get(K_AT) if type(receipt) is dict else None
-    if type(at) is not str or c_str_kind(<PyObject*>at) != 1:
-        return
-    if parse_at(<const unsigned char*>c_str_data(<PyObject*>at), c_str_len(<PyObject*>at), &epoch, &wd,
-                &sod) == AT_BAD_OFFSET:
-        offset = at[16:].lstrip(":.0123456789")     # past the seconds and their fraction: the sign on
-        raise InputError("receipt.at", f"not a valid UTC offset: {offset} (offsets run from -18:00 to +18:00, "
-                                       f"minutes 00-59)")
-
-
 # The keys of a line, by slot. A line dict is read in one PyDict_Next pass when its keys are these very
 # string objects (literal keys are interned, so dicts built in Python code have them); any other key, or
 # an equal but distinct string (json.loads), sends the line to one lookup per key.
@@ -1427,7 +1411,6 @@ cdef class Engine:
                 # an anomaly: the reference's parser names it; should it accept the request after all,
                 # its normalised form is decoded again (so both engines answer the same)
                 parsed = self._parse_request(receipt, member, self.program)
-                refuse_bad_offset(receipt)
                 try:
                     receipt = _receipt_dict(parsed[0])
                     member = _member_dict(parsed[1])
