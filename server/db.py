@@ -32,8 +32,8 @@ import time
 import orjson
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import (ArgumentError, DBAPIError, DisconnectionError, InterfaceError, NoSuchModuleError,
-                            OperationalError)
+from sqlalchemy.exc import (ArgumentError, DBAPIError, DisconnectionError, InterfaceError, InternalError,
+                            NoSuchModuleError, NotSupportedError, OperationalError, ProgrammingError)
 from sqlalchemy.pool import NullPool
 
 from .errors import InvalidArgument, ServiceError, Unavailable
@@ -84,6 +84,13 @@ def _transient(exc: BaseException, text: str) -> bool:
     low = text.lower()          # SQLite (and a driver error without a code): what it says
     return not any(word in low for word in ("syntax error", "no such column", "no such function",
                                             "has no column", "ambiguous column", "misuse"))
+
+
+def _is_defect(exc: DBAPIError) -> bool:
+    """A statement storage refuses whatever the data (syntax, a missing column or function: ProgrammingError,
+    InternalError, NotSupportedError). Unique violations and bad values (IntegrityError, DataError) are the
+    callers' to decide: they replay, or name the client's field."""
+    return isinstance(exc, (ProgrammingError, InternalError, NotSupportedError))
 
 
 def _is_retryable(exc: DBAPIError) -> bool:
@@ -174,6 +181,7 @@ class _Watchdog:
         self._cond = threading.Condition()
         self._armed: dict[int, tuple[float, int]] = {}
         self._next = 0
+        self._wake_at = 0.0         # when the thread wakes next (a later deadline need not wake it)
         self._thread: threading.Thread | None = None
 
     def arm(self, at: float, fd: int) -> int:
@@ -184,7 +192,8 @@ class _Watchdog:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="storage-watchdog", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            elif at < self._wake_at:
+                self._cond.notify()
             return token
 
     def disarm(self, token: int) -> None:
@@ -201,8 +210,8 @@ class _Watchdog:
                 for token, _ in due:
                     del self._armed[token]
                 if not due:
-                    wait = min((at for at, _ in self._armed.values()), default=now + 60) - now
-                    self._cond.wait(max(wait, 0.005))
+                    self._wake_at = min((at for at, _ in self._armed.values()), default=now + 60)
+                    self._cond.wait(max(self._wake_at - now, 0.005))
                     continue
             for _, fd in due:
                 log.warning("storage call still running at its deadline: its connection is shut down")
@@ -305,7 +314,7 @@ class Database:
         except (OperationalError, InterfaceError) as exc:
             raise self._unavailable(exc) from None
         except DBAPIError as exc:
-            if exc.connection_invalidated:
+            if exc.connection_invalidated or _is_defect(exc):
                 raise self._unavailable(exc) from None
             raise
 
@@ -343,6 +352,8 @@ class Database:
                     raise self._unavailable(exc) from None
             except DBAPIError as exc:
                 if not exc.connection_invalidated:
+                    if _is_defect(exc):
+                        raise self._unavailable(exc) from None
                     raise
                 if uncertain is None:
                     raise self._unavailable(exc) from None

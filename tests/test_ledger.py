@@ -2,6 +2,7 @@
 refund that takes back points the member already spent leaves a debt that the next credit pays first."""
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import update
 
 from loyalty.server import jobs, ledger
@@ -52,3 +53,30 @@ def test_ledger_check_reports_purchase_lines_without_their_purchase(service):
             purchase_id=987654, line=0, sku="ghost", quantity=1000, amount=100, payable=100, redeemed=0, points=0,
             refunded_quantity=0, refunded_payable=0, refunded_redeemed=0, refunded_points=0))
     assert ledger.check(service) == ["1 purchase lines without their purchase"]
+
+
+def test_a_statement_storage_refuses_is_a_defect_not_retry_later(database_url):  # noqa: F811
+    """A syntax error is no passing failure: INTERNAL with a plain sentence (no SQL), never "retry later"; a
+    lost or refused connection stays UNAVAILABLE "retry later"."""
+    from loyalty.server import db as storage
+    from loyalty.server.errors import ServiceError, Unavailable
+
+    storage.upgrade(database_url)
+    database = storage.Database(database_url)
+    def read_bad():
+        with database.read() as conn:
+            conn.exec_driver_sql("SELECT CASE ELSE 1 END")
+
+    try:
+        for run in (lambda: database.run_write(lambda conn: conn.exec_driver_sql("SELEC 1")), read_bad):
+            with pytest.raises(ServiceError) as err:
+                run()
+            assert err.value.code == "INTERNAL" and not isinstance(err.value, Unavailable)
+            assert "retry later" not in err.value.message and "SELEC" not in err.value.message
+            assert "retrying will not fix" in err.value.message
+    finally:
+        database.dispose()
+    gone = storage.Database("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    with pytest.raises(Unavailable) as err:
+        gone.run_write(lambda conn: conn.exec_driver_sql("SELECT 1"))
+    assert "retry later" in err.value.message and err.value.details["outcome"] == "not_written"
