@@ -213,10 +213,16 @@ class Runner:
 
     # ---- conditions -----------------------------------------------------------------------------------------
 
-    def _since(self, w: _Walk, leaf: dict) -> dt.datetime:
+    @staticmethod
+    def _window(w: _Walk, leaf: dict, at):
+        """``at`` (a column) inside the condition's window: it counts from the event that started the run
+        (``entered_at``, the event's own time, not when a worker picked it up), for ``within`` seconds when
+        given, else up to now. "Bought within a day of registering" is a purchase in [registration,
+        registration + 1 day]: one made before the registration, or after that day, does not count."""
+        start = w.run.entered_at
         if "within" in leaf:
-            return w.now - dt.timedelta(seconds=leaf["within"])
-        return w.run.entered_at
+            return (at >= start) & (at <= start + dt.timedelta(seconds=leaf["within"]))
+        return at >= start
 
     def _condition(self, conn, w: _Walk, node: dict) -> bool:
         (kind, arg), = node.items()
@@ -233,12 +239,12 @@ class Runner:
             me = message_events.c
             return conn.execute(select(exists().where(
                 me.member_id == member_id, me.channel == arg["channel"], me.kind == arg["kind"],
-                me.at >= self._since(w, arg)))).scalar()
+                self._window(w, arg, me.at)))).scalar()
         if kind == "event":
             table = scenario_events if arg["kind"] in ("birthday", "segment_entered") else events
             return conn.execute(select(exists().where(
                 table.c.member_id == member_id, table.c.kind == arg["kind"],
-                table.c.created_at >= self._since(w, arg)))).scalar()
+                self._window(w, arg, table.c.created_at)))).scalar()
         if kind == "visited":
             log_ = scenario_step_log.c
             done = conn.execute(select(func.count()).where(
