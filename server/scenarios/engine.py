@@ -419,9 +419,10 @@ class Runner:
             raise StepError(f"segment {sid!r} {'does not exist' if stype is None else 'is not static'}: a scenario "
                             f"adds members to static segments only")
         sm = segment_members.c
-        if conn.execute(select(exists().where(sm.segment_id == sid, sm.member_id == member_id))).scalar():
+        # insert-or-ignore, not check-then-insert: a CSV import adding the same member at the same moment
+        # must not fail the step on the key
+        if not conn.execute(insert_ignore(conn, segment_members).values(segment_id=sid, member_id=member_id)).rowcount:
             return
-        conn.execute(insert(segment_members).values(segment_id=sid, member_id=member_id))
         conn.execute(insert(segment_changes).values(segment_id=sid, member_id=member_id, action="add",
                                                     source="scenario", actor=w.run.scenario_id[:100], at=w.now))
         count = conn.execute(select(func.count()).where(sm.segment_id == sid)).scalar_one()
