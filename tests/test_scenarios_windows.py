@@ -115,3 +115,39 @@ def test_within_counts_from_the_triggering_event_and_ends_within_after_it(scn, c
     worker.run_until_idle()                                       # 4:00 late's check, long after its window
     assert tags(service.db, late) == {"no_purchase_after_top_up"}
     assert {r["state"] for r in runs(service.db, "top_up_then_buy")} == {"done"}
+
+
+BOUGHT_AGAIN = """
+id: bought_again
+triggers: [purchase_confirmed]
+steps:
+  - id: pause
+    wait: 1d
+  - id: again
+    condition: {event: {kind: purchase_confirmed, within: 7d}}
+    yes: loyal
+    no: once
+  - id: loyal
+    add_tag: bought_again
+    next: end
+  - id: once
+    add_tag: bought_once
+"""
+
+
+def test_the_event_that_started_the_run_is_not_one_that_happened_in_its_window(scn, clock):
+    # reentry never: one run per member, started by the first purchase; the worker runs at that very moment
+    # (the old window, from the pick-up, counted the purchase itself when the pick-up was at its instant)
+    service, sc, worker = scn
+    sc.define(BOUGHT_AGAIN)
+    once = enroll(service, "7000021", phone="+79000000021")
+    twice = enroll(service, "7000022", phone="+79000000022")
+    buy(service, clock, "7000021", "o-1")
+    buy(service, clock, "7000022", "t-1")
+    worker.run_until_idle()
+    clock.advance(hours=5)
+    buy(service, clock, "7000022", "t-2")
+    clock.advance(days=1)
+    worker.run_until_idle()
+    assert tags(service.db, once) == {"bought_once"}
+    assert tags(service.db, twice) == {"bought_again"}

@@ -242,9 +242,14 @@ class Runner:
                 self._window(w, arg, me.at)))).scalar()
         if kind == "event":
             table = scenario_events if arg["kind"] in ("birthday", "segment_entered") else events
-            return conn.execute(select(exists().where(
-                table.c.member_id == member_id, table.c.kind == arg["kind"],
-                self._window(w, arg, table.c.created_at)))).scalar()
+            where = [table.c.member_id == member_id, table.c.kind == arg["kind"],
+                     self._window(w, arg, table.c.created_at)]
+            started = (w.run.context or {}).get("event") or {}
+            if started.get("kind") == arg["kind"] and started.get("id") is not None:
+                # the window opens at the run's own event; that event is not one that happened in it ("bought
+                # again within a week" of the purchase that started the run)
+                where.append(table.c.id != started["id"])
+            return conn.execute(select(exists().where(*where))).scalar()
         if kind == "visited":
             log_ = scenario_step_log.c
             done = conn.execute(select(func.count()).where(
