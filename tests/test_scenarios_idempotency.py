@@ -8,6 +8,7 @@ first; never INTERNAL.
   all get its answer), the others are ALREADY_EXISTS.
 - CreateScenario x 20 with one definition: one scenario, version 1, 20 identical answers; another definition
   under that id is ALREADY_EXISTS.
+- RetryDeadLetter x 10 for one dead message: requeued once.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from loyalty.server.scenarios.models import batch_members, batches, scenarios
 from loyalty.v1 import scenarios_pb2 as S
 from loyalty.v1 import scenarios_pb2_grpc
 from serverutil import cli, fresh_postgres_database, start_server
+from test_scenarios_fixtures import clock, database_url, enroll, http_sink, outbox, pg_url, scn, service  # noqa: F401
 
 CALLS = 20
 
@@ -137,3 +139,33 @@ def test_twenty_identical_concurrent_create_scenario_calls_are_one_scenario(stub
     with pytest.raises(grpc.RpcError) as exc:
         stub.CreateScenario(S.ScenarioDefinition(yaml=WELCOME_LITE.replace("10", "20")), timeout=60)
     assert exc.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+# ---- RetryDeadLetter: no idempotency key in the request, so one effect is what is pinned --------------------
+
+def test_concurrent_retries_of_one_dead_letter_requeue_it_once(scn, http_sink):
+    """Ten RetryDeadLetter calls for one dead webhook at once (in process, both backends): the row is put back
+    once (attempts reset once, one more delivery); the other calls find it no longer dead (NOT_FOUND), never
+    a database error."""
+    from loyalty.server.errors import NotFound
+    service, sc, worker = scn
+    sc.define({"id": "hook", "triggers": ["member_registered"],
+               "steps": [{"id": "call", "webhook": {"url": http_sink.url}}]})
+    enroll(service, "7000103")
+    http_sink.status = 404
+    worker.run_until_idle()
+    [dead] = sc.dead_letters()
+
+    def retry(_):
+        try:
+            return sc.retry_dead_letter("message", dead["id"])
+        except NotFound as exc:
+            return exc
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(retry, range(10)))
+    assert sum(1 for r in results if r == {"kind": "message", "id": dead["id"], "retried": True}) == 1
+    assert sum(1 for r in results if isinstance(r, NotFound)) == 9
+    http_sink.status = 200
+    worker.run_until_idle()
+    assert [(r["state"], r["attempts"]) for r in outbox(service.db)] == [("sent", 1)]
+    assert len(http_sink.requests) == 2                  # the first (404) and the one retry
