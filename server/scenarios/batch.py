@@ -3,8 +3,9 @@
 ``create`` freezes the audience into ``batch_members`` (one ``INSERT ... SELECT`` from the segment module's
 predicate, or from a static list) together with the ``batches`` progress row; the batch id is the
 idempotency key (the same request again returns the batch, another request under that id is
-``AlreadyExists``). ``process_chunk`` then does the next ``chunk`` members by member id, as ONE transaction
-of set-based statements:
+``AlreadyExists``), also for calls that arrive at once: the progress row is inserted first, and the losers
+wait on its key and then replay it. ``process_chunk`` then does the next ``chunk`` members by member id, as
+ONE transaction of set-based statements:
 
 1. the batch row is taken ``FOR UPDATE SKIP LOCKED`` (two workers never do the same chunk; the second one
    goes on with other work), the chunk's upper member id is found, and (PostgreSQL) the chunk's balance
@@ -32,7 +33,7 @@ from sqlalchemy import bindparam, func, insert, literal, select, text, update
 from loyalty.server.errors import AlreadyExists, InvalidArgument, NotFound
 from loyalty.server.models import UTCDateTime, cards, members
 
-from .common import claim
+from .common import claim, insert_ignore
 from .models import batch_members, batches
 
 __all__ = ["create", "process_chunk", "progress", "run", "CHUNK"]
@@ -67,8 +68,17 @@ def create(database, now: dt.datetime, batch_id: str, kind: str, points: int, *,
                                   .encode()).hexdigest()
 
     def tx(conn):
-        row = conn.execute(select(batches).where(batches.c.id == batch_id)).first()
-        if row is not None:
+        # The batch row first, ON CONFLICT DO NOTHING: of identical concurrent calls one inserts it and the
+        # others wait on its key until that transaction ends, then replay the committed batch (or, if it rolled
+        # back, one of them becomes the creator). The audience snapshot follows in the creator's transaction,
+        # so nobody ever sees a batch without its members or writes the members twice.
+        values = {"id": batch_id, "kind": kind, "points": points, "reason": reason, "expiry_days": expiry_days,
+                  "target": target, "request_hash": request_hash, "state": "running", "total": 0, "processed": 0,
+                  "written": 0, "points_moved": 0, "position": 0, "created_at": now, "updated_at": now,
+                  "finished_at": None}
+        created = conn.execute(insert_ignore(conn, batches).values(**values).returning(batches.c.id)).scalar()
+        if created is None:
+            row = conn.execute(select(batches).where(batches.c.id == batch_id)).one()
             if row.request_hash != request_hash:
                 raise AlreadyExists(f"batch {batch_id} was already started with a different request")
             return dict(row._mapping)
@@ -90,11 +100,9 @@ def create(database, now: dt.datetime, batch_id: str, kind: str, points: int, *,
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql("ANALYZE batch_members")     # fresh statistics: chunks join it by index
         total = conn.execute(select(func.count()).where(batch_members.c.batch_id == batch_id)).scalar_one()
-        values = {"id": batch_id, "kind": kind, "points": points, "reason": reason, "expiry_days": expiry_days,
-                  "target": target, "request_hash": request_hash, "state": "running" if total else "done",
-                  "total": total, "processed": 0, "written": 0, "points_moved": 0, "position": 0,
-                  "created_at": now, "updated_at": now, "finished_at": None if total else now}
-        conn.execute(insert(batches).values(**values))
+        values.update(total=total, state="running" if total else "done", finished_at=None if total else now)
+        conn.execute(update(batches).where(batches.c.id == batch_id).values(
+            total=total, state=values["state"], finished_at=values["finished_at"]))
         return values
     return _view(database.run_write(tx))
 

@@ -213,10 +213,16 @@ class Runner:
 
     # ---- conditions -----------------------------------------------------------------------------------------
 
-    def _since(self, w: _Walk, leaf: dict) -> dt.datetime:
+    @staticmethod
+    def _window(w: _Walk, leaf: dict, at):
+        """``at`` (a column) inside the condition's window: it counts from the event that started the run
+        (``entered_at``, the event's own time, not when a worker picked it up), for ``within`` seconds when
+        given, else up to now. "Bought within a day of registering" is a purchase in [registration,
+        registration + 1 day]: one made before the registration, or after that day, does not count."""
+        start = w.run.entered_at
         if "within" in leaf:
-            return w.now - dt.timedelta(seconds=leaf["within"])
-        return w.run.entered_at
+            return (at >= start) & (at <= start + dt.timedelta(seconds=leaf["within"]))
+        return at >= start
 
     def _condition(self, conn, w: _Walk, node: dict) -> bool:
         (kind, arg), = node.items()
@@ -233,12 +239,17 @@ class Runner:
             me = message_events.c
             return conn.execute(select(exists().where(
                 me.member_id == member_id, me.channel == arg["channel"], me.kind == arg["kind"],
-                me.at >= self._since(w, arg)))).scalar()
+                self._window(w, arg, me.at)))).scalar()
         if kind == "event":
             table = scenario_events if arg["kind"] in ("birthday", "segment_entered") else events
-            return conn.execute(select(exists().where(
-                table.c.member_id == member_id, table.c.kind == arg["kind"],
-                table.c.created_at >= self._since(w, arg)))).scalar()
+            where = [table.c.member_id == member_id, table.c.kind == arg["kind"],
+                     self._window(w, arg, table.c.created_at)]
+            started = (w.run.context or {}).get("event") or {}
+            if started.get("kind") == arg["kind"] and started.get("id") is not None:
+                # the window opens at the run's own event; that event is not one that happened in it ("bought
+                # again within a week" of the purchase that started the run)
+                where.append(table.c.id != started["id"])
+            return conn.execute(select(exists().where(*where))).scalar()
         if kind == "visited":
             log_ = scenario_step_log.c
             done = conn.execute(select(func.count()).where(
@@ -413,9 +424,10 @@ class Runner:
             raise StepError(f"segment {sid!r} {'does not exist' if stype is None else 'is not static'}: a scenario "
                             f"adds members to static segments only")
         sm = segment_members.c
-        if conn.execute(select(exists().where(sm.segment_id == sid, sm.member_id == member_id))).scalar():
+        # insert-or-ignore, not check-then-insert: a CSV import adding the same member at the same moment
+        # must not fail the step on the key
+        if not conn.execute(insert_ignore(conn, segment_members).values(segment_id=sid, member_id=member_id)).rowcount:
             return
-        conn.execute(insert(segment_members).values(segment_id=sid, member_id=member_id))
         conn.execute(insert(segment_changes).values(segment_id=sid, member_id=member_id, action="add",
                                                     source="scenario", actor=w.run.scenario_id[:100], at=w.now))
         count = conn.execute(select(func.count()).where(sm.segment_id == sid)).scalar_one()

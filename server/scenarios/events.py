@@ -12,6 +12,9 @@ after a larger one; it is still found by ``processed_at IS NULL`` as long as it 
 Re-entry: ``never`` gives a run the entry key ``member:<id>`` (once per member, ever; the unique
 ``(scenario_id, entry_key)`` enforces it), ``always`` the key of the event (once per event), ``after_exit``
 the key of the event but only when the member has no active run of the scenario.
+
+A run's ``entered_at`` is the time of its event, not of its intake: a condition's window and the funnel's
+goal count from what the member did, however late a worker picked the event up.
 """
 from __future__ import annotations
 
@@ -123,7 +126,7 @@ def _enter(conn, sc, ev, source: str, now: dt.datetime, active_cache: dict) -> i
     run_id = conn.execute(insert_ignore(conn, scenario_runs).values(
         scenario_id=sc.id, member_id=member_id, entry_key=entry_key, trigger=f"triggers[{trigger}]",
         state="active", step=first, visit=1, wake_at=now, attempts=0,
-        context={"event": {**payload, "kind": ev.kind, "id": ev.id}}, entered_at=now, updated_at=now,
+        context={"event": {**payload, "kind": ev.kind, "id": ev.id}}, entered_at=ev.created_at, updated_at=now,
         finished_at=None, error="").returning(scenario_runs.c.id)).scalar()
     if run_id is None:
         return 0                      # re-entry refused by the unique entry key

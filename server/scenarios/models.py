@@ -67,7 +67,7 @@ class ScenarioRun(Base):
     wake_at: Mapped[dt.datetime]
     attempts: Mapped[int] = mapped_column(Integer, default=0)       # failures of the current step
     context: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    entered_at: Mapped[dt.datetime]
+    entered_at: Mapped[dt.datetime]      # the time of the event that started the run: condition windows count from it
     updated_at: Mapped[dt.datetime]
     finished_at: Mapped[dt.datetime | None]
     error: Mapped[str] = mapped_column(Text, default="")

@@ -1,13 +1,19 @@
 """Delivering the outbox: messages (email, SMS, push) and webhook calls written by run steps.
 
 A row is written once (its unique ``key`` is the run, step and visit) in the transaction of the step that
-wants it. Delivery happens outside any transaction, so it is claimed with a lease: a short transaction takes
-due rows (``FOR UPDATE SKIP LOCKED`` on PostgreSQL) and pushes their ``next_attempt_at`` a lease ahead; the
-worker sends, then marks the row ``sent`` (and records ``sent`` in ``message_events``, which segment and
-scenario conditions read). A worker killed mid-send leaves the row to be taken again when the lease runs
-out: delivery to the outside world is at least once, so every adapter passes the row's key along
-(``Idempotency-Key`` header, SMTP ``Message-ID``) for the receiver to drop a repeat. Send timeouts are
-shorter than the lease, so a live worker never loses its lease (no heartbeat needed).
+wants it. Delivery happens outside any transaction, so it is claimed with a lease (``next_attempt_at`` of a
+row in flight is the end of its lease): the worker sends, then marks the row ``sent`` (and records ``sent``
+in ``message_events``, which segment and scenario conditions read).
+
+A live worker never loses a claim. It claims ONE due row at a time (``FOR UPDATE SKIP LOCKED`` on
+PostgreSQL), in the same short transaction that records the outcome of its previous send, so it never holds
+rows it is not sending yet; and while a send runs, a keeper thread pushes that row's lease a full lease ahead
+every third of the lease, so a receiver slower than the lease is still called once. (Claiming a batch at
+once under one lease let the end of the batch expire behind a slow webhook, and another worker sent it
+again.) The lease only says how soon a KILLED worker's row is taken over: the keeper dies with its process.
+Delivery to the outside world is therefore at least once (a crash between sending and recording repeats a
+send), and every adapter passes the row's key along (``Idempotency-Key`` header, SMTP ``Message-ID``) for
+the receiver to drop a repeat.
 
 Failures are retried with exponential backoff; a permanent failure (HTTP 4xx other than 408 / 429, an SMTP
 address refusal) or ``MAX_ATTEMPTS`` failures make the row ``dead``: the dead-letter list.
@@ -165,28 +171,125 @@ class Channels:
 
 def deliver_due(database, channels: Channels, now: dt.datetime, *, limit: int = 20, lease_s: float = LEASE_S,
                 clock=None) -> int:
-    """Claim up to ``limit`` due rows, deliver them, record the outcome; returns rows handled."""
+    """Deliver up to ``limit`` due rows, one at a time (see the module docstring); returns rows handled.
+    ``now`` is the time of the first claim; later claims and the outcomes take ``clock()`` when given."""
+    if lease_s <= 0:
+        raise ValueError(f"lease_s must be positive, got {lease_s}")
+    clock = clock or (lambda: now)
     lease = dt.timedelta(seconds=lease_s)
+    keeper = _LeaseKeeper(database, lease, clock)
+    handled, outcome = 0, None
+    try:
+        while True:
+            at = (now if handled == 0 else clock()) if handled < limit else None
+            row, until = database.run_write(_record_and_claim, outcome, at, lease)
+            if row is None:
+                return handled
+            keeper.hold(row.id, until)
+            try:
+                error = _send(channels, row)
+            finally:
+                keeper.release()
+            outcome = (row, error, clock())
+            handled += 1
+    finally:
+        keeper.close()
 
-    def take(conn):
-        rows = conn.execute(claim(conn, select(scenario_outbox).where(
-            scenario_outbox.c.state == "pending", scenario_outbox.c.next_attempt_at <= now)
-            .order_by(scenario_outbox.c.next_attempt_at, scenario_outbox.c.id).limit(limit))).all()
-        if rows:
-            conn.execute(update(scenario_outbox).where(scenario_outbox.c.id.in_([r.id for r in rows]))
-                         .values(next_attempt_at=now + lease))
-        return rows
-    rows = database.run_write(take)
-    for row in rows:
-        error = None
-        try:
-            channels.send(row)
-        except DeliveryError as exc:
-            error = exc
-        except Exception as exc:  # noqa: BLE001 - an adapter bug must not stop the worker
-            error = DeliveryError(f"{type(exc).__name__}: {exc}")
-        database.run_write(_record, row, error, clock() if clock else now)
-    return len(rows)
+
+def _send(channels: Channels, row) -> DeliveryError | None:
+    try:
+        channels.send(row)
+    except DeliveryError as exc:
+        return exc
+    except Exception as exc:  # noqa: BLE001 - an adapter bug must not stop the worker
+        return DeliveryError(f"{type(exc).__name__}: {exc}")
+    return None
+
+
+def _record_and_claim(conn, outcome, at: dt.datetime | None, lease: dt.timedelta):
+    """Record the previous send's outcome (if any) and claim the next due row (unless ``at`` is None), in one
+    transaction; returns ``(row, end of its lease)`` or ``(None, None)``."""
+    if outcome is not None:
+        _record(conn, *outcome)
+    if at is None:
+        return None, None
+    ob = scenario_outbox.c
+    row = conn.execute(claim(conn, select(scenario_outbox).where(ob.state == "pending", ob.next_attempt_at <= at)
+                             .order_by(ob.next_attempt_at, ob.id).limit(1))).first()
+    if row is None:
+        return None, None
+    until = at + lease
+    conn.execute(update(scenario_outbox).where(ob.id == row.id).values(next_attempt_at=until))
+    return row, until
+
+
+def _renew(conn, row_id: int, until: dt.datetime, new_until: dt.datetime) -> int:
+    """Push the lease of a row still pending and still ours (its lease is the one we set) to ``new_until``."""
+    ob = scenario_outbox.c
+    return conn.execute(update(scenario_outbox).where(ob.id == row_id, ob.state == "pending",
+                                                      ob.next_attempt_at == until)
+                        .values(next_attempt_at=new_until)).rowcount
+
+
+class _LeaseKeeper:
+    """The heartbeat of the row in flight: a thread (started at the first ``hold``) that every third of the
+    lease renews the held row's lease to a full lease from now. It dies with its process, so only a dead
+    worker's rows are ever taken over. A renewal that fails (database unreachable) is logged and tried again
+    at the next beat; one that finds the row no longer ours (the lease ran out while the database was out of
+    reach, and another worker took it) is logged as a lost lease."""
+
+    def __init__(self, database, lease: dt.timedelta, clock):
+        self.database = database
+        self.lease = lease
+        self.clock = clock
+        self._cond = threading.Condition()
+        self._held: list | None = None          # [row id, end of its lease]
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def hold(self, row_id: int, until: dt.datetime) -> None:
+        with self._cond:
+            self._held = [row_id, until]
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._beat, name="outbox-lease", daemon=True)
+                self._thread.start()
+
+    def release(self) -> None:
+        with self._cond:
+            self._held = None
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _beat(self) -> None:
+        interval = self.lease.total_seconds() / 3
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed, timeout=interval)
+                if self._closed:
+                    return
+                if self._held is None:
+                    continue
+                row_id, until = self._held
+            new_until = self.clock() + self.lease
+            try:
+                renewed = self.database.run_write(_renew, row_id, until, new_until)
+            except Exception as exc:  # noqa: BLE001 - keep beating: the database may come back within the lease
+                log.warning("outbox row %s: lease not renewed: %s: %s", row_id, type(exc).__name__,
+                            getattr(exc, "message", exc))
+                continue
+            with self._cond:
+                if self._held is None or self._held[0] != row_id:
+                    continue                    # sent meanwhile: its outcome decides, not the lease
+                if renewed:
+                    self._held[1] = new_until
+                else:
+                    log.warning("outbox row %s: its lease ran out and another worker took it over", row_id)
+                    self._held = None
 
 
 def _record(conn, row, error: DeliveryError | None, now: dt.datetime) -> None:

@@ -8,7 +8,7 @@ import datetime as dt
 import logging
 
 import yaml
-from sqlalchemy import func, insert, literal, select, update
+from sqlalchemy import func, literal, select, update
 
 from loyalty.server.db import Database
 from loyalty.server.errors import InvalidArgument, NotFound
@@ -53,7 +53,9 @@ class ScenarioService:
 
     def define(self, spec, *, mode: str = "upsert", origin: str = "api", path: str = "scenario") -> dict:
         """Create (``mode="create"``), update (``"update"``) or either (``"upsert"``) one scenario from its
-        mapping or YAML text. A changed definition gets the next version; runs in flight go on with it."""
+        mapping or YAML text. A changed definition gets the next version; runs in flight go on with it. A create
+        is idempotent by the scenario id: the same definition again (a retry, even a concurrent one) answers the
+        scenario as it is; another definition under that id is ``AlreadyExists``."""
         if isinstance(spec, str):
             spec = _load_yaml(spec, path)
         definition = parse_scenario(spec, path)
@@ -65,18 +67,21 @@ class ScenarioService:
 
     def _upsert(self, conn, definition: dict, mode: str, origin: str, now) -> dict:
         sid = definition["id"]
-        row = conn.execute(select(scenarios).where(scenarios.c.id == sid)).first()
-        if row is None:
-            if mode == "update":
-                raise NotFound(f"scenario {sid} was not found")
+        if mode != "update":
+            # ON CONFLICT DO NOTHING: a concurrent create of the same id waits for this one and then finds the
+            # row below, instead of failing on the primary key
             values = {"id": sid, "title": definition["title"], "version": 1, "definition": definition,
                       "enabled": definition["enabled"], "origin": origin, "created_at": now, "updated_at": now}
-            conn.execute(insert(scenarios).values(**values))
-            return self._view(values)
-        if mode == "create":
+            if conn.execute(insert_ignore(conn, scenarios).values(**values).returning(scenarios.c.id)).scalar():
+                return self._view(values)
+        row = conn.execute(select(scenarios).where(scenarios.c.id == sid)).first()
+        if row is None:
+            raise NotFound(f"scenario {sid} was not found")
+        unchanged = row.definition == definition and row.enabled == definition["enabled"]
+        if mode == "create" and not unchanged:
             from loyalty.server.errors import AlreadyExists
             raise AlreadyExists(f"scenario {sid} already exists")
-        if row.definition == definition and row.enabled == definition["enabled"]:
+        if unchanged:                   # a repeated create or update: the scenario as it is, no new version
             return self._view(dict(row._mapping))
         values = {"title": definition["title"], "definition": definition, "enabled": definition["enabled"],
                   "version": row.version + 1, "origin": origin, "updated_at": now}

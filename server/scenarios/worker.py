@@ -12,7 +12,7 @@ Why the database and ``SELECT ... FOR UPDATE SKIP LOCKED`` rather than a queue l
   often bounded or lost on restart;
 - SKIP LOCKED lets each worker take rows nobody holds, without waiting, and a worker that dies simply drops
   its connection: its locks go with it and the rows are due again at once. Deliveries, which happen outside
-  a transaction, use a lease instead (``outbox.py``).
+  a transaction, use a lease instead, renewed while the worker lives (``outbox.py``).
 
 SQLite (the embedded default) has one writer: each claiming transaction is ``BEGIN IMMEDIATE``, so one or
 several worker processes on one machine still never take the same run.
@@ -47,6 +47,8 @@ class Worker:
     def __init__(self, database: Database | str, *, clock=None, channels: Channels | None = None,
                  name: str | None = None, lease_s: float = LEASE_S, run_limit: int = 20, outbox_limit: int = 20,
                  batch_chunk: int = batches_mod.CHUNK, poll_s: float = 0.5, housekeeping_s: float = 5.0):
+        if lease_s <= 0:
+            raise ValueError(f"lease_s must be positive, got {lease_s}")
         self.db = Database(database) if isinstance(database, str) else database
         self.clock = clock or utcnow
         self.channels = channels or Channels()
