@@ -78,7 +78,8 @@ def calc(program_path: str, receipt_path: str, reference: bool, pretty: bool):
 
 def _register_optional_commands():
     import importlib
-    for name in ("loyalty.cli.server_commands", "loyalty.cli.segment_commands", "loyalty.cli.scenario_commands"):
+    for name in ("loyalty.cli.server_commands", "loyalty.cli.segment_commands", "loyalty.cli.scenario_commands",
+                 "loyalty.cli.message_commands"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:

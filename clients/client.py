@@ -1,5 +1,6 @@
 """Python clients of the loyalty server: :class:`LoyaltyClient` (blocking) and :class:`AsyncLoyaltyClient`
-(grpc.aio), one method per RPC of ``loyalty.v1.Processing`` and ``loyalty.v1.Admin``.
+(grpc.aio), one method per RPC of ``loyalty.v1.Processing`` and ``loyalty.v1.Admin``, and
+``record_message_events`` of ``loyalty.v1.Scenarios`` (what an e-mail / SMS provider's webhook bridge sends).
 
 Each call has a deadline (``timeout``) and is retried with exponential backoff and jitter when the answer is
 UNAVAILABLE or DEADLINE_EXCEEDED: the server may have written and lost the answer, so a retry resends the
@@ -30,7 +31,9 @@ from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loyalty.v1 import admin_pb2, admin_pb2_grpc, processing_pb2, processing_pb2_grpc
+from loyalty.v1 import (
+    admin_pb2, admin_pb2_grpc, processing_pb2, processing_pb2_grpc, scenarios_pb2, scenarios_pb2_grpc,
+)
 
 __all__ = ["LoyaltyClient", "AsyncLoyaltyClient", "LoyaltyError", "RETRYABLE", "to_dict"]
 
@@ -50,6 +53,8 @@ _RPCS = {
     "publish_program": ("PublishProgram", "admin", admin_pb2.PublishProgramRequest, None),
     "get_program": ("GetProgram", "admin", admin_pb2.GetProgramRequest, None),
     "list_program_versions": ("ListProgramVersions", "admin", admin_pb2.ListProgramVersionsRequest, None),
+    # idempotent by each event's own id, so a retried batch counts nothing twice
+    "record_message_events": ("RecordMessageEvents", "scenarios", scenarios_pb2.RecordMessageEventsRequest, None),
 }
 
 
@@ -147,7 +152,8 @@ class LoyaltyClient(_Base):
         if interceptors:
             self.channel = grpc.intercept_channel(self.channel, *interceptors)
         self._stubs = {"processing": processing_pb2_grpc.ProcessingStub(self.channel),
-                       "admin": admin_pb2_grpc.AdminStub(self.channel)}
+                       "admin": admin_pb2_grpc.AdminStub(self.channel),
+                       "scenarios": scenarios_pb2_grpc.ScenariosStub(self.channel)}
 
     def call(self, name: str, request=None, *, timeout: float | None = None, retries: int | None = None):
         rpc, service, cls, key_field = _RPCS[name]
@@ -200,7 +206,8 @@ class AsyncLoyaltyClient(_Base):
         super().__init__(target, **kwargs)
         self.channel = grpc.aio.insecure_channel(target, options=_OPTIONS, interceptors=list(interceptors) or None)
         self._stubs = {"processing": processing_pb2_grpc.ProcessingStub(self.channel),
-                       "admin": admin_pb2_grpc.AdminStub(self.channel)}
+                       "admin": admin_pb2_grpc.AdminStub(self.channel),
+                       "scenarios": scenarios_pb2_grpc.ScenariosStub(self.channel)}
 
     async def call(self, name: str, request=None, *, timeout: float | None = None, retries: int | None = None):
         rpc, service, cls, key_field = _RPCS[name]

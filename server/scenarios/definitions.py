@@ -17,7 +17,7 @@ Shape (see ``examples/welcome.yaml``)::
       - id: pause
         wait: 1d                     # or {until: "10:00", timezone: "+03:00"} / {until: ISO datetime}
       - id: confirmed
-        condition: {any: [{message: {channel: email, kind: clicked}}, {event: {kind: purchase_confirmed}}]}
+        condition: {any: [{message: {channel: email, kind: confirmed}}, {event: {kind: purchase_confirmed}}]}
         yes: reward                  # default: the next step
         no: remind
       ...
@@ -29,6 +29,12 @@ Step types: ``wait``, ``condition`` (+ ``yes`` / ``no``), ``update_profile``, ``
 ``send_push``), ``webhook``, ``add_tag``, ``add_to_segment``, ``goto``. Any step may say ``next: <id>`` or
 ``next: end``. The checks beyond shapes: unknown step references, steps unreachable from the first one,
 and loops without a wait (they would spin without end inside one transaction).
+
+Conditions: ``all`` / ``any`` / ``not``, ``member`` (a field and an operator), ``message`` (``{channel, kind,
+within}``: ``sent`` as the outbox records it, or ``delivered``, ``opened``, ``clicked``, ``bounced``,
+``unsubscribed``, ``confirmed`` (double opt-in) as providers report them through ``RecordMessageEvents``),
+``event`` (a domain event), ``visited`` (a step of this run), ``tag`` and ``segment``. Without ``within`` a
+history condition counts from the event that started the run.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ import datetime as dt
 import re
 
 from loyalty.server.errors import InvalidArgument
+from loyalty.server.segments.models import MESSAGE_KINDS
 
 __all__ = ["parse_scenario", "parse_scenarios", "parse_duration", "render", "template_names", "match_trigger",
            "TRIGGER_TYPES", "STEP_TYPES", "MAX_TRIGGERS", "SOURCES", "EVENT_KINDS", "MEMBER_FIELDS",
@@ -51,7 +58,6 @@ STEP_TYPES = ("wait", "condition", "update_profile", "award_points", "deduct_poi
               "webhook", "add_tag", "add_to_segment", "goto")
 SEND_SHORTHANDS = {"send_email": "email", "send_sms": "sms", "send_push": "push"}
 CHANNELS = ("email", "sms", "push")
-MESSAGE_KINDS = ("sent", "opened", "clicked")
 REENTRY = ("never", "always", "after_exit")
 CARD_STATUSES = ("active", "restricted", "suspended", "blocked")
 # member state a condition may test and a template may show

@@ -20,6 +20,7 @@ from .service import ScenarioService
 __all__ = ["ScenariosServicer", "add_scenarios_service", "SERVICE_NAME"]
 
 SERVICE_NAME = "loyalty.v1.Scenarios"
+_EVENT_FIELDS = tuple(f.name for f in scenarios_pb2.MessageEvent.DESCRIPTOR.fields)
 
 
 def _iso(value) -> str:
@@ -91,6 +92,14 @@ class ScenariosServicer:
 
     def get_batch_progress(self, request):
         return _batch(self.scenarios.batch_progress(request.batch_id))
+
+    def record_message_events(self, request):
+        out = self.scenarios.record_message_events([{f: getattr(e, f) for f in _EVENT_FIELDS}
+                                                    for e in request.events])
+        return scenarios_pb2.RecordMessageEventsResponse(
+            recorded=out["recorded"], duplicates=out["duplicates"], duplicate_indexes=out["duplicate_indexes"],
+            rejected=[scenarios_pb2.RejectedMessageEvent(**r) for r in out["rejected"]],
+            subscriptions_changed=out["subscriptions_changed"])
 
 
 def add_scenarios_service(server, service) -> ScenariosServicer:

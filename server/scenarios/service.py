@@ -1,5 +1,6 @@
 """The scenario service: what the CLI, the Admin gRPC API and Python call. Definitions (program file or API),
-statistics and funnels, dead letters, promo code pools and batch points actions. Execution itself is the
+statistics and funnels, dead letters, promo code pools, batch points actions and the message events providers
+report back (``message_events.py``). Execution itself is the
 worker's (``worker.py``); this module only reads and writes definitions and reports.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from loyalty.server.errors import InvalidArgument, NotFound
 from loyalty.server.models import events, program_versions
 
 from . import batch as batches_mod
+from . import message_events as message_events_mod
 from .common import insert_ignore, utcnow
 from .definitions import parse_duration, parse_scenario, parse_scenarios
 from .models import (
@@ -303,3 +305,13 @@ class ScenarioService:
     def run_batch(self, batch_id: str, *, chunk: int = batches_mod.CHUNK, on_progress=None) -> dict:
         return batches_mod.run(self.db, self.clock, batch_id, chunk=chunk, on_progress=on_progress)
 
+
+    # ---- message events from providers --------------------------------------------------------------------
+
+    def record_message_events(self, events: list) -> dict:
+        """Record a batch of provider events (mappings of ``message_events.EVENT_KEYS``): validated whole
+        first (``InvalidArgument`` naming ``events[i].<field>``, nothing written), then written in one
+        transaction; see ``message_events`` for duplicates, rejections and subscription effects."""
+        batch = message_events_mod.validate_batch(events)
+        now = self.clock()
+        return self.db.run_write(message_events_mod.record, batch, now)

@@ -15,8 +15,11 @@ chain: ``migrations/versions/0002_segments.py`` creates them).
 - ``audience_bitmaps``: what the receipt core sees: per audience id (a segment, an audience or an external
   tag) the serialized roaring bitmap of member ids. ``membership_version`` is bumped in the same
   transaction as any change of them; every process reloads its ``AudienceIndex`` when it moves.
-- ``message_events``: sent / opened / clicked per member and channel, written by the scenario module and
-  read by the ``messages`` condition.
+- ``message_events``: what happened to messages, per member and channel: ``sent`` written by the scenario
+  module's outbox when it hands a message over (``event_id`` NULL), and the events providers report back
+  through ``RecordMessageEvents`` (delivered, opened, clicked, bounced, unsubscribed, confirmed by double
+  opt-in), each unique by the provider's ``event_id`` so a retried batch is not counted twice. Read by the
+  segments' ``messages`` condition and the scenarios' ``message`` condition.
 """
 from __future__ import annotations
 
@@ -36,7 +39,8 @@ __all__ = [
 ]
 
 SEGMENT_TYPES = ("static", "updatable", "dynamic")
-MESSAGE_KINDS = ("sent", "opened", "clicked")
+# what a message event may say (segments' ``messages`` and scenarios' ``message`` conditions test these)
+MESSAGE_KINDS = ("sent", "delivered", "opened", "clicked", "bounced", "unsubscribed", "confirmed")
 
 
 class Segment(Base):
@@ -160,11 +164,16 @@ class MessageEvent(Base):
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     member_id: Mapped[int] = mapped_column(Id)
     channel: Mapped[str] = mapped_column(String(32))
-    kind: Mapped[str] = mapped_column(String(8))
-    at: Mapped[dt.datetime]
+    kind: Mapped[str] = mapped_column(String(16))
+    at: Mapped[dt.datetime]                                          # when it happened (the provider's time)
+    event_id: Mapped[str | None] = mapped_column(String(64), unique=True)   # the provider's id; NULL: ours
+    message_id: Mapped[str | None] = mapped_column(String(200))     # our outbox key, or the provider's id
+    scenario_id: Mapped[str | None] = mapped_column(String(100))
+    recorded_at: Mapped[dt.datetime | None]                          # when a provider's event reached us
 
     __table_args__ = (
-        CheckConstraint("kind IN ('sent', 'opened', 'clicked')", name="kind"),
+        CheckConstraint("kind IN ('sent', 'delivered', 'opened', 'clicked', 'bounced', 'unsubscribed', "
+                        "'confirmed')", name="kind"),
         Index("ix_message_events_member_id_kind_at", "member_id", "kind", "at"),
     )
 
