@@ -426,7 +426,10 @@ class Runner:
         sm = segment_members.c
         # insert-or-ignore, not check-then-insert: a CSV import adding the same member at the same moment
         # must not fail the step on the key
-        if not conn.execute(insert_ignore(conn, segment_members).values(segment_id=sid, member_id=member_id)).rowcount:
+        # (RETURNING, not rowcount: psycopg reports -1 for an INSERT ... ON CONFLICT DO NOTHING through SQLAlchemy)
+        added = conn.execute(insert_ignore(conn, segment_members).values(segment_id=sid, member_id=member_id)
+                             .returning(sm.member_id)).first()
+        if added is None:
             return
         conn.execute(insert(segment_changes).values(segment_id=sid, member_id=member_id, action="add",
                                                     source="scenario", actor=w.run.scenario_id[:100], at=w.now))

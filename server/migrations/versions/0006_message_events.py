@@ -7,7 +7,7 @@ written before keep their data and get NULL in the new columns. A downgrade dele
 (the old CHECK would refuse them) and drops the columns.
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 Create Date: 2026-12-03
 """
 from alembic import op
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 
 revision = '0006'
-down_revision = '0004'
+down_revision = '0005'
 branch_labels = None
 depends_on = None
 
