@@ -262,7 +262,8 @@ def _confirm_events(purchase_id: int, snap: Snapshot, receipt: dict, ctx, fx: _E
                 {"purchase_id": str(purchase_id), "card": ctx.card if ctx else None, "store": receipt["store"],
                  "terminal": receipt["terminal"], "number": receipt["number"], "payable": totals["payable"],
                  "redeemed_points": totals["redeemed_points"], "accrued_points": totals["accrued_points"],
-                 "promotions": answer["promotions"], "program_version": snap.version}))
+                 "promotions": answer["promotions"], "program_version": snap.version,
+                 "at": fx.receipt_time.isoformat()}))
     return out
 
 

@@ -23,7 +23,7 @@ from pyroaring import BitMap
 from sqlalchemy import exists, func, insert, select, update
 
 from loyalty.server import ledger
-from loyalty.server.models import balances, events, members, program_versions
+from loyalty.server.models import balances, events, members, program_versions, purchases
 from loyalty.server.segments.models import (
     audience_bitmaps, member_tags, message_events, segment_changes, segment_members, segments,
 )
@@ -240,6 +240,14 @@ class Runner:
             return conn.execute(select(exists().where(
                 me.member_id == member_id, me.channel == arg["channel"], me.kind == arg["kind"],
                 self._window(w, arg, me.at)))).scalar()
+        if kind == "event" and arg["kind"] == "purchase_confirmed":
+            # purchases happen when their receipts say (SPEC 6): counted by receipt time, cancelled ones not
+            p = purchases.c
+            where = [p.member_id == member_id, p.status != "cancelled", self._window(w, arg, p.receipt_time)]
+            started = (w.run.context or {}).get("event") or {}
+            if started.get("kind") == "purchase_confirmed" and str(started.get("purchase_id", "")).isdigit():
+                where.append(p.id != int(started["purchase_id"]))      # not the run's own purchase
+            return conn.execute(select(exists().where(*where))).scalar()
         if kind == "event":
             table = scenario_events if arg["kind"] in ("birthday", "segment_entered") else events
             where = [table.c.member_id == member_id, table.c.kind == arg["kind"],

@@ -40,6 +40,18 @@ GRACE = dt.timedelta(seconds=60)
 _SOURCES = {"events": events, "scenario_events": scenario_events}
 
 
+def _happened(ev) -> dt.datetime:
+    """When an event happened: a purchase when its receipt says (``payload["at"]``, SPEC 6: a receipt confirmed
+    late counts on its own date), anything else when it was recorded."""
+    at = (ev.payload or {}).get("at") if ev.kind == "purchase_confirmed" else None
+    if at:
+        try:
+            return dt.datetime.fromisoformat(at)
+        except ValueError:
+            pass
+    return ev.created_at
+
+
 def _enabled(conn) -> list:
     return conn.execute(select(scenarios.c.id, scenarios.c.definition, scenarios.c.created_at)
                         .where(scenarios.c.enabled.is_(True)).order_by(scenarios.c.id)).all()
@@ -126,7 +138,7 @@ def _enter(conn, sc, ev, source: str, now: dt.datetime, active_cache: dict) -> i
     run_id = conn.execute(insert_ignore(conn, scenario_runs).values(
         scenario_id=sc.id, member_id=member_id, entry_key=entry_key, trigger=f"triggers[{trigger}]",
         state="active", step=first, visit=1, wake_at=now, attempts=0,
-        context={"event": {**payload, "kind": ev.kind, "id": ev.id}}, entered_at=ev.created_at, updated_at=now,
+        context={"event": {**payload, "kind": ev.kind, "id": ev.id}}, entered_at=_happened(ev), updated_at=now,
         finished_at=None, error="").returning(scenario_runs.c.id)).scalar()
     if run_id is None:
         return 0                      # re-entry refused by the unique entry key
