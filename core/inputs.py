@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 
-from .errors import InputError
+from .errors import InputError, quote
 from .model import CARD_STATUSES, Line, Member, Program, Receipt
 
 __all__ = ["parse_request", "parse_budgets_used", "round_half_up", "MAX_MONEY", "MAX_POINTS", "MAX_QUANTITY",
@@ -42,7 +42,7 @@ def _kind(value) -> str:
     if isinstance(value, (int, float)):
         return f"number {value}"
     if isinstance(value, str):
-        return f"string {value!r}"
+        return f"string {quote(value)}"
     if isinstance(value, dict):
         return "an object"
     if isinstance(value, list):

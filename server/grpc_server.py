@@ -108,27 +108,73 @@ def _pack(message) -> any_pb2.Any:
     return packed
 
 
+# A status travels in the trailers, and a default gRPC client refuses trailers over 8 KiB: it then reports
+# RESOURCE_EXHAUSTED, not the code we sent. Messages quote at most a prefix of a client's value
+# (``loyalty.core.errors.quote``); as a safety net every text of a status is cut to STATUS_TEXT_LIMIT bytes and
+# the whole (message percent-encoded, details base64-encoded, as they travel) kept under STATUS_LIMIT.
+STATUS_TEXT_LIMIT = 512
+STATUS_LIMIT = 4096
+MAX_VIOLATIONS = 8
+
+
+def _short(text: str, limit: int = STATUS_TEXT_LIMIT) -> str:
+    """``text`` when its UTF-8 fits ``limit`` bytes, else as much of it as fits and its length."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return f"{data[:limit].decode(errors='ignore')}… ({len(text)} characters)"
+
+
+def _trailer_size(status: status_pb2.Status) -> int:
+    """About the bytes ``status`` takes in the trailers: ``grpc-message`` percent-encodes every byte outside
+    printable ASCII, ``grpc-status-details-bin`` is base64."""
+    message = sum(1 if 0x20 <= b <= 0x7E and b != 0x25 else 3 for b in status.message.encode())
+    return message + (status.ByteSize() * 4 + 2) // 3
+
+
+def _bounded(status: status_pb2.Status) -> grpc.Status:
+    """``status`` for the wire; over ``STATUS_LIMIT`` its message and details are cut to their first words,
+    keeping the code, the first field violation and the ErrorInfo reason a program reads."""
+    if _trailer_size(status) > STATUS_LIMIT:
+        status.message = _short(status.message, 200)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                first = bad.field_violations[0]
+                detail.Pack(error_details_pb2.BadRequest(field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=_short(first.field, 200),
+                                                                description=_short(first.description, 200))]))
+            elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                detail.Pack(error_details_pb2.ErrorInfo(reason=info.reason, domain=info.domain))
+    return rpc_status.to_status(status)
+
+
 def status_for(exc: ServiceError) -> grpc.Status:
     """The rich status of a domain error: its code, its client-facing message, and details a program can read
-    (a BadRequest field violation for bad input, ErrorInfo with the numbers for the rest)."""
+    (BadRequest field violations for bad input, ErrorInfo with the numbers for the rest), at most
+    ``STATUS_LIMIT`` bytes of it."""
     code = getattr(code_pb2, exc.code, code_pb2.INTERNAL)
     details = []
     if isinstance(exc, InvalidArgument):
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=exc.path, description=exc.reason)])))
+            error_details_pb2.BadRequest.FieldViolation(field=_short(path, 256), description=_short(reason))
+            for path, reason in exc.violations[:MAX_VIOLATIONS]])))
     else:
-        metadata = {k: str(v) for k, v in exc.details.items() if v is not None}
+        metadata = {k: _short(str(v), 256) for k, v in list(exc.details.items())[:16] if v is not None}
         reason = exc.details.get("reason") or exc.code
         if exc.code == "FAILED_PRECONDITION" and "available_points" in exc.details:
             reason = "NOT_ENOUGH_POINTS"
             details.append(_pack(error_details_pb2.PreconditionFailure(violations=[
                 error_details_pb2.PreconditionFailure.Violation(
-                    type="NOT_ENOUGH_POINTS", subject="receipt.redeem_points", description=exc.message)])))
-        details.insert(0, _pack(error_details_pb2.ErrorInfo(reason=str(reason), domain=ERROR_DOMAIN,
+                    type="NOT_ENOUGH_POINTS", subject="receipt.redeem_points", description=_short(exc.message))])))
+        details.insert(0, _pack(error_details_pb2.ErrorInfo(reason=_short(str(reason), 64), domain=ERROR_DOMAIN,
                                                             metadata=metadata)))
         if exc.code == "UNAVAILABLE":
             details.append(_pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=200_000_000))))
-    return rpc_status.to_status(status_pb2.Status(code=code, message=exc.message, details=details))
+    return _bounded(status_pb2.Status(code=code, message=_short(exc.message), details=details))
 
 
 def _internal_status(incident: str) -> grpc.Status:
