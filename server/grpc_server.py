@@ -132,49 +132,41 @@ def _trailer_size(status: status_pb2.Status) -> int:
     return message + (status.ByteSize() * 4 + 2) // 3
 
 
-def _bounded(status: status_pb2.Status) -> grpc.Status:
-    """``status`` for the wire; over ``STATUS_LIMIT`` its message and details are cut to their first words,
-    keeping the code, the first field violation and the ErrorInfo reason a program reads."""
-    if _trailer_size(status) > STATUS_LIMIT:
-        status.message = _short(status.message, 200)
-        for detail in status.details:
-            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                first = bad.field_violations[0]
-                detail.Pack(error_details_pb2.BadRequest(field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=_short(first.field, 200),
-                                                                description=_short(first.description, 200))]))
-            elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                detail.Pack(error_details_pb2.ErrorInfo(reason=info.reason, domain=info.domain))
-    return rpc_status.to_status(status)
-
-
 def status_for(exc: ServiceError) -> grpc.Status:
     """The rich status of a domain error: its code, its client-facing message, and details a program can read
     (BadRequest field violations for bad input, ErrorInfo with the numbers for the rest), at most
-    ``STATUS_LIMIT`` bytes of it."""
+    ``STATUS_LIMIT`` bytes of it: when the full one is larger, the message and the first field violation cut
+    to 200 bytes, and the ErrorInfo with its short metadata values only."""
+    status = _status(exc, STATUS_TEXT_LIMIT, MAX_VIOLATIONS, metadata=True)
+    if _trailer_size(status) > STATUS_LIMIT:
+        status = _status(exc, 200, 1, metadata=False)
+    return rpc_status.to_status(status)
+
+
+def _status(exc: ServiceError, limit: int, violations: int, *, metadata: bool) -> status_pb2.Status:
     code = getattr(code_pb2, exc.code, code_pb2.INTERNAL)
     details = []
     if isinstance(exc, InvalidArgument):
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=_short(path, 256), description=_short(reason))
-            for path, reason in exc.violations[:MAX_VIOLATIONS]])))
+            error_details_pb2.BadRequest.FieldViolation(field=_short(path, min(limit, 256)),
+                                                        description=_short(reason, limit))
+            for path, reason in exc.violations[:violations]])))
     else:
-        metadata = {k: _short(str(v), 256) for k, v in list(exc.details.items())[:16] if v is not None}
+        items = [(k, str(v)) for k, v in list(exc.details.items())[:16] if v is not None]
+        # cut short: only the short values (numbers such as available_points, a field name)
+        info = ({k: _short(v, min(limit, 256)) for k, v in items} if metadata else
+                {k: v for k, v in items[:8] if len(v) <= 64})
         reason = exc.details.get("reason") or exc.code
         if exc.code == "FAILED_PRECONDITION" and "available_points" in exc.details:
             reason = "NOT_ENOUGH_POINTS"
-            details.append(_pack(error_details_pb2.PreconditionFailure(violations=[
-                error_details_pb2.PreconditionFailure.Violation(
-                    type="NOT_ENOUGH_POINTS", subject="receipt.redeem_points", description=_short(exc.message))])))
+            violation = error_details_pb2.PreconditionFailure.Violation(
+                type="NOT_ENOUGH_POINTS", subject="receipt.redeem_points", description=_short(exc.message, limit))
+            details.append(_pack(error_details_pb2.PreconditionFailure(violations=[violation])))
         details.insert(0, _pack(error_details_pb2.ErrorInfo(reason=_short(str(reason), 64), domain=ERROR_DOMAIN,
-                                                            metadata=metadata)))
+                                                            metadata=info)))
         if exc.code == "UNAVAILABLE":
             details.append(_pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=200_000_000))))
-    return _bounded(status_pb2.Status(code=code, message=_short(exc.message), details=details))
+    return status_pb2.Status(code=code, message=_short(exc.message, limit), details=details)
 
 
 def _internal_status(incident: str) -> grpc.Status:

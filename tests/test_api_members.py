@@ -314,3 +314,26 @@ def test_a_huge_value_is_invalid_argument_with_a_small_trailer(server, method, r
     status_pb2.Status.FromString(details).details[0].Unpack(bad)
     assert bad.field_violations[0].field == field
     assert err.value.details().startswith(field)
+
+
+def test_a_status_stays_small_whatever_the_error_holds():
+    """The edge's safety net, for errors whose texts no validation shortened (many fields, long non-ASCII
+    reasons, long ErrorInfo metadata): the trailer stays under the budget and keeps the first field."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    from loyalty.server.errors import AlreadyExists, InvalidArgument
+    from loyalty.server.grpc_server import status_for
+
+    def trailer(status) -> int:
+        message = sum(1 if 0x20 <= b <= 0x7E and b != 0x25 else 3 for b in status.details.encode())
+        return message + sum(len(v) * 4 // 3 for _k, v in status.trailing_metadata)
+
+    many = InvalidArgument("a" * 5000, "я" * 5000, also=tuple((f"f{i}" * 300, "я" * 5000) for i in range(50)))
+    status = status_for(many)
+    assert trailer(status) < TRAILER_BUDGET
+    bad = error_details_pb2.BadRequest()
+    status_pb2.Status.FromString(dict(status.trailing_metadata)["grpc-status-details-bin"]).details[0].Unpack(bad)
+    assert bad.field_violations[0].field.startswith("aaaa") and "(5000 characters)" in bad.field_violations[0].field
+
+    taken = AlreadyExists("я" * 20_000, **{f"key{i}": "v" * 10_000 for i in range(40)})
+    assert trailer(status_for(taken)) < TRAILER_BUDGET
