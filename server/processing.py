@@ -1428,9 +1428,17 @@ class ProcessingService:
         done = stored()
         if done is not None:
             return done
-        ctx = find_member(conn, v["ref"])
-        if ctx is None:
-            raise NotFound(f"{'card' if v['ref'][0] == 'card' else 'phone'} {v['ref'][1]} was not found")
+        try:
+            ctx = find_member(conn, v["ref"])
+            if ctx is None:
+                raise NotFound(f"{'card' if v['ref'][0] == 'card' else 'phone'} {v['ref'][1]} was not found")
+        except (NotFound, InvalidArgument):
+            # An identical call that changed the very phone this one finds the member by may have committed
+            # since the first look: replay it.
+            done = stored()
+            if done is not None:
+                return done
+            raise
         # The member's row is the lock of its profile (the scenario engine's profile steps take it too); a
         # concurrent call with this request id that held it has committed by now (SQLite: the write lock).
         stmt = select(members).where(members.c.id == ctx.member_id)

@@ -134,6 +134,17 @@ def test_twenty_identical_member_updates_at_once_are_one_change(server):
     assert scalar(server, "SELECT count(*) FROM member_updates WHERE request_id = 'update-8100004'") == 1
 
 
+def test_twenty_identical_phone_changes_found_by_that_phone_at_once_are_one_change(server):
+    """Each call finds the member by the phone the first one changes: the others must replay, not miss it."""
+    with server.client(retries=0, timeout=30) as c:
+        c.enroll_member({"card": "8100005", "phone": "+79008100005", "request_id": "enroll-8100005"})
+        request = {"member": {"phone": "+79008100005"}, "phone": "+79008100006", "request_id": "phone-8100005"}
+        answers = at_once(20, lambda: c.update_member(request))
+    assert [a for a in answers if isinstance(a, LoyaltyError)] == []
+    assert all(a == answers[0] for a in answers) and answers[0].phone == "+79008100006"
+    assert scalar(server, "SELECT count(*) FROM member_updates WHERE request_id = 'phone-8100005'") == 1
+
+
 # ---- the profile and subscriptions -------------------------------------------------------------------------
 
 def test_enrol_with_the_profile_segments_use_then_update_and_clear_it(client):
