@@ -61,7 +61,7 @@ def setup(url: str, members: int, points: int):
         svc.enroll_member(P.EnrollMemberRequest(card=card, request_id=card))
         if points:
             svc.adjust_points(P.AdjustPointsRequest(member=R.MemberRef(card=card), kind="credit", points=points,
-                                                    operation_id=f"open:{card}"))
+                                                    reason="opening balance", operation_id=f"open:{card}"))
     return svc
 
 

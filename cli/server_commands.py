@@ -342,7 +342,8 @@ def register(group: click.Group) -> None:
     # -- member
     @group.group(name="member")
     def member_group():
-        """Members over a running server: look up, enroll, adjust points, change card status."""
+        """Members over a running server: look up, enroll, update the profile, adjust points, change card
+        status."""
 
     def _member_ref(card, phone):
         if not card and not phone:
@@ -363,20 +364,45 @@ def register(group: click.Group) -> None:
     @member_group.command(name="enroll")
     @click.option("--card", required=True)
     @click.option("--phone", default="")
-    @click.option("--first-name", default="")
-    @click.option("--last-name", default="")
-    @click.option("--email", default="")
+    @_profile_options(clearable=False)
     @click.option("--source", default="manual", show_default=True,
                   type=click.Choice(["manual", "api", "form", "import", "pos"]))
+    @click.option("--registered-at", default="", metavar="DATE",
+                  help="When the member registered, YYYY-MM-DD or an ISO 8601 time (an import keeps the "
+                       "original) [default: now].")
     @click.option("--request-id", default="", help="Idempotency key [default: a new random one].")
     @_server
     @_json
-    def member_enroll(card, phone, first_name, last_name, email, source, request_id, server, as_json):
-        """Register a member with a new card."""
+    def member_enroll(card, phone, source, registered_at, request_id, server, as_json, **profile):
+        """Register a member with a new card, with the profile and subscriptions segments use."""
+        fields, custom, _clear, subs = _profile_request(profile)
         request = {"card": card, "phone": phone, "source": source, "request_id": request_id,
-                   "profile": {"first_name": first_name, "last_name": last_name, "email": email}}
+                   "registered_at": registered_at, "profile": {**fields, "custom": custom},
+                   "subscriptions": subs}
         with _Backend(server or DEFAULT_SERVER, None) as backend:
             member = backend.call("enroll_member", request)
+        _print(member, as_json, _show_member)
+
+    @member_group.command(name="update")
+    @click.argument("card")
+    @click.option("--phone", default=None, help="A new phone (another member's: refused).")
+    @_profile_options(clearable=True)
+    @click.option("--request-id", default="", help="Idempotency key [default: a new random one].")
+    @_server
+    @_json
+    def member_update(card, phone, request_id, server, as_json, **profile):
+        """Change the profile and subscriptions of the member of CARD; what is not given stays as it is."""
+        fields, custom, clear_custom, subs = _profile_request(profile)
+        if phone is not None:
+            fields["phone"] = phone
+        for name in profile["clear"]:
+            if fields.get(name.replace("-", "_")):
+                error_exit(f"--clear {name}: the same command also sets it")
+            fields[name.replace("-", "_")] = ""
+        request = {"member": {"card": card}, **fields, "custom": custom, "clear_custom": clear_custom,
+                   "subscriptions": subs, "request_id": request_id}
+        with _Backend(server or DEFAULT_SERVER, None) as backend:
+            member = backend.call("update_member", request)
         _print(member, as_json, _show_member)
 
     @member_group.command(name="adjust")
@@ -413,6 +439,64 @@ def register(group: click.Group) -> None:
         _print(member, as_json, _show_member)
 
 
+_GENDERS = {"f": "female", "female": "female", "m": "male", "male": "male"}
+_CLEARABLE = ("phone", "first-name", "last-name", "gender", "birth-date", "email", "city")
+
+
+def _profile_options(clearable: bool):
+    """The profile, custom field and subscription options of ``member enroll`` / ``member update``; with
+    ``clearable`` a profile option left out means "unchanged" and ``--clear FIELD`` empties a field."""
+    default = None if clearable else ""
+    options = [
+        click.option("--first-name", default=default),
+        click.option("--last-name", default=default),
+        click.option("--gender", default=default, type=click.Choice(["F", "M", "female", "male"],
+                                                                      case_sensitive=False)),
+        click.option("--birth-date", default=default, metavar="YYYY-MM-DD"),
+        click.option("--email", default=default),
+        click.option("--city", default=default),
+        click.option("--field", "custom", multiple=True, metavar="NAME=VALUE",
+                     help="A custom profile field (segments: custom: {NAME: VALUE}); repeatable."),
+        click.option("--subscribe", multiple=True, metavar="CHANNEL",
+                     help="Switch a channel on (email, sms, push); repeatable."),
+        click.option("--unsubscribe", multiple=True, metavar="CHANNEL",
+                     help="Switch a channel off; repeatable."),
+    ]
+    if clearable:
+        options += [
+            click.option("--clear", multiple=True, type=click.Choice(_CLEARABLE),
+                         help="Empty a profile field; repeatable."),
+            click.option("--clear-field", multiple=True, metavar="NAME", help="Remove a custom field; repeatable."),
+        ]
+
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
+
+
+def _profile_request(options: dict) -> tuple[dict, dict, list, dict]:
+    """``(profile fields given, custom fields, custom fields to remove, subscriptions)`` of the options of
+    ``_profile_options``; a bad option is one line and exit 2."""
+    fields = {name: options[name] for name in ("first_name", "last_name", "gender", "birth_date", "email", "city")
+              if options.get(name) is not None}
+    if fields.get("gender"):
+        fields["gender"] = _GENDERS[fields["gender"].lower()]
+    custom = {}
+    for item in options.get("custom") or ():
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            error_exit(f"--field: expected NAME=VALUE, got {item!r}")
+        custom[name] = value
+    subs = {channel: True for channel in options.get("subscribe") or ()}
+    for channel in options.get("unsubscribe") or ():
+        if channel in subs:
+            error_exit(f"--unsubscribe: {channel} is also in --subscribe")
+        subs[channel] = False
+    return fields, custom, list(options.get("clear_field") or ()), subs
+
+
 def _money(v: int) -> str:
     sign = "-" if v < 0 else ""
     v = abs(v)
@@ -429,7 +513,15 @@ def _show_member(m) -> None:
     if m.next_tier:
         rows.append(("next tier", f"{m.next_tier} in {_money(m.to_next_tier)}" if m.HasField("to_next_tier")
                      else m.next_tier))
+    p = m.profile
+    for label, value in (("gender", p.gender), ("birth date", p.birth_date), ("email", p.email),
+                         ("city", p.city)):
+        if value:
+            rows.append((label, value))
+    if p.custom:
+        rows.append(("custom", ", ".join(f"{k}={v}" for k, v in sorted(p.custom.items()))))
     subs = ", ".join(f"{k}={'on' if v else 'off'}" for k, v in sorted(m.subscriptions.items()))
     if subs:
         rows.append(("subscriptions", subs))
+    rows += [("source", m.source), ("registered", m.registered_at)]
     emit_table([{"field": k, "value": v} for k, v in rows], ["field", "value"], title=f"member {m.member_id}")

@@ -6,7 +6,7 @@ Each call has a deadline (``timeout``) and is retried with exponential backoff a
 UNAVAILABLE or DEADLINE_EXCEEDED: the server may have written and lost the answer, so a retry resends the
 *same* request, with the same idempotency key (store/terminal/number, ``refund_id``, ``operation_id``,
 ``request_id``), and the server returns the stored answer instead of writing twice. Where a key is optional
-and empty (``EnrollMemberRequest.request_id``) or required and empty (``refund_id``, ``operation_id``), the
+and empty (``request_id`` of Enroll/UpdateMember) or required and empty (``refund_id``, ``operation_id``), the
 client fills in a random one *before* the first attempt, so that every attempt carries it; the response
 repeats it. INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION and the rest are never retried:
 sending the same thing again cannot change them.
@@ -48,6 +48,7 @@ _RPCS = {
     "cancel_purchase": ("CancelPurchase", "processing", processing_pb2.CancelPurchaseRequest, None),
     "get_member": ("GetMember", "processing", processing_pb2.GetMemberRequest, None),
     "enroll_member": ("EnrollMember", "processing", processing_pb2.EnrollMemberRequest, "request_id"),
+    "update_member": ("UpdateMember", "processing", processing_pb2.UpdateMemberRequest, "request_id"),
     "adjust_points": ("AdjustPoints", "processing", processing_pb2.AdjustPointsRequest, "operation_id"),
     "set_card_status": ("SetCardStatus", "processing", processing_pb2.SetCardStatusRequest, None),
     "publish_program": ("PublishProgram", "admin", admin_pb2.PublishProgramRequest, None),
@@ -83,7 +84,8 @@ class LoyaltyError(Exception):
 
     @property
     def field(self) -> str | None:
-        return self.violations[0][0] if self.violations else None
+        """The (first) bad field of INVALID_ARGUMENT, or the taken one of ALREADY_EXISTS (``phone``)."""
+        return self.violations[0][0] if self.violations else self.metadata.get("field")
 
     @property
     def available_points(self) -> int | None:

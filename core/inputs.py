@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 
-from .errors import InputError
+from .errors import InputError, quote
 from .model import CARD_STATUSES, Line, Member, Program, Receipt
 
 __all__ = ["parse_request", "parse_budgets_used", "parse_at", "parse_receipt_time", "round_half_up", "MAX_MONEY",
@@ -37,17 +37,6 @@ def round_half_up(num: int, den: int) -> int:
 
 # ---- field readers --------------------------------------------------------------------------------------
 
-QUOTE_LIMIT = 32
-
-
-def _quote(value: str) -> str:
-    """A client's string as an error quotes it: whole when short, else its first ``QUOTE_LIMIT`` characters and
-    its length (an error must stay small: gRPC clients refuse large trailers)."""
-    if len(value) <= QUOTE_LIMIT:
-        return repr(value)
-    return f"{value[:QUOTE_LIMIT]!r}... ({len(value)} characters)"
-
-
 def _kind(value) -> str:
     if value is None:
         return "null"
@@ -56,7 +45,7 @@ def _kind(value) -> str:
     if isinstance(value, (int, float)):
         return f"number {value}"
     if isinstance(value, str):
-        return f"string {_quote(value)}"
+        return f"string {quote(value)}"
     if isinstance(value, dict):
         return "an object"
     if isinstance(value, list):
@@ -133,13 +122,13 @@ def _match_at(value, path: str):
     m = _AT_RE.match(value)
     if m is None:
         raise InputError(path, f"expected an ISO 8601 local time such as 2026-03-02T12:30:00+03:00, "
-                               f"got {_quote(value)}")
+                               f"got {quote(value)}")
     year, month, day, hour, minute = (int(x) for x in m.groups()[:5])
     second = int(m.group(6) or 0)
     try:
         local = dt.datetime(year, month, day, hour, minute, second)
     except ValueError as exc:
-        raise InputError(path, f"not a valid date and time: {_quote(value)} ({exc})") from None
+        raise InputError(path, f"not a valid date and time: {quote(value)} ({exc})") from None
     offset = dt.timedelta(0)
     if m.group(8):
         oh, om = int(m.group(9)), int(m.group(10))

@@ -15,13 +15,16 @@ class ServiceError(Exception):
 
 
 class InvalidArgument(ServiceError):
-    """Bad input; ``path`` names the field as the client sent it (``receipt.lines[2].quantity``)."""
+    """Bad input; ``path`` names the field as the client sent it (``receipt.lines[2].quantity``). ``also``:
+    more ``(path, reason)`` of the same request, for fields that are wrong only together (``member.card`` and
+    ``member.phone`` of two members); each becomes a field violation of the status's BadRequest."""
     code = "INVALID_ARGUMENT"
 
-    def __init__(self, path: str, reason: str):
+    def __init__(self, path: str, reason: str, *, also: tuple[tuple[str, str], ...] = ()):
         super().__init__(f"{path}: {reason}" if path else reason, path=path, reason=reason)
         self.path = path
         self.reason = reason
+        self.violations = ((path, reason),) + tuple(also)
 
 
 class NotFound(ServiceError):
@@ -29,7 +32,8 @@ class NotFound(ServiceError):
 
 
 class AlreadyExists(ServiceError):
-    """The idempotency key was used before with a different payload."""
+    """The idempotency key was used before with a different payload, or a unique value (a card, a phone) is
+    taken; ``details["field"]`` then names the request's field."""
     code = "ALREADY_EXISTS"
 
 

@@ -36,7 +36,9 @@ def register_servicer(server, pb2, service: str, servicer) -> None:
                 try:
                     return fn(request)
                 except ServiceError as exc:
-                    context.abort(_CODES.get(exc.code, grpc.StatusCode.INTERNAL), exc.message)
+                    # at most about 1 kB: a default client refuses trailers over 8 KiB (RESOURCE_EXHAUSTED)
+                    message = exc.message if len(exc.message) <= 1000 else f"{exc.message[:1000]}…"
+                    context.abort(_CODES.get(exc.code, grpc.StatusCode.INTERNAL), message)
             return grpc.unary_unary_rpc_method_handler(call, request_deserializer=request_cls.FromString,
                                                        response_serializer=lambda m: m.SerializeToString())
         handlers = {name: plain(request_cls, fn) for name, (request_cls, fn) in methods.items()}

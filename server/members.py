@@ -16,14 +16,15 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import and_, bindparam, func, insert, select, update
 
+from loyalty.core.errors import quote
 from loyalty.core.model import CARD_STATUSES, Program
 
 from .errors import InvalidArgument
 from .models import SOURCES, balances, cards, members, point_lots, promotion_usage, subscriptions
 
 __all__ = ["MemberContext", "ContextCache", "find_member", "load_usage", "tier_for",
-           "effective_tier", "period_key", "validate_ref", "normalize_phone", "validate_enroll", "check_text",
-           "CONTEXT_TTL"]
+           "effective_tier", "period_key", "validate_ref", "check_pair", "normalize_phone", "check_phone",
+           "validate_enroll", "validate_update", "check_text", "CONTEXT_TTL", "PHONE_MEMBER_PG"]
 
 CONTEXT_TTL = 2.0
 _PHONE_RE = re.compile(r"^\+?\d{5,20}$")
@@ -57,6 +58,14 @@ class MemberContext:
 
 # ---- references and validation ------------------------------------------------------------------------------
 
+# Custom profile fields: names as long as a segment condition accepts (``custom: {pet: cat}``), values a short
+# text (they are read with every member); subscription channels as long as the ``subscriptions`` table holds.
+CUSTOM_NAME_LIMIT = 100
+CUSTOM_VALUE_LIMIT = 1000
+CHANNEL_LIMIT = 32
+GENDERS = ("female", "male")
+
+
 def check_text(path: str, value: str, limit: int | None = None) -> str:
     """``value`` unchanged when storage can hold it: no NUL character (PostgreSQL text cannot contain one)
     and, with ``limit``, at most that many characters (the column's length); else ``InvalidArgument``
@@ -64,7 +73,7 @@ def check_text(path: str, value: str, limit: int | None = None) -> str:
     if "\x00" in value:
         raise InvalidArgument(path, "must not contain NUL characters")
     if limit is not None and len(value) > limit:
-        raise InvalidArgument(path, f"at most {limit} characters")
+        raise InvalidArgument(path, f"at most {limit} characters, got {len(value)}")
     return value
 
 
@@ -72,19 +81,102 @@ def normalize_phone(phone: str) -> str:
     return re.sub(r"[\s\-()]", "", phone)
 
 
-def validate_ref(ref, path: str = "member", *, required: bool = False) -> tuple[str, str] | None:
-    """``("card", number)``, ``("phone", normalized)`` or None (anonymous) from a ``MemberRef``."""
+def check_phone(path: str, raw: str) -> str:
+    """The normalized phone of ``raw`` (spaces, dashes and brackets dropped); ``InvalidArgument`` naming
+    ``path`` when it is not one."""
+    phone = normalize_phone(raw)
+    if not _PHONE_RE.fullmatch(phone):
+        raise InvalidArgument(path, f"expected a phone number such as +79001234567, got {quote(raw)}")
+    return phone
+
+
+def validate_ref(ref, path: str = "member", *, required: bool = False) -> tuple | None:
+    """The member reference of a ``MemberRef``: ``("card", number)``, ``("phone", normalized)``, or with both
+    ``("card", number, phone)``, which the lookup (``find_member``, ``check_pair``) accepts only when the phone
+    is that card's member's; None when both are empty (anonymous)."""
     card = ref.card.strip() if ref is not None else ""
     phone = normalize_phone(ref.phone) if ref is not None else ""
     if card:
-        return ("card", check_text(f"{path}.card", card, 64))
+        check_text(f"{path}.card", card, 64)
     if phone:
-        if not _PHONE_RE.fullmatch(phone):
-            raise InvalidArgument(f"{path}.phone", f"expected a phone number such as +79001234567, got {ref.phone!r}")
+        phone = check_phone(f"{path}.phone", ref.phone)
+    if card:
+        return ("card", card, phone) if phone else ("card", card)
+    if phone:
         return ("phone", phone)
     if required:
         raise InvalidArgument(f"{path}.card", "required: a card number or a phone")
     return None
+
+
+def check_pair(ref: tuple, card_member: int, phone_member: int | None) -> None:
+    """A reference with both a card and a phone names one member: the card's (``card_member``) must be the
+    phone's (``phone_member``, None when no member has that phone); else ``InvalidArgument`` naming both."""
+    if len(ref) > 2 and phone_member != card_member:
+        hint = "give one of the two, or both of the same member"
+        raise InvalidArgument("member.card", f"names another member than member.phone: {hint}",
+                              also=(("member.phone", f"names another member than member.card: {hint}"),))
+
+
+def _profile(prefix: str, fields: dict) -> dict:
+    """The ``members`` columns of the profile fields given (``{name: text}``; ``""`` clears): gender, birth
+    date, email checked; every text fits its column. ``InvalidArgument`` names ``prefix + name``."""
+    out = {}
+    for name, value in fields.items():
+        path = prefix + name
+        if name == "gender":
+            if value not in ("",) + GENDERS:
+                raise InvalidArgument(path, f"expected female, male or empty, got {quote(value)}")
+            out[name] = value
+        elif name == "birth_date":
+            out[name] = None
+            if value:
+                try:
+                    out[name] = dt.date.fromisoformat(check_text(path, value, 10))
+                except (ValueError, InvalidArgument):
+                    raise InvalidArgument(path, f"expected a date YYYY-MM-DD, got {quote(value)}") from None
+        elif name == "email":
+            check_text(path, value, 254)
+            if value and not _EMAIL_RE.match(value):
+                raise InvalidArgument(path, f"not an email address: {quote(value)}")
+            out[name] = value
+        else:                                   # first_name, last_name, city
+            out[name] = check_text(path, value, 100)
+    return out
+
+
+def _custom_name(path: str, name: str) -> str:
+    if not name or len(name) > CUSTOM_NAME_LIMIT:
+        raise InvalidArgument(path, f"a custom field name has 1 to {CUSTOM_NAME_LIMIT} characters, got "
+                                    f"{quote(name)}")
+    return check_text(path, name)
+
+
+def _custom(path: str, custom) -> dict:
+    for name, value in custom.items():
+        _custom_name(path, name)
+        check_text(f"{path}[{name!r}]", value, CUSTOM_VALUE_LIMIT)
+    return dict(custom)
+
+
+def _subscriptions(path: str, subs) -> dict:
+    for channel in subs:
+        if not channel or len(channel) > CHANNEL_LIMIT:
+            raise InvalidArgument(path, f"a channel name has 1 to {CHANNEL_LIMIT} characters, got {quote(channel)}")
+        check_text(f"{path}[{channel!r}]", channel)
+    return dict(subs)
+
+
+def _registered_at(value: str) -> dt.datetime | None:
+    """An import's registration time: a date (midnight UTC) or an ISO 8601 time (UTC without an offset)."""
+    if not value:
+        return None
+    try:
+        at = dt.datetime.fromisoformat(check_text("registered_at", value, 40))
+    except (ValueError, InvalidArgument):
+        raise InvalidArgument("registered_at", f"expected a date YYYY-MM-DD or a time such as "
+                                               f"2024-05-01T10:00:00+03:00, got {quote(value)}") from None
+    return at if at.tzinfo is not None else at.replace(tzinfo=dt.timezone.utc)
 
 
 def validate_enroll(request) -> dict:
@@ -93,43 +185,50 @@ def validate_enroll(request) -> dict:
     if not card:
         raise InvalidArgument("card", "required")
     check_text("card", card, 64)
-    phone = normalize_phone(request.phone) if request.phone else None
-    if phone is not None and not _PHONE_RE.fullmatch(phone):
-        raise InvalidArgument("phone", f"expected a phone number such as +79001234567, got {request.phone!r}")
+    phone = check_phone("phone", request.phone) if normalize_phone(request.phone) else None
     source = request.source or "api"
     if source not in SOURCES:
-        raise InvalidArgument("source", f"expected one of {', '.join(SOURCES)}, got {request.source!r}")
+        raise InvalidArgument("source", f"expected one of {', '.join(SOURCES)}, got {quote(request.source)}")
     p = request.profile
-    if p.gender not in ("", "female", "male"):
-        raise InvalidArgument("profile.gender", f"expected female, male or empty, got {p.gender!r}")
-    birth_date = None
-    if p.birth_date:
-        try:
-            birth_date = dt.date.fromisoformat(p.birth_date)
-        except ValueError:
-            raise InvalidArgument("profile.birth_date", f"expected YYYY-MM-DD, got {p.birth_date!r}") from None
-    if p.email and not _EMAIL_RE.match(p.email):
-        raise InvalidArgument("profile.email", f"not an email address: {p.email!r}")
-    for name, value, limit in (("first_name", p.first_name, 100), ("last_name", p.last_name, 100),
-                               ("city", p.city, 100), ("email", p.email, 254)):
-        check_text(f"profile.{name}", value, limit)
-    for key, value in p.custom.items():
-        check_text(f"profile.custom[{key!r}]", key)
-        check_text(f"profile.custom[{key!r}]", value)
-    for channel in request.subscriptions:
-        if not channel or len(channel) > 32:
-            raise InvalidArgument("subscriptions", f"a channel name must have 1 to 32 characters, got {channel!r}")
-        check_text(f"subscriptions[{channel!r}]", channel)
-    check_text("request_id", request.request_id, 100)
-    return {"card": card, "phone": phone, "source": source, "first_name": p.first_name,
-            "last_name": p.last_name, "gender": p.gender, "birth_date": birth_date, "email": p.email,
-            "city": p.city, "custom": dict(p.custom), "enroll_request_id": request.request_id or None,
-            "subscriptions": dict(request.subscriptions)}
+    values = _profile("profile.", {"first_name": p.first_name, "last_name": p.last_name, "gender": p.gender,
+                                   "birth_date": p.birth_date, "email": p.email, "city": p.city})
+    values.update(card=card, phone=phone, source=source, custom=_custom("profile.custom", p.custom),
+                  registered_at=_registered_at(request.registered_at),
+                  enroll_request_id=check_text("request_id", request.request_id, 100) or None,
+                  subscriptions=_subscriptions("subscriptions", request.subscriptions))
+    return values
+
+
+# The profile fields ``UpdateMemberRequest`` sets (given) or clears (given as ""), beside ``phone``.
+PROFILE_FIELDS = ("first_name", "last_name", "gender", "birth_date", "email", "city")
+
+
+def validate_update(request) -> dict:
+    """What an ``UpdateMemberRequest`` changes: ``ref``, ``request_id`` (or None), ``fields`` (``members``
+    columns set, None or "" to clear; ``phone`` included when given), ``custom`` (names set), ``clear_custom``
+    (names removed) and ``subscriptions`` (channel -> on). ``InvalidArgument`` on the first bad field, and
+    when the request changes nothing."""
+    ref = validate_ref(request.member if request.HasField("member") else None, required=True)
+    fields = _profile("", {name: getattr(request, name) for name in PROFILE_FIELDS if request.HasField(name)})
+    if request.HasField("phone"):
+        fields["phone"] = check_phone("phone", request.phone) if normalize_phone(request.phone) else None
+    custom = _custom("custom", request.custom)
+    clear = []
+    for i, name in enumerate(request.clear_custom):
+        _custom_name(f"clear_custom[{i}]", name)
+        if name in custom:
+            raise InvalidArgument(f"clear_custom[{i}]", f"custom field {name!r} is also set in custom")
+        clear.append(name)
+    subs = _subscriptions("subscriptions", request.subscriptions)
+    if not (fields or custom or clear or subs):
+        raise InvalidArgument("", "nothing to change: give a profile field, custom, clear_custom or subscriptions")
+    return {"ref": ref, "request_id": check_text("request_id", request.request_id.strip(), 100) or None,
+            "fields": fields, "custom": custom, "clear_custom": clear, "subscriptions": subs}
 
 
 def validate_status(status: str, path: str = "status") -> str:
     if status not in CARD_STATUSES:
-        raise InvalidArgument(path, f"expected one of {', '.join(CARD_STATUSES)}, got {status!r}")
+        raise InvalidArgument(path, f"expected one of {', '.join(CARD_STATUSES)}, got {quote(status)}")
     return status
 
 
@@ -241,15 +340,23 @@ SELECT %s::bigint, t.promotion, t.period_key, 1 FROM unnest(%s::varchar[], %s::v
 ON CONFLICT (member_id, promotion, period_key) DO UPDATE SET uses = promotion_usage.uses + 1"""
 
 
-def find_member(conn, ref: tuple[str, str], *, lock: bool = False) -> MemberContext | None:
-    """The member's context by card or phone (the member's newest active card for a phone). With ``lock``,
-    the ``balances`` row is locked for the transaction (PostgreSQL ``FOR UPDATE``; SQLite already holds the
-    database's write lock)."""
-    kind, value = ref
+# The member of a phone, for ``check_pair`` (parameter: the normalized phone).
+PHONE_MEMBER_PG = "SELECT id FROM members WHERE phone = %s"
+_PHONE_MEMBER = select(members.c.id).where(members.c.phone == bindparam("phone"))
+
+
+def find_member(conn, ref: tuple, *, lock: bool = False) -> MemberContext | None:
+    """The member's context by card or phone (the member's newest active card for a phone), None when
+    unknown; a reference with both (``validate_ref``) is refused unless the phone is the card's member's
+    (``check_pair``). With ``lock``, the ``balances`` row is locked for the transaction (PostgreSQL ``FOR
+    UPDATE``; SQLite already holds the database's write lock)."""
+    kind, value = ref[0], ref[1]
     stmt = _CONTEXT_STMTS[kind, lock and conn.dialect.name == "postgresql"]
     row = conn.execute(stmt, {"ref": value}).first()
     if row is None:
         return None
+    if len(ref) > 2:
+        check_pair(ref, row[0], conn.execute(_PHONE_MEMBER, {"phone": ref[2]}).scalar())
     return MemberContext(member_id=row[0], card=row[1], status=row[2], tier=row[3], active=row[4],
                          pending=row[5], purchases_sum=row[6])
 
@@ -277,7 +384,7 @@ def increment_usage(conn, member_id: int, keys: list[tuple[str, str]]) -> None:
                                                         uses=1))
 
 
-def member_view(conn, ref: tuple[str, str], audiences_of) -> dict | None:
+def member_view(conn, ref: tuple, audiences_of) -> dict | None:
     """Everything the ``Member`` message shows, or None; ``audiences_of(conn, member_id)`` gives the
     member's audience ids (the segment module's index)."""
     ctx = find_member(conn, ref)

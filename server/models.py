@@ -4,9 +4,10 @@ balances, program versions and the outbox of domain events.
 Rules every table follows: money, points and quantities are integers; timestamps carry a time zone (stored
 as UTC; SQLite gets them back aware too); every table that moves points has a unique key that makes a retry
 harmless (``purchases`` by store/terminal/number, ``refunds.refund_id``, ``operations.operation_id``,
-``ledger.key``). Relationships are ``lazy="raise"``: the service reads with explicit Core statements, so no
-query hides behind an attribute. The schema is created by the Alembic chain in ``migrations/``; a test
-proves that ``upgrade`` from empty equals these models.
+``ledger.key``), and so do enrolments (``members.enroll_request_id``) and member updates
+(``member_updates.request_id``). Relationships are ``lazy="raise"``: the service reads with explicit Core
+statements, so no query hides behind an attribute. The schema is created by the Alembic chain in
+``migrations/``; a test proves that ``upgrade`` from empty equals these models.
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = [
-    "Base", "UTCDateTime", "Member", "Card", "Subscription", "ProgramVersionRow", "Purchase", "PurchaseLine",
-    "Refund", "LedgerEntry", "PointLot", "Balance", "Operation", "PromotionUsage", "PromotionBudget", "Event",
-    "LEDGER_KINDS", "LOT_STATES", "PURCHASE_STATUSES", "EVENT_KINDS", "SOURCES",
+    "Base", "UTCDateTime", "Member", "Card", "Subscription", "MemberUpdate", "ProgramVersionRow", "Purchase",
+    "PurchaseLine", "Refund", "LedgerEntry", "PointLot", "Balance", "Operation", "PromotionUsage", "PromotionBudget",
+    "Event",    "LEDGER_KINDS", "LOT_STATES", "PURCHASE_STATUSES", "EVENT_KINDS", "SOURCES",
 ]
 
 LEDGER_KINDS = ("accrual", "redemption", "refund", "reversal", "expiry", "adjustment", "top_up", "activation")
@@ -129,6 +130,20 @@ class Subscription(Base):
     on: Mapped[bool] = mapped_column(Boolean)
     saved_on: Mapped[bool | None] = mapped_column(Boolean)
     updated_at: Mapped[dt.datetime]
+
+
+class MemberUpdate(Base):
+    """A change of a member's profile or subscriptions (``UpdateMember``), kept as the audit record and
+    idempotent by ``request_id`` (NULL: the request had none). ``changes`` maps each changed field
+    (``city``, ``custom.pet``, ``subscriptions.email``) to ``[before, after]``."""
+    __tablename__ = "member_updates"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    request_id: Mapped[str | None] = mapped_column(String(100), unique=True)
+    member_id: Mapped[int] = mapped_column(ForeignKey("members.id"), index=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    changes: Mapped[dict[str, Any]]
+    created_at: Mapped[dt.datetime]
 
 
 class Balance(Base):
@@ -344,6 +359,7 @@ class Event(Base):
 members = Member.__table__
 cards = Card.__table__
 subscriptions = Subscription.__table__
+member_updates = MemberUpdate.__table__
 balances = Balance.__table__
 program_versions = ProgramVersionRow.__table__
 purchases = Purchase.__table__

@@ -31,6 +31,7 @@ from sqlalchemy import bindparam, case, func, insert, select, update
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from loyalty.core import InputError, ProgramError, load_program_text
+from loyalty.core.errors import quote
 from loyalty.core.inputs import parse_at, parse_receipt_time
 from loyalty.v1 import admin_pb2, processing_pb2
 
@@ -42,13 +43,13 @@ from .db import (
 )
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ServiceError, Unavailable
 from .members import (
-    CONTEXT_PG, USAGE_PG, ContextCache, MemberContext, check_text, effective_tier, find_member,
-    in_tier_window, increment_usage, load_usage, member_view, next_tier, period_key, tier_for, tier_threshold,
-    validate_enroll, validate_ref, validate_status,
+    CONTEXT_PG, PHONE_MEMBER_PG, USAGE_PG, ContextCache, MemberContext, check_pair, check_text, effective_tier,
+    find_member, in_tier_window, increment_usage, load_usage, member_view, next_tier, period_key, tier_for,
+    tier_threshold, validate_enroll, validate_ref, validate_status, validate_update,
 )
 from .models import (
-    balances, cards, events, ledger as ledger_entries, members, operations, program_versions, promotion_budgets,
-    promotion_usage, purchase_lines, purchases, refunds, subscriptions,
+    balances, cards, events, ledger as ledger_entries, member_updates, members, operations, program_versions,
+    promotion_budgets, promotion_usage, purchase_lines, purchases, refunds, subscriptions,
 )
 from .programs import ProgramRegistry, Snapshot
 from .segments.membership import AudienceIndex
@@ -840,6 +841,7 @@ class ProcessingService:
                 found = dconn.execute(CONTEXT_PG[ref[0]], (ref[1],)) if ref is not None else None
                 usage = (dconn.execute(USAGE_PG[ref[0]], (ref[1], limited_ids))
                          if ref is not None and limited_ids else None)
+                pair = dconn.execute(PHONE_MEMBER_PG, (ref[2],)) if ref is not None and len(ref) > 2 else None
             existing_id, existing_hash, existing_answer, purchase_id, entry_a, entry_b = first.fetchone()
             if existing_id is not None:
                 return self._replay_purchase(existing_id, existing_hash, loads(existing_answer), request_hash,
@@ -849,6 +851,8 @@ class ProcessingService:
                 row = found.fetchone()
                 if row is None:
                     raise NotFound(f"{'card' if ref[0] == 'card' else 'phone'} {ref[1]} was not found")
+                if pair is not None:
+                    check_pair(ref, row[0], (pair.fetchone() or (None,))[0])
                 ctx = MemberContext(member_id=row[0], card=row[1], status=row[2], tier=row[3], active=row[4],
                                     pending=row[5], purchases_sum=row[6])
                 if usage is not None:
@@ -1001,6 +1005,9 @@ class ProcessingService:
                                                         receipt, sent)
                     continue
                 ctx = None
+                if ref is not None and len(ref) > 2:
+                    outcomes[i] = _ALONE    # a card and a phone, rare: its own transaction compares the two
+                    continue
                 if ref is not None:
                     found_ref = refs.get(ref)
                     if found_ref is None:
@@ -1382,17 +1389,19 @@ class ProcessingService:
 
     @_data_errors
     def enroll_member(self, request) -> processing_pb2.Member:
-        """Register a member with a new card (required) and phone (optional); both unique
-        (``AlreadyExists``). ``source`` defaults to ``api``. With ``request_id`` a retry (also a concurrent
-        one) returns the same member. Emits ``member_registered``."""
+        """Register a member with a new card (required) and phone (optional); both unique (``AlreadyExists``
+        naming the field). ``source`` defaults to ``api``, ``registered_at`` to now. With ``request_id`` a
+        retry, also a concurrent one, returns the member that request enrolled. Emits ``member_registered``."""
         values = validate_enroll(request)
+        if values["registered_at"] is not None and values["registered_at"] > self.clock():
+            raise InvalidArgument("registered_at", "must not be in the future")
         try:
             lowest = self.programs.current().program.tiers.levels[0].name
         except FailedPrecondition:
             lowest = ""
         try:
-            # A concurrent enrollment of the same card / phone / request_id that committed first fails our
-            # insert: the second run sees it (the same request_id: that member; else AlreadyExists).
+            # A concurrent enrolment of the same card / phone / request_id that commits first fails our insert;
+            # the second run sees it (the same request_id: that member; else AlreadyExists).
             self._write_replaying(self._enroll_tx, values, lowest,
                                   idempotent=bool(values.get("enroll_request_id")))
         except IntegrityError:
@@ -1400,22 +1409,30 @@ class ProcessingService:
         return self._member_message(("card", values["card"]))
 
     def _enroll_tx(self, conn, v: dict, tier: str) -> None:
+        # The card and the phone are looked up BEFORE the request id: on PostgreSQL each statement reads what
+        # was committed when it started, so an identical call that commits between the two reads shows its
+        # request id here, and this call replays it instead of calling its card "taken".
+        taken = None
+        if conn.execute(select(cards.c.id).where(cards.c.number == v["card"])).first() is not None:
+            taken = AlreadyExists(f"card {v['card']} is already registered", field="card")
+        elif v["phone"] and conn.execute(select(members.c.id).where(members.c.phone == v["phone"])).first():
+            taken = AlreadyExists(f"phone {v['phone']} is already registered", field="phone")
         if v["enroll_request_id"]:
             prior = conn.execute(select(cards.c.number).join(members, members.c.id == cards.c.member_id)
                                  .where(members.c.enroll_request_id == v["enroll_request_id"])).first()
             if prior is not None:
                 if prior.number != v["card"]:
-                    raise AlreadyExists(f"request {v['enroll_request_id']} enrolled another card")
+                    raise AlreadyExists(f"request {v['enroll_request_id']} enrolled another card",
+                                        field="request_id")
                 return
-        if conn.execute(select(cards.c.id).where(cards.c.number == v["card"])).first() is not None:
-            raise AlreadyExists(f"card {v['card']} is already registered")
-        if v["phone"] and conn.execute(select(members.c.id).where(members.c.phone == v["phone"])).first():
-            raise AlreadyExists(f"phone {v['phone']} is already registered")
+        if taken is not None:
+            raise taken
         now = self.clock()
         member_id = conn.execute(insert(members).values(
             phone=v["phone"], first_name=v["first_name"], last_name=v["last_name"], gender=v["gender"],
             birth_date=v["birth_date"], email=v["email"], city=v["city"], custom=v["custom"], source=v["source"],
-            enroll_request_id=v["enroll_request_id"], registered_at=now).returning(members.c.id)).scalar_one()
+            enroll_request_id=v["enroll_request_id"], registered_at=v["registered_at"] or now)
+            .returning(members.c.id)).scalar_one()
         conn.execute(insert(cards).values(number=v["card"], member_id=member_id, status="active",
                                           status_changed_at=now))
         conn.execute(insert(balances).values(member_id=member_id, active=0, pending=0, purchases_sum=0, tier=tier,
@@ -1428,14 +1445,129 @@ class ProcessingService:
                     card=v["card"], source=v["source"])
 
     @_data_errors
+    def update_member(self, request) -> processing_pb2.Member:
+        """Set or clear the member's profile fields and phone, set or remove custom fields, switch
+        subscriptions on or off (``UpdateMemberRequest``: what is left out stays). A phone another member has:
+        ``AlreadyExists`` naming ``phone``. With ``request_id`` a retry, also a concurrent one, changes
+        nothing more and answers the member as it is; the same key with another payload is ``AlreadyExists``.
+        The member's cached context is dropped (its audiences may depend on the profile)."""
+        v = validate_update(request)
+        try:
+            # A concurrent change that commits first (the same request id, or the same phone for another
+            # member) fails our write; the second run sees it and replays, or names the phone.
+            member_id, card = self._write_replaying(self._update_tx, v, _hash(request))
+        except IntegrityError:
+            raise AlreadyExists("the phone is already registered to another member", field="phone") from None
+        self.contexts.invalidate(member_id)
+        return self._member_message(("card", card))
+
+    def _update_tx(self, conn, v: dict, request_hash: str) -> tuple[int, str]:
+        """``(member_id, card)`` of the member changed (or of the one the stored request changed)."""
+        pg = conn.dialect.name == "postgresql"
+
+        def stored():
+            if v["request_id"] is None:
+                return None
+            done = conn.execute(select(member_updates.c.member_id, member_updates.c.request_hash)
+                                .where(member_updates.c.request_id == v["request_id"])).first()
+            if done is not None and done.request_hash != request_hash:
+                raise AlreadyExists(f"request {v['request_id']} already updated a member with a different payload",
+                                    field="request_id")
+            return None if done is None else (done.member_id, self._card_of(conn, done.member_id))
+
+        done = stored()
+        if done is not None:
+            return done
+        try:
+            ctx = find_member(conn, v["ref"])
+            if ctx is None:
+                raise NotFound(f"{'card' if v['ref'][0] == 'card' else 'phone'} {v['ref'][1]} was not found")
+        except (NotFound, InvalidArgument):
+            # An identical call that changed the very phone this one finds the member by may have committed
+            # since the first look: replay it.
+            done = stored()
+            if done is not None:
+                return done
+            raise
+        # The member's row is the lock of its profile (the scenario engine's profile steps take it too); a
+        # concurrent call with this request id that held it has committed by now (SQLite: the write lock).
+        stmt = select(members).where(members.c.id == ctx.member_id)
+        row = conn.execute(stmt.with_for_update() if pg else stmt).one()._mapping
+        if pg:
+            done = stored()
+            if done is not None:
+                return done
+        now = self.clock()
+        changes, values = {}, {}
+        for name, value in v["fields"].items():
+            if name == "phone" and value is not None and value != row["phone"]:
+                if conn.execute(select(members.c.id).where(members.c.phone == value)).first() is not None:
+                    raise AlreadyExists(f"phone {value} is already registered to another member", field="phone")
+            if value != row[name]:
+                values[name] = value
+                changes[name] = [_plain(row[name]), _plain(value)]
+        custom = dict(row["custom"] or {})
+        for name in v["clear_custom"]:
+            if name in custom:
+                changes[f"custom.{name}"] = [custom.pop(name), None]
+        for name, value in v["custom"].items():
+            if custom.get(name) != value:
+                changes[f"custom.{name}"] = [custom.get(name), value]
+                custom[name] = value
+        if custom != (row["custom"] or {}):
+            values["custom"] = custom
+        if values:
+            conn.execute(update(members).where(members.c.id == ctx.member_id).values(**values))
+        if v["subscriptions"]:
+            changes.update(self._set_subscriptions(conn, ctx.member_id, v["subscriptions"], now))
+        conn.execute(insert(member_updates).values(request_id=v["request_id"], member_id=ctx.member_id,
+                                                   request_hash=request_hash, changes=changes, created_at=now))
+        return ctx.member_id, ctx.card
+
+    def _set_subscriptions(self, conn, member_id: int, wanted: dict, now: dt.datetime) -> dict:
+        """Switch the member's channels as ``wanted`` says; the changes as ``{"subscriptions.<ch>": [before,
+        after]}``. While no card of the member is active (``_status_tx`` switched every channel off and keeps
+        what was on in ``saved_on``), the choice goes to ``saved_on``: the channel stays off until a card is
+        active again, and then it is what the member chose. The cards are locked first, as ``_status_tx``
+        locks them, so a status change cannot pass between reading them and writing."""
+        stmt = select(cards.c.status).where(cards.c.member_id == member_id)
+        statuses = conn.execute(stmt.with_for_update() if conn.dialect.name == "postgresql" else stmt).scalars()
+        live = "active" in set(statuses)
+        subs = subscriptions.c
+        current = {r.channel: r for r in conn.execute(select(subs.channel, subs.on, subs.saved_on)
+                                                      .where(subs.member_id == member_id))}
+        changes = {}
+        for channel, on in sorted(wanted.items()):
+            row = current.get(channel)
+            before = None if row is None else (row.on if live or row.saved_on is None else row.saved_on)
+            if before == on:
+                continue
+            changes[f"subscriptions.{channel}"] = [before, on]
+            values = {"on": on, "saved_on": None} if live else {"on": False, "saved_on": on}
+            if row is None:
+                conn.execute(insert(subscriptions).values(member_id=member_id, channel=channel, updated_at=now,
+                                                          **values))
+            else:
+                conn.execute(update(subscriptions).where(subs.member_id == member_id, subs.channel == channel)
+                             .values(updated_at=now, **values))
+        return changes
+
+    @staticmethod
+    def _card_of(conn, member_id: int) -> str:
+        """The member's card a phone would find: the newest active one, else the newest."""
+        return conn.execute(select(cards.c.number).where(cards.c.member_id == member_id)
+                            .order_by((cards.c.status == "active").desc(), cards.c.id.desc()).limit(1)).scalar_one()
+
+    @_data_errors
     def adjust_points(self, request) -> processing_pb2.AdjustPointsResponse:
         """``credit`` / ``top_up`` give ``points`` as an active lot (expiring after ``expiry_days`` or the
-        program's), ``debit`` takes them (never below zero: ``FailedPrecondition(available_points=N)``).
+        program's), ``debit`` takes them (never below zero: ``FailedPrecondition(available_points=N)``); the
+        ``reason`` is required (SPEC 5: audited).
         Idempotent by ``operation_id`` (required; concurrent calls with the same one: one operation is made,
         the others replay it)."""
         ref = validate_ref(request.member if request.HasField("member") else None, required=True)
         if request.kind not in ("credit", "debit", "top_up"):
-            raise InvalidArgument("kind", f"expected credit, debit or top_up, got {request.kind!r}")
+            raise InvalidArgument("kind", f"expected credit, debit or top_up, got {quote(request.kind)}")
         if request.points <= 0:
             raise InvalidArgument("points", f"must be at least 1, got {request.points}")
         if request.points > 10**12:
@@ -1444,6 +1576,8 @@ class ProcessingService:
         if not operation_id:
             raise InvalidArgument("operation_id", "required: the idempotency key of this operation")
         check_text("reason", request.reason, REASON_LIMIT)
+        if not request.reason.strip():
+            raise InvalidArgument("reason", "required: why the points are given or taken, for the audit trail")
         expiry_days = None
         if request.HasField("expiry_days"):
             if request.kind == "debit":
@@ -1466,7 +1600,8 @@ class ProcessingService:
             done = conn.execute(select(operations.c.request_hash, operations.c.response)
                                 .where(operations.c.operation_id == operation_id)).first()
             if done is not None and done.request_hash != request_hash:
-                raise AlreadyExists(f"operation {operation_id} was already made with a different payload")
+                raise AlreadyExists(f"operation {operation_id} was already made with a different payload",
+                                    field="operation_id")
             return None if done is None else dict(done.response, replayed=True)
 
         done = stored()
@@ -1716,6 +1851,11 @@ class ProcessingService:
                **payload) -> None:
         conn.execute(insert(events).values(kind=kind, key=key, member_id=member_id, payload=payload,
                                            created_at=now))
+
+
+def _plain(value):
+    """A column's value as JSON holds it (dates as ISO text), for the audit record of a change."""
+    return value.isoformat() if isinstance(value, dt.date) else value
 
 
 def _cum(total: int, done_qty: int, qty: int, quantity: int) -> int:

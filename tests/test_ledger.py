@@ -29,14 +29,16 @@ def test_take_back_beyond_the_balance_is_a_debt_the_next_credit_pays(service, cl
     clock.advance(days=15)
     jobs.run_once(service)
     ref = R.MemberRef(card="7300002")
-    service.adjust_points(P.AdjustPointsRequest(member=ref, kind="debit", points=20, operation_id="d-spend"))
+    service.adjust_points(P.AdjustPointsRequest(member=ref, kind="debit", points=20, operation_id="d-spend",
+                                                reason="x"))
     r = service.refund_purchase(P.RefundPurchaseRequest(refund_id="d-r", purchase=P.PurchaseKey(
         store="msk-01", terminal="pos-3", number="d-1"), all_remaining=True))
     # 26 - 20 = 6 left; taking back 26 leaves a debt of 20.
     assert (r.taken_back_points, r.active_points) == (26, -20)
     assert ledger.check(service) == []
     assert ledger.liability(service)["debt_points"] == 20
-    service.adjust_points(P.AdjustPointsRequest(member=ref, kind="top_up", points=50, operation_id="d-top"))
+    service.adjust_points(P.AdjustPointsRequest(member=ref, kind="top_up", points=50, operation_id="d-top",
+                                                reason="x"))
     assert member(service, "7300002").active_points == 30            # 50 - 20 of debt
     assert ledger.check(service) == []
 

@@ -107,7 +107,7 @@ def test_confirm_spends_the_earliest_expiring_lots_first_and_writes_every_row_on
     ref = R.MemberRef(card="7200010")
     for op, points, days in (("late", 50, 400), ("soon", 30, 10), ("mid", 40, 100)):
         service.adjust_points(P.AdjustPointsRequest(member=ref, kind="credit", points=points, expiry_days=days,
-                                                    operation_id=f"lot-{op}"))
+                                                    reason="x", operation_id=f"lot-{op}"))
     # coffee 89900: cap floor(89900 x 20%) = 17980 -> at most 179 points; 60 asked, 120 held.
     r = service.confirm_purchase(P.ConfirmPurchaseRequest(member=ref, receipt=coffee("lots-1", redeem=60)))
     assert r.answer.totals.redeemed_points == 60

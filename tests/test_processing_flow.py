@@ -252,14 +252,18 @@ def test_adjust_points_credit_debit_top_up(service):
     assert service.adjust_points(P.AdjustPointsRequest(member=ref, kind="top_up", points=300, reason="promo",
                                                        operation_id="op-1")).replayed
     with pytest.raises(AlreadyExists):
-        service.adjust_points(P.AdjustPointsRequest(member=ref, kind="credit", points=5, operation_id="op-1"))
+        service.adjust_points(P.AdjustPointsRequest(member=ref, kind="credit", points=5, reason="x",
+                                                    operation_id="op-1"))
     with pytest.raises(FailedPrecondition) as e:
-        service.adjust_points(P.AdjustPointsRequest(member=ref, kind="debit", points=301, operation_id="op-2"))
+        service.adjust_points(P.AdjustPointsRequest(member=ref, kind="debit", points=301, reason="x",
+                                                    operation_id="op-2"))
     assert e.value.details["available_points"] == 300
-    r = service.adjust_points(P.AdjustPointsRequest(member=ref, kind="debit", points=120, operation_id="op-3"))
+    r = service.adjust_points(P.AdjustPointsRequest(member=ref, kind="debit", points=120, reason="x",
+                                                    operation_id="op-3"))
     assert r.active_points == 180
     with pytest.raises(InvalidArgument) as e:
-        service.adjust_points(P.AdjustPointsRequest(member=ref, kind="gift", points=1, operation_id="op-4"))
+        service.adjust_points(P.AdjustPointsRequest(member=ref, kind="gift", points=1, reason="x",
+                                                    operation_id="op-4"))
     assert e.value.path == "kind"
     assert ledger.check(service) == []
 
@@ -286,13 +290,15 @@ def test_expiry_and_expiring_notice_once_per_lot(service, clock):
     enroll(service, "7100012")
     ref = R.MemberRef(card="7100012")
     service.adjust_points(P.AdjustPointsRequest(member=ref, kind="credit", points=50, operation_id="e-1",
-                                                expiry_days=10))
-    service.adjust_points(P.AdjustPointsRequest(member=ref, kind="credit", points=70, operation_id="e-2"))
+                                                expiry_days=10, reason="x"))
+    service.adjust_points(P.AdjustPointsRequest(member=ref, kind="credit", points=70, operation_id="e-2",
+                                                reason="x"))
     clock.advance(days=5)                                           # lot 1 expires in 5 days: within the 7-day notice
     assert jobs.run_once(service)["expiring_notices"] == 1
     assert jobs.run_once(service)["expiring_notices"] == 0
     # a debit takes the earliest-expiring lot first: 30 of the 50
-    service.adjust_points(P.AdjustPointsRequest(member=ref, kind="debit", points=30, operation_id="e-3"))
+    service.adjust_points(P.AdjustPointsRequest(member=ref, kind="debit", points=30, operation_id="e-3",
+                                                reason="x"))
     clock.advance(days=6)
     counts = jobs.run_once(service)
     assert (counts["expired_lots"], counts["expired_points"]) == (1, 20)   # 50 - 30 left on lot 1

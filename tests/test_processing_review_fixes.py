@@ -92,7 +92,7 @@ def test_refund_after_the_purchase_points_expired_takes_nothing_back(service, cl
     clock.advance(days=366)
     assert jobs.run_once(service)["expired_points"] == 26      # expiry_days 365 after activation
     service.adjust_points(P.AdjustPointsRequest(member=R.MemberRef(card="7600003"), kind="credit", points=500,
-                                                operation_id="x-credit"))
+                                                reason="x", operation_id="x-credit"))
     r = _refund(service, "x-r", key=P.PurchaseKey(store="msk-01", terminal="pos-3", number="x-1"),
                 all_remaining=True)
     # the 26 expired already: nothing of the unrelated 500 credit is taken.
@@ -106,10 +106,12 @@ def test_refund_after_partial_expiry_takes_back_only_what_did_not_expire(service
     clock.advance(days=15)
     jobs.run_once(service)
     ref = R.MemberRef(card="7600004")
-    service.adjust_points(P.AdjustPointsRequest(member=ref, kind="debit", points=20, operation_id="x-spend"))
+    service.adjust_points(P.AdjustPointsRequest(member=ref, kind="debit", points=20, operation_id="x-spend",
+                                                reason="x"))
     clock.advance(days=366)
     assert jobs.run_once(service)["expired_points"] == 6       # 26 - 20 spent
-    service.adjust_points(P.AdjustPointsRequest(member=ref, kind="credit", points=500, operation_id="x-credit2"))
+    service.adjust_points(P.AdjustPointsRequest(member=ref, kind="credit", points=500, operation_id="x-credit2",
+                                                reason="x"))
     r = _refund(service, "x-r2", key=P.PurchaseKey(store="msk-01", terminal="pos-3", number="x-2"),
                 all_remaining=True)
     # at most 26 - 6 expired = 20 (the ones the member spent) come back out: 500 - 20 = 480.
@@ -206,7 +208,7 @@ def test_a_value_storage_refuses_is_invalid_argument_without_driver_text(service
     monkeypatch.setattr(service, "_adjust_tx", refuse)
     with pytest.raises(InvalidArgument) as info:
         service.adjust_points(P.AdjustPointsRequest(member=R.MemberRef(card="7600007"), kind="credit", points=1,
-                                                    operation_id="d-1"))
+                                                    reason="x", operation_id="d-1"))
     assert "driver" not in info.value.message and "varying" not in info.value.message
 
 
@@ -406,7 +408,8 @@ def test_retries_carrying_unknown_fields_replay(service):
     r1 = service.refund_purchase(rf)
     r2 = service.refund_purchase(_with_unknown(rf))
     assert r2.replayed and r2.returned_points == r1.returned_points == 89      # floor(8978 / 100)
-    adj = P.AdjustPointsRequest(member=R.MemberRef(card="7600014"), kind="credit", points=5, operation_id="u-op")
+    adj = P.AdjustPointsRequest(member=R.MemberRef(card="7600014"), kind="credit", points=5, reason="x",
+                                operation_id="u-op")
     service.adjust_points(adj)
     assert service.adjust_points(_with_unknown(adj)).replayed
 
