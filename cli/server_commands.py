@@ -141,9 +141,9 @@ def _display_url(url: str) -> str:
 
 # ---- db, jobs, ledger -----------------------------------------------------------------------------------------
 
-def _open_service(database_url, data_dir=None):
+def _open_service(database_url, data_dir=None, redis_url=None):
     from loyalty.server.processing import ProcessingService
-    return ProcessingService.open(_resolve_url(database_url, data_dir))
+    return ProcessingService.open(_resolve_url(database_url, data_dir), redis_url=redis_url)
 
 
 def _with_service(database_url, data_dir, work):
@@ -217,12 +217,15 @@ def register(group: click.Group) -> None:
     @click.option("--interval", type=click.FloatRange(min=0.1), default=60.0, show_default=True, help="Seconds between passes.")
     @_database_url
     @_data_dir
+    @click.option("--redis-url", envvar="LOYALTY_REDIS_URL", metavar="URL",
+                  help="Redis to tell the servers at once that tiers, points or segments changed (optional: "
+                       "they also poll).")
     @_json
-    def jobs_run(once, interval, database_url, data_dir, as_json):
+    def jobs_run(once, interval, database_url, data_dir, redis_url, as_json):
         """Run the periodic jobs, once or every --interval seconds until interrupted."""
         from loyalty.server import jobs
         try:
-            service = _open_service(database_url, data_dir)
+            service = _open_service(database_url, data_dir, redis_url)
         except Exception as exc:  # noqa: BLE001
             _fail(exc)
         stop = []

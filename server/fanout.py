@@ -13,8 +13,9 @@ __all__ = ["RedisListener"]
 
 class RedisListener:
     """A daemon thread subscribed to ``channel``. ``on_connect()`` runs after every (re)subscription (news
-    may have been missed while unsubscribed), ``on_message()`` for each message, ``on_down(exc)`` when Redis
-    fails (the thread retries every 2 s). ``publish`` never raises: the pollers still find the change."""
+    may have been missed while unsubscribed), ``on_message(text)`` for each message (its text, decoded),
+    ``on_down(exc)`` when Redis fails (the thread retries every 2 s). ``publish`` never raises: the pollers
+    still find the change."""
 
     def __init__(self, redis_url: str, channel: str, *, name: str, on_message, on_connect=None, on_down=None):
         import redis
@@ -36,8 +37,10 @@ class RedisListener:
                 pubsub.subscribe(self.channel)
                 self._on_connect()
                 while not self._stop.is_set():
-                    if pubsub.get_message(timeout=1.0) is not None:
-                        self._on_message()
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        data = message.get("data")
+                        self._on_message(data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data))
             except Exception as exc:  # noqa: BLE001 - Redis down: polling still finds changes
                 self._on_down(exc)
                 self._stop.wait(2.0)

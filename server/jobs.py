@@ -6,6 +6,10 @@ Work is set-based SQL (``INSERT ... SELECT`` into the ledger, one ``UPDATE`` of 
 subquery, one ``UPDATE`` of the lots) in batches of members; each batch is one transaction that first locks
 its members' balance rows, so a confirm or refund of the same member waits rather than interleaves. Running
 it twice, or in two processes at once, is harmless: a lot changes state once, and ledger keys are unique.
+
+A batch that changed balances or tiers also bumps the membership version (``bump_membership_version``, last
+in its transaction) and the pass announces it: every server process stops using the member contexts it had
+cached from before, as a recalculation's would (the server processes' caches are not this process's).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from . import ledger
 from .errors import FailedPrecondition
 from .members import tier_window_start
 from .models import UTCDateTime, balances, events, point_lots, purchases
-from .segments.service import SegmentService
+from .segments.service import SegmentService, bump_membership_version
 from .models import ledger as ledger_entries
 
 __all__ = ["run_once", "EXPIRING_NOTICE_DAYS"]
@@ -37,9 +41,11 @@ def run_once(service, now: dt.datetime | None = None, *, expiring_days: int = EX
     _move_lots(service, now, batch, counts, activate=True)
     _move_lots(service, now, batch, counts, activate=False)
     _announce_expiring(service, now, expiring_days, batch, counts)
-    _recalculate_tiers(service, now, batch, counts)
+    retiered = _recalculate_tiers(service, now, batch, counts)
     counts["segment_runs"] = len(SegmentService(service.db, clock=service.clock).run_due(now))
     service.contexts.clear()
+    if retiered or counts["activated_lots"] or counts["expired_lots"] or counts["segment_runs"]:
+        service.audience_index.announce()
     return counts
 
 
@@ -94,6 +100,7 @@ def _move_lots(service, now: dt.datetime, batch: int, counts: dict, *, activate:
                     ledger.settle_debt(conn, member_id, active)
             else:
                 conn.execute(update(point_lots).where(cond).values(state="expired", remaining=0))
+            bump_membership_version(conn, now)
             counts[f"{prefix}_lots"] += n_lots
             counts[f"{prefix}_points"] += int(n_points)
             return len(ids) == batch
@@ -123,11 +130,12 @@ def _announce_expiring(service, now: dt.datetime, days: int, batch: int, counts:
             return
 
 
-def _recalculate_tiers(service, now: dt.datetime, batch: int, counts: dict) -> None:
+def _recalculate_tiers(service, now: dt.datetime, batch: int, counts: dict) -> int:
+    """Returns how many members' tier or metric changed."""
     try:
         program = service.programs.current().program
     except FailedPrecondition:
-        return
+        return 0
     levels = program.tiers.levels
     rank = {lvl.name: i for i, lvl in enumerate(levels)}
     start = tier_window_start(program, now)
@@ -142,13 +150,14 @@ def _recalculate_tiers(service, now: dt.datetime, batch: int, counts: dict) -> N
         tier = case(*[(metric >= lvl.threshold, lvl.name) for lvl in reversed(levels[1:])], else_=levels[0].name)
     else:                   # one level: everybody holds it (a CASE needs at least one WHEN)
         tier = literal(levels[0].name, String)
-    last = 0
+    last, total = 0, 0
     while True:
         def step(conn, last=last):
+            """(the last member id of a full batch, else None; how many rows changed)"""
             ids = conn.execute(select(balances.c.member_id).where(balances.c.member_id > last)
                                .order_by(balances.c.member_id).limit(batch)).scalars().all()
             if not ids:
-                return None
+                return None, 0
             _lock_members(conn, ids)
             changed = conn.execute(
                 select(balances.c.member_id, balances.c.tier, tier.label("new_tier"), metric.label("new_sum"))
@@ -166,7 +175,9 @@ def _recalculate_tiers(service, now: dt.datetime, batch: int, counts: dict) -> N
                     counts["tier_changes"] += len(moves)
                     counts["tier_downgrades"] += sum(
                         1 for r in moves if rank.get(r.new_tier, 0) < rank.get(r.tier, len(levels)))
-            return ids[-1] if len(ids) == batch else None
-        last = service.db.run_write(step)
+                bump_membership_version(conn, now)
+            return ids[-1] if len(ids) == batch else None, len(changed)
+        last, n = service.db.run_write(step)
+        total += n
         if last is None:
-            return
+            return total

@@ -3,8 +3,10 @@ enrollment, card status changes and the ``Member`` message.
 
 The member context (status, tier, balances, audiences, promotion usage, tier metric) is read with one
 joined query; ``ContextCache`` keeps it per process for ``CONTEXT_TTL`` seconds for ``CalculateReceipt``,
-and the service drops a member's entry whenever this process writes to it. Confirm never uses the cache: it
-re-reads the context under the member's lock.
+stamped with what it was built for (the program version, whose promotions decide which usage is read, and the
+membership version, which the audiences come from and which other processes' card status and job writes move
+too): a context is not used once either moved. The service also drops a member's entry whenever this process
+writes to it. Confirm never uses the cache: it re-reads the context under the member's lock.
 """
 from __future__ import annotations
 
@@ -406,28 +408,31 @@ def member_view(conn, ref: tuple, audiences_of) -> dict | None:
 # ---- the per-process cache ----------------------------------------------------------------------------------
 
 class ContextCache:
-    """Member contexts by reference for ``CONTEXT_TTL`` seconds; ``invalidate(member_id)`` drops every
-    reference of a member this process has just written to."""
+    """Member contexts by reference for ``CONTEXT_TTL`` seconds, each with the ``stamp`` it was built for
+    (``(program version, membership version)``): ``get`` with another stamp misses, so a context never outlives
+    a change of the program or of the memberships it was built from. The caller takes the stamp before it
+    reads the context (what it reads can then only be newer). ``invalidate(member_id)`` drops every reference
+    of a member this process has just written to."""
 
     def __init__(self, ttl: float = CONTEXT_TTL, max_entries: int = 100_000):
         self.ttl = ttl
         self.max_entries = max_entries
-        self._items: dict[tuple[str, str], tuple[float, MemberContext]] = {}
+        self._items: dict[tuple[str, str], tuple[float, tuple, MemberContext]] = {}
         self._by_member: dict[int, set] = {}
         self._lock = threading.Lock()
 
-    def get(self, ref) -> MemberContext | None:
+    def get(self, ref, stamp: tuple) -> MemberContext | None:
         item = self._items.get(ref)
-        if item is None or item[0] < time.monotonic():
+        if item is None or item[1] != stamp or item[0] < time.monotonic():
             return None
-        return item[1]
+        return item[2]
 
-    def put(self, ref, ctx: MemberContext) -> None:
+    def put(self, ref, ctx: MemberContext, stamp: tuple) -> None:
         with self._lock:
             if len(self._items) >= self.max_entries:
                 self._items.clear()
                 self._by_member.clear()
-            self._items[ref] = (time.monotonic() + self.ttl, ctx)
+            self._items[ref] = (time.monotonic() + self.ttl, stamp, ctx)
             self._by_member.setdefault(ctx.member_id, set()).add(ref)
 
     def invalidate(self, member_id: int | None) -> None:

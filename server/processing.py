@@ -54,7 +54,7 @@ from .models import (
 from .programs import ProgramRegistry, Snapshot
 from .segments.membership import AudienceIndex
 from .scenarios.definitions import parse_scenarios
-from .segments.service import SegmentService
+from .segments.service import SegmentService, bump_membership_version
 
 __all__ = ["ProcessingService"]
 
@@ -569,6 +569,8 @@ class ProcessingService:
         # Audience membership from the segment module (roaring bitmaps, reloaded when a recalculation
         # bumps the membership version): what the core's audience conditions check.
         self.audience_index = audience_index or AudienceIndex(database, redis_url=redis_url)
+        # A new program version is served only once the memberships its promotions name are loaded.
+        programs.memberships = self.audience_index.catch_up
 
     @classmethod
     def open(cls, database_url: str, *, redis_url: str | None = None, clock=None,
@@ -640,13 +642,17 @@ class ProcessingService:
         at = self._receipt_at(receipt)
         member = None
         if ref is not None:
-            ctx = self.contexts.get(ref)
+            # A cached context serves only the program and membership versions it was built for; taken
+            # before the context is read (which then can only be newer). Without waiting: the versions held.
+            index = self.audience_index
+            stamp = (snap.version, index.checked_version() if wait else index.version)
+            ctx = self.contexts.get(ref, stamp)
             if ctx is None:
                 if not wait:
                     return None
                 with self.db.read() as conn:
                     ctx = self._load_context(conn, ref, snap, lock=False)
-                self.contexts.put(ref, ctx)
+                self.contexts.put(ref, ctx, stamp)
             member = ctx.as_core(snap.program, at)
         if wait:
             budgets = self._budgets(snap)
@@ -1659,6 +1665,7 @@ class ProcessingService:
         check_text("reason", request.reason, REASON_LIMIT)
         member_id = self.db.run_write(self._status_tx, card, status, request.reason)
         self.contexts.invalidate(member_id)
+        self.audience_index.announce()      # the other processes' cached contexts hold the old status
         return self._member_message(("card", card))
 
     def _status_tx(self, conn, card: str, status: str, reason: str) -> int:
@@ -1682,6 +1689,7 @@ class ProcessingService:
         conn.execute(update(cards).where(cards.c.number == card).values(status=status, status_changed_at=now))
         self._event(conn, "card_status_changed", row.member_id, now, card=card, status_before=before,
                     status=status, reason=reason)
+        bump_membership_version(conn, now)      # last: its row lock is held until the commit
         return row.member_id
 
     # ---- Admin service ------------------------------------------------------------------------------------
@@ -1701,8 +1709,8 @@ class ProcessingService:
             parse_scenarios(source["scenarios"])     # a bad scenario publishes nothing; workers apply them
         if source and (source.get("segments") or source.get("audiences")):
             SegmentService(self.db, clock=self.clock).apply_program(source)
-            self.audience_index.refresh()
-            self.contexts.clear()
+        # Every process loads the memberships before it serves the version (ProgramRegistry.memberships),
+        # and cached contexts of older versions are not used (their stamps).
         row = self.programs.publish(request.yaml, request.comment)
         budgeted = [p.id for p in self.programs.current().program.promotions
                     if p.limits.discount_budget is not None or p.limits.points_budget is not None]

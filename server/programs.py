@@ -5,6 +5,11 @@ version swaps that single reference, so a request holds a whole program from sta
 of one. A new version reaches every process within a second: with Redis, a message on ``CHANNEL`` wakes a
 listener thread at once (a slower version check stays on as a safety net); without Redis, ``current()``
 asks the database for the highest version at most every ``POLL_INTERVAL`` seconds (one indexed query).
+
+A version and the audience memberships its promotions name reach a process together: before a new snapshot
+is served, the registry's ``memberships`` callable (the process's ``AudienceIndex.catch_up``) loads the
+memberships committed before it, those the publication's message names (``"<version> <membership version>"``)
+or, when polling, whatever storage holds by then (the memberships were committed before the version was).
 """
 from __future__ import annotations
 
@@ -44,9 +49,13 @@ class Snapshot:
 
 
 class ProgramRegistry:
-    def __init__(self, database: Database, *, redis_url: str | None = None, clock=None):
+    """One per process. ``memberships``: None, or ``catch_up(membership_version | None) -> int`` called
+    before a new version is served (the processing service sets it to its ``AudienceIndex.catch_up``)."""
+
+    def __init__(self, database: Database, *, redis_url: str | None = None, clock=None, memberships=None):
         self.db = database
         self.clock = clock or (lambda: dt.datetime.now(dt.timezone.utc))
+        self.memberships = memberships
         self._snapshot: Snapshot | None = None
         self._checked_at = 0.0
         self._check_lock = threading.Lock()
@@ -66,12 +75,14 @@ class ProgramRegistry:
             raise FailedPrecondition("no loyalty program is published yet: run `loyalty program publish FILE`")
         return snap
 
-    def refresh(self, *, blocking: bool = True) -> None:
-        """Load the highest version if it is not the one held. Only one thread checks at a time; the others
-        (``blocking=False``) keep serving the snapshot they have."""
+    def refresh(self, *, blocking: bool = True, membership: int | None = None) -> None:
+        """Load the highest version if it is not the one held, and the memberships before it is served
+        (at least ``membership``, the version a publication's message named). Only one thread checks at a
+        time; the others (``blocking=False``) keep serving the snapshot they have."""
         if not self._check_lock.acquire(blocking=blocking):
             return
         try:
+            row = None
             with self.db.read() as conn:
                 latest = conn.execute(select(func.max(program_versions.c.version))).scalar()
                 held = self._snapshot.version if self._snapshot else None
@@ -79,11 +90,19 @@ class ProgramRegistry:
                     row = conn.execute(select(program_versions.c.version, program_versions.c.yaml,
                                               program_versions.c.checksum)
                                        .where(program_versions.c.version == latest)).one()
-                    self._snapshot = _compile(row.version, row.yaml, row.checksum)
-                    log.info("serving program version %s", row.version)
+            if row is not None:
+                snapshot = _compile(row.version, row.yaml, row.checksum)
+                self._catch_up(membership)
+                self._snapshot = snapshot
+                log.info("serving program version %s", row.version)
             self._checked_at = time.monotonic()
         finally:
             self._check_lock.release()
+
+    def _catch_up(self, membership: int | None) -> int | None:
+        """The memberships a new version may name, loaded before it is served (read after the version was
+        seen, so they include every membership committed before it); the membership version held."""
+        return None if self.memberships is None else self.memberships(membership)
 
     # ---- publishing ---------------------------------------------------------------------------------------
 
@@ -111,8 +130,10 @@ class ProgramRegistry:
                 continue
         else:  # pragma: no cover
             raise FailedPrecondition("could not allocate a program version; retry")
-        self._snapshot = Snapshot(row["version"], program, Engine(program), checksum)
-        self._announce(row["version"])
+        snapshot = Snapshot(row["version"], program, Engine(program), checksum)
+        membership = self._catch_up(None)
+        self._snapshot = snapshot
+        self._announce(row["version"], membership)
         return row
 
     def get(self, version: int = 0) -> dict:
@@ -150,17 +171,26 @@ class ProgramRegistry:
             log.warning("program listener: %s; polling every %.1fs", exc, POLL_INTERVAL)
             self._interval = POLL_INTERVAL
 
-        self._listener = RedisListener(redis_url, CHANNEL, name="program-listener",
-                                       on_message=lambda: self.refresh(blocking=True), on_connect=connected,
-                                       on_down=down)
+        def published(text: str):
+            self.refresh(blocking=True, membership=_membership_of(text))
 
-    def _announce(self, version: int) -> None:
+        self._listener = RedisListener(redis_url, CHANNEL, name="program-listener", on_message=published,
+                                       on_connect=connected, on_down=down)
+
+    def _announce(self, version: int, membership: int | None) -> None:
+        """``"<version> <membership version>"``: the receivers load at least those memberships before they
+        serve the version (a plain ``"<version>"``, from a publisher without an audience index, works too)."""
         if self._listener is not None:
-            self._listener.publish(str(version))
+            self._listener.publish(str(version) if membership is None else f"{version} {membership}")
 
     def close(self) -> None:
         if self._listener is not None:
             self._listener.close()
+
+
+def _membership_of(text: str) -> int | None:
+    parts = text.split()
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
 
 
 def _compile(version: int, yaml_text: str, checksum: str) -> Snapshot:

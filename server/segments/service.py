@@ -39,7 +39,7 @@ from .models import (
     segment_runs, segments,
 )
 
-__all__ = ["SegmentService", "PREVIEW_COLUMNS", "CHANNEL", "Progress"]
+__all__ = ["SegmentService", "PREVIEW_COLUMNS", "CHANNEL", "Progress", "bump_membership_version"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,17 @@ PREVIEW_COLUMNS: dict[str, Any] = {
 DEFAULT_COLUMNS = ("member_id", "card", "first_name", "last_name", "gender", "city", "tier", "active_points")
 
 Progress = Callable[[str, int, int], None]      # (phase, done, total)
+
+
+def bump_membership_version(conn, now: dt.datetime) -> int:
+    """One more ``membership_version`` in the caller's transaction; returns it. Every process's
+    ``AudienceIndex`` then reloads what changed, and member contexts cached at an older version are not used
+    again. Bumped by every membership write here, and by the writes that change what other processes' cached
+    contexts hold (a card status, the periodic job's tiers and lots); announce it after the commit
+    (``AudienceIndex.announce``) where Redis is configured."""
+    conn.execute(update(membership_version).where(membership_version.c.id == 1).values(
+        version=membership_version.c.version + 1, updated_at=now))
+    return conn.execute(select(membership_version.c.version).where(membership_version.c.id == 1)).scalar_one()
 
 
 def _utcnow() -> dt.datetime:
@@ -680,9 +691,7 @@ class SegmentService:
         return BitMap.deserialize(data) if data else BitMap()
 
     def _bump(self, conn) -> int:
-        conn.execute(update(membership_version).where(membership_version.c.id == 1).values(
-            version=membership_version.c.version + 1, updated_at=self.clock()))
-        return conn.execute(select(membership_version.c.version).where(membership_version.c.id == 1)).scalar_one()
+        return bump_membership_version(conn, self.clock())
 
     def _store_bitmap(self, conn, audience_id: str, kind: str, bitmap: BitMap) -> None:
         bitmap.run_optimize()
