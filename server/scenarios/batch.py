@@ -104,7 +104,7 @@ def create(database, now: dt.datetime, batch_id: str, kind: str, points: int, *,
         conn.execute(update(batches).where(batches.c.id == batch_id).values(
             total=total, state=values["state"], finished_at=values["finished_at"]))
         return values
-    return _view(database.run_write(tx))
+    return _view(database.run_write(tx, idempotent=True))     # keyed by batch_id: a lost COMMIT is looked up
 
 
 def _resolve(conn, refs) -> list[int]:

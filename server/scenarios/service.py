@@ -314,4 +314,4 @@ class ScenarioService:
         transaction; see ``message_events`` for duplicates, rejections and subscription effects."""
         batch = message_events_mod.validate_batch(events)
         now = self.clock()
-        return self.db.run_write(message_events_mod.record, batch, now)
+        return self.db.run_write(message_events_mod.record, batch, now, idempotent=True)   # keyed by event ids
