@@ -114,3 +114,35 @@ def test_a_receipt_of_today_stays_pending_for_its_return_window(server):
                                  "receipt": receipt("today-3", (now - dt.timedelta(days=15)).isoformat(), 100000)})
         m = client.get_member({"member": {"card": "8200001"}})
     assert (m.active_points, m.pending_points) == (50, 1050 + 50)
+
+
+LIMITED = """
+program: limits
+accrual: {activation_days: 14, expiry_days: 365}
+tiers: {levels: [{name: Basic, from: 0, accrual_percent: 3}]}
+promotions:
+  - id: once-a-month-10
+    effect: {percent_off: 10}
+    limits: {uses_per_member: 1, period: month}
+"""
+
+
+def test_usage_limits_count_in_the_receipts_own_periods(server):
+    """A promotion usable once a month, with February's and March's receipts all confirmed in December: one use
+    in February, one in March (by the receipts' local dates), none left for another February receipt: the
+    periods come from the receipt, not from the server's clock."""
+    with server.client() as client:
+        client.publish_program({"yaml": LIMITED, "comment": "limits"})
+        enroll(client, "8400001", "female", True)
+
+        def discount(number: str, at: str) -> int:
+            reply = client.confirm_purchase({"member": {"card": "8400001"}, "receipt": receipt(number, at, 100000)})
+            return reply.answer.totals.discount
+
+        # 10% of 1 000.00 = 100.00 (10000 kopecks) when the promotion applies
+        assert discount("m-1", "2026-02-10T12:00:00+03:00") == 10000
+        assert discount("m-2", "2026-02-27T12:00:00+03:00") == 0           # February's use is taken
+        # 00:30 on 1 March in Moscow is still February in UTC: March by the receipt's local time
+        assert discount("m-3", "2026-03-01T00:30:00+03:00") == 10000
+        assert discount("m-4", "2026-03-31T23:00:00+03:00") == 0
+        assert discount("m-5", "2026-04-01T09:00:00+03:00") == 10000
