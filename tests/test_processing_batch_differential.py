@@ -11,6 +11,7 @@ later confirm of the batch may write them off (``_BatchWrite.exact`` False: one 
 """
 from __future__ import annotations
 
+import datetime as dt
 import os
 import random
 import uuid
@@ -33,6 +34,7 @@ CARDS = ["7400001", "7400002", "7400003", "7400004"]
 GOODS = [("milk-1l", "dairy", 8990), ("coffee-beans-1kg", "coffee", 89900), ("bread-white", "bread", 5490),
          ("cheese-200", "dairy", 45000), ("apple-gala", "fruit", 18900)]
 AT = "2026-03-02T12:30:00+03:00"
+MSK = dt.timezone(dt.timedelta(hours=3))
 ROUNDS = int(os.environ.get("LOYALTY_BATCH_DIFF_ROUNDS", "8"))
 
 
@@ -69,17 +71,19 @@ def _services(batched_url, alone_url, clock, monkeypatch, program):
     return out
 
 
-def _receipt(rng, number):
+def _receipt(rng, number, at=AT):
     lines = []
     for _ in range(rng.randint(1, 4)):
         sku, category, price = rng.choice(GOODS)
         lines.append(R.Line(sku=sku, categories=[category], quantity=rng.choice((1000, 2000, 1500)), price=price))
     coupons = ["WELCOME"] if rng.random() < 0.2 else []
-    return R.Receipt(store="msk-01", terminal=f"pos-{rng.randint(1, 2)}", number=number, at=AT, lines=lines,
+    return R.Receipt(store="msk-01", terminal=f"pos-{rng.randint(1, 2)}", number=number, at=at, lines=lines,
                      coupons=coupons, redeem_points=rng.choice((0, 0, 50, 120, 400)))
 
 
-def _requests(rng, round_no, earlier):
+def _requests(rng, round_no, earlier, at=AT):
+    """A round's requests, printed at ``at`` (the simulated clock's local time: their points wait out the
+    return window, SPEC 6)."""
     out = []
     for k in range(rng.randint(6, 14)):
         roll = rng.random()
@@ -87,7 +91,7 @@ def _requests(rng, round_no, earlier):
             out.append(rng.choice(earlier))
             continue
         card = rng.choice(CARDS + CARDS + ["", "7499999"])  # mostly members; anonymous; an unknown card
-        req = P.ConfirmPurchaseRequest(receipt=_receipt(rng, f"r{round_no}-{k}"))
+        req = P.ConfirmPurchaseRequest(receipt=_receipt(rng, f"r{round_no}-{k}", at))
         if card:
             req.member.card = card
         if earlier and roll < 0.15:                         # an earlier key with another payload: AlreadyExists
@@ -160,7 +164,7 @@ def test_batches_write_what_confirms_one_at_a_time_write(pg_url, pg_url_alone, c
         earlier: list = []
         shared = 0
         for round_no in range(ROUNDS):
-            requests = _requests(rng, round_no, earlier)
+            requests = _requests(rng, round_no, earlier, clock().astimezone(MSK).isoformat())
             before = batched._batcher.batches
             got = _together(batched, requests, gap=0.005)
             assert batched._batcher.batches - before == 1, "the round did not land in one batch"
