@@ -196,9 +196,11 @@ class _Watchdog:
                 self._cond.notify()
             return token
 
-    def disarm(self, token: int) -> None:
+    def disarm(self, token: int) -> bool:
+        """Stop watching; True when the deadline fired (the connection is shut down: discard it). Once this
+        returns, the watchdog never touches that socket again (it shuts sockets down under the same lock)."""
         with self._cond:
-            self._armed.pop(token, None)
+            return self._armed.pop(token, None) is None
 
     def _run(self) -> None:
         import socket
@@ -207,21 +209,21 @@ class _Watchdog:
             with self._cond:
                 now = time.monotonic()
                 due = [(t, fd) for t, (at, fd) in self._armed.items() if at <= now]
-                for token, _ in due:
-                    del self._armed[token]
                 if not due:
                     self._wake_at = min((at for at, _ in self._armed.values()), default=now + 60)
                     self._cond.wait(max(self._wake_at - now, 0.005))
                     continue
-            for _, fd in due:
-                log.warning("storage call still running at its deadline: its connection is shut down")
-                try:
-                    sock = socket.socket(fileno=os.dup(fd))
-                except OSError:
-                    continue
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
+                # under the lock: the owner cannot have disarmed and reused the socket meanwhile
+                for token, fd in due:
+                    del self._armed[token]
+                    log.warning("storage call still running at its deadline: its connection is shut down")
+                    try:
+                        sock = socket.socket(fileno=os.dup(fd))
+                    except OSError:
+                        continue
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+                    sock.close()
 
 
 _watchdog = _Watchdog()
@@ -380,7 +382,9 @@ class Database:
         try:
             yield
         finally:
-            _watchdog.disarm(token)
+            if _watchdog.disarm(token):         # shut down at the deadline: never back to the pool
+                with contextlib.suppress(Exception):
+                    conn.invalidate()
 
     @contextlib.contextmanager
     def _write_raw(self):

@@ -133,6 +133,21 @@ def fresh_postgres_database():
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+# Both storage backends, for ``@pytest.fixture(params=BACKENDS)``: a server test runs on each.
+BACKENDS = ("sqlite", pytest.param("postgres", marks=pytest.mark.postgres))
+
+
+@contextlib.contextmanager
+def server_on(backend: str, tmp_path: pathlib.Path, **kwargs):
+    """A started ``loyalty serve`` (``start_server``) on ``backend``: SQLite in ``tmp_path``, or a fresh PostgreSQL
+    database (``fresh_postgres_database``); stopped (and the database dropped) on exit."""
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(fresh_postgres_database()) if backend == "postgres" else None
+        srv = start_server(tmp_path, database_url=url, **kwargs)
+        stack.callback(srv.stop)
+        yield srv
+
+
 # ---- a TCP proxy we can cut -----------------------------------------------------------------------------------
 
 class TcpProxy:

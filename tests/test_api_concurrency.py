@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from loyalty.clients.client import LoyaltyError
-from serverutil import cli, fresh_postgres_database, now_at, start_server
+from serverutil import BACKENDS, cli, now_at, server_on
 
 AT = now_at()       # printed now: its points wait out the return window
 
@@ -21,18 +21,10 @@ def coffee_receipt(number: str, redeem: int) -> dict:
             "lines": [{"sku": "coffee-beans-1kg", "categories": ["coffee"], "quantity": 1000, "price": 89900}]}
 
 
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(scope="module", params=BACKENDS)
 def server(request, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp(f"concurrency-{request.param}")
-    if request.param == "sqlite":
-        srv = start_server(tmp)
+    with server_on(request.param, tmp_path_factory.mktemp(f"concurrency-{request.param}")) as srv:
         yield srv
-        srv.stop()
-    else:
-        with fresh_postgres_database() as url:
-            srv = start_server(tmp, database_url=url)
-            yield srv
-            srv.stop()
 
 
 def test_fifty_concurrent_confirms_never_spend_more_than_the_balance(server):

@@ -13,25 +13,17 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from loyalty.clients.client import LoyaltyError
-from serverutil import cli, fresh_postgres_database, start_server
+from serverutil import BACKENDS, cli, server_on
 
 AT = "2026-03-02T12:30:00+03:00"
 # Default gRPC clients refuse trailers (metadata) over 8 KiB; a status must stay well under that.
 TRAILER_BUDGET = 4096
 
 
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(scope="module", params=BACKENDS)
 def server(request, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp(f"members-{request.param}")
-    if request.param == "sqlite":
-        srv = start_server(tmp)
+    with server_on(request.param, tmp_path_factory.mktemp(f"members-{request.param}")) as srv:
         yield srv
-        srv.stop()
-    else:
-        with fresh_postgres_database() as url:
-            srv = start_server(tmp, database_url=url)
-            yield srv
-            srv.stop()
 
 
 @pytest.fixture

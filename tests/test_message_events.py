@@ -20,9 +20,9 @@ import grpc
 import pytest
 from sqlalchemy import create_engine, func, select
 
-from loyalty.clients.client import LoyaltyClient, LoyaltyError
+from loyalty.clients.client import LoyaltyError
 from loyalty.server.segments.models import message_events
-from serverutil import cli, fresh_postgres_database, start_server
+from serverutil import BACKENDS, cli, fresh_postgres_database, server_on, start_server
 from test_segments_fixtures import segsvc  # noqa: F401 - fixture
 from test_storage_fixtures import database_url, pg_url  # noqa: F401 - fixtures
 
@@ -39,18 +39,10 @@ def now() -> dt.datetime:
     return dt.datetime.now(UTC).replace(microsecond=0)
 
 
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(scope="module", params=BACKENDS)
 def server(request, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp(f"messages-{request.param}")
-    if request.param == "sqlite":
-        srv = start_server(tmp)
+    with server_on(request.param, tmp_path_factory.mktemp(f"messages-{request.param}")) as srv:
         yield srv
-        srv.stop()
-        return
-    with fresh_postgres_database() as url:
-        srv = start_server(tmp, database_url=url)
-        yield srv
-        srv.stop()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ Numbers by hand, demo program (Basic 3%, activation 14 days, point = 1.00 RUB): 
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 
@@ -19,15 +18,12 @@ import pytest
 
 from loyalty.clients.client import LoyaltyError
 from loyalty.v1 import segments_pb2 as S, segments_pb2_grpc
-from serverutil import fresh_postgres_database, start_server
+from serverutil import BACKENDS, server_on
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=BACKENDS)
 def server(request, tmp_path):
-    with contextlib.ExitStack() as stack:
-        url = stack.enter_context(fresh_postgres_database()) if request.param == "postgres" else None
-        srv = start_server(tmp_path, database_url=url)
-        stack.callback(srv.stop)
+    with server_on(request.param, tmp_path) as srv:
         yield srv
 
 

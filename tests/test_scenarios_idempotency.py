@@ -22,24 +22,16 @@ from loyalty.server.models import balances, ledger
 from loyalty.server.scenarios.models import batch_members, batches, scenarios
 from loyalty.v1 import scenarios_pb2 as S
 from loyalty.v1 import scenarios_pb2_grpc
-from serverutil import cli, fresh_postgres_database, start_server
+from serverutil import BACKENDS, cli, server_on
 from test_scenarios_fixtures import clock, database_url, enroll, http_sink, outbox, pg_url, scn, service  # noqa: F401
 
 CALLS = 20
 
 
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(scope="module", params=BACKENDS)
 def server(request, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp(f"scenario-keys-{request.param}")
-    if request.param == "sqlite":
-        srv = start_server(tmp)
+    with server_on(request.param, tmp_path_factory.mktemp(f"scenario-keys-{request.param}")) as srv:
         yield srv
-        srv.stop()
-    else:
-        with fresh_postgres_database() as url:
-            srv = start_server(tmp, database_url=url)
-            yield srv
-            srv.stop()
 
 
 @pytest.fixture
