@@ -142,10 +142,15 @@ def create_sql_engine(url: str, *, pool_size: int = 10) -> Engine:
     def _checkout(dbapi_conn, record, _proxy):
         since = record.info.get("idle_since")
         if since is not None and time.monotonic() - since > IDLE_PING_S:
+            at = current_deadline()
+            token = _watchdog.arm(at - DEADLINE_MARGIN_S, dbapi_conn.pgconn.socket) if at is not None else None
             try:
                 ok = engine.dialect.do_ping(dbapi_conn)
             except Exception:  # noqa: BLE001 - any failure means: use another connection
                 ok = False
+            finally:
+                if token is not None and _watchdog.disarm(token):
+                    ok = False      # the call's deadline came first (a hung server)
             if not ok:
                 raise DisconnectionError("pooled connection is dead")
 
@@ -359,6 +364,10 @@ class Database:
                     raise
                 if uncertain is None:
                     raise self._unavailable(exc) from None
+            except Unavailable:
+                if uncertain is None:       # e.g. the deadline passed before storage was reached
+                    raise
+                # a run after a lost COMMIT that did not reach storage: still unknown, never "not written"
             # the outcome of a lost COMMIT is still unknown: look again while the call has time
             if recheck_until is None:
                 recheck_until = current_deadline() or time.monotonic() + UNKNOWN_RECHECK_S

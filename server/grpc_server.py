@@ -82,7 +82,7 @@ ERROR_DOMAIN = "loyalty.v1"
 
 # Methods that run in the CPU pool; every other one waits on storage and runs in the I/O pool.
 CPU_METHODS = frozenset({"CalculateReceipt"})
-# The storage time of a call that sent no deadline (and the most any call gets): $LOYALTY_STORAGE_TIMEOUT_S.
+# The storage time of a call that sent no deadline: $LOYALTY_STORAGE_TIMEOUT_S (a call's own deadline rules).
 STORAGE_TIMEOUT_S = float(os.environ.get("LOYALTY_STORAGE_TIMEOUT_S", "60") or 60)
 
 
@@ -362,8 +362,7 @@ class LoyaltyServer:
             request = None
             remaining = context.time_remaining()
             # storage work of this call ends by the client's deadline (``db.deadline``; none sent: ours)
-            until = time.monotonic() + (STORAGE_TIMEOUT_S if remaining is None else min(remaining,
-                                                                                        STORAGE_TIMEOUT_S))
+            until = time.monotonic() + (STORAGE_TIMEOUT_S if remaining is None else remaining)
             try:
                 request = decode(raw)
                 if inline is not None:

@@ -112,6 +112,9 @@ def _data_errors(method):
     return wrapper
 
 
+# How far ahead of the server's clock a receipt's time may be (tills' clocks drift, time zones are misset).
+RECEIPT_AHEAD = dt.timedelta(days=1)
+
 # A group-commit batch is given at least this long in storage, even when a caller's deadline is nearer (a caller
 # whose deadline is nearer than this when its batch starts is answered at once and nothing of it is written).
 BATCH_MIN_TIME_S = 0.2
@@ -196,7 +199,8 @@ def _effects(snap: Snapshot, receipt: dict, ctx: MemberContext | None, answer: d
         if fx.accrued:
             # SPEC 6: pending for activation_days after the receipt's time, active at once if that is past (a
             # receipt confirmed late); expiry counts from activation.
-            fx.activates = max(moment + dt.timedelta(days=program.activation_days), now)
+            # (a receipt a little ahead of the server's clock counts from now: its till's clock runs fast)
+            fx.activates = max(min(moment, now) + dt.timedelta(days=program.activation_days), now)
             fx.expires = fx.activates + dt.timedelta(days=program.expiry_days) if program.expiry_days else None
             fx.is_pending = fx.activates > now
             if not fx.is_pending:
@@ -270,7 +274,7 @@ def _confirm_events(purchase_id: int, snap: Snapshot, receipt: dict, ctx, fx: _E
 
 # ---- the statements of ConfirmPurchase, built once --------------------------------------------------------------
 
-_SELECT_PURCHASE = (select(purchases.c.id, purchases.c.request_hash, purchases.c.answer)
+_SELECT_PURCHASE = (select(purchases.c.id, purchases.c.request_hash, purchases.c.answer, purchases.c.member_id)
                     .where(purchases.c.store == bindparam("store"), purchases.c.terminal == bindparam("terminal"),
                            purchases.c.number == bindparam("number")))
 _INSERT_PURCHASE = insert(purchases).returning(purchases.c.id)
@@ -292,7 +296,7 @@ _LOT_COLUMNS = ("member_id, points, remaining, state, activates_at, expires_at, 
 # PostgreSQL, raw driver SQL. The idempotency check draws the new purchase's id and two ledger entry ids in the
 # same statement (a replay or a failure leaves a gap in the sequences, as any rolled-back insert does).
 _PG_EXISTING = """SELECT p.id, p.request_hash, p.answer::text,
-       nextval('purchases_id_seq'), nextval('ledger_id_seq'), nextval('ledger_id_seq')
+       nextval('purchases_id_seq'), nextval('ledger_id_seq'), nextval('ledger_id_seq'), p.member_id
 FROM (VALUES (1)) AS one(x)
 LEFT JOIN purchases AS p ON p.store = %s AND p.terminal = %s AND p.number = %s"""
 # Every row of a confirm in one statement (data-modifying CTEs see the same snapshot and never the same row
@@ -346,7 +350,7 @@ _PG_SPEND_BUDGET = "UPDATE promotion_budgets SET spent = spent + %s WHERE promot
 
 # Group commit (``_confirm_batch``): the first round trip of a whole batch in four statements, whatever its size.
 # Stored purchases under the batch's keys (parameters: stores, terminals, numbers):
-_PGB_EXISTING = """SELECT p.store, p.terminal, p.number, p.id, p.request_hash, p.answer::text
+_PGB_EXISTING = """SELECT p.store, p.terminal, p.number, p.id, p.request_hash, p.answer::text, p.member_id
 FROM purchases AS p JOIN unnest(%s::varchar[], %s::varchar[], %s::varchar[]) AS k(store, terminal, number)
     ON p.store = k.store AND p.terminal = k.terminal AND p.number = k.number"""
 # A purchase id and two ledger entry ids per confirm (parameter: how many):
@@ -664,8 +668,8 @@ class ProcessingService:
         accrued = answer["totals"]["accrued_points"]
         if accrued and member is not None and not answer["member"]["anonymous"]:
             # what a confirm now would do: the points of a receipt past its return window are active at once
-            moment = parse_receipt_time(receipt["at"])[1]
-            if moment + dt.timedelta(days=snap.program.activation_days) <= self.clock():
+            moment, clock = parse_receipt_time(receipt["at"])[1], self.clock()
+            if min(moment, clock) + dt.timedelta(days=snap.program.activation_days) <= clock:
                 _accrued_active(answer, accrued)
         answer["program_version"] = snap.version
         return answer
@@ -769,7 +773,7 @@ class ProcessingService:
 
     def _confirm_outcome(self, outcome: tuple) -> tuple[int, dict, bool]:
         purchase_id, answer, replayed, member_id = outcome
-        if not replayed:
+        if member_id is not None:       # written now, or replayed (perhaps after a lost COMMIT reply)
             self.contexts.invalidate(member_id)
         return purchase_id, answer, replayed
 
@@ -781,7 +785,7 @@ class ProcessingService:
                                                    "number": receipt["number"]}).first()
         if existing is not None:
             return self._replay_purchase(existing.id, existing.request_hash, existing.answer, request_hash,
-                                         receipt, sent)
+                                         receipt, sent, existing.member_id)
 
         ctx = self._load_context(conn, ref, snap, lock=True) if ref is not None else None
         member = ctx.as_core(snap.program, at) if ctx is not None else None
@@ -848,10 +852,11 @@ class ProcessingService:
                 usage = (dconn.execute(USAGE_PG[ref[0]], (ref[1], limited_ids))
                          if ref is not None and limited_ids else None)
                 pair = dconn.execute(PHONE_MEMBER_PG, (ref[2],)) if ref is not None and len(ref) > 2 else None
-            existing_id, existing_hash, existing_answer, purchase_id, entry_a, entry_b = first.fetchone()
+            existing_id, existing_hash, existing_answer, purchase_id, entry_a, entry_b, existing_member = \
+                first.fetchone()
             if existing_id is not None:
                 return self._replay_purchase(existing_id, existing_hash, loads(existing_answer), request_hash,
-                                             receipt, sent)
+                                             receipt, sent, existing_member)
             ctx = None
             if found is not None:
                 row = found.fetchone()
@@ -911,8 +916,11 @@ class ProcessingService:
             slots = [s for s in slots if s not in late]
             if not slots:
                 return
-        # storage work is bounded by the nearest deadline of the batch, given at least BATCH_MIN_TIME_S
-        until = min((s.deadline for s in slots if s.deadline is not None), default=None)
+        # storage work is bounded by the latest deadline of the batch (one short deadline must not fail the
+        # others), given at least BATCH_MIN_TIME_S; a slot whose own deadline passes meanwhile is answered late
+        until = max((s.deadline for s in slots if s.deadline is not None), default=None)
+        if until is not None and any(s.deadline is None for s in slots):
+            until = None
         try:
             snap = self.programs.current()      # one program for the whole batch
             with db_deadline(None if until is None else max(until, now + BATCH_MIN_TIME_S)):
@@ -1006,9 +1014,9 @@ class ProcessingService:
                     outcomes[i] = j
                     continue
                 if key in stored:
-                    pid, stored_hash, stored_answer = stored[key]
+                    pid, stored_hash, stored_answer, stored_member = stored[key]
                     outcomes[i] = self._replay_purchase(pid, stored_hash, loads(stored_answer), request_hash,
-                                                        receipt, sent)
+                                                        receipt, sent, stored_member)
                     continue
                 ctx = None
                 if ref is not None and len(ref) > 2:
@@ -1132,14 +1140,16 @@ class ProcessingService:
 
     @staticmethod
     def _replay_purchase(purchase_id: int, stored_hash: str, answer: dict, request_hash: str, receipt: dict,
-                         sent: tuple | None = None):
+                         sent: tuple | None = None, member_id: int | None = None):
         """The stored answer when the payloads are the same (``sent``: the card and phone as sent, to recognise
-        a hash stored by an earlier release, ``_legacy_hashes``); ``AlreadyExists`` otherwise."""
+        a hash stored by an earlier release, ``_legacy_hashes``); ``AlreadyExists`` otherwise. ``member_id``
+        (the stored purchase's) is the member whose cached context the caller drops: a replay after a lost
+        COMMIT reply is the first answer this member's till hears of the purchase."""
         if stored_hash != request_hash and (sent is None or stored_hash not in _legacy_hashes(*sent, receipt)):
             raise AlreadyExists(
                 f"purchase {receipt['store']}/{receipt['terminal']}/{receipt['number']} was already confirmed "
                 f"with a different payload")
-        return purchase_id, answer, True, None
+        return purchase_id, answer, True, member_id
 
     @_data_errors
     def refund_purchase(self, request) -> processing_pb2.RefundPurchaseResponse:
@@ -1217,7 +1227,7 @@ class ProcessingService:
         if not cancel:
             done = self._stored_refund(conn, refund_id, request_hash)
             if done is not None:
-                return done, None
+                return done
         stmt = select(purchases).where(purchases.c.store == key[0], purchases.c.terminal == key[1],
                                        purchases.c.number == key[2])
         if is_pg:
@@ -1230,7 +1240,7 @@ class ProcessingService:
         if cancel or is_pg:       # (SQLite: the write lock was held since the first check)
             done = self._stored_refund(conn, refund_id, request_hash if not cancel else None)
             if done is not None:
-                return done, None
+                return done
         if purchase.status == "cancelled":
             raise FailedPrecondition(f"purchase {'/'.join(key)} was cancelled")
         lines = conn.execute(select(purchase_lines).where(purchase_lines.c.purchase_id == purchase.id)
@@ -1322,16 +1332,18 @@ class ProcessingService:
         return response, member_id
 
     @staticmethod
-    def _stored_refund(conn, refund_id: str, request_hash: str | None) -> dict | None:
+    def _stored_refund(conn, refund_id: str, request_hash: str | None) -> tuple[dict, int | None] | None:
         """The stored response under ``refund_id`` marked ``replayed`` (``AlreadyExists`` when
-        ``request_hash`` is given and differs), or None."""
-        done = conn.execute(select(refunds.c.request_hash, refunds.c.response)
+        ``request_hash`` is given and differs) and its purchase's member (whose cached context the caller
+        drops: a replay after a lost COMMIT reply is the first the till hears of it), or None."""
+        done = conn.execute(select(refunds.c.request_hash, refunds.c.response, purchases.c.member_id)
+                            .join(purchases, purchases.c.id == refunds.c.purchase_id)
                             .where(refunds.c.refund_id == refund_id)).first()
         if done is None:
             return None
         if request_hash is not None and done.request_hash != request_hash:
             raise AlreadyExists(f"refund {refund_id} was already made with a different payload")
-        return dict(done.response, replayed=True)
+        return dict(done.response, replayed=True), done.member_id
 
     def _give_back_limits(self, conn, purchase) -> None:
         """A cancelled or finally refunded purchase no longer counts: one use less of each promotion limited
@@ -1461,7 +1473,8 @@ class ProcessingService:
         try:
             # A concurrent change that commits first (the same request id, or the same phone for another
             # member) fails our write; the second run sees it and replays, or names the phone.
-            member_id, card = self._write_replaying(self._update_tx, v, _hash(request))
+            member_id, card = self._write_replaying(self._update_tx, v, _hash(request),
+                                                    idempotent=v["request_id"] is not None)
         except IntegrityError:
             raise AlreadyExists("the phone is already registered to another member", field="phone") from None
         self.contexts.invalidate(member_id)
@@ -1603,16 +1616,17 @@ class ProcessingService:
 
     def _adjust_tx(self, conn, ref, request, operation_id: str, expiry_days: int | None, request_hash: str):
         def stored():
-            done = conn.execute(select(operations.c.request_hash, operations.c.response)
+            done = conn.execute(select(operations.c.request_hash, operations.c.response, operations.c.member_id)
                                 .where(operations.c.operation_id == operation_id)).first()
             if done is not None and done.request_hash != request_hash:
                 raise AlreadyExists(f"operation {operation_id} was already made with a different payload",
                                     field="operation_id")
-            return None if done is None else dict(done.response, replayed=True)
+            # (its member's cached context is dropped by the caller: perhaps a replay after a lost COMMIT reply)
+            return None if done is None else (dict(done.response, replayed=True), done.member_id)
 
         done = stored()
         if done is not None:
-            return done, None
+            return done
         ctx = find_member(conn, ref, lock=True)
         if ctx is None:
             raise NotFound(f"member {ref[1]} was not found")
@@ -1621,7 +1635,7 @@ class ProcessingService:
             # committed by now (SQLite held the write lock since the first check).
             done = stored()
             if done is not None:
-                return done, None
+                return done
         now = self.clock()
         points, kind = request.points, request.kind
         if kind == "debit":
@@ -1811,14 +1825,20 @@ class ProcessingService:
             stmt = stmt.with_for_update()
         return dict(conn.execute(stmt).all())
 
-    @staticmethod
-    def _receipt_at(receipt: dict) -> dt.datetime | None:
+    def _receipt_at(self, receipt: dict) -> dt.datetime | None:
+        """The receipt's local time (naive), checked: a valid time with a valid offset, not more than
+        ``RECEIPT_AHEAD`` ahead of the server's clock (a till whose clock is years off would park its points
+        and count its receipts in the wrong windows)."""
         if "at" not in receipt:
             raise InvalidArgument("receipt.at", "required")
         try:
-            return parse_at(receipt["at"], "receipt.at")
+            local, moment = parse_receipt_time(receipt["at"], "receipt.at")
         except InputError as exc:
             raise InvalidArgument(exc.path, exc.reason) from None
+        if moment > self.clock() + RECEIPT_AHEAD:
+            raise InvalidArgument("receipt.at", f"more than {RECEIPT_AHEAD.days} day ahead of the server's clock "
+                                                f"({iso(self.clock())}): check the till's date and time")
+        return local
 
     @staticmethod
     def _purchase_key(key, path: str) -> tuple[str, str, str]:

@@ -98,6 +98,9 @@ def test_a_lost_commit_reply_is_found_out_within_the_call(tmp_path, monkeypatch,
                 assert stored(url, "lost-reply") == (1, 900)                 # written once, charged once
                 again = client.confirm_purchase(confirm_request("lost-reply"))
                 assert again.replayed and again.purchase_id == reply.purchase_id
+                # the till's next calculation sees the purchase (no context cached from before it)
+                calc = client.calculate_receipt(confirm_request("next"))
+                assert calc.answer.member.active_before == 900
 
                 proxy.lose_commit_reply()
                 refund = client.refund_purchase({"refund_id": "lost-refund", "all_remaining": True, "reason": "r",
@@ -105,6 +108,7 @@ def test_a_lost_commit_reply_is_found_out_within_the_call(tmp_path, monkeypatch,
                                                               "number": "lost-reply"}})
                 assert proxy.commits_lost == 2 and refund.returned_points == 100
                 assert stored(url, "lost-reply")[1] == 1000
+                assert client.calculate_receipt(confirm_request("next")).answer.member.active_before == 1000
 
                 proxy.lose_commit_reply()
                 adjust = client.adjust_points({"member": {"card": "7000001"}, "kind": "credit", "points": 5,

@@ -18,7 +18,7 @@ import pytest
 
 from loyalty.clients.client import LoyaltyError
 from loyalty.v1 import segments_pb2 as S, segments_pb2_grpc
-from serverutil import BACKENDS, server_on
+from serverutil import BACKENDS, now_at, server_on
 
 
 @pytest.fixture(params=BACKENDS)
@@ -65,7 +65,8 @@ def test_history_confirmed_late_counts_on_its_receipt_dates(server):
             for n, (at, price) in enumerate(receipts):
                 reply = client.confirm_purchase({"member": {"card": card},
                                                  "receipt": receipt(f"{card}-{n}", at, price)})
-                assert reply.answer.totals.accrued_points == price * (3 if n == 0 else 5) // 10000
+                if n == 0:                  # a new member's first receipt: Basic, 3%
+                    assert reply.answer.totals.accrued_points == price * 3 // 10000
         # February's points: 14 days of return window long past, so active at once, nothing pending
         first = client.get_member({"member": {"card": "8100001"}})
         assert (first.active_points, first.pending_points) == (1050, 0)
@@ -142,3 +143,19 @@ def test_usage_limits_count_in_the_receipts_own_periods(server):
         assert discount("m-3", "2026-03-01T00:30:00+03:00") == 10000
         assert discount("m-4", "2026-03-31T23:00:00+03:00") == 0
         assert discount("m-5", "2026-04-01T09:00:00+03:00") == 10000
+
+
+def test_a_till_clock_a_little_fast_is_taken_as_now_and_a_wrong_date_is_refused(server):
+    with server.client(retries=0) as client:
+        enroll(client, "8500001", "female", True)
+        # five minutes ahead (a fast till): its points wait out the window from now, like a receipt of now
+        ahead = client.confirm_purchase({"member": {"card": "8500001"},
+                                         "receipt": receipt("fast-1", now_at(minutes=-5), 100000)})
+        assert (ahead.answer.member.active_after, ahead.answer.member.pending_after) == (0, 30)
+        # two days ahead: the till's date is wrong; nothing is written
+        for call in (client.calculate_receipt, client.confirm_purchase):
+            with pytest.raises(LoyaltyError) as err:
+                call({"member": {"card": "8500001"}, "receipt": receipt("fast-2", now_at(days=-2), 100000)})
+            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and err.value.field == "receipt.at"
+        m = client.get_member({"member": {"card": "8500001"}})
+        assert (m.active_points, m.pending_points) == (0, 30)

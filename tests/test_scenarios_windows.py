@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
 from sqlalchemy import select
 
 from loyalty.server.segments.models import member_tags
@@ -20,10 +21,11 @@ from test_scenarios_fixtures import (  # noqa: F401 - fixtures
 )
 
 
-def buy(service, clock, card: str, number: str) -> None:
+def buy(service, clock, card: str, number: str, printed: dt.timedelta = dt.timedelta(0)) -> None:
+    """A purchase confirmed now, its receipt printed ``printed`` from now (the till's own clock)."""
     service.confirm_purchase(P.ConfirmPurchaseRequest(
         member=R.MemberRef(card=card),
-        receipt=R.Receipt(store="msk-01", terminal="pos-3", number=number, at=clock().isoformat(),
+        receipt=R.Receipt(store="msk-01", terminal="pos-3", number=number, at=(clock() + printed).isoformat(),
                           lines=[R.Line(sku="coffee-beans-1kg", categories=["coffee"], quantity=1000,
                                         price=89900)])))
 
@@ -38,15 +40,18 @@ def tags(db, member_id: int) -> set[str]:
         return set(conn.execute(select(member_tags.c.tag).where(member_tags.c.member_id == member_id)).scalars())
 
 
+@pytest.mark.parametrize("printed", [0, -10], ids=["receipt-after", "receipt-opened-before-registering"])
 def test_welcome_member_who_registers_and_buys_at_once_gets_the_reward_however_late_the_worker(
-        scn, http_sink, clock):
+        scn, http_sink, clock, printed):
+    """``printed``: minutes between the registration and the receipt's own time; -10 is a card registered at the
+    till while its first receipt was open (the receipt is older than the registration, its confirmation not)."""
     service, sc, worker = scn
     sc.define(WELCOME.read_text(encoding="utf-8").replace("http://127.0.0.1:8089", http_sink.url))
     sc.add_promo_codes("welcome", ["WELCOME-A"])
     registered = clock()
     member = enroll(service, "7000001", source="form", phone="+79000000001", email="anna@example.com",
                     subs={"email": True, "sms": True})
-    buy(service, clock, "7000001", "w-1")          # at the till, right after registering
+    buy(service, clock, "7000001", "w-1", dt.timedelta(minutes=printed))     # at the till, right after registering
     clock.advance(hours=3)                         # no worker ran until now
     worker.run_until_idle()
     [run] = runs(service.db, "welcome")

@@ -20,7 +20,7 @@ import datetime as dt
 import logging
 
 from pyroaring import BitMap
-from sqlalchemy import exists, func, insert, select, update
+from sqlalchemy import exists, func, insert, or_, select, update
 
 from loyalty.server import ledger
 from loyalty.server.models import balances, events, members, program_versions, purchases
@@ -242,8 +242,14 @@ class Runner:
                 self._window(w, arg, me.at)))).scalar()
         if kind == "event" and arg["kind"] == "purchase_confirmed":
             # purchases happen when their receipts say (SPEC 6): counted by receipt time, cancelled ones not
+            # The window opens at the run's event by the receipt's time, or by the confirmation for a receipt
+            # printed a little before it (a card registered at the till while its first receipt was open)
             p = purchases.c
-            where = [p.member_id == member_id, p.status != "cancelled", self._window(w, arg, p.receipt_time)]
+            start = w.run.entered_at
+            where = [p.member_id == member_id, p.status != "cancelled",
+                     or_(p.receipt_time >= start, p.created_at >= start)]
+            if "within" in arg:
+                where.append(p.receipt_time <= start + dt.timedelta(seconds=arg["within"]))
             started = (w.run.context or {}).get("event") or {}
             if started.get("kind") == "purchase_confirmed" and str(started.get("purchase_id", "")).isdigit():
                 where.append(p.id != int(started["purchase_id"]))      # not the run's own purchase
