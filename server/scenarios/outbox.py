@@ -29,6 +29,7 @@ import json
 import logging
 import smtplib
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -36,6 +37,7 @@ from email.message import EmailMessage
 
 from sqlalchemy import insert, select, update
 
+from loyalty.server.errors import ServiceError
 from loyalty.server.segments.models import message_events
 
 from .common import backoff, claim
@@ -182,18 +184,31 @@ def deliver_due(database, channels: Channels, now: dt.datetime, *, limit: int = 
     try:
         while True:
             at = (now if handled == 0 else clock()) if handled < limit else None
-            row, until = database.run_write(_record_and_claim, outcome, at, lease)
+            row, until = _record_then_claim(database, outcome, at, lease, lease_s)
+            keeper.release()            # the previous send's outcome is recorded: its lease is no longer needed
             if row is None:
                 return handled
             keeper.hold(row.id, until)
-            try:
-                error = _send(channels, row)
-            finally:
-                keeper.release()
+            error = _send(channels, row)
             outcome = (row, error, clock())
             handled += 1
     finally:
         keeper.close()
+
+
+def _record_then_claim(database, outcome, at, lease: dt.timedelta, lease_s: float):
+    """``_record_and_claim`` in a transaction; when storage fails after a send, the outcome is kept and recorded
+    again (the keeper still renews the row's lease meanwhile) for up to half a lease: a delivery is repeated only
+    when its worker dies, or storage stays away longer than that, between sending and recording."""
+    give_up = time.monotonic() + lease_s / 2
+    while True:
+        try:
+            return database.run_write(_record_and_claim, outcome, at, lease)
+        except ServiceError as exc:
+            if outcome is None or exc.code != "UNAVAILABLE" or time.monotonic() >= give_up:
+                raise
+            log.warning("recording delivery %s failed (%s); trying again", outcome[0].id, exc.message)
+            time.sleep(min(0.5, max(0.0, give_up - time.monotonic())))
 
 
 def _send(channels: Channels, row) -> DeliveryError | None:
