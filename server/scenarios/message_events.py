@@ -221,11 +221,16 @@ def record(conn, events: list[dict], now: dt.datetime) -> dict:
         else:
             rows[e["id"]] = (i, row)
     written = _insert(conn, [rows[k][1] for k in sorted(rows)], now)
-    duplicates += [i for k, (i, _row) in rows.items() if k not in written]
+    # Rows stored at this very ``now`` are this call's own: a run again after a lost COMMIT reply
+    # (``Database.run_write``) answers them as recorded, as the first run would have (their effects are in).
+    earlier = sorted(k for k in rows if k not in written)
+    ours = set(conn.execute(select(message_events.c.event_id).where(
+        message_events.c.event_id.in_(earlier), message_events.c.recorded_at == now)).scalars()) if earlier else set()
+    duplicates += [i for k, (i, _row) in rows.items() if k not in written and k not in ours]
     new = sorted((rows[k] for k in written), key=lambda x: x[0])
     changed = _apply_subscriptions(conn, [row for _i, row in new], now)
-    return {"recorded": len(written), "duplicates": len(duplicates), "duplicate_indexes": sorted(duplicates),
-            "rejected": rejected, "subscriptions_changed": changed}
+    return {"recorded": len(written) + len(ours), "duplicates": len(duplicates),
+            "duplicate_indexes": sorted(duplicates), "rejected": rejected, "subscriptions_changed": changed}
 
 
 def _insert(conn, rows: list[dict], now: dt.datetime) -> set[str]:
