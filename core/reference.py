@@ -215,12 +215,6 @@ def _within_limits(promo: Promotion, facts: ReceiptFacts) -> bool:
     return True
 
 
-def is_eligible(promo: Promotion, facts: ReceiptFacts, groups: dict[str, ProductGroup]) -> bool:
-    if not promo.effect.is_discount and facts.customer.anonymous:
-        return False    # an anonymous receipt has no points, so points promotions cannot apply
-    return not failed_conditions(promo, facts, groups)
-
-
 # ---- line discounts (step 3) ----------------------------------------------------------------------------
 
 def effect_discounts(effect: Effect, taking: Sequence[int], lines: Sequence[Line], current: Sequence[int],

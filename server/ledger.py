@@ -136,12 +136,6 @@ def _move_balance_stmt(dialect: str):
 
 _move_balance = {"sqlite": _move_balance_stmt("sqlite"), "postgresql": _move_balance_stmt("postgresql")}
 
-# The same on PostgreSQL for the raw fast path: (active, pending, purchases_sum, tier or NULL, now, member_id).
-MOVE_BALANCE_PG = """UPDATE balances SET active = active + %s, pending = pending + %s,
-       purchases_sum = GREATEST(purchases_sum + %s, 0), tier = COALESCE(%s::varchar, tier), updated_at = %s
-WHERE member_id = %s"""
-
-
 def move_balance(conn, member_id: int, *, active: int = 0, pending: int = 0, purchases_sum: int = 0,
                  tier: str | None = None, now: dt.datetime) -> None:
     """Add the deltas to the member's balances (``purchases_sum`` never below zero); ``tier`` when given."""

@@ -336,12 +336,6 @@ WHERE member_id = (SELECT member_id FROM cards WHERE number = %s) AND promotion 
 WHERE member_id = (SELECT id FROM members WHERE phone = %s) AND promotion = ANY(%s::varchar[])""",
 }
 
-# One more use of each (promotion, period_key) in one statement (parameters: member id, promotions, keys).
-INCREMENT_USAGE_PG = """INSERT INTO promotion_usage (member_id, promotion, period_key, uses)
-SELECT %s::bigint, t.promotion, t.period_key, 1 FROM unnest(%s::varchar[], %s::varchar[]) AS t(promotion, period_key)
-ON CONFLICT (member_id, promotion, period_key) DO UPDATE SET uses = promotion_usage.uses + 1"""
-
-
 # The member of a phone, for ``check_pair`` (parameter: the normalized phone).
 PHONE_MEMBER_PG = "SELECT id FROM members WHERE phone = %s"
 _PHONE_MEMBER = select(members.c.id).where(members.c.phone == bindparam("phone"))

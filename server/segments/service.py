@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 CHANNEL = "loyalty:membership"
 SEGMENT_KEYS = ("id", "title", "type", "conditions", "schedule")
 AUDIENCE_KEYS = ("id", "title", "include", "exclude")
-ORIGINS = ("program", "api", "cli")
 CHANGE_SOURCES = ("api", "cli", "csv", "scenario")
 RUN_SOURCES = ("schedule", "api", "cli", "program")
 _CHUNK = 5000
@@ -606,7 +605,7 @@ class SegmentService:
             return set()
         ctx = self._context(conn, only_member=member_id)
         from sqlalchemy import case
-        cols, from_ = [], None
+        cols = []
         compiler = cond._Compiler(ctx)
         for sid, tree in defs.items():
             cols.append(case((compiler.node(tree), 1), else_=0).label(f"s{len(cols)}"))
