@@ -16,12 +16,13 @@ tests/test_wire.py holds the compiled one to it byte for byte.
 """
 from __future__ import annotations
 
-import datetime as dt
 
 from google.protobuf.message import DecodeError
 
 from loyalty.core import NO_EXTENSIONS
 from loyalty.v1 import processing_pb2, receipt_pb2
+
+from .timeutil import iso
 
 __all__ = ["receipt_to_dict", "answer_to_proto", "iso", "decode_calculate_request", "decode_receipt_request",
            "encode_calculate_response", "encode_confirm_response", "receipt_fits_storage", "receipt_strings",
@@ -83,13 +84,6 @@ def answer_to_proto(answer: dict) -> receipt_pb2.ReceiptAnswer:
             state.to_next_tier = m["to_next_tier"]
         msg.member.CopyFrom(state)
     return msg
-
-
-def iso(value: dt.datetime | dt.date | None) -> str:
-    """ISO 8601 for the API; empty for None."""
-    if value is None:
-        return ""
-    return value.isoformat()
 
 
 def decode_calculate_request_py(data: bytes) -> tuple[str, str, dict]:

@@ -46,7 +46,6 @@ import gc
 import logging
 import multiprocessing
 import os
-import re
 import signal
 import socket
 import sys
@@ -54,16 +53,15 @@ import time
 import uuid
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError
-from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from grpc_status import rpc_status
 
 from loyalty.server.convert import decode_receipt_request, encode_calculate_response, encode_confirm_response
 from loyalty.server.db import deadline as db_deadline
 from loyalty.server.errors import InvalidArgument, ServiceError
+from loyalty.server.grpc_register import snake
+from loyalty.server.status import internal_status, status_for
 from loyalty.server.metrics import Metrics
 from loyalty.server.scenarios.grpc_service import add_scenarios_service
 from loyalty.server.segments.grpc_service import add_segments_service
@@ -78,7 +76,6 @@ ADMIN = "loyalty.v1.Admin"
 SEGMENTS = "loyalty.v1.Segments"
 SCENARIOS = "loyalty.v1.Scenarios"
 SERVICE_NAMES = (PROCESSING, ADMIN, SEGMENTS, SCENARIOS)
-ERROR_DOMAIN = "loyalty.v1"
 
 # Methods that run in the CPU pool; every other one waits on storage and runs in the I/O pool.
 CPU_METHODS = frozenset({"CalculateReceipt"})
@@ -107,82 +104,6 @@ class ServeConfig:
     metrics_port: int | None = None
     metrics_log_interval: float = 60.0
     reuse_port: bool = False        # set for workers; a single process refuses a port that is taken
-
-
-# ---- outcome -> status ----------------------------------------------------------------------------------------
-
-def _pack(message) -> any_pb2.Any:
-    packed = any_pb2.Any()
-    packed.Pack(message)
-    return packed
-
-
-# A status travels in the trailers, and a default gRPC client refuses trailers over 8 KiB: it then reports
-# RESOURCE_EXHAUSTED, not the code we sent. Messages quote at most a prefix of a client's value
-# (``loyalty.core.errors.quote``); as a safety net every text of a status is cut to STATUS_TEXT_LIMIT bytes and
-# the whole (message percent-encoded, details base64-encoded, as they travel) kept under STATUS_LIMIT.
-STATUS_TEXT_LIMIT = 512
-STATUS_LIMIT = 4096
-MAX_VIOLATIONS = 8
-
-
-def _short(text: str, limit: int = STATUS_TEXT_LIMIT) -> str:
-    """``text`` when its UTF-8 fits ``limit`` bytes, else as much of it as fits and its length."""
-    data = text.encode()
-    if len(data) <= limit:
-        return text
-    return f"{data[:limit].decode(errors='ignore')}… ({len(text)} characters)"
-
-
-def _trailer_size(status: status_pb2.Status) -> int:
-    """About the bytes ``status`` takes in the trailers: ``grpc-message`` percent-encodes every byte outside
-    printable ASCII, ``grpc-status-details-bin`` is base64."""
-    message = sum(1 if 0x20 <= b <= 0x7E and b != 0x25 else 3 for b in status.message.encode())
-    return message + (status.ByteSize() * 4 + 2) // 3
-
-
-def status_for(exc: ServiceError) -> grpc.Status:
-    """The rich status of a domain error: its code, its client-facing message, and details a program can read
-    (BadRequest field violations for bad input, ErrorInfo with the numbers for the rest), at most
-    ``STATUS_LIMIT`` bytes of it: when the full one is larger, the message and the first field violation cut
-    to 200 bytes, and the ErrorInfo with its short metadata values only."""
-    status = _status(exc, STATUS_TEXT_LIMIT, MAX_VIOLATIONS, metadata=True)
-    if _trailer_size(status) > STATUS_LIMIT:
-        status = _status(exc, 200, 1, metadata=False)
-    return rpc_status.to_status(status)
-
-
-def _status(exc: ServiceError, limit: int, violations: int, *, metadata: bool) -> status_pb2.Status:
-    code = getattr(code_pb2, exc.code, code_pb2.INTERNAL)
-    details = []
-    if isinstance(exc, InvalidArgument):
-        details.append(_pack(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=_short(path, min(limit, 256)),
-                                                        description=_short(reason, limit))
-            for path, reason in exc.violations[:violations]])))
-    else:
-        items = [(k, str(v)) for k, v in list(exc.details.items())[:16] if v is not None]
-        # cut short: only the short values (numbers such as available_points, a field name)
-        info = ({k: _short(v, min(limit, 256)) for k, v in items} if metadata else
-                {k: v for k, v in items[:8] if len(v) <= 64})
-        reason = exc.details.get("reason") or exc.code
-        if exc.code == "FAILED_PRECONDITION" and "available_points" in exc.details:
-            reason = "NOT_ENOUGH_POINTS"
-            violation = error_details_pb2.PreconditionFailure.Violation(
-                type="NOT_ENOUGH_POINTS", subject="receipt.redeem_points", description=_short(exc.message, limit))
-            details.append(_pack(error_details_pb2.PreconditionFailure(violations=[violation])))
-        details.insert(0, _pack(error_details_pb2.ErrorInfo(reason=_short(str(reason), 64), domain=ERROR_DOMAIN,
-                                                            metadata=info)))
-        if exc.code == "UNAVAILABLE":
-            details.append(_pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=200_000_000))))
-    return status_pb2.Status(code=code, message=_short(exc.message, limit), details=details)
-
-
-def _internal_status(incident: str) -> grpc.Status:
-    return rpc_status.to_status(status_pb2.Status(
-        code=code_pb2.INTERNAL, message=f"internal error (incident {incident}, logged on the server)",
-        details=[_pack(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=ERROR_DOMAIN,
-                                                   metadata={"incident": incident}))]))
 
 
 def request_key(request) -> str:
@@ -251,10 +172,6 @@ _decode_confirm = _dict_decoder("loyalty.v1.ConfirmPurchaseRequest")
 
 # ---- the server -----------------------------------------------------------------------------------------------
 
-def _snake(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-
-
 class LoyaltyServer:
     """One process's gRPC server around one service. ``await start()``, then ``await stop()``."""
 
@@ -309,7 +226,7 @@ class LoyaltyServer:
                                               pool, self._confirm_inline)
             else:
                 handler = self._make_handler(method.name, getattr(module, method.input_type.name),
-                                             getattr(self.service, _snake(method.name)), pool)
+                                             getattr(self.service, snake(method.name)), pool)
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(handler)
         return grpc.method_handlers_generic_handler(service_name, handlers)
 
@@ -387,7 +304,7 @@ class LoyaltyServer:
                 incident = uuid.uuid4().hex[:12]
                 log.exception("%s INTERNAL incident=%s %s", method, incident,
                               (describe(request) if request else "") or "-")
-                await context.abort_with_status(_internal_status(incident))
+                await context.abort_with_status(internal_status(incident))
             finally:
                 elapsed = time.perf_counter() - started
                 metrics.observe(method, code, elapsed)

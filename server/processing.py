@@ -37,6 +37,7 @@ from loyalty.v1 import admin_pb2, processing_pb2
 
 from . import ledger
 from .batcher import Batcher
+from .timeutil import utcnow
 from .convert import answer_to_proto, iso, receipt_strings, receipt_to_dict
 from .db import (
     Database, committing, current_deadline, deadline as db_deadline, driver_errors, dumps, loads,
@@ -59,10 +60,6 @@ from .segments.service import SegmentService, bump_membership_version
 __all__ = ["ProcessingService"]
 
 log = logging.getLogger(__name__)
-
-
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
 
 
 def _hash(message) -> str:
@@ -549,7 +546,7 @@ class ProcessingService:
                  group_commit: int | None = None, batch_threads: int | None = None):
         self.db = database
         self.programs = programs
-        self.clock = clock or _utcnow
+        self.clock = clock or utcnow
         self.contexts = ContextCache()
         self._budget_cache: tuple[float, dict] | None = None
         self._old_programs: dict = {}       # version -> Program of older versions (``_program_version``)
@@ -585,7 +582,7 @@ class ProcessingService:
         as ``check_ready() == False``. ``batch_threads``: group-commit batches in flight (None:
         $LOYALTY_CONFIRM_BATCH_THREADS, default 2)."""
         database = Database(database_url)
-        clock = clock or _utcnow
+        clock = clock or utcnow
         return cls(database, ProgramRegistry(database, redis_url=redis_url, clock=clock), clock=clock,
                    redis_url=redis_url, batch_threads=batch_threads)
 

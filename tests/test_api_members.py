@@ -325,7 +325,7 @@ def test_a_status_stays_small_whatever_the_error_holds():
     from google.rpc import error_details_pb2, status_pb2
 
     from loyalty.server.errors import AlreadyExists, InvalidArgument
-    from loyalty.server.grpc_server import status_for
+    from loyalty.server.status import status_for
 
     def trailer(status) -> int:
         message = sum(1 if 0x20 <= b <= 0x7E and b != 0x25 else 3 for b in status.details.encode())

@@ -7,12 +7,9 @@ import datetime as dt
 from sqlalchemy import select
 
 from loyalty.server.models import balances, cards, members, subscriptions
+from loyalty.server.timeutil import utcnow
 
 __all__ = ["utcnow", "insert_ignore", "claim", "load_member", "member_values", "backoff"]
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
 
 
 def insert_ignore(conn, table):

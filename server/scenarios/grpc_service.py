@@ -9,10 +9,10 @@ is the process's ``ProcessingService`` (its database and clock are shared) or a 
 """
 from __future__ import annotations
 
-import datetime as dt
 import json
 
 from loyalty.server.grpc_register import register_servicer
+from loyalty.server.timeutil import iso
 from loyalty.v1 import scenarios_pb2
 
 from .service import ScenarioService
@@ -23,24 +23,18 @@ SERVICE_NAME = "loyalty.v1.Scenarios"
 _EVENT_FIELDS = tuple(f.name for f in scenarios_pb2.MessageEvent.DESCRIPTOR.fields)
 
 
-def _iso(value) -> str:
-    if value is None:
-        return ""
-    return value.isoformat() if isinstance(value, (dt.date, dt.datetime)) else str(value)
-
-
 def _scenario(d: dict) -> scenarios_pb2.Scenario:
     return scenarios_pb2.Scenario(id=d["id"], title=d["title"], version=d["version"], enabled=d["enabled"],
                                   origin=d["origin"], triggers=d["triggers"], steps=d["steps"],
                                   definition_json=json.dumps(d["definition"], ensure_ascii=False),
-                                  updated_at=_iso(d["updated_at"]))
+                                  updated_at=iso(d["updated_at"]))
 
 
 def _batch(b: dict) -> scenarios_pb2.BatchProgress:
     return scenarios_pb2.BatchProgress(batch_id=b["id"], kind=b["kind"], points=b["points"], state=b["state"],
                                        total=b["total"], processed=b["processed"], written=b["written"],
-                                       points_moved=b["points_moved"], created_at=_iso(b["created_at"]),
-                                       finished_at=_iso(b["finished_at"]))
+                                       points_moved=b["points_moved"], created_at=iso(b["created_at"]),
+                                       finished_at=iso(b["finished_at"]))
 
 
 class ScenariosServicer:
@@ -76,7 +70,7 @@ class ScenariosServicer:
         return scenarios_pb2.ListDeadLettersResponse(dead_letters=[
             scenarios_pb2.DeadLetter(kind=r["kind"], id=r["id"], key=r["key"], scenario_id=r["scenario_id"] or "",
                                      step=r["step"] or "", member_id=r["member_id"] or 0, channel=r["channel"],
-                                     attempts=r["attempts"], error=r["error"] or "", at=_iso(r["at"]))
+                                     attempts=r["attempts"], error=r["error"] or "", at=iso(r["at"]))
             for r in rows])
 
     def retry_dead_letter(self, request):

@@ -9,13 +9,13 @@ them to status codes and rich details exactly as for the Processing and Admin se
 """
 from __future__ import annotations
 
-import datetime as dt
 import io
 import json
 
 
 from loyalty.server.errors import InvalidArgument
 from loyalty.server.grpc_register import register_servicer
+from loyalty.server.timeutil import iso
 from loyalty.v1 import segments_pb2
 
 from .service import SegmentService
@@ -25,12 +25,6 @@ __all__ = ["SegmentsServicer", "add_segments_service", "SERVICE_NAME"]
 SERVICE_NAME = "loyalty.v1.Segments"
 
 
-def _iso(value) -> str:
-    if value is None:
-        return ""
-    return value.isoformat() if isinstance(value, (dt.date, dt.datetime)) else str(value)
-
-
 def _segment(d: dict) -> segments_pb2.Segment:
     if d["kind"] == "audience":
         return segments_pb2.Segment(id=d["id"], kind="audience", title=d.get("title") or "",
@@ -38,14 +32,14 @@ def _segment(d: dict) -> segments_pb2.Segment:
     return segments_pb2.Segment(
         id=d["id"], kind="segment", title=d["title"] or "", type=d["type"],
         conditions_json=json.dumps(d["conditions"], ensure_ascii=False) if d["conditions"] is not None else "",
-        schedule=d["schedule"] or "", member_count=d["member_count"], calculated_at=_iso(d["calculated_at"]),
-        next_run_at=_iso(d["next_run_at"]), origin=d["origin"])
+        schedule=d["schedule"] or "", member_count=d["member_count"], calculated_at=iso(d["calculated_at"]),
+        next_run_at=iso(d["next_run_at"]), origin=d["origin"])
 
 
 def _run(r: dict) -> segments_pb2.SegmentRun:
     return segments_pb2.SegmentRun(
         id=r["id"], segment_id=r["segment_id"], source=r["source"], status=r["status"], phase=r.get("phase", ""),
-        started_at=_iso(r["started_at"]), finished_at=_iso(r["finished_at"]), duration_ms=r["duration_ms"],
+        started_at=iso(r["started_at"]), finished_at=iso(r["finished_at"]), duration_ms=r["duration_ms"],
         member_count=r["member_count"], added=r["added"], removed=r["removed"], error=r.get("error", ""))
 
 
@@ -101,7 +95,7 @@ class SegmentsServicer:
         rows = self.segments.preview(request.id, columns, request.limit or 20)
         cols = list(rows[0]) if rows else (columns or list(self.segments._columns(None)))
         return segments_pb2.PreviewResponse(columns=cols, rows=[
-            segments_pb2.PreviewRow(values=[_iso(r[c]) for c in cols]) for r in rows])
+            segments_pb2.PreviewRow(values=[iso(r[c]) for c in cols]) for r in rows])
 
     def export_members(self, request):
         out = io.StringIO()
@@ -115,7 +109,7 @@ class SegmentsServicer:
     def get_changes(self, request):
         return segments_pb2.ChangesResponse(changes=[
             segments_pb2.SegmentChange(member_id=c["member_id"], action=c["action"], source=c["source"],
-                                       actor=c["actor"], at=_iso(c["at"]))
+                                       actor=c["actor"], at=iso(c["at"]))
             for c in self.segments.changes(request.id, request.limit or 100)])
 
     def add_members(self, request):

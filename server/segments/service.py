@@ -32,6 +32,7 @@ from loyalty.core import ProgramError, load_program_text
 from loyalty.server.db import Database
 from loyalty.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from loyalty.server.models import balances, cards, members, program_versions
+from loyalty.server.timeutil import utcnow
 
 from . import conditions as cond
 from .models import (
@@ -80,10 +81,6 @@ def bump_membership_version(conn, now: dt.datetime) -> int:
     return conn.execute(select(membership_version.c.version).where(membership_version.c.id == 1)).scalar_one()
 
 
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
-
-
 def _id(value, path: str) -> str:
     if not isinstance(value, str) or not cond._NAME_RE.match(value):
         raise InvalidArgument(path, f"an id of 1-100 letters, digits, _ . - is required, got {value!r}")
@@ -102,7 +99,7 @@ class SegmentService:
 
     def __init__(self, database: Database, *, clock=None, redis_url: str | None = None):
         self.db = database
-        self.clock = clock or _utcnow
+        self.clock = clock or utcnow
         self._redis = None
         self._groups_cache: tuple[int | None, dict] = (None, {})
         if redis_url:
