@@ -51,7 +51,9 @@ def register(group: click.Group) -> None:
     @click.option("--sms", default=None, help="SMS adapter (as --email) [env LOYALTY_CHANNEL_SMS]")
     @click.option("--push", default=None, help="Push adapter (as --email) [env LOYALTY_CHANNEL_PUSH]")
     @click.option("--poll", default=0.5, show_default=True, help="Seconds to sleep when idle.")
-    @click.option("--lease", default=60.0, show_default=True, help="Seconds a delivery in flight is held.")
+    @click.option("--lease", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
+                  help="Seconds a claimed delivery is held; a live worker renews it while sending, a dead one's "
+                       "is taken over when it runs out.")
     @click.option("--batch-chunk", default=10_000, show_default=True, type=click.IntRange(min=1), help="Members per batch transaction.")
     @click.option("--once", is_flag=True, help="Work until idle, then exit.")
     @click.option("--no-upgrade", is_flag=True, help="Do not bring the schema to head first.")
@@ -87,7 +89,8 @@ def register(group: click.Group) -> None:
         for opt in reversed([
             click.option("--id", "batch_id", required=True, help="The batch id: its idempotency key."),
             click.option("--points", required=True, type=int),
-            click.option("--reason", default="", help="Written on every ledger entry."),
+            click.option("--reason", required=True, help="Why (written on every ledger entry; required, as for "
+                                                          "every manual points operation)."),
             click.option("--segment", default=None, help="A segment or audience id."),
             click.option("--members", default=None, help="Comma-separated member ids (id:N) or card numbers."),
             click.option("--members-file", default=None, type=click.Path(),

@@ -453,8 +453,8 @@ def _profile_options(clearable: bool):
     options = [
         click.option("--first-name", default=default),
         click.option("--last-name", default=default),
-        click.option("--gender", default=default, type=click.Choice(["F", "M", "female", "male"],
-                                                                      case_sensitive=False)),
+        # (no default even on enrol: a Choice would refuse an empty one, and a left-out gender is no gender)
+        click.option("--gender", default=None, type=click.Choice(["F", "M", "female", "male"], case_sensitive=False)),
         click.option("--birth-date", default=default, metavar="YYYY-MM-DD"),
         click.option("--email", default=default),
         click.option("--city", default=default),

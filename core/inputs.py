@@ -150,7 +150,10 @@ def parse_receipt_time(value, path: str = "receipt.at") -> tuple[dt.datetime, dt
     ``datetime`` (a time written without an offset is taken as UTC). The local date is the receipt's date
     (segments, tier windows, usage periods); the instant orders it against the server's clock (activation)."""
     local, offset = _match_at(value, path)
-    return local, (local - offset).replace(tzinfo=dt.timezone.utc)
+    try:
+        return local, (local - offset).replace(tzinfo=dt.timezone.utc)
+    except OverflowError:
+        raise InputError(path, f"out of the range of dates: {quote(value)}") from None
 
 
 # ---- receipt --------------------------------------------------------------------------------------------

@@ -499,6 +499,10 @@ def _effect(d, p: str) -> Effect:
     return Effect(kind=kind, value=value, per=per)
 
 
+# The years a date in a program may name (a "forever" is better left out: an open end is allowed).
+MIN_YEAR, MAX_YEAR = 1900, 9998
+
+
 def _when_bound(value, path: str, is_end: bool) -> dt.datetime:
     """A ``valid.from`` / ``valid.to`` bound as a naive datetime; ``to`` becomes exclusive."""
     if isinstance(value, str):
@@ -508,6 +512,8 @@ def _when_bound(value, path: str, is_end: bool) -> dt.datetime:
         except ValueError:
             raise ProgramError(path, f"expected a date (2026-01-31) or a datetime (2026-01-31 18:00:00), "
                                      f"got {value!r}") from None
+    if isinstance(value, dt.date) and not MIN_YEAR <= value.year <= MAX_YEAR:
+        raise ProgramError(path, f"dates run from {MIN_YEAR} to {MAX_YEAR}, got {value.isoformat()}")
     if isinstance(value, dt.datetime):
         if value.tzinfo is not None:
             raise ProgramError(path, "a time zone is not allowed: times are the receipt's local wall clock")

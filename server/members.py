@@ -22,7 +22,7 @@ from loyalty.core.errors import quote
 from loyalty.core.model import CARD_STATUSES, Program
 
 from .errors import InvalidArgument
-from .models import SOURCES, balances, cards, members, point_lots, promotion_usage, subscriptions
+from .models import CHANNELS, SOURCES, balances, cards, members, point_lots, promotion_usage, subscriptions
 
 __all__ = ["MemberContext", "ContextCache", "find_member", "load_usage", "tier_for",
            "effective_tier", "period_key", "validate_ref", "check_pair", "normalize_phone", "check_phone",
@@ -61,10 +61,9 @@ class MemberContext:
 # ---- references and validation ------------------------------------------------------------------------------
 
 # Custom profile fields: names as long as a segment condition accepts (``custom: {pet: cat}``), values a short
-# text (they are read with every member); subscription channels as long as the ``subscriptions`` table holds.
+# text (they are read with every member). Subscription channels are ``models.CHANNELS``.
 CUSTOM_NAME_LIMIT = 100
 CUSTOM_VALUE_LIMIT = 1000
-CHANNEL_LIMIT = 32
 GENDERS = ("female", "male")
 
 
@@ -163,9 +162,9 @@ def _custom(path: str, custom) -> dict:
 
 def _subscriptions(path: str, subs) -> dict:
     for channel in subs:
-        if not channel or len(channel) > CHANNEL_LIMIT:
-            raise InvalidArgument(path, f"a channel name has 1 to {CHANNEL_LIMIT} characters, got {quote(channel)}")
-        check_text(f"{path}[{channel!r}]", channel)
+        if channel not in CHANNELS:
+            raise InvalidArgument(f"{path}[{quote(channel)}]", f"expected one of {', '.join(CHANNELS)}, got "
+                                                               f"{quote(channel)}")
     return dict(subs)
 
 
@@ -175,10 +174,13 @@ def _registered_at(value: str) -> dt.datetime | None:
         return None
     try:
         at = dt.datetime.fromisoformat(check_text("registered_at", value, 40))
-    except (ValueError, InvalidArgument):
+        at = at.astimezone(dt.timezone.utc) if at.tzinfo is not None else at.replace(tzinfo=dt.timezone.utc)
+    except (ValueError, OverflowError, InvalidArgument):
         raise InvalidArgument("registered_at", f"expected a date YYYY-MM-DD or a time such as "
                                                f"2024-05-01T10:00:00+03:00, got {quote(value)}") from None
-    return at if at.tzinfo is not None else at.replace(tzinfo=dt.timezone.utc)
+    if at.year < 1900:
+        raise InvalidArgument("registered_at", f"before 1900: {quote(value)}")
+    return at
 
 
 def validate_enroll(request) -> dict:

@@ -30,6 +30,7 @@ LEDGER_KINDS = ("accrual", "redemption", "refund", "reversal", "expiry", "adjust
 LOT_STATES = ("pending", "active", "expired")
 PURCHASE_STATUSES = ("confirmed", "refunded", "cancelled")
 SOURCES = ("manual", "api", "form", "import", "pos")
+CHANNELS = ("email", "sms", "push")          # members' subscriptions, messages and their events
 EVENT_KINDS = ("purchase_confirmed", "refund", "member_registered", "tier_changed", "card_status_changed",
                "top_up", "points_expiring")
 

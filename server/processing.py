@@ -1832,6 +1832,8 @@ class ProcessingService:
             local, moment = parse_receipt_time(receipt["at"], "receipt.at")
         except InputError as exc:
             raise InvalidArgument(exc.path, exc.reason) from None
+        if moment.year < 1900:
+            raise InvalidArgument("receipt.at", f"before 1900: {quote(receipt['at'])}")
         if moment > self.clock() + RECEIPT_AHEAD:
             raise InvalidArgument("receipt.at", f"more than {RECEIPT_AHEAD.days} day ahead of the server's clock "
                                                 f"({iso(self.clock())}): check the till's date and time")

@@ -154,7 +154,7 @@ def test_batch_award_then_deduct_by_hand(scn):
     assert sc.start_batch("spring", "award", 100, reason="spring", expiry_days=30,
                           members=["7000201", "7000202"])["state"] == "done"
     with pytest.raises(AlreadyExists):
-        sc.start_batch("spring", "award", 101, members=["7000201"])
+        sc.start_batch("spring", "award", 101, reason="spring", members=["7000201"])
     # deduct 150 from everybody: a gives its 100, b 150 (300 -> 150), c has nothing
     sc.start_batch("fine", "deduct", 150, reason="fine", all_members=True)
     done = sc.run_batch("fine", chunk=2)
@@ -172,7 +172,7 @@ def test_batch_for_a_segment(scn):
     seg.define_segment({"id": "gold-list", "type": "static"})
     ids = [enroll(service, f"70003{i:02d}") for i in range(5)]
     seg.add_members("gold-list", ["70003" + f"{i:02d}" for i in (1, 3)])
-    sc.start_batch("gold", "award", 40, segment="gold-list")
+    sc.start_batch("gold", "award", 40, reason="gold", segment="gold-list")
     assert sc.run_batch("gold")["written"] == 2
     assert [active_points(service.db, m) for m in ids] == [0, 40, 0, 40, 0]
 
@@ -206,7 +206,8 @@ def test_admin_grpc_define_stats_and_batch(scn):
         worker.run_until_idle()
         stats = stub.GetScenarioStats(S.ScenarioRef(id="g"))
         assert (stats.steps[0].entered, stats.steps[0].completed, stats.runs_done) == (1, 1, 1)
-        progress = stub.StartBatch(S.StartBatchRequest(batch_id="b", kind="award", points=3, all_members=True))
+        progress = stub.StartBatch(S.StartBatchRequest(batch_id="b", kind="award", points=3, reason="b",
+                                                       all_members=True))
         assert (progress.state, progress.total) == ("running", 1)
         worker.run_until_idle()
         assert stub.GetBatchProgress(S.BatchRef(batch_id="b")).points_moved == 3

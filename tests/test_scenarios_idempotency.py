@@ -95,8 +95,8 @@ def test_twenty_identical_concurrent_start_batch_calls_are_one_batch(server, stu
 
 
 def test_two_different_start_batch_requests_under_one_id_at_once_one_wins_the_others_already_exist(stub, sql):
-    five = S.StartBatchRequest(batch_id="gift", kind="award", points=5, members=["7000001", "7000002"])
-    six = S.StartBatchRequest(batch_id="gift", kind="award", points=6, members=["7000001", "7000002"])
+    five = S.StartBatchRequest(batch_id="gift", kind="award", points=5, reason="gift", members=["7000001", "7000002"])
+    six = S.StartBatchRequest(batch_id="gift", kind="award", points=6, reason="gift", members=["7000001", "7000002"])
     requests = [five, six] * (CALLS // 2)
     results = at_once([lambda r=r: stub.StartBatch(r, timeout=60) for r in requests])
     answers = [r for r in results if not isinstance(r, grpc.RpcError)]

@@ -42,7 +42,11 @@ CHUNK = 10_000
 _ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
-def _validate(batch_id: str, kind: str, points: int, expiry_days, target: dict) -> None:
+# The longest reason of a batch, as for every manual points operation (AdjustPoints).
+REASON_LIMIT = 500
+
+
+def _validate(batch_id: str, kind: str, points: int, expiry_days, target: dict, reason: str) -> None:
     if not isinstance(batch_id, str) or not 1 <= len(batch_id) <= 80 or not set(batch_id) <= _ID_CHARS:
         raise InvalidArgument("batch_id", "1-80 letters, digits, _ . - are required")
     if kind not in ("award", "deduct"):
@@ -54,16 +58,22 @@ def _validate(batch_id: str, kind: str, points: int, expiry_days, target: dict) 
             raise InvalidArgument("expiry_days", "only awarded points expire")
         if not 1 <= expiry_days <= 36500:
             raise InvalidArgument("expiry_days", f"must be 1 to 36500, got {expiry_days}")
+    if not isinstance(reason, str) or not reason.strip():
+        raise InvalidArgument("reason", "required: why these points move (it is written on every ledger entry)")
+    if len(reason) > REASON_LIMIT:
+        raise InvalidArgument("reason", f"at most {REASON_LIMIT} characters, got {len(reason)}")
     keys = [k for k in ("segment", "members", "all") if target.get(k)]
     if len(keys) != 1:
-        raise InvalidArgument("target", "exactly one of segment (a segment or audience id), members (a list) "
-                                        "or all")
+        named = ", ".join({"all": "all_members"}.get(k, k) for k in keys)
+        raise InvalidArgument(keys[0] if keys else "target",
+                              "exactly one of segment (a segment or audience id), members (a list) or all_members"
+                              + (f", not {named} together" if len(keys) > 1 else ""))
 
 
 def create(database, now: dt.datetime, batch_id: str, kind: str, points: int, *, reason: str = "",
            expiry_days: int | None = None, target: dict, segments=None) -> dict:
     """Create the batch and freeze its audience (idempotent by ``batch_id``); returns its progress."""
-    _validate(batch_id, kind, points, expiry_days, target)
+    _validate(batch_id, kind, points, expiry_days, target, reason)
     request_hash = hashlib.sha256(json.dumps([kind, points, reason, expiry_days, target], sort_keys=True)
                                   .encode()).hexdigest()
 

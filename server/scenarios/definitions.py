@@ -42,6 +42,7 @@ import datetime as dt
 import re
 
 from loyalty.server.errors import InvalidArgument
+from loyalty.server.models import CHANNELS
 from loyalty.server.segments.models import MESSAGE_KINDS
 
 __all__ = ["parse_scenario", "parse_scenarios", "parse_duration", "render", "template_names", "match_trigger",
@@ -57,7 +58,6 @@ EVENT_KINDS = TRIGGER_TYPES
 STEP_TYPES = ("wait", "condition", "update_profile", "award_points", "deduct_points", "issue_promo_code", "send",
               "webhook", "add_tag", "add_to_segment", "goto")
 SEND_SHORTHANDS = {"send_email": "email", "send_sms": "sms", "send_push": "push"}
-CHANNELS = ("email", "sms", "push")
 REENTRY = ("never", "always", "after_exit")
 CARD_STATUSES = ("active", "restricted", "suspended", "blocked")
 # member state a condition may test and a template may show

@@ -32,6 +32,7 @@ import re
 
 from sqlalchemy import and_, case, exists, or_, select, update
 
+from loyalty.core.errors import quote
 from loyalty.server.errors import InvalidArgument
 from loyalty.server.members import check_text, validate_ref
 from loyalty.server.models import cards, members, subscriptions
@@ -69,10 +70,16 @@ def _at(value: str, path: str) -> dt.datetime:
     try:
         at = dt.datetime.fromisoformat(value)
     except ValueError:
-        raise InvalidArgument(path, f"expected ISO 8601 with an offset {example}, got {value!r}") from None
+        raise InvalidArgument(path, f"expected ISO 8601 with an offset {example}, got {quote(value)}") from None
     if at.tzinfo is None:
         raise InvalidArgument(path, f"an offset is required (the provider's time zone), {example}")
-    return at.astimezone(dt.timezone.utc)
+    try:
+        at = at.astimezone(dt.timezone.utc)
+    except OverflowError:
+        raise InvalidArgument(path, f"out of the range of dates: {quote(value)}") from None
+    if at.year < 1900:
+        raise InvalidArgument(path, f"before 1900: {quote(value)}")
+    return at
 
 
 class _Ref:
@@ -143,6 +150,8 @@ def _lookup(conn, events: list[dict]) -> tuple[dict, dict]:
     for e in events:
         if e["ref"] is not None:
             refs[e["ref"][0]].add(e["ref"][1])
+            if len(e["ref"]) == 3:                      # a card and a phone: both are looked up
+                refs["phone"].add(e["ref"][2])
         if e["message_id"]:
             keys.update({e["message_id"], message_key(e["message_id"])})
     found: dict[tuple, int] = {}
@@ -165,10 +174,13 @@ def _resolve(e: dict, path: str, found: dict, deliveries: dict) -> tuple[dict | 
     """(the row to write, None) or (None, (field, reason)) for an event that cannot be placed."""
     member_id = None
     if e["ref"] is not None:
-        member_id = found.get(e["ref"])
+        member_id = found.get(e["ref"][:2])
         if member_id is None:
             field = e["ref"][0]
             return None, (f"{path}.{field}", f"no member with this {field.replace('_', ' ')}")
+        if len(e["ref"]) == 3 and found.get(("phone", e["ref"][2])) != member_id:
+            return None, (f"{path}.card", f"{path}.card and {path}.phone name two different members (or the "
+                                          f"phone is nobody's)")
     channel, scenario, message_id = e["channel"], e["scenario"], e["message_id"]
     delivery = (deliveries.get(message_id) or deliveries.get(message_key(message_id))) if message_id else None
     if delivery is not None:

@@ -229,7 +229,9 @@ class ScenarioService:
 
     def dead_letters(self, limit: int = 100) -> list[dict]:
         """Messages / webhook calls that failed for good and runs whose step failed ``MAX_STEP_ATTEMPTS`` times,
-        newest first."""
+        newest first; ``limit`` 1 to 10 000."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+            raise InvalidArgument("limit", f"must be 1 to 10000, got {limit!r}")
         ob, r = scenario_outbox.c, scenario_runs.c
         with self.db.read() as conn:
             msgs = conn.execute(select(ob.id, ob.key, ob.scenario_id, ob.step, ob.member_id, ob.channel, ob.attempts,
@@ -294,8 +296,8 @@ class ScenarioService:
 
     def start_batch(self, batch_id: str, kind: str, points: int, *, reason: str = "", expiry_days: int | None = None,
                     segment: str | None = None, members: list | None = None, all_members: bool = False) -> dict:
-        target = {"segment": segment} if segment else ({"members": members} if members else
-                                                       ({"all": True} if all_members else {}))
+        # every target given is passed on: more than one is refused (InvalidArgument), never silently chosen
+        target = {k: v for k, v in (("segment", segment), ("members", members), ("all", all_members)) if v}
         return batches_mod.create(self.db, self.clock(), batch_id, kind, points, reason=reason,
                                   expiry_days=expiry_days, target=target)
 

@@ -74,16 +74,22 @@ def _fail(path: str, reason: str):
     raise InvalidArgument(path, reason)
 
 
+# The years a date in a condition may name (windows add a day to their end).
+MIN_YEAR, MAX_YEAR = 1900, 9998
+
+
 def _as_date(value, path: str) -> dt.date:
     if isinstance(value, dt.datetime):
         _fail(path, f"expected a date YYYY-MM-DD, got a date and time {value.isoformat()!r}")
-    if isinstance(value, dt.date):
-        return value
     if isinstance(value, str):
         try:
-            return dt.date.fromisoformat(value)
+            value = dt.date.fromisoformat(value)
         except ValueError:
             pass
+    if isinstance(value, dt.date):
+        if not MIN_YEAR <= value.year <= MAX_YEAR:
+            _fail(path, f"dates run from {MIN_YEAR} to {MAX_YEAR}, got {value.isoformat()}")
+        return value
     _fail(path, f"expected a date YYYY-MM-DD, got {value!r}")
 
 

@@ -81,6 +81,11 @@ def bump_membership_version(conn, now: dt.datetime) -> int:
     return conn.execute(select(membership_version.c.version).where(membership_version.c.id == 1)).scalar_one()
 
 
+def _check_limit(limit) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10000:
+        raise InvalidArgument("limit", f"from 1 to 10000, got {limit!r}")
+
+
 def _id(value, path: str) -> str:
     if not isinstance(value, str) or not cond._NAME_RE.match(value):
         raise InvalidArgument(path, f"an id of 1-100 letters, digits, _ . - is required, got {value!r}")
@@ -426,6 +431,7 @@ class SegmentService:
 
     def history(self, sid: str, limit: int = 50) -> list[dict]:
         """Recalculation runs, newest first (a ``running`` one carries its phase: the progress)."""
+        _check_limit(limit)
         self.get(sid)
         with self.db.read() as conn:
             return [dict(r._mapping) for r in conn.execute(
@@ -434,6 +440,7 @@ class SegmentService:
 
     def changes(self, sid: str, limit: int = 100) -> list[dict]:
         """The manual-change log of a static segment, newest first."""
+        _check_limit(limit)
         self.get(sid)
         with self.db.read() as conn:
             return [dict(r._mapping) for r in conn.execute(
