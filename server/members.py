@@ -163,8 +163,7 @@ def _custom(path: str, custom) -> dict:
 def _subscriptions(path: str, subs) -> dict:
     for channel in subs:
         if channel not in CHANNELS:
-            raise InvalidArgument(f"{path}[{quote(channel)}]", f"expected one of {', '.join(CHANNELS)}, got "
-                                                               f"{quote(channel)}")
+            raise InvalidArgument(path, f"a channel is one of {', '.join(CHANNELS)}, got {quote(channel)}")
     return dict(subs)
 
 

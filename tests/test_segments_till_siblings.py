@@ -30,9 +30,9 @@ PROGRAM = DEMO_PROGRAM + """
     effect: {percent_off: 10}
 """
 
-# One line of 100.00 on a Tuesday evening: no demo promotion applies, vip-10 takes 10.00 off.
+# One line of 100.00 on the (simulated) Monday evening: no demo promotion applies, vip-10 takes 10.00 off.
 RECEIPT = receipt_pb2.Receipt(store="msk-01", terminal="pos-2", number="1", channel="pos",
-                              at="2026-03-03T20:00:00+03:00",
+                              at="2026-03-02T20:00:00+03:00",
                               lines=[receipt_pb2.Line(sku="till-sku", categories=["misc"], quantity=1000, price=10000)])
 CARD = "9100001"
 
