@@ -39,7 +39,7 @@ from sqlalchemy.pool import NullPool
 from .errors import InvalidArgument, ServiceError, Unavailable
 
 __all__ = ["Database", "upgrade", "default_url", "alembic_config", "MIGRATIONS_DIR", "driver_errors", "dumps",
-           "loads", "deadline", "current_deadline", "committing", "CommitUncertain"]
+           "loads", "deadline", "current_deadline", "committing", "CommitUncertain", "insert_ignore"]
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,16 @@ def driver_errors(conn: Connection):
         if broken:
             conn.invalidate(wrapped)
         raise wrapped from exc
+
+
+def insert_ignore(conn: Connection, table):
+    """``INSERT ... ON CONFLICT DO NOTHING`` for the connection's dialect (add ``.returning(...)`` to learn
+    which rows it wrote: ``rowcount`` is -1 on PostgreSQL through SQLAlchemy)."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table).on_conflict_do_nothing()
 
 
 class Database:

@@ -97,7 +97,7 @@ def create(database, now: dt.datetime, batch_id: str, kind: str, points: int, *,
             if seg is None:
                 from loyalty.server.segments.service import SegmentService
                 seg = SegmentService(database, clock=lambda: now)
-            where, src = seg._predicate(conn, target["segment"])
+            where, src = seg.predicate(conn, target["segment"])
             query = select(literal(batch_id), members.c.id).select_from(src).where(where)
             conn.execute(insert(batch_members).from_select(["batch_id", "member_id"], query))
         elif target.get("all"):

@@ -7,18 +7,10 @@ import datetime as dt
 from sqlalchemy import select
 
 from loyalty.server.models import balances, cards, members, subscriptions
+from loyalty.server.db import insert_ignore
 from loyalty.server.timeutil import utcnow
 
 __all__ = ["utcnow", "insert_ignore", "claim", "load_member", "member_values", "backoff"]
-
-
-def insert_ignore(conn, table):
-    """``INSERT ... ON CONFLICT DO NOTHING`` for the connection's dialect."""
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(table).on_conflict_do_nothing()
 
 
 def claim(conn, stmt):

@@ -23,9 +23,10 @@ from pyroaring import BitMap
 from sqlalchemy import exists, func, insert, or_, select, update
 
 from loyalty.server import ledger
+from loyalty.server.errors import InvalidArgument
 from loyalty.server.models import balances, events, members, program_versions, purchases
 from loyalty.server.segments.models import (
-    audience_bitmaps, member_tags, message_events, segment_changes, segment_members, segments,
+    audience_bitmaps, member_tags, message_events, segment_members,
 )
 
 from .common import backoff, claim, insert_ignore, load_member, member_values
@@ -423,36 +424,14 @@ class Runner:
     def _add_tag(self, conn, w: _Walk, step: dict) -> None:
         member_id, tag = w.run.member_id, step["tag"]
         conn.execute(insert_ignore(conn, member_tags).values(member_id=member_id, tag=tag, created_at=w.now))
-        external = conn.execute(select(audience_bitmaps.c.bitmap).where(
-            audience_bitmaps.c.audience_id == tag, audience_bitmaps.c.kind == "tag")).first()
-        if external is not None:
-            bitmap = BitMap.deserialize(external.bitmap) if external.bitmap else BitMap()
-            if member_id not in bitmap:
-                bitmap.add(member_id)
-                self._segments_service()._store_bitmap(conn, tag, "tag", bitmap)
+        self._segments_service().tag_member(conn, tag, member_id)
 
     def _add_to_segment(self, conn, w: _Walk, step: dict) -> None:
-        member_id, sid = w.run.member_id, step["segment"]
-        stype = conn.execute(select(segments.c.type).where(segments.c.id == sid)).scalar()
-        if stype != "static":
-            raise StepError(f"segment {sid!r} {'does not exist' if stype is None else 'is not static'}: a scenario "
-                            f"adds members to static segments only")
-        sm = segment_members.c
-        # insert-or-ignore, not check-then-insert: a CSV import adding the same member at the same moment
-        # must not fail the step on the key
-        # (RETURNING, not rowcount: psycopg reports -1 for an INSERT ... ON CONFLICT DO NOTHING through SQLAlchemy)
-        added = conn.execute(insert_ignore(conn, segment_members).values(segment_id=sid, member_id=member_id)
-                             .returning(sm.member_id)).first()
-        if added is None:
-            return
-        conn.execute(insert(segment_changes).values(segment_id=sid, member_id=member_id, action="add",
-                                                    source="scenario", actor=w.run.scenario_id[:100], at=w.now))
-        count = conn.execute(select(func.count()).where(sm.segment_id == sid)).scalar_one()
-        conn.execute(update(segments).where(segments.c.id == sid).values(member_count=count))
-        data = conn.execute(select(audience_bitmaps.c.bitmap).where(audience_bitmaps.c.audience_id == sid)).scalar()
-        bitmap = BitMap.deserialize(data) if data else BitMap()
-        bitmap.add(member_id)
-        self._segments_service()._store_bitmap(conn, sid, "segment", bitmap)
+        try:
+            self._segments_service().add_to_static(conn, step["segment"], w.run.member_id, source="scenario",
+                                                   actor=w.run.scenario_id, now=w.now)
+        except InvalidArgument as exc:
+            raise StepError(f"{exc.reason} (a scenario's add_to_segment step)") from None
 
 
 def _render_body(body, values):

@@ -29,7 +29,7 @@ from sqlalchemy import (
 )
 
 from loyalty.core import ProgramError, load_program_text
-from loyalty.server.db import Database
+from loyalty.server.db import Database, insert_ignore
 from loyalty.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from loyalty.server.models import balances, cards, members, program_versions
 from loyalty.server.timeutil import utcnow
@@ -654,6 +654,49 @@ class SegmentService:
 
     def _context(self, conn, only_member: int | None = None) -> cond.CompileContext:
         return cond.CompileContext(self._as_of(), self._groups(conn), self._lookup(conn), only_member)
+
+    # ---- what other modules do in their own transactions (the scenario engine, batch actions) ------------------
+
+    def predicate(self, conn, target: str):
+        """``(where, from)`` over ``members`` selecting a segment's, an audience's or an external tag's members
+        (``select(members.c.id).select_from(src).where(where)``)."""
+        return self._predicate(conn, target)
+
+    def add_to_static(self, conn, sid: str, member_id: int, *, source: str, actor: str, now) -> bool:
+        """Add one member to the static segment ``sid`` in the caller's transaction (its change log, count and
+        bitmap with it); False when the member was in it already. ``InvalidArgument`` when ``sid`` is no
+        static segment. Insert-or-ignore: a concurrent import adding the same member does not fail it."""
+        stype = conn.execute(select(segments.c.type).where(segments.c.id == sid)).scalar()
+        if stype != "static":
+            raise InvalidArgument("segment", f"segment {sid!r} {'does not exist' if stype is None else 'is not static'}"
+                                             f": members are added to static segments only")
+        sm = segment_members.c
+        # RETURNING, not rowcount: psycopg reports -1 for an INSERT ... ON CONFLICT DO NOTHING through SQLAlchemy
+        added = conn.execute(insert_ignore(conn, segment_members).values(segment_id=sid, member_id=member_id)
+                             .returning(sm.member_id)).first()
+        if added is None:
+            return False
+        conn.execute(insert(segment_changes).values(segment_id=sid, member_id=member_id, action="add", source=source,
+                                                    actor=actor[:100], at=now))
+        count = conn.execute(select(func.count()).where(sm.segment_id == sid)).scalar_one()
+        conn.execute(update(segments).where(segments.c.id == sid).values(member_count=count))
+        data = conn.execute(select(audience_bitmaps.c.bitmap).where(audience_bitmaps.c.audience_id == sid)).scalar()
+        bitmap = BitMap.deserialize(data) if data else BitMap()
+        bitmap.add(member_id)
+        self._store_bitmap(conn, sid, "segment", bitmap)
+        return True
+
+    def tag_member(self, conn, tag: str, member_id: int) -> None:
+        """Put a member into an external tag's audience (``SetTag``'s bitmap), in the caller's transaction, when
+        that tag is served as an audience; nothing otherwise."""
+        external = conn.execute(select(audience_bitmaps.c.bitmap).where(
+            audience_bitmaps.c.audience_id == tag, audience_bitmaps.c.kind == "tag")).first()
+        if external is None:
+            return
+        bitmap = BitMap.deserialize(external.bitmap) if external.bitmap else BitMap()
+        if member_id not in bitmap:
+            bitmap.add(member_id)
+            self._store_bitmap(conn, tag, "tag", bitmap)
 
     def _predicate(self, conn, target: str):
         """(where, from) over ``members`` for a segment, an audience or an external tag."""
