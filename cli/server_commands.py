@@ -67,9 +67,8 @@ class _Backend:
     def call(self, name: str, request):
         try:
             if self._service is not None:
-                from loyalty.clients.client import _RPCS, _request
-                _rpc, _svc, cls, key_field = _RPCS[name]
-                return getattr(self._service, name)(_request(cls, request, key_field))
+                from loyalty.clients.client import build_request
+                return getattr(self._service, name)(build_request(name, request))
             return self._client.call(name, request)
         except Exception as exc:  # noqa: BLE001 - one line, whatever it is
             _fail(exc)

@@ -35,7 +35,7 @@ from loyalty.v1 import (
     admin_pb2, admin_pb2_grpc, processing_pb2, processing_pb2_grpc, scenarios_pb2, scenarios_pb2_grpc,
 )
 
-__all__ = ["LoyaltyClient", "AsyncLoyaltyClient", "LoyaltyError", "RETRYABLE", "to_dict"]
+__all__ = ["LoyaltyClient", "AsyncLoyaltyClient", "LoyaltyError", "RETRYABLE", "to_dict", "build_request"]
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 _DETAILS_KEY = "grpc-status-details-bin"
@@ -103,6 +103,14 @@ class LoyaltyError(Exception):
             if key == _DETAILS_KEY:
                 details = status_pb2.Status.FromString(value).details
         return cls(err.code(), err.details() or "", details, attempts)
+
+
+def build_request(name: str, request=None):
+    """The request message of the client method ``name`` (``"confirm_purchase"``) from a message, a dict of its
+    fields or None, its idempotency key filled when empty: what the method itself sends (for a caller that
+    hands it to something else, as the CLI does to a service in process)."""
+    _rpc, _service, cls, key_field = _RPCS[name]
+    return _request(cls, request, key_field)
 
 
 def _request(cls, request, key_field):

@@ -23,19 +23,17 @@ def register_servicer(server, pb2, service: str, servicer) -> None:
     descriptor = pb2.DESCRIPTOR.services_by_name[service]
     methods = {m.name: (getattr(pb2, m.input_type.name), getattr(servicer, snake(m.name)))
                for m in descriptor.methods}
-    if hasattr(server, "_make_handler") and hasattr(server, "server"):     # the LoyaltyServer
-        handlers = {name: grpc.unary_unary_rpc_method_handler(server._make_handler(name, request_cls, fn,
-                                                                                   server.io_pool))
-                    for name, (request_cls, fn) in methods.items()}
-    else:
-        def plain(request_cls, fn):
-            def call(request, context):
-                try:
-                    return fn(request)
-                except ServiceError as exc:
-                    context.abort_with_status(status_for(exc))
-            return grpc.unary_unary_rpc_method_handler(call, request_deserializer=request_cls.FromString,
-                                                       response_serializer=lambda m: m.SerializeToString())
-        handlers = {name: plain(request_cls, fn) for name, (request_cls, fn) in methods.items()}
-    target = server.server if hasattr(server, "_make_handler") and hasattr(server, "server") else server
-    target.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
+    if hasattr(server, "add_module_service"):                   # the LoyaltyServer: its own handlers
+        server.add_module_service(descriptor.full_name, methods)
+        return
+
+    def plain(request_cls, fn):
+        def call(request, context):
+            try:
+                return fn(request)
+            except ServiceError as exc:
+                context.abort_with_status(status_for(exc))
+        return grpc.unary_unary_rpc_method_handler(call, request_deserializer=request_cls.FromString,
+                                                   response_serializer=lambda m: m.SerializeToString())
+    handlers = {name: plain(request_cls, fn) for name, (request_cls, fn) in methods.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))

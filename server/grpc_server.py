@@ -258,6 +258,14 @@ class LoyaltyServer:
         purchase_id, answer, replayed = await asyncio.wrap_future(future)
         return encode_confirm_response(str(purchase_id), answer, replayed)
 
+    def add_module_service(self, full_name: str, methods: dict) -> None:
+        """Serve a module's service (Segments, Scenarios; ``grpc_register.register_servicer``): ``methods`` maps
+        each RPC name to ``(request class, fn(request) -> response)``; they get the handlers every method of
+        this server has (a pool thread, the call's deadline, the error map, metrics)."""
+        handlers = {name: grpc.unary_unary_rpc_method_handler(self._make_handler(name, request_cls, fn, self.io_pool))
+                    for name, (request_cls, fn) in methods.items()}
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(full_name, handlers),))
+
     def _make_handler(self, method: str, request_cls, fn, pool):
         """The handler of a method whose service function takes the request message and returns the response
         message (every method but CalculateReceipt, and those of the Segments and Scenarios services)."""
