@@ -1,0 +1,130 @@
+"""What a confirmed receipt does to its member, decided before anything is written (the rules every confirm
+path writes: SQLite's ledger calls, PostgreSQL's one statement and a group-commit batch's)."""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from loyalty.core.inputs import parse_receipt_time
+
+from ..errors import FailedPrecondition
+from ..members import MemberContext, in_tier_window, period_key, tier_for, tier_threshold
+from ..programs import Snapshot
+
+
+@dataclass(slots=True)
+class _Effects:
+    """What a confirmed receipt does to the member, decided before anything is written."""
+    counted: bool               # a member's purchase (not anonymous, not a suspended / blocked card)
+    member_id: int | None       # the member written to (None when not counted)
+    receipt_time: dt.datetime   # when the purchase happened, by its receipt (UTC)
+    receipt_date: dt.date       # the receipt's local date
+    metric: int                 # what the purchase adds to the tier metric (0 outside the tier window)
+    redeemed: int
+    accrued: int
+    is_pending: bool
+    activates: dt.datetime | None
+    expires: dt.datetime | None
+    active_delta: int
+    pending_delta: int
+    tier_before: str
+    reached: str
+    upgrade: bool
+    new_sum: int
+    settle: bool                # active points arrive while the member is in debt: the debt eats them
+    limited: list               # (promotion, period_key) of limited promotions applied
+    budgets: list               # (promotion, spent) of budgeted promotions applied, in program order
+
+
+def _effects(snap: Snapshot, receipt: dict, ctx: MemberContext | None, answer: dict, at, now) -> _Effects:
+    """The balance check (``FailedPrecondition`` with ``available_points``) and every amount the writes need."""
+    program = snap.program
+    totals, state = answer["totals"], answer["member"]
+    counted = ctx is not None and not state["anonymous"]     # suspended / blocked cards are anonymous
+    if counted and ctx.status == "active" and receipt["redeem_points"] > max(ctx.active, 0):
+        available = max(ctx.active, 0)
+        raise FailedPrecondition(
+            f"not enough points: {receipt['redeem_points']} requested, {available} available",
+            available_points=available)
+    local, moment = parse_receipt_time(receipt["at"])      # validated with the request
+    fx = _Effects(counted=counted, member_id=ctx.member_id if counted else None, receipt_time=moment,
+                  receipt_date=local.date(), metric=0, redeemed=0, accrued=0, is_pending=False, activates=None,
+                  expires=None, active_delta=0, pending_delta=0, tier_before="",
+                  reached="", upgrade=False, new_sum=0, settle=False, limited=[], budgets=[])
+    if counted:
+        fx.redeemed, fx.accrued = totals["redeemed_points"], totals["accrued_points"]
+        fx.active_delta -= fx.redeemed
+        if fx.accrued:
+            # SPEC 6: pending for activation_days after the receipt's time, active at once if that is past (a
+            # receipt confirmed late); expiry counts from activation.
+            # (a receipt a little ahead of the server's clock counts from now: its till's clock runs fast)
+            fx.activates = max(min(moment, now) + dt.timedelta(days=program.activation_days), now)
+            fx.expires = fx.activates + dt.timedelta(days=program.expiry_days) if program.expiry_days else None
+            fx.is_pending = fx.activates > now
+            if not fx.is_pending:
+                _accrued_active(answer, fx.accrued)
+            if fx.is_pending:
+                fx.pending_delta += fx.accrued
+            else:
+                fx.active_delta += fx.accrued
+        # Upgrades happen here; downgrades only in the periodic recalculation (jobs.run_once).
+        fx.tier_before = state["tier"]
+        fx.metric = totals["payable"] if in_tier_window(program, fx.receipt_date, now) else 0
+        fx.new_sum = ctx.purchases_sum + fx.metric
+        fx.reached = tier_for(program, fx.new_sum)
+        fx.upgrade = tier_threshold(program, fx.reached) > tier_threshold(program, fx.tier_before)
+        fx.settle = bool(fx.accrued and not fx.pending_delta and ctx.active < 0)
+        fx.limited = [(p.id, period_key(p.limits.period, at)) for p in program.promotions
+                      if p.limits.uses_per_member is not None and p.id in answer["promotions"]]
+    # Budgeted promotions count what they gave: discount budgets the minor units of their discounts, points
+    # budgets the receipt's accrued points (the answer does not split points by promotion, so this errs on the
+    # side of spending the budget early).
+    applied = set(answer["promotions"])
+    for p in program.promotions:
+        if p.id not in applied:
+            continue
+        spent = 0
+        if p.limits.discount_budget is not None:
+            spent = sum(d["amount"] for ln in answer["lines"] for d in ln["discounts"] if d["promotion"] == p.id)
+        elif p.limits.points_budget is not None:
+            spent = totals["accrued_points"]
+        if spent:
+            fx.budgets.append((p.id, spent))
+    return fx
+
+
+def _accrued_active(answer: dict, accrued: int) -> None:
+    """The answer's balances after a receipt whose points are active at once (a receipt older than the return
+    window, or no window): the core books accrued points as pending; move them."""
+    state = answer["member"]
+    state["active_after"] += accrued
+    state["pending_after"] -= accrued
+
+
+def _purchase_row(snap: Snapshot, receipt: dict, ctx, fx: _Effects, answer: dict, totals: dict, request_hash: str,
+                  now) -> dict:
+    return {"store": receipt["store"], "terminal": receipt["terminal"], "number": receipt["number"],
+            "member_id": fx.member_id, "card": ctx.card if ctx else None, "program_version": snap.version,
+            "request_hash": request_hash, "answer": answer, "receipt_at": receipt.get("at", ""),
+            "receipt_time": fx.receipt_time, "receipt_date": fx.receipt_date,
+            "amount": totals["amount"], "discount": totals["discount"], "payable": totals["payable"],
+            "redeemed_points": totals["redeemed_points"], "redeemed_amount": totals["redeemed_amount"],
+            "accrued_points": totals["accrued_points"], "refunded_payable": 0, "refunded_amount": 0,
+            "returned_points": 0, "taken_back_points": 0, "status": "confirmed", "created_at": now}
+
+
+def _confirm_events(purchase_id: int, snap: Snapshot, receipt: dict, ctx, fx: _Effects, answer: dict) -> list:
+    """(kind, key, member_id, payload) of the events a confirm emits, in the order they are written."""
+    out = []
+    if fx.upgrade:
+        out.append(("tier_changed", f"tier:purchase:{purchase_id}", fx.member_id,
+                    {"card": ctx.card, "tier_before": fx.tier_before, "tier": fx.reached,
+                     "purchases_sum": fx.new_sum, "reason": "purchase"}))
+    totals = answer["totals"]
+    out.append(("purchase_confirmed", f"purchase_confirmed:{purchase_id}", fx.member_id,
+                {"purchase_id": str(purchase_id), "card": ctx.card if ctx else None, "store": receipt["store"],
+                 "terminal": receipt["terminal"], "number": receipt["number"], "payable": totals["payable"],
+                 "redeemed_points": totals["redeemed_points"], "accrued_points": totals["accrued_points"],
+                 "promotions": answer["promotions"], "program_version": snap.version,
+                 "at": fx.receipt_time.isoformat()}))
+    return out

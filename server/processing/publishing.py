@@ -1,0 +1,72 @@
+"""Program publishing: validate, store a new version (with the program's segments and scenarios), switch
+every process to it."""
+from __future__ import annotations
+
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
+
+from loyalty.core import ProgramError, load_program_text
+from loyalty.v1 import admin_pb2
+
+from ..convert import iso
+from ..errors import InvalidArgument
+from ..members import check_text
+from ..models import promotion_budgets
+from ..scenarios.definitions import parse_scenarios
+from ..segments.service import SegmentService
+from .context import ContextCases
+
+
+def _version_message(row: dict) -> admin_pb2.ProgramVersion:
+    return admin_pb2.ProgramVersion(version=row["version"], program=row["name"], yaml=row.get("yaml", ""),
+                                    published_at=iso(row["published_at"]), comment=row.get("comment") or "",
+                                    current=bool(row.get("current")), checksum=row["checksum"])
+
+
+class PublishingCases(ContextCases):
+    """Program versions, a part of ``ProcessingService``."""
+
+    # ---- Admin service ------------------------------------------------------------------------------------
+
+    def publish_program(self, request) -> admin_pb2.ProgramVersion:
+        """Validate ``request.yaml`` (``InvalidArgument`` with the program path, e.g.
+        ``promotions[3].effect``), store it as the next immutable version and switch every process to it.
+        The file's ``segments:`` and ``audiences:`` are defined (and calculated) first, so a promotion of the
+        new version never names an audience that does not exist yet; a bad segment publishes nothing."""
+        check_text("yaml", request.yaml)
+        check_text("comment", request.comment)
+        try:
+            source = load_program_text(request.yaml).source if request.yaml.strip() else None
+        except ProgramError:
+            source = None     # programs.publish reports it with its path
+        if source and source.get("scenarios"):
+            parse_scenarios(source["scenarios"])     # a bad scenario publishes nothing; workers apply them
+        if source and (source.get("segments") or source.get("audiences")):
+            SegmentService(self.db, clock=self.clock).apply_program(source)
+        # Every process loads the memberships before it serves the version (ProgramRegistry.memberships),
+        # and cached contexts of older versions are not used (their stamps).
+        row = self.programs.publish(request.yaml, request.comment)
+        budgeted = [p.id for p in self.programs.current().program.promotions
+                    if p.limits.discount_budget is not None or p.limits.points_budget is not None]
+        if budgeted:
+            def seed(conn):
+                have = set(conn.execute(select(promotion_budgets.c.promotion)
+                                        .where(promotion_budgets.c.promotion.in_(budgeted))).scalars())
+                missing = [{"promotion": p, "spent": 0} for p in budgeted if p not in have]
+                if missing:
+                    conn.execute(insert(promotion_budgets), missing)
+            try:
+                self.db.run_write(seed)
+            except IntegrityError:   # another process seeded them at the same moment
+                pass
+        return _version_message(dict(row, current=True))
+
+    def get_program(self, request) -> admin_pb2.ProgramVersion:
+        """Version ``request.version`` (0: the current one) with its YAML; ``NotFound`` when absent."""
+        if request.version < 0:
+            raise InvalidArgument("version", f"must be 0 (the current one) or a version number, got {request.version}")
+        return _version_message(self.programs.get(request.version))
+
+    def list_program_versions(self, request) -> admin_pb2.ListProgramVersionsResponse:
+        """Every version, newest first, without the YAML text."""
+        return admin_pb2.ListProgramVersionsResponse(versions=[_version_message(r) for r in self.programs.versions()])
