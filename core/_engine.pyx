@@ -106,7 +106,7 @@ cdef object S_POS = "pos"
 # The bodies, one concern a file, in the order a calculation travels. `include` is textual (as in asyncpg's
 # protocol/protocol.pyx): one module and one C file, so no call crosses a module boundary. Cython allows
 # `include` only at module level, so the steps that were Engine's cdef methods are cdef functions taking the
-# Engine as `self`; on a final class a method call is the same direct C call.
+# Engine as `self` (declared in _engine.pxd); on a final class a method call was the same direct C call.
 include "_engine_arith.pxi"        # min / max / room, 128-bit division, bit sets, stable sort, split
 include "_engine_program.pxi"      # compiling a program into the snapshot (once), the texts hints quote
 include "_engine_arena.pxi"        # per-call memory: a stack buffer, PyMem_Malloc past it
