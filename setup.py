@@ -15,6 +15,19 @@ ROOT = pathlib.Path(__file__).parent.resolve()
 PROTO_ROOT = ROOT / "proto"
 DEBUG = os.environ.get("LOYALTY_DEBUG") == "1"
 
+# The folder of each package: setuptools installs from it, and Cython is shown it under the package's name.
+PACKAGE_DIR = {
+    "loyalty.core": "core",
+    "loyalty.server": "server",
+    "loyalty.server.demo": "server/demo",
+    "loyalty.server.processing": "server/processing",
+    "loyalty.server.segments": "server/segments",
+    "loyalty.server.scenarios": "server/scenarios",
+    "loyalty.clients": "clients",
+    "loyalty.cli": "cli",
+    "loyalty.v1": "proto/loyalty/v1",
+}
+
 
 def generate_protos() -> None:
     """Compile proto/loyalty/v1/*.proto into *_pb2.py, *_pb2.pyi and *_pb2_grpc.py beside them."""
@@ -51,6 +64,27 @@ class Develop(develop):
         super().run()
 
 
+def cython_include_dir(packages) -> pathlib.Path:
+    """A folder in which each of ``packages`` sits at its module path, for Cython's include path.
+
+    Cython finds a module's own .pxd by the module's full name: ``loyalty.core._engine`` reads
+    ``loyalty/core/_engine.pxd`` from its include path, not the .pxd beside a .pyx whose folder is named
+    otherwise (cython/cython#2452). package_dir keeps ``loyalty.core`` in core/, so build/cython/loyalty/core
+    is made a link to core/: the one copy of the declarations, never a stale one.
+    """
+    base = ROOT / "build" / "cython"
+    for package in packages:
+        link = base.joinpath(*package.split("."))
+        target = ROOT / PACKAGE_DIR[package]
+        if link.is_symlink() and link.resolve() == target:
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
+    return base
+
+
 def extensions():
     from Cython.Build import cythonize
 
@@ -78,36 +112,18 @@ def extensions():
         define_macros=macros,
         extra_compile_args=["-O2"] if not DEBUG else ["-O0", "-g"],
     )
-    return cythonize([ext, wire], compiler_directives=directives, quiet=True)
+    modules = [ext, wire]
+    include = cython_include_dir({m.name.rpartition(".")[0] for m in modules})
+    return cythonize(modules, compiler_directives=directives, include_path=[str(include)], quiet=True)
 
 
 generate_protos()
 
 setup(
-    packages=[
-        "loyalty.core",
-        "loyalty.server",
-        "loyalty.server.demo",
-        "loyalty.server.processing",
-        "loyalty.server.segments",
-        "loyalty.server.scenarios",
-        "loyalty.clients",
-        "loyalty.cli",
-        "loyalty.v1",
-    ],
-    package_dir={
-        "loyalty.core": "core",
-        "loyalty.server": "server",
-        "loyalty.server.demo": "server/demo",
-        "loyalty.server.processing": "server/processing",
-        "loyalty.server.segments": "server/segments",
-        "loyalty.server.scenarios": "server/scenarios",
-        "loyalty.clients": "clients",
-        "loyalty.cli": "cli",
-        "loyalty.v1": "proto/loyalty/v1",
-    },
+    packages=list(PACKAGE_DIR),
+    package_dir=PACKAGE_DIR,
     package_data={
-        "loyalty.core": ["*.pxd", "*.pyi", "py.typed"],
+        "loyalty.core": ["*.pxd", "*.pxi", "*.pyi", "py.typed"],
         "loyalty.server": ["*.pyi", "migrations/*.py", "migrations/*.mako", "migrations/versions/*.py"],
         "loyalty.server.demo": ["*.yaml", "*.json"],
         "loyalty.server.scenarios": ["examples/*.yaml"],
