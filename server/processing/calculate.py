@@ -6,7 +6,6 @@ import datetime as dt
 import time
 
 from loyalty.core import InputError
-from loyalty.core.inputs import parse_receipt_time
 from loyalty.v1 import processing_pb2
 
 from ..convert import answer_to_proto, receipt_to_dict
@@ -68,7 +67,7 @@ class CalculateCases(ContextCases):
         ref = validate_ref(self._MemberRef(card, phone))
         if not fits:
             _check_receipt(receipt)
-        at = self._receipt_at(receipt)
+        at, moment, clock = self._receipt_time(receipt)
         member = None
         if ref is not None:
             # A cached context serves only the program and membership versions it was built for; taken
@@ -93,7 +92,6 @@ class CalculateCases(ContextCases):
         accrued = answer["totals"]["accrued_points"]
         if accrued and member is not None and not answer["member"]["anonymous"]:
             # what a confirm now would do: the points of a receipt past its return window are active at once
-            moment, clock = parse_receipt_time(receipt["at"])[1], self.clock()
             if min(moment, clock) + dt.timedelta(days=snap.program.activation_days) <= clock:
                 _accrued_active(answer, accrued)
         answer["program_version"] = snap.version

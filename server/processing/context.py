@@ -125,9 +125,13 @@ class ContextCases:
         return dict(conn.execute(stmt).all())
 
     def _receipt_at(self, receipt: dict) -> dt.datetime | None:
-        """The receipt's local time (naive), checked: a valid time with a valid offset, not more than
-        ``RECEIPT_AHEAD`` ahead of the server's clock (a till whose clock is years off would park its points
-        and count its receipts in the wrong windows)."""
+        """The receipt's local time (naive), checked (``_receipt_time``)."""
+        return self._receipt_time(receipt)[0]
+
+    def _receipt_time(self, receipt: dict) -> tuple[dt.datetime, dt.datetime, dt.datetime]:
+        """``(local time, moment, now)`` of the receipt, checked: a valid time with a valid offset, not more than
+        ``RECEIPT_AHEAD`` ahead of the server's clock ``now`` (a till whose clock is years off would park its
+        points and count its receipts in the wrong windows)."""
         if "at" not in receipt:
             raise InvalidArgument("receipt.at", "required")
         try:
@@ -136,10 +140,11 @@ class ContextCases:
             raise InvalidArgument(exc.path, exc.reason) from None
         if moment.year < 1900:
             raise InvalidArgument("receipt.at", f"before 1900: {quote(receipt['at'])}")
-        if moment > self.clock() + RECEIPT_AHEAD:
+        now = self.clock()
+        if moment > now + RECEIPT_AHEAD:
             raise InvalidArgument("receipt.at", f"more than {RECEIPT_AHEAD.days} day ahead of the server's clock "
-                                                f"({iso(self.clock())}): check the till's date and time")
-        return local
+                                                f"({iso(now)}): check the till's date and time")
+        return local, moment, now
 
     @staticmethod
     def _purchase_key(key, path: str) -> tuple[str, str, str]:
