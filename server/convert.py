@@ -12,7 +12,7 @@ therefore already the proto field paths the client sent.
 answer, replayed) -> bytes`` go between the wire bytes and the dicts directly. They are the compiled codec
 ``loyalty.server._wire`` unless ``LOYALTY_NO_EXTENSIONS=1`` asks for the reference (or the extension is
 missing), as for the core: the reference is the same two steps through protobuf (``*_py`` below), and
-tests/test_wire.py holds the compiled one to it byte for byte.
+tests/core/test_wire_codec.py holds the compiled one to it byte for byte.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fixtures shared by every test of the receipt engine: both implementations, one calculator, tiny builders.
+"""Fixtures shared by every folder: the receipt engine's two implementations and one calculator, and storage.
 
 Every engine test runs twice, once over the compiled Cython core (``loyalty.core._engine.Engine``) and once
 over the pure-Python reference (``loyalty.core.ReferenceEngine``), through the session fixture
@@ -6,27 +6,30 @@ over the pure-Python reference (``loyalty.core.ReferenceEngine``), through the s
 skips the ``core`` half with a visible reason; under ``CI=true`` a missing core is an error, never a skip,
 so a broken build cannot pass CI on the reference alone.
 
+The storage fixtures used across the folders are here too: ``clock`` (a simulated UTC clock), ``sqlite_url``
+and ``pg_url`` (a fresh database, already migrated: a copy of the run's migrated template, see
+``helpers/storage.py``), ``pg_url_empty`` (an empty PostgreSQL database, for the migration tests),
+``database_url`` (each storage test on both backends) and ``service`` (a processing service over a migrated
+database with the demo program).
+
 The builders (``line``, ``receipt``, ``member``) make the JSON objects of SPEC section 4 as plain dicts;
-import them with ``from conftest import line, receipt, member``.
+import them with ``from helpers.builders import line, receipt, member``.
 """
 from __future__ import annotations
 
 import copy
 import functools
 import importlib
-import os
-import textwrap
 from dataclasses import dataclass
 
 import pytest
 
-from loyalty.core import ReferenceEngine, load_program_text
+from helpers import storage
+from helpers.builders import load_program_cached
+from helpers.storage import DEMO_PROGRAM, IN_CI, Clock
+from loyalty.core import ReferenceEngine
 
 CORE_MARK = pytest.mark.compiled_core
-IN_CI = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
-
-# The default receipt time: Monday 2 March 2026, 12:30 local, inside the SPEC program's validity window.
-DEFAULT_AT = "2026-03-02T12:30:00+03:00"
 
 
 # ---- the two implementations ----------------------------------------------------------------------------
@@ -82,12 +85,6 @@ def engine_cls(engine_implementation: EngineImplementation):
     return engine_implementation.load()
 
 
-@functools.lru_cache(maxsize=256)
-def load_program_cached(program_yaml: str):
-    """A program parsed once per text (programs are immutable), dedented so tests can indent YAML inline."""
-    return load_program_text(textwrap.dedent(program_yaml))
-
-
 @pytest.fixture
 def calc(engine_cls):
     """``calc(program_yaml, receipt, member=None, budgets_used=None)`` -> the answer dict.
@@ -104,23 +101,68 @@ def calc(engine_cls):
     return calculate
 
 
-# ---- builders: the JSON objects of SPEC section 4 -------------------------------------------------------
+# ---- storage: a fresh database per test, on SQLite and PostgreSQL ------------------------------------------
 
-def line(sku: str, qty: int, price: int, **kw) -> dict:
-    """A receipt line; ``qty`` in thousandths as in the JSON (``2000`` is 2 pcs, ``1500`` is 1.5 kg)."""
-    return {"sku": sku, "quantity": qty, "price": price, **kw}
-
-
-def receipt(lines: list[dict], **kw) -> dict:
-    """A receipt at the default store, channel and time (Monday 2026-03-02 12:30), no write-off asked."""
-    return {"store": "msk-01", "terminal": "pos-3", "number": "000123", "channel": "pos", "at": DEFAULT_AT,
-            "coupons": [], "redeem_points": 0, "lines": list(lines), **kw}
+@pytest.fixture(scope="session", autouse=True)
+def _postgres_template():
+    """Drops the run's migrated PostgreSQL template at the end, if a test made one (``helpers.storage``)."""
+    yield
+    storage.drop_template()
 
 
-def member(**kw) -> dict:
-    """An active card with 1000 active points, in no audience, at the lowest tier unless told otherwise."""
-    return {"card": "7000001", "status": "active", "active_points": 1000, "pending_points": 0,
-            "audiences": [], **kw}
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL database already migrated to head (a copy of the run's template), dropped after."""
+    url = storage.create_database(migrated=True)
+    try:
+        yield url
+    finally:
+        storage.drop_database(url)
+
+
+@pytest.fixture
+def pg_url_empty():
+    """A fresh EMPTY PostgreSQL database, dropped after: for the tests of the migrations themselves."""
+    url = storage.create_database(migrated=False)
+    try:
+        yield url
+    finally:
+        storage.drop_database(url)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    """A fresh SQLite database already migrated to head (a copy of the run's migrated file)."""
+    return storage.sqlite_database(tmp_path / "loyalty.db")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request):
+    """Every storage test runs on both backends, each on a fresh database already migrated."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_url")
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def service(database_url, clock):
+    """A service over a migrated database with the demo program published (no demo members)."""
+    from loyalty.server import db
+    from loyalty.server.processing import ProcessingService
+    from loyalty.v1 import admin_pb2
+
+    db.upgrade(database_url)
+    svc = ProcessingService.open(database_url, clock=clock)
+    svc.publish_program(admin_pb2.PublishProgramRequest(yaml=DEMO_PROGRAM, comment="tests"))
+    try:
+        yield svc
+    finally:
+        svc.close()
 
 
 # ---- pytest hooks ---------------------------------------------------------------------------------------

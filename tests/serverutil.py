@@ -3,8 +3,8 @@ temp data dir or over a fresh PostgreSQL database, waited for until health says 
 proxy to put between the server and PostgreSQL, to cut and restore the database link without touching the
 real PostgreSQL.
 
-PostgreSQL tests: ``postgres_url()`` skips with the reason when PostgreSQL does not answer, except with
-``CI=true`` where it fails (CI must never pass by skipping).
+PostgreSQL tests: ``fresh_postgres_database()`` skips with the reason when PostgreSQL does not answer, except
+with ``CI=true`` where it fails (CI must never pass by skipping).
 """
 from __future__ import annotations
 
@@ -23,10 +23,9 @@ import uuid
 
 import pytest
 
+from helpers.storage import IN_CI, create_database, drop_database  # noqa: F401 - IN_CI for the tests
 from loyalty.clients.client import LoyaltyClient
 
-PG_ADMIN_URL = os.environ.get("LOYALTY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-IN_CI = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 
 
 class ServerProcess:
@@ -103,34 +102,16 @@ def start_server(tmp_path: pathlib.Path, *, database_url: str | None = None, wor
 
 # ---- PostgreSQL -----------------------------------------------------------------------------------------------
 
-def _pg_unreachable_reason() -> str | None:
-    try:
-        import psycopg
-        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
-            return None
-    except Exception as exc:  # noqa: BLE001
-        return f"PostgreSQL at {PG_ADMIN_URL} unreachable: {type(exc).__name__}: {str(exc).strip()[:120]}"
-
-
 @contextlib.contextmanager
-def fresh_postgres_database():
-    """A new empty database ``loyalty_test_<random>`` on the test PostgreSQL, dropped afterwards; yields its
-    SQLAlchemy URL. Skips (fails in CI) when PostgreSQL is down."""
-    reason = _pg_unreachable_reason()
-    if reason:
-        if IN_CI:
-            pytest.fail(reason + " (CI=true: PostgreSQL tests must run)")
-        pytest.skip(reason)
-    import psycopg
-    name = f"loyalty_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+def fresh_postgres_database(*, migrated: bool = True):
+    """A new database ``loyalty_test_<random>`` on the test PostgreSQL, dropped afterwards; yields its SQLAlchemy
+    URL. ``migrated`` (the default): a copy of the test run's migrated template (``helpers.storage``), so the
+    server's own upgrade at start is a no-op; else empty. Skips (fails in CI) when PostgreSQL is down."""
+    url = create_database(migrated=migrated)
     try:
-        yield f"{base}/{name}"
+        yield url
     finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop_database(url)
 
 
 # Both storage backends, for ``@pytest.fixture(params=BACKENDS)``: a server test runs on each.
