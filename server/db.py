@@ -246,19 +246,14 @@ def _connection_lost(exc: BaseException) -> bool:
 
 @contextlib.contextmanager
 def committing():
-    """Around the statements that send COMMIT (a pipeline ending in ``commit()``; outside ``driver_errors``):
-    losing the connection there leaves the outcome unknown (``CommitUncertain``), not "nothing was written".
-    A statement that storage refused (a unique violation, a deadlock) still failed before COMMIT: it passes."""
-    import psycopg
-
+    """Around the statements that send COMMIT (SQLAlchemy's commit, or a pipeline ending in ``commit()`` with
+    ``driver_errors`` inside this block, so that the driver's errors arrive as SQLAlchemy's): losing the
+    connection there leaves the outcome unknown (``CommitUncertain``), not "nothing was written". A statement
+    that storage refused (a unique violation, a deadlock) still failed before COMMIT: it passes."""
     try:
         yield
     except DBAPIError as exc:
         if _connection_lost(exc) and not _is_retryable(exc):
-            raise CommitUncertain() from exc
-        raise
-    except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-        if getattr(exc, "sqlstate", None) in (None, "") or str(exc.sqlstate).startswith("08"):
             raise CommitUncertain() from exc
         raise
 

@@ -2,7 +2,6 @@
 alone on the event loop when the context is cached."""
 from __future__ import annotations
 
-import datetime as dt
 import time
 
 from loyalty.core import InputError
@@ -14,7 +13,7 @@ from ..members import validate_ref
 from ..programs import Snapshot
 from .common import _check_receipt, _data_errors
 from .context import ContextCases
-from .effects import _accrued_active
+from .effects import _accrued_active, activates_at
 
 
 class CalculateCases(ContextCases):
@@ -92,7 +91,7 @@ class CalculateCases(ContextCases):
         accrued = answer["totals"]["accrued_points"]
         if accrued and member is not None and not answer["member"]["anonymous"]:
             # what a confirm now would do: the points of a receipt past its return window are active at once
-            if min(moment, clock) + dt.timedelta(days=snap.program.activation_days) <= clock:
+            if activates_at(snap.program, moment, clock) <= clock:
                 _accrued_active(answer, accrued)
         answer["program_version"] = snap.version
         return answer

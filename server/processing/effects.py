@@ -36,6 +36,12 @@ class _Effects:
     budgets: list               # (promotion, spent) of budgeted promotions applied, in program order
 
 
+def activates_at(program, moment: dt.datetime, now: dt.datetime) -> dt.datetime:
+    """When a receipt's points become active (SPEC 6): ``activation_days`` after the receipt's moment, at once
+    (``now``) when that is already past; a receipt a little ahead of the server (a fast till) counts from now."""
+    return max(min(moment, now) + dt.timedelta(days=program.activation_days), now)
+
+
 def _effects(snap: Snapshot, receipt: dict, ctx: MemberContext | None, answer: dict, at, now) -> _Effects:
     """The balance check (``FailedPrecondition`` with ``available_points``) and every amount the writes need."""
     program = snap.program
@@ -55,10 +61,9 @@ def _effects(snap: Snapshot, receipt: dict, ctx: MemberContext | None, answer: d
         fx.redeemed, fx.accrued = totals["redeemed_points"], totals["accrued_points"]
         fx.active_delta -= fx.redeemed
         if fx.accrued:
-            # SPEC 6: pending for activation_days after the receipt's time, active at once if that is past (a
-            # receipt confirmed late); expiry counts from activation.
-            # (a receipt a little ahead of the server's clock counts from now: its till's clock runs fast)
-            fx.activates = max(min(moment, now) + dt.timedelta(days=program.activation_days), now)
+            # pending for the return window, or active at once for a receipt confirmed late; expiry counts from
+            # activation
+            fx.activates = activates_at(program, moment, now)
             fx.expires = fx.activates + dt.timedelta(days=program.expiry_days) if program.expiry_days else None
             fx.is_pending = fx.activates > now
             if not fx.is_pending:

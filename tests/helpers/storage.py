@@ -35,6 +35,21 @@ IN_CI = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 DEMO_PROGRAM = (pathlib.Path(db.__file__).parent / "demo" / "program.yaml").read_text(encoding="utf-8")
 
 
+REDIS_URL = os.environ.get("LOYALTY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def require_redis() -> str:
+    """``REDIS_URL`` once the test Redis answers; skips with the reason when it does not (fails under CI)."""
+    import redis
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
+    except redis.RedisError as exc:
+        if IN_CI:
+            pytest.fail(f"Redis at {REDIS_URL} is unreachable: {exc}")
+        pytest.skip(f"Redis at {REDIS_URL} is unreachable: {exc}")
+    return REDIS_URL
+
+
 class Clock:
     """A simulated UTC clock; ``advance(days=14)`` moves it."""
 

@@ -5,12 +5,11 @@ one database stand for two server processes; the till's context is cached a mome
 the defect it was served, stale, for the rest of ``CONTEXT_TTL``)."""
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 
-from helpers.storage import DEMO_PROGRAM, IN_CI
+from helpers.storage import DEMO_PROGRAM, REDIS_URL, require_redis
 from loyalty.server import jobs
 from loyalty.server.processing import ProcessingService
 from loyalty.server.programs import ProgramRegistry
@@ -19,7 +18,6 @@ from loyalty.server.segments.service import SegmentService
 from loyalty.v1 import admin_pb2, processing_pb2, receipt_pb2
 
 BOUND = 1.0
-REDIS_URL = os.environ.get("LOYALTY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 PROGRAM = DEMO_PROGRAM + """
   - id: vip-10
@@ -106,13 +104,7 @@ def test_a_downgrade_by_the_periodic_job_reaches_a_cached_context(service, vip, 
 
 @pytest.mark.redis
 def test_a_card_status_change_reaches_a_cached_context_at_once_over_redis(sqlite_url, clock):
-    import redis
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
-    except redis.RedisError as exc:
-        if IN_CI:
-            pytest.fail(f"Redis at {REDIS_URL} is unreachable: {exc}")
-        pytest.skip(f"Redis at {REDIS_URL} is unreachable: {exc}")
+    require_redis()
     from loyalty.server import db
     db.upgrade(sqlite_url)
     writer = ProcessingService.open(sqlite_url, redis_url=REDIS_URL, clock=clock)

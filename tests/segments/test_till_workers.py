@@ -10,7 +10,6 @@ memberships change, and the bound is the one the program fan-out promises: a sec
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import grpc
@@ -19,9 +18,9 @@ import pytest
 from loyalty.server.demo import DEMO_PROGRAM_PATH
 from loyalty.v1 import admin_pb2, admin_pb2_grpc, processing_pb2, processing_pb2_grpc, segments_pb2, \
     segments_pb2_grpc
-from serverutil import IN_CI, fresh_postgres_database, start_server
+from helpers.storage import require_redis
+from serverutil import fresh_postgres_database, start_server
 
-REDIS_URL = os.environ.get("LOYALTY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 MEMBERS = 90
 CHANNELS = 12         # connections, spread by the kernel over the two workers (all on one: p = 2**-11)
 BOUND = 1.0           # seconds: what a new program version promises to take to reach every process
@@ -42,23 +41,12 @@ REQUEST = dict(receipt={"store": "msk-01", "terminal": "pos-7", "number": "1", "
 DISCOUNT = 1000
 
 
-def _redis_or_skip() -> str:
-    import redis
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
-    except redis.RedisError as exc:
-        if IN_CI:
-            pytest.fail(f"Redis at {REDIS_URL} is unreachable: {exc}")
-        pytest.skip(f"Redis at {REDIS_URL} is unreachable: {exc}")
-    return REDIS_URL
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),
                         pytest.param("postgres-redis", marks=[pytest.mark.postgres, pytest.mark.redis])])
 def server(request, tmp_path):
     args: tuple = ()
     if request.param.endswith("redis"):
-        args = ("--redis-url", _redis_or_skip())
+        args = ("--redis-url", require_redis())
     if request.param.startswith("postgres"):
         with fresh_postgres_database() as url:
             srv = start_server(tmp_path, database_url=url, workers=2, args=args)

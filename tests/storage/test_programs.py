@@ -2,17 +2,15 @@
 second (by polling without Redis, by pub/sub with it)."""
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 
-from helpers.storage import DEMO_PROGRAM, IN_CI
+from helpers.storage import DEMO_PROGRAM, REDIS_URL, require_redis
 from loyalty.server.errors import InvalidArgument, NotFound
 from loyalty.server.processing import ProcessingService
 from loyalty.v1 import admin_pb2
 
-REDIS_URL = os.environ.get("LOYALTY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
 def test_publish_rejects_a_bad_program_with_its_path(service):
@@ -60,13 +58,7 @@ def test_another_process_switches_within_a_second_by_polling(service, database_u
 
 @pytest.mark.redis
 def test_another_process_switches_at_once_with_redis(sqlite_url, clock):
-    import redis
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
-    except redis.RedisError as exc:
-        if IN_CI:
-            pytest.fail(f"Redis at {REDIS_URL} is unreachable: {exc}")
-        pytest.skip(f"Redis at {REDIS_URL} is unreachable: {exc}")
+    require_redis()
     from loyalty.server import db
     db.upgrade(sqlite_url)
     a = ProcessingService.open(sqlite_url, redis_url=REDIS_URL, clock=clock)
