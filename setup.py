@@ -23,6 +23,7 @@ PACKAGE_DIR = {
     "loyalty.server.processing": "server/processing",
     "loyalty.server.segments": "server/segments",
     "loyalty.server.scenarios": "server/scenarios",
+    "loyalty.server.security": "server/security",
     "loyalty.clients": "clients",
     "loyalty.cli": "cli",
     "loyalty.v1": "proto/loyalty/v1",

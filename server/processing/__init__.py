@@ -27,6 +27,7 @@ from ..batcher import Batcher
 from ..db import Database
 from ..members import ContextCache
 from ..programs import ProgramRegistry
+from ..runtime import Runtime
 from ..segments.membership import AudienceIndex
 from ..timeutil import utcnow
 from .accounts import AccountCases
@@ -79,6 +80,8 @@ class ProcessingService(CalculateCases, ConfirmCases, RefundCases, AccountCases,
         self.audience_index = audience_index or AudienceIndex(database, redis_url=redis_url)
         # A new program version is served only once the memberships its promotions name are loaded.
         programs.memberships = self.audience_index.catch_up
+        # What the jobs, the segment and scenario modules and the ledger check are given instead of this object.
+        self.runtime = Runtime(database, self.clock, programs, self.contexts, self.audience_index)
 
     @classmethod
     def open(cls, database_url: str, *, redis_url: str | None = None, clock=None,
