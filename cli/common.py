@@ -1,15 +1,66 @@
-"""What every group of `loyalty` commands shares: the database options, and turning any failure into one
-line with a non-zero exit (2 for bad input, 1 for the rest), never a traceback
-(``LOYALTY_TRACEBACK=1`` shows it for debugging)."""
+"""What every group of `loyalty` commands shares.
+
+One rule for where a command works: through a running server (``--server`` / ``LOYALTY_SERVER``), or on a
+database named by ``--database-url`` / ``LOYALTY_DATABASE_URL``, or else on the one default database that
+``loyalty serve`` also uses (``loyalty.db`` in the data dir: ``--data-dir`` / ``LOYALTY_DATA_DIR`` /
+``LOYALTY_HOME``, else the platform's user data dir). Only ``serve``, ``worker``, ``db upgrade`` and
+``demo seed`` create or migrate a database (``migrate=True``); every other command refuses one that does not
+exist or whose schema is not at head, in one line that says to run ``loyalty db upgrade``, instead of
+creating an empty database or failing on a missing table.
+
+Options get their environment variables from the command class (``EnvCommand``): every option of a
+service command (``serve``, ``worker``, ``jobs run``) reads ``LOYALTY_<OPTION>``, and every command's
+``--help`` lists the variables it reads, so options added later get both for free.
+
+Any failure is one line with a non-zero exit (2 for bad input, 1 for the rest), never a traceback
+(``LOYALTY_TRACEBACK=1`` shows it for debugging).
+"""
 from __future__ import annotations
 
 import os
+import pathlib
 
 import click
 
 from loyalty.cli.output import error_exit
 
-__all__ = ["database_url_option", "json_option", "quiet_option", "resolve_url", "fail", "call"]
+__all__ = ["DEFAULT_SERVER", "EnvCommand", "EnvGroup", "ServiceCommand", "demo_summary", "display_url", "seed_demo", "database_url_option", "server_option",
+           "json_option", "quiet_option", "resolve_url", "fail", "call"]
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+ENV_PREFIX = "LOYALTY_"
+SUPPORTED_SCHEMES = ("sqlite", "postgresql")
+
+
+class EnvCommand(click.Command):
+    """A command whose ``--help`` shows the environment variable of every option that has one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if isinstance(param, click.Option):
+                self.give_envvar(param)
+                param.show_envvar = bool(param.envvar)
+
+    def give_envvar(self, option: click.Option) -> None:
+        """Only the options that name their own variable (``--server``, ``--database-url``) read one."""
+
+
+class ServiceCommand(EnvCommand):
+    """A long-running command (``serve``, ``worker``, ``jobs run``): every option without a variable of its
+    own reads ``LOYALTY_<OPTION>`` (``--metrics-port``: ``LOYALTY_METRICS_PORT``), as containers and
+    service managers configure programs."""
+
+    def give_envvar(self, option: click.Option) -> None:
+        if not option.envvar and option.name:
+            option.envvar = ENV_PREFIX + option.name.upper()
+
+
+class EnvGroup(click.Group):
+    """A group whose commands and subgroups are ``EnvCommand`` / ``EnvGroup`` unless they choose a class."""
+
+    command_class = EnvCommand
+    group_class = type      # subgroups are EnvGroups too
 
 
 def _set_data_dir(ctx, param, value):
@@ -18,26 +69,135 @@ def _set_data_dir(ctx, param, value):
     return value
 
 
+data_dir_option = click.option(
+    "--data-dir", envvar=["LOYALTY_DATA_DIR", "LOYALTY_HOME"], metavar="DIR", expose_value=False,
+    type=click.Path(file_okay=False), callback=_set_data_dir, is_eager=True,
+    help="Where the default SQLite database (loyalty.db) lives [default: the user data dir, "
+         "e.g. ~/.local/share/loyalty].")
+
+
 def database_url_option(fn):
-    """``--database-url`` (passed to the command) and ``--data-dir`` (where the embedded SQLite lives; it
-    only sets the environment that ``loyalty.server.db.default_url`` reads)."""
-    fn = click.option("--data-dir", envvar="LOYALTY_DATA_DIR", metavar="DIR", expose_value=False,
-                      type=click.Path(file_okay=False), callback=_set_data_dir,
-                      help="Where the embedded SQLite database lives [default: ./.loyalty; env LOYALTY_DATA_DIR]")(fn)
+    """``--database-url`` (passed to the command as ``database_url``) and ``--data-dir`` (where the default
+    SQLite database lives; it only sets the environment that ``loyalty.server.db.default_url`` reads)."""
+    fn = data_dir_option(fn)
     return click.option("--database-url", envvar="LOYALTY_DATABASE_URL", metavar="URL",
                         help="sqlite:///PATH or postgresql+psycopg://USER@HOST:PORT/DB "
-                             "[default: SQLite in the data dir; env LOYALTY_DATABASE_URL]")(fn)
+                             "[default: loyalty.db in the data dir].")(fn)
 
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON only (for scripts).")
+server_option = click.option("--server", envvar="LOYALTY_SERVER", metavar="HOST:PORT",
+                             help=f"A running loyalty server [default: {DEFAULT_SERVER}].")
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print JSON only (for scripts): numbers as numbers, times in RFC 3339 UTC "
+                                "(2026-03-02T09:30:00Z).")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 
 
-def resolve_url(database_url: str | None) -> str:
-    if database_url:
-        return database_url
+def resolve_url(database_url: str | None, *, migrate: bool = False) -> str:
+    """The database URL a command works on: ``database_url`` or the default one; an unsupported URL is one
+    line (exit 2). With ``migrate`` the schema is brought to head (creating the database); without, a
+    database that does not exist or is not at head is one line saying what to run (exit 1)."""
     from loyalty.server.db import default_url
-    return default_url()
+    url = database_url or default_url()
+    _check_supported(url)
+    if migrate:
+        call(_upgrade_quietly, url)
+    else:
+        call(_require_head, url)
+    return url
+
+
+def _check_supported(url: str) -> None:
+    """SQLite or PostgreSQL, before any driver is looked for (``mysql://`` is not a ModuleNotFoundError)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from loyalty.server.db import BAD_URL
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError:
+        backend = None
+    if backend not in SUPPORTED_SCHEMES:
+        error_exit(f"database_url: {BAD_URL}, got {display_url(url)!r}")
+
+
+def _upgrade_quietly(url: str) -> None:
+    """``alembic upgrade head`` without Alembic's INFO lines (they are not the command's output)."""
+    import logging
+
+    from loyalty.server.db import upgrade
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    upgrade(url)
+
+
+def _require_head(url: str) -> None:
+    """Refuse, in one line, a SQLite file that does not exist or a schema behind (or ahead of) the code."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import InterfaceError, OperationalError
+    from sqlalchemy.pool import NullPool
+
+    from loyalty.server.errors import Unavailable
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:") \
+            and not pathlib.Path(parsed.database).exists():
+        error_exit(f"no database at {parsed.database}: start `loyalty serve` or run `loyalty db upgrade` "
+                   f"there, or name another with --database-url", code=1)
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            current, head = _revisions(url, conn)
+    except (OperationalError, InterfaceError) as exc:
+        raise Unavailable(f"cannot reach the database: {type(exc.orig).__name__}: "
+                          f"{str(exc.orig).strip().splitlines()[0] if exc.orig else exc}") from None
+    finally:
+        engine.dispose()
+    if current != head:
+        at = f"at revision {', '.join(sorted(current))}" if current else "empty (no schema)"
+        error_exit(f"database {display_url(url)} is {at}, not at head {', '.join(sorted(head))}: "
+                   f"run `loyalty db upgrade`", code=1)
+
+
+def _revisions(url: str, conn) -> tuple[set[str], set[str]]:
+    """``(the revisions the database is at, the code's heads)``."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from loyalty.server.db import alembic_config
+    heads = set(ScriptDirectory.from_config(alembic_config(url)).get_heads())
+    return set(MigrationContext.configure(conn).get_current_heads()), heads
+
+
+def seed_demo(url: str) -> dict:
+    """The demo program (unless it is live) and the five demo members on the database at ``url``
+    (``loyalty.server.demo.seed_demo``): what ``serve --demo`` and ``demo seed`` do. Returns what was done."""
+    from loyalty.server.demo import seed_demo as seed
+    from loyalty.server.processing import ProcessingService
+
+    def run():
+        service = ProcessingService.open(url)
+        try:
+            return seed(service)
+        finally:
+            service.close()
+    return call(run)
+
+
+def demo_summary(seeded: dict) -> str:
+    """One line of what ``seed_demo`` did."""
+    version = seeded.get("program_version")
+    created = seeded.get("members_created") or []
+    return (f"demo: program {f'published as version {version}' if version else 'already live'}, "
+            f"{len(created)} member(s) created (cards 7000001-7000005)")
+
+
+def display_url(url: str) -> str:
+    """The URL without its password, for printing."""
+    from sqlalchemy.engine import make_url
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL at all: print it as given
+        return url
 
 
 def fail(exc: BaseException):

@@ -1,23 +1,54 @@
 """The ``loyalty`` command. Commands are thin: parse the files, call the library, print through
 ``loyalty.cli.output``. This module holds the group and ``calc`` (the offline calculator of SPEC section 4);
 other modules add their commands through ``register(main)`` (see the end of this file).
+
+The group decides what every command shares: ``--version``; the environment variables of options
+(``loyalty.cli.common.EnvGroup``); an example in every command's help (``loyalty.cli.examples``); and a
+closed pipe (``loyalty ... | head -1``) ending the command quietly with exit 0, as ``cat`` does.
 """
 from __future__ import annotations
 
 import json
 import os
 import pathlib
+import sys
 
 import click
 
+from loyalty.cli.common import EnvGroup
 from loyalty.cli.output import emit_json, error_exit
 
 CALC_FILE_KEYS = ("member", "receipt", "budgets_used")
 
 
-@click.group(name="loyalty", context_settings={"help_option_names": ["-h", "--help"]})
+class LoyaltyGroup(EnvGroup):
+    """The ``loyalty`` group: a reader that stops reading (``| head``) ends the command with exit 0."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            _quiet_closed_stdout()
+            sys.exit(0)
+
+
+def _quiet_closed_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush of what the closed pipe refused is silent."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+@click.group(name="loyalty", cls=LoyaltyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="loyalty-server", prog_name="loyalty",
+                      message="%(prog)s %(version)s")
 def main():
-    """Loyalty processing: exact receipt pricing, points, segments and scenarios."""
+    """Loyalty processing: exact receipt pricing, points, segments and scenarios.
+
+    Every command works through a running server (--server / LOYALTY_SERVER), or on a database named by
+    --database-url / LOYALTY_DATABASE_URL, or else on the default database `loyalty serve` uses (loyalty.db in
+    --data-dir / LOYALTY_HOME, by default the user data dir).
+    """
 
 
 def _read_calc_file(path: str) -> dict:
@@ -78,6 +109,8 @@ def calc(program_path: str, receipt_path: str, reference: bool, pretty: bool):
 
 def _register_optional_commands():
     import importlib
+
+    from loyalty.cli.examples import add_examples
     for name in ("loyalty.cli.server_commands", "loyalty.cli.segment_commands", "loyalty.cli.scenario_commands",
                  "loyalty.cli.message_commands"):
         try:
@@ -87,4 +120,7 @@ def _register_optional_commands():
                 raise
             continue
         module.register(main)
+    add_examples(main)
+
+
 _register_optional_commands()

@@ -15,12 +15,10 @@ import sys
 
 import click
 
-from loyalty.cli.common import call, database_url_option, json_option
-from loyalty.cli.output import emit_json, error_exit
+from loyalty.cli.common import DEFAULT_SERVER, call, database_url_option, json_option, resolve_url
+from loyalty.cli.output import emit_json, error_exit, message_dict
 
 __all__ = ["register"]
-
-DEFAULT_SERVER = "127.0.0.1:50051"
 _INDEX_RE = re.compile(r"^events\[(\d+)\]\.?(.*)$")
 
 
@@ -62,21 +60,15 @@ def _parse(file: str, lines: list[tuple[int, str]]) -> list[dict]:
 def _sender(server: str | None, database_url: str | None):
     """``(send(batch) -> dict, close())``: over gRPC, or on the database when only --database-url is given."""
     if database_url and not server:
-        from loyalty.cli.common import resolve_url
-        from loyalty.server.db import upgrade
         from loyalty.server.scenarios.service import ScenarioService
-        url = resolve_url(database_url)
-        call(upgrade, url)
-        service = ScenarioService.open(url)
+        service = call(ScenarioService.open, resolve_url(database_url))
         return service.record_message_events, service.close
 
-    from loyalty.clients.client import LoyaltyClient, to_dict
+    from loyalty.clients.client import LoyaltyClient
     client = LoyaltyClient(server or DEFAULT_SERVER, timeout=30.0, retries=4)
 
     def send(batch):
-        out = to_dict(client.record_message_events({"events": batch}))
-        return {**out, "duplicate_indexes": [int(i) for i in out.get("duplicate_indexes", [])],
-                "rejected": [{**r, "index": int(r.get("index", 0))} for r in out.get("rejected", [])]}
+        return message_dict(client.record_message_events({"events": batch}))
     return send, client.close
 
 

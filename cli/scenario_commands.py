@@ -1,6 +1,6 @@
 """``loyalty worker``, ``loyalty batch ...`` and ``loyalty scenarios ...``: thin commands over
-``loyalty.server.scenarios``, working straight on ``--database-url`` (default: the embedded SQLite in the
-data dir). Each parses, calls the library and prints through ``loyalty.cli.output``; errors are one line
+``loyalty.server.scenarios``, working straight on ``--database-url`` (default: the database in the data dir,
+which must exist and be at head; ``worker`` migrates it first unless told not to). Each parses, calls the library and prints through ``loyalty.cli.output``; errors are one line
 (``error: <path>: <reason>``), exit 2 for bad input and 1 otherwise.
 """
 from __future__ import annotations
@@ -11,20 +11,16 @@ import signal
 
 import click
 
-from loyalty.cli.common import call, database_url_option, json_option, quiet_option, resolve_url
+from loyalty.cli.common import ServiceCommand, call, database_url_option, json_option, quiet_option, resolve_url
 from loyalty.cli.output import emit_json, emit_table, error_exit, progress
 
 __all__ = ["register"]
 
 
 
-def _service(database_url, *, upgrade: bool = True):
+def _service(database_url):
     from loyalty.server.scenarios.service import ScenarioService
-    url = resolve_url(database_url)
-    if upgrade:
-        from loyalty.server.db import upgrade as db_upgrade
-        call(db_upgrade, url)
-    return ScenarioService.open(url)
+    return ScenarioService.open(resolve_url(database_url))
 
 
 def _read(path: str) -> str:
@@ -44,7 +40,7 @@ def _batch_line(b: dict) -> str:
 def register(group: click.Group) -> None:
     # ---- worker --------------------------------------------------------------------------------------------
 
-    @group.command(name="worker")
+    @group.command(name="worker", cls=ServiceCommand)
     @database_url_option
     @click.option("--email", default=None, help="Email adapter: log, log:/path, smtp://host:port?from=addr, "
                                                 "http(s)://gateway [env LOYALTY_CHANNEL_EMAIL; default log]")
@@ -56,23 +52,29 @@ def register(group: click.Group) -> None:
                        "is taken over when it runs out.")
     @click.option("--batch-chunk", default=10_000, show_default=True, type=click.IntRange(min=1), help="Members per batch transaction.")
     @click.option("--once", is_flag=True, help="Work until idle, then exit.")
-    @click.option("--no-upgrade", is_flag=True, help="Do not bring the schema to head first.")
-    def worker_cmd(database_url, email, sms, push, poll, lease, batch_chunk, once, no_upgrade):
-        """Run scenarios, deliver messages and webhooks, process batches. Start as many as you like."""
+    @click.option("--no-upgrade", is_flag=True, help="Do not bring the schema to head first (refuse one "
+                                                      "that is not).")
+    @json_option
+    def worker_cmd(database_url, email, sms, push, poll, lease, batch_chunk, once, no_upgrade, as_json):
+        """Run scenarios, deliver messages and webhooks, process batches. Start as many as you like.
+
+        With --once: work until idle, then print what was done (--json: as one object) and exit."""
         import logging
         from loyalty.server.scenarios.outbox import Channels
         from loyalty.server.scenarios.worker import Worker
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        url = resolve_url(database_url)
-        if not no_upgrade:
-            from loyalty.server.db import upgrade as db_upgrade
-            call(db_upgrade, url)
+        url = resolve_url(database_url, migrate=not no_upgrade)
+        logging.basicConfig(level=logging.WARNING if once else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         channels = call(Channels, email=email or os.environ.get("LOYALTY_CHANNEL_EMAIL"),
                          sms=sms or os.environ.get("LOYALTY_CHANNEL_SMS"),
                          push=push or os.environ.get("LOYALTY_CHANNEL_PUSH"))
         worker = Worker(url, channels=channels, lease_s=lease, batch_chunk=batch_chunk, poll_s=poll)
         if once:
-            call(worker.run_until_idle, 100_000)
+            ticks = call(worker.run_until_idle, 100_000)
+            done = {"ticks": ticks, **worker.totals}
+            emit_json(done) if as_json else click.echo(
+                f"worker: idle after {ticks} tick(s); runs created {done['runs_created']}, steps "
+                f"{done['steps']}, deliveries {done['deliveries']}, batch chunks {done['batch_chunks']}")
         else:
             signal.signal(signal.SIGTERM, lambda *_: worker.stop_event.set())
             signal.signal(signal.SIGINT, lambda *_: worker.stop_event.set())
@@ -146,7 +148,7 @@ def register(group: click.Group) -> None:
     @json_option
     def status_cmd(batch_id, database_url, as_json):
         """The progress of a batch."""
-        b = call(_service(database_url, upgrade=False).batch_progress, batch_id)
+        b = call(_service(database_url).batch_progress, batch_id)
         emit_json(b) if as_json else click.echo(_batch_line(b))
 
     # ---- scenarios ------------------------------------------------------------------------------------------
@@ -188,6 +190,7 @@ def register(group: click.Group) -> None:
     @database_url_option
     @json_option
     def list_cmd(database_url, as_json):
+        """Every scenario: version, enabled, where it was defined, triggers and steps."""
         rows = call(_service(database_url).list)
         if as_json:
             emit_json([{k: v for k, v in r.items() if k != "definition"} for r in rows])
@@ -195,24 +198,29 @@ def register(group: click.Group) -> None:
             emit_table(rows, ["id", "title", "version", "enabled", "origin", "triggers", "steps"])
 
     for name, flag in (("enable", True), ("disable", False)):
-        @scenarios_group.command(name=name)
+        @scenarios_group.command(name=name, help=f"{name.capitalize()} a scenario.")
         @click.argument("scenario_id")
         @database_url_option
-        def toggle(scenario_id, database_url, _flag=flag):
+        @json_option
+        def toggle(scenario_id, database_url, as_json, _flag=flag):
             d = call(_service(database_url).set_enabled, scenario_id, _flag)
-            click.echo(f"{d['id']}: {'enabled' if d['enabled'] else 'disabled'}")
+            if as_json:
+                emit_json({k: v for k, v in d.items() if k != "definition"})
+            else:
+                click.echo(f"{d['id']}: {'enabled' if d['enabled'] else 'disabled'}")
 
     @scenarios_group.command(name="stats")
     @click.argument("scenario_id")
     @database_url_option
     @json_option
     def stats_cmd(scenario_id, database_url, as_json):
-        """Per step: entered, yes, no, completed, failed, waiting."""
+        """Per step: entered, yes, no, completed, skipped (a message not sent), failed, waiting."""
         s = call(_service(database_url).stats, scenario_id)
         if as_json:
             emit_json(s)
             return
-        emit_table(s["steps"], ["step", "type", "entered", "yes", "no", "completed", "failed", "waiting"],
+        emit_table(s["steps"], ["step", "type", "entered", "yes", "no", "completed", "skipped", "failed",
+                                "waiting"],
                    title=f"{scenario_id} v{s['version']}: runs {s['runs']}")
 
     @scenarios_group.command(name="funnel")
@@ -222,6 +230,7 @@ def register(group: click.Group) -> None:
     @database_url_option
     @json_option
     def funnel_cmd(scenario_id, goal, within, database_url, as_json):
+        """Runs triggered, runs that reached each step, and (--goal) runs whose member then did the goal."""
         f = call(_service(database_url).funnel, scenario_id, goal=goal, within=within)
         emit_json(f) if as_json else emit_table(f["stages"], ["stage", "count", "share"], title=scenario_id)
 
@@ -230,6 +239,7 @@ def register(group: click.Group) -> None:
     @database_url_option
     @json_option
     def dead_cmd(limit, database_url, as_json):
+        """Messages and runs that failed for good, newest first (`loyalty scenarios retry` requeues one)."""
         rows = call(_service(database_url).dead_letters, limit)
         emit_json(rows) if as_json else emit_table(
             rows, ["kind", "id", "scenario_id", "step", "member_id", "channel", "attempts", "error"])
@@ -238,10 +248,14 @@ def register(group: click.Group) -> None:
     @click.argument("kind", type=click.Choice(["message", "run"]))
     @click.argument("item_id", type=int)
     @database_url_option
-    def retry_cmd(kind, item_id, database_url):
+    @json_option
+    def retry_cmd(kind, item_id, database_url, as_json):
         """Put a dead letter back to work."""
         call(_service(database_url).retry_dead_letter, kind, item_id)
-        click.echo(f"{kind} {item_id} is due again")
+        if as_json:
+            emit_json({"kind": kind, "id": item_id, "due": True})
+        else:
+            click.echo(f"{kind} {item_id} is due again")
 
     @scenarios_group.command(name="codes")
     @click.argument("pool")

@@ -1,5 +1,6 @@
 """``loyalty segments ...`` and ``loyalty demo seed``: thin commands over ``loyalty.server.segments``, working
-straight on ``--database-url`` (default: the embedded SQLite in the data dir).
+straight on ``--database-url`` (default: the database in the data dir, which must exist and be at head;
+``demo seed`` creates it).
 
 Each command parses, calls one ``SegmentService`` method and prints through ``loyalty.cli.output``: a table or
 a few lines for people, ``--json`` for scripts; long work (recalculation, export, seeding) shows a progress
@@ -13,20 +14,17 @@ import sys
 
 import click
 
-from loyalty.cli.common import call, database_url_option, json_option, quiet_option, resolve_url
+from loyalty.cli.common import (
+    call, database_url_option, demo_summary, json_option, quiet_option, resolve_url, seed_demo,
+)
 from loyalty.cli.output import emit_json, emit_table, error_exit, progress
 
 __all__ = ["register"]
 
 
-def _open(database_url, *, upgrade: bool = False):
+def _open(database_url):
     from loyalty.server.segments.service import SegmentService
-    url = resolve_url(database_url)
-    if upgrade:
-        from loyalty.server.db import upgrade as db_upgrade
-        db_upgrade(url)
-    return SegmentService.open(url)
-
+    return SegmentService.open(resolve_url(database_url))
 
 
 def _load_conditions(text: str | None):
@@ -82,17 +80,19 @@ def register(group: click.Group) -> None:
                     for r in rows], ["id", "kind", "type", "members", "schedule", "calculated_at"])
 
     def _define(mode, database_url, sid, stype, conditions, schedule, title, as_json):
+        from loyalty.server.segments import conditions as cond
         spec = {"id": sid}
         if stype:
             spec["type"] = stype
         if conditions is not None:
             spec["conditions"] = _load_conditions(conditions)
+            call(cond.validate, spec["conditions"], "conditions")     # bad input first, before any database
         if schedule:
             spec["schedule"] = schedule
         if title is not None:
             spec["title"] = title
-        seg = call(lambda: _open(database_url, upgrade=True).define_segment(spec, path="", mode=mode,
-                                                                              origin="cli"))
+        svc = _open(database_url)
+        seg = call(svc.define_segment, spec, path="", mode=mode, origin="cli")
         if as_json:
             emit_json(seg)
         else:
@@ -100,7 +100,7 @@ def register(group: click.Group) -> None:
 
     for mode in ("create", "update"):
         def make(mode=mode):
-            @segments_group.command(name=mode)
+            @segments_group.command(name=mode, help=f"{mode.capitalize()} a segment.")
             @click.argument("sid", metavar="ID")
             @click.option("--type", "stype", type=click.Choice(["static", "updatable", "dynamic"]),
                           required=mode == "create")
@@ -111,7 +111,6 @@ def register(group: click.Group) -> None:
             @json_option
             def cmd(sid, stype, conditions, schedule, title, database_url, as_json):
                 _define(mode, database_url, sid, stype, conditions, schedule, title, as_json)
-            cmd.__doc__ = f"{mode.capitalize()} a segment."
         make()
 
     @segments_group.command(name="apply")
@@ -128,8 +127,7 @@ def register(group: click.Group) -> None:
             error_exit(f"{exc.path}: {exc.reason}" if exc.path else exc.reason)
         except OSError as exc:
             error_exit(f"{program_file}: {exc.strerror or exc}")
-        out = call(lambda: _open(database_url, upgrade=True).apply_program(program.source,
-                                                                             recalculate=not no_recalc))
+        out = call(lambda: _open(database_url).apply_program(program.source, recalculate=not no_recalc))
         if as_json:
             emit_json(out)
         else:
@@ -145,7 +143,7 @@ def register(group: click.Group) -> None:
     @json_option
     def audience_cmd(aid, include, exclude, title, database_url, as_json):
         """Define an audience: in ALL --include segments and NONE of the --exclude ones."""
-        out = call(lambda: _open(database_url, upgrade=True).define_audience(
+        out = call(lambda: _open(database_url).define_audience(
             {"id": aid, "title": title, "include": list(include), "exclude": list(exclude)}, path="", origin="cli"))
         emit_json(out) if as_json else click.echo(f"{aid}: audience defined")
 
@@ -245,7 +243,8 @@ def register(group: click.Group) -> None:
 
     for action in ("add", "remove"):
         def make(action=action):
-            @segments_group.command(name=action)
+            @segments_group.command(name=action, help=f"{action.capitalize()} members of a static segment "
+                                                             f"(logged).")
             @click.argument("sid", metavar="ID")
             @click.argument("refs", nargs=-1, required=True, metavar="CARD|+PHONE|id:N...")
             @click.option("--actor", default=lambda: os.environ.get("USER", ""))
@@ -260,7 +259,6 @@ def register(group: click.Group) -> None:
                 else:
                     click.echo(f"{sid}: {out['changed']} {'added' if action == 'add' else 'removed'}, "
                                f"{out['unchanged']} unchanged, {out['unknown']} unknown; now {out['member_count']}")
-            cmd.__doc__ = f"{action.capitalize()} members of a static segment (logged)."
         make()
 
     @segments_group.command(name="import")
@@ -305,22 +303,31 @@ def register(group: click.Group) -> None:
         """Demo data."""
 
     @demo_group.command(name="seed")
-    @click.option("--members", "members_n", default=10_000, show_default=True)
-    @click.option("--purchases", "purchases_n", default=100_000, show_default=True)
-    @click.option("--seed", default=1, show_default=True, help="Same seed, same population.")
+    @click.option("--members", "members_n", type=click.IntRange(min=1), default=None,
+                  help="Generate a population of this many members instead of the five demo members.")
+    @click.option("--purchases", "purchases_n", type=click.IntRange(min=0), default=100_000, show_default=True,
+                  help="With --members: purchases to generate.")
+    @click.option("--seed", default=1, show_default=True, help="With --members: same seed, same population.")
     @database_url_option
     @json_option
     @quiet_option
     def seed_cmd(members_n, purchases_n, seed, database_url, as_json, quiet):
-        """Generate a believable population with set-based inserts."""
-        if members_n < 1 or purchases_n < 0:
-            error_exit("--members: at least 1; --purchases: at least 0")
+        """Create the database if needed and seed it.
+
+        Without --members: publish the demo program (unless it is live) and create the five demo members
+        (cards 7000001-7000005), as `loyalty serve --demo` does; what `loyalty-pos` uses. With --members:
+        generate a believable population (members, cards, subscriptions, purchases, points, message events)
+        with set-based inserts, for segments and benchmarks.
+        """
+        url = resolve_url(database_url, migrate=True)
+        if members_n is None:
+            seeded = seed_demo(url)
+            emit_json(seeded) if as_json else click.echo(demo_summary(seeded))
+            return
         from loyalty.server.segments.demo_seed import seed_population
-        url = resolve_url(database_url)
-        call(lambda: __import__("loyalty.server.db", fromlist=["upgrade"]).upgrade(url))
         with progress(7, "seeding", quiet=quiet or as_json) as bar:
             out = call(seed_population, url, members_n=members_n, purchases_n=purchases_n, seed=seed,
-                        progress=lambda step, done, total: bar.update(done))
+                       progress=lambda step, done, total: bar.update(done))
         if as_json:
             emit_json(out)
         else:

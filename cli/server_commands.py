@@ -18,34 +18,13 @@ import time
 
 import click
 
-from loyalty.cli.common import fail
-from loyalty.cli.output import emit_json, emit_table, error_exit
+from loyalty.cli.common import (
+    DEFAULT_SERVER, ServiceCommand, call, database_url_option, demo_summary, display_url, fail, json_option,
+    resolve_url, seed_demo, server_option,
+)
+from loyalty.cli.output import emit_json, emit_table, error_exit, message_dict
 
 __all__ = ["register"]
-
-DEFAULT_SERVER = "127.0.0.1:50051"
-
-_database_url = click.option("--database-url", envvar="LOYALTY_DATABASE_URL", metavar="URL",
-                             help="sqlite:///PATH or postgresql+psycopg://USER@HOST:PORT/DB "
-                                  "[default: SQLite in the data dir; env LOYALTY_DATABASE_URL]")
-_data_dir = click.option("--data-dir", envvar="LOYALTY_DATA_DIR", metavar="DIR", type=click.Path(file_okay=False),
-                         help="Where the embedded SQLite database lives [default: ./.loyalty; env LOYALTY_DATA_DIR]")
-_json = click.option("--json", "as_json", is_flag=True, help="Print JSON only (for scripts).")
-_server = click.option("--server", envvar="LOYALTY_SERVER", metavar="HOST:PORT",
-                       help=f"A running loyalty server [default: {DEFAULT_SERVER}; env LOYALTY_SERVER]")
-
-
-def _resolve_url(database_url: str | None, data_dir: str | None = None) -> str:
-    if database_url:
-        return database_url
-    if data_dir:
-        os.environ["LOYALTY_DATA_DIR"] = data_dir
-    from loyalty.server.db import default_url
-    return default_url()
-
-
-_fail = fail
-
 
 class _Backend:
     """The same request to a server over gRPC or to a ProcessingService opened on the database."""
@@ -58,7 +37,7 @@ class _Backend:
     def __enter__(self):
         if self.database_url and not self.server:
             from loyalty.server.processing import ProcessingService
-            self._service = ProcessingService.open(self.database_url)
+            self._service = call(ProcessingService.open, resolve_url(self.database_url))
         else:
             from loyalty.clients.client import LoyaltyClient
             self._client = LoyaltyClient(self.server or DEFAULT_SERVER, timeout=10.0, retries=2)
@@ -71,7 +50,7 @@ class _Backend:
                 return getattr(self._service, name)(build_request(name, request))
             return self._client.call(name, request)
         except Exception as exc:  # noqa: BLE001 - one line, whatever it is
-            _fail(exc)
+            fail(exc)
 
     def __exit__(self, *exc):
         if self._service is not None:
@@ -81,89 +60,89 @@ class _Backend:
 
 
 def _print(message, as_json: bool, human) -> None:
-    from loyalty.clients.client import to_dict
     if as_json:
-        emit_json(to_dict(message))
+        emit_json(message)
     else:
         human(message)
 
 
 # ---- serve ----------------------------------------------------------------------------------------------------
 
-def serve_command(host, port, data_dir, database_url, redis_url, workers, demo, metrics_port, grace, threads,
-                  log_level):
-    from loyalty.server import db
+def serve_command(host, port, database_url, redis_url, workers, demo, metrics_port, grace, threads, log_level):
     from loyalty.server.errors import ServiceError
     from loyalty.server.grpc_server import ServeConfig, serve
 
-    embedded = not database_url
-    url = _resolve_url(database_url, data_dir)
-    if demo is None:
-        demo = embedded
     if workers < 1:
         error_exit("--workers: must be at least 1")
-    try:
-        db.upgrade(url)
-        if demo:
-            from loyalty.server.demo import seed_demo
-            from loyalty.server.processing import ProcessingService
-            service = ProcessingService.open(url)
-            try:
-                seeded = seed_demo(service)
-            finally:
-                service.close()
-            created = seeded.get("members_created") or []
-            click.echo(f"demo: program {'published' if seeded.get('program_version') else 'current'}, "
-                       f"{len(created)} member(s) created (cards 7000001-7000005)")
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc)
-    click.echo(f"database: {_display_url(url)}")
+    _require_free_port(host, port)
+    url = resolve_url(database_url, migrate=True)
+    if demo if demo is not None else not database_url:
+        click.echo(demo_summary(seed_demo(url)))
+    click.echo(f"database: {display_url(url)}")
+    if not call(_published, url):
+        click.echo("no program is published: POS calls fail until one is; publish the demo with "
+                   f"`loyalty demo seed --database-url {display_url(url)}` or yours with "
+                   "`loyalty program publish FILE`")
     config = ServeConfig(database_url=url, host=host, port=port, redis_url=redis_url, workers=workers,
                          metrics_port=metrics_port, grace=grace, io_threads=threads)
     try:
         rc = serve(config, announce=click.echo, log_level=log_level)
     except OSError as exc:
-        error_exit(f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another server there?)", code=1)
+        error_exit(f"{exc} (is another server there?)", code=1)
     except ServiceError as exc:
-        _fail(exc)
+        fail(exc)
     sys.exit(rc)
 
 
-def _display_url(url: str) -> str:
-    """The URL without its password, for printing."""
-    from sqlalchemy.engine import make_url
+def _require_free_port(host: str, port: int) -> None:
+    """One line, before anything else is done, when ``host:port`` is taken (gRPC would only say so after
+    the database was migrated and seeded, in a line of its own)."""
+    import socket
+    if port == 0:
+        return
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001
-        return url
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        error_exit(f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another server there?)", code=1)
+
+
+def _published(url: str) -> bool:
+    """Whether any program version is stored."""
+    from sqlalchemy import create_engine, func, select
+    from sqlalchemy.pool import NullPool
+
+    from loyalty.server.models import program_versions
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(program_versions)).scalar() > 0
+    finally:
+        engine.dispose()
 
 
 # ---- db, jobs, ledger -----------------------------------------------------------------------------------------
 
-def _open_service(database_url, data_dir=None, redis_url=None):
-    from loyalty.server.processing import ProcessingService
-    return ProcessingService.open(_resolve_url(database_url, data_dir), redis_url=redis_url)
-
-
-def _with_service(database_url, data_dir, work):
+def _with_service(database_url, work):
     """Open the service on the database, run ``work(service)``, close it; any failure is one line."""
+    from loyalty.server.processing import ProcessingService
+    url = resolve_url(database_url)
     try:
-        service = _open_service(database_url, data_dir)
+        service = ProcessingService.open(url)
         try:
             return work(service)
         finally:
             service.close()
     except Exception as exc:  # noqa: BLE001
-        _fail(exc)
+        fail(exc)
 
 
 def register(group: click.Group) -> None:
-    @group.command(name="serve")
+    @group.command(name="serve", cls=ServiceCommand)
     @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
     @click.option("--port", default=50051, show_default=True, type=click.IntRange(0, 65535),
                   help="Port to listen on (0: any free port, printed).")
-    @_data_dir
-    @_database_url
+    @database_url_option
     @click.option("--redis-url", envvar="LOYALTY_REDIS_URL", metavar="URL",
                   help="Redis for announcing program publications to every process (optional).")
     @click.option("--workers", default=1, show_default=True, type=int,
@@ -184,7 +163,8 @@ def register(group: click.Group) -> None:
 
         With no options: an embedded SQLite database in the data dir, migrated, with the demo program and
         demo members (cards 7000001-7000005), listening on 127.0.0.1:50051. SIGTERM / Ctrl-C stop it
-        gracefully, finishing the calls in flight.
+        gracefully, finishing the calls in flight. Every option can also be set by the environment variable
+        shown beside it (LOYALTY_<OPTION>).
         """
         serve_command(**options)
 
@@ -194,39 +174,34 @@ def register(group: click.Group) -> None:
         """The database schema."""
 
     @db_group.command(name="upgrade")
-    @_database_url
-    @_data_dir
-    def db_upgrade(database_url, data_dir):
-        """Apply every migration (alembic upgrade head)."""
-        from loyalty.server import db
-        url = _resolve_url(database_url, data_dir)
-        try:
-            db.upgrade(url)
-        except Exception as exc:  # noqa: BLE001
-            _fail(exc)
-        click.echo(f"{_display_url(url)}: schema at head")
+    @database_url_option
+    @json_option
+    def db_upgrade(database_url, as_json):
+        """Create the database if needed and apply every migration (alembic upgrade head)."""
+        url = resolve_url(database_url, migrate=True)
+        if as_json:
+            emit_json({"database": display_url(url), "schema": "head"})
+        else:
+            click.echo(f"{display_url(url)}: schema at head")
 
     # -- jobs
     @group.group(name="jobs")
     def jobs_group():
         """Periodic work: activate due points, expire old ones, recalculate tiers."""
 
-    @jobs_group.command(name="run")
+    @jobs_group.command(name="run", cls=ServiceCommand)
     @click.option("--once", is_flag=True, help="Run one pass and exit.")
     @click.option("--interval", type=click.FloatRange(min=0.1), default=60.0, show_default=True, help="Seconds between passes.")
-    @_database_url
-    @_data_dir
+    @database_url_option
     @click.option("--redis-url", envvar="LOYALTY_REDIS_URL", metavar="URL",
                   help="Redis to tell the servers at once that tiers, points or segments changed (optional: "
                        "they also poll).")
-    @_json
-    def jobs_run(once, interval, database_url, data_dir, redis_url, as_json):
+    @json_option
+    def jobs_run(once, interval, database_url, redis_url, as_json):
         """Run the periodic jobs, once or every --interval seconds until interrupted."""
         from loyalty.server import jobs
-        try:
-            service = _open_service(database_url, data_dir, redis_url)
-        except Exception as exc:  # noqa: BLE001
-            _fail(exc)
+        from loyalty.server.processing import ProcessingService
+        service = call(ProcessingService.open, resolve_url(database_url), redis_url=redis_url)
         stop = []
         signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
         try:
@@ -235,7 +210,7 @@ def register(group: click.Group) -> None:
                     counts = jobs.run_once(service)
                 except Exception as exc:  # noqa: BLE001
                     if once:
-                        _fail(exc)
+                        fail(exc)
                     click.echo(f"error: {getattr(exc, 'message', exc)}", err=True)
                     counts = None
                 if counts is not None:
@@ -262,13 +237,12 @@ def register(group: click.Group) -> None:
         """Prove the points ledger and report what is owed."""
 
     @ledger_group.command(name="check")
-    @_database_url
-    @_data_dir
-    @_json
-    def ledger_check(database_url, data_dir, as_json):
+    @database_url_option
+    @json_option
+    def ledger_check(database_url, as_json):
         """Sum the ledger and compare with the balances; exit 1 on any discrepancy."""
         from loyalty.server import ledger
-        problems = _with_service(database_url, data_dir, ledger.check)
+        problems = _with_service(database_url, ledger.check)
         if as_json:
             emit_json({"ok": not problems, "discrepancies": problems})
         elif problems:
@@ -280,13 +254,12 @@ def register(group: click.Group) -> None:
         sys.exit(1 if problems else 0)
 
     @ledger_group.command(name="liability")
-    @_database_url
-    @_data_dir
-    @_json
-    def ledger_liability(database_url, data_dir, as_json):
+    @database_url_option
+    @json_option
+    def ledger_liability(database_url, as_json):
         """Outstanding points: active, pending, expiring soon."""
         from loyalty.server import ledger
-        report = _with_service(database_url, data_dir, ledger.liability)
+        report = _with_service(database_url, ledger.liability)
         if as_json:
             emit_json(report)
         else:
@@ -301,11 +274,13 @@ def register(group: click.Group) -> None:
     @program_group.command(name="publish")
     @click.argument("file", type=click.Path(dir_okay=False))
     @click.option("--comment", default="", help="Why this version (kept with it).")
-    @_server
-    @_database_url
-    @_json
+    @server_option
+    @database_url_option
+    @json_option
     def program_publish(file, comment, server, database_url, as_json):
-        """Validate FILE and publish it as the next version; every server process switches to it."""
+        """Validate FILE and publish it as the next version; every server process switches to it. A FILE that
+        means the same program as the live version publishes nothing and says so (--json: "unchanged": true
+        and the live version's record)."""
         try:
             text = pathlib.Path(file).read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -314,14 +289,21 @@ def register(group: click.Group) -> None:
             error_exit(f"{file}: cannot read ({exc})")
         with _Backend(server, database_url) as backend:
             version = backend.call("publish_program", {"yaml": text, "comment": comment})
-        _print(version, as_json, lambda v: click.echo(
-            f"published {v.program} version {v.version} (sha256 {v.checksum[:12]})"))
+        if as_json:
+            record = message_dict(version)
+            del record["yaml"]
+            emit_json(record)
+        elif version.unchanged:
+            click.echo(f"{file} is identical to the live version {version.version} of {version.program}: "
+                       f"nothing published")
+        else:
+            click.echo(f"published {version.program} version {version.version} (sha256 {version.checksum[:12]})")
 
     @program_group.command(name="show")
     @click.option("--version", "version", type=int, default=0, help="A version number [default: the current one].")
-    @_server
-    @_database_url
-    @_json
+    @server_option
+    @database_url_option
+    @json_option
     def program_show(version, server, database_url, as_json):
         """Print a version's YAML."""
         with _Backend(server, database_url) as backend:
@@ -329,9 +311,9 @@ def register(group: click.Group) -> None:
         _print(v, as_json, lambda v: click.echo(v.yaml, nl=not v.yaml.endswith("\n")))
 
     @program_group.command(name="versions")
-    @_server
-    @_database_url
-    @_json
+    @server_option
+    @database_url_option
+    @json_option
     def program_versions(server, database_url, as_json):
         """Every published version, newest first."""
         with _Backend(server, database_url) as backend:
@@ -355,8 +337,8 @@ def register(group: click.Group) -> None:
     @member_group.command(name="get")
     @click.argument("card", required=False)
     @click.option("--phone", help="Find by phone instead of card.")
-    @_server
-    @_json
+    @server_option
+    @json_option
     def member_get(card, phone, server, as_json):
         """Status, tier, balances, next expiry and progress of a member."""
         with _Backend(server or DEFAULT_SERVER, None) as backend:
@@ -373,8 +355,8 @@ def register(group: click.Group) -> None:
                   help="When the member registered, YYYY-MM-DD or an ISO 8601 time (an import keeps the "
                        "original) [default: now].")
     @click.option("--request-id", default="", help="Idempotency key [default: a new random one].")
-    @_server
-    @_json
+    @server_option
+    @json_option
     def member_enroll(card, phone, source, registered_at, request_id, server, as_json, **profile):
         """Register a member with a new card, with the profile and subscriptions segments use."""
         fields, custom, _clear, subs = _profile_request(profile)
@@ -390,8 +372,8 @@ def register(group: click.Group) -> None:
     @click.option("--phone", default=None, help="A new phone (another member's: refused).")
     @_profile_options(clearable=True)
     @click.option("--request-id", default="", help="Idempotency key [default: a new random one].")
-    @_server
-    @_json
+    @server_option
+    @json_option
     def member_update(card, phone, request_id, server, as_json, **profile):
         """Change the profile and subscriptions of the member of CARD; what is not given stays as it is."""
         fields, custom, clear_custom, subs = _profile_request(profile)
@@ -414,8 +396,8 @@ def register(group: click.Group) -> None:
     @click.option("--reason", required=True, help="Kept in the audit trail.")
     @click.option("--operation-id", default="", help="Idempotency key [default: a new random one, printed].")
     @click.option("--expiry-days", type=int, default=None, help="Credits: days until they expire.")
-    @_server
-    @_json
+    @server_option
+    @json_option
     def member_adjust(card, kind, points, reason, operation_id, expiry_days, server, as_json):
         """Credit, debit or top up a member's points, with a reason."""
         request = {"member": {"card": card}, "kind": kind, "points": points, "reason": reason,
@@ -432,8 +414,8 @@ def register(group: click.Group) -> None:
     @click.argument("card")
     @click.argument("status", type=click.Choice(["active", "restricted", "suspended", "blocked"]))
     @click.option("--reason", default="", help="Kept in the audit trail.")
-    @_server
-    @_json
+    @server_option
+    @json_option
     def member_status(card, status, reason, server, as_json):
         """Change a card's status (leaving active switches subscriptions off; returning restores them)."""
         with _Backend(server or DEFAULT_SERVER, None) as backend:

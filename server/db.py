@@ -38,7 +38,7 @@ from sqlalchemy.pool import NullPool
 
 from .errors import InvalidArgument, ServiceError, Unavailable
 
-__all__ = ["Database", "upgrade", "default_url", "alembic_config", "MIGRATIONS_DIR", "driver_errors", "dumps",
+__all__ = ["Database", "upgrade", "default_data_dir", "default_url", "alembic_config", "MIGRATIONS_DIR", "driver_errors", "dumps",
            "loads", "deadline", "current_deadline", "committing", "CommitUncertain", "insert_ignore"]
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,20 @@ def dumps(value) -> str:
 loads = orjson.loads
 
 
+def default_data_dir() -> pathlib.Path:
+    """The one data dir of ``loyalty serve`` and every ``loyalty`` command: ``$LOYALTY_DATA_DIR``, else
+    ``$LOYALTY_HOME``, else the platform's user data dir (``~/.local/share/loyalty`` on Linux), never the
+    current directory, so a command run from elsewhere finds the same database."""
+    chosen = os.environ.get("LOYALTY_DATA_DIR") or os.environ.get("LOYALTY_HOME")
+    if chosen:
+        return pathlib.Path(chosen).expanduser().resolve()
+    import platformdirs
+    return pathlib.Path(platformdirs.user_data_dir("loyalty", appauthor=False))
+
+
 def default_url() -> str:
-    """``sqlite:///<data dir>/loyalty.db`` with the data dir ``$LOYALTY_DATA_DIR`` or ``./.loyalty``."""
-    data_dir = pathlib.Path(os.environ.get("LOYALTY_DATA_DIR") or ".loyalty")
-    data_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{data_dir.resolve() / 'loyalty.db'}"
+    """``sqlite:///<data dir>/loyalty.db``; nothing is created here (``upgrade`` creates the database)."""
+    return f"sqlite:///{default_data_dir() / 'loyalty.db'}"
 
 
 def _transient(exc: BaseException, text: str) -> bool:

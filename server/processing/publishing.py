@@ -9,7 +9,7 @@ from loyalty.core import ProgramError, load_program_text
 from loyalty.v1 import admin_pb2
 
 from ..convert import iso
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, NotFound
 from ..members import check_text
 from ..models import promotion_budgets
 from ..scenarios.definitions import parse_scenarios
@@ -20,7 +20,8 @@ from .context import ContextCases
 def _version_message(row: dict) -> admin_pb2.ProgramVersion:
     return admin_pb2.ProgramVersion(version=row["version"], program=row["name"], yaml=row.get("yaml", ""),
                                     published_at=iso(row["published_at"]), comment=row.get("comment") or "",
-                                    current=bool(row.get("current")), checksum=row["checksum"])
+                                    current=bool(row.get("current")), checksum=row["checksum"],
+                                    unchanged=bool(row.get("unchanged")))
 
 
 class PublishingCases(ContextCases):
@@ -32,13 +33,17 @@ class PublishingCases(ContextCases):
         """Validate ``request.yaml`` (``InvalidArgument`` with the program path, e.g.
         ``promotions[3].effect``), store it as the next immutable version and switch every process to it.
         The file's ``segments:`` and ``audiences:`` are defined (and calculated) first, so a promotion of the
-        new version never names an audience that does not exist yet; a bad segment publishes nothing."""
+        new version never names an audience that does not exist yet; a bad segment publishes nothing. A file
+        that means the live program publishes nothing either: the live version comes back ``unchanged``."""
         check_text("yaml", request.yaml)
         check_text("comment", request.comment)
         try:
             source = load_program_text(request.yaml).source if request.yaml.strip() else None
         except ProgramError:
             source = None     # programs.publish reports it with its path
+        live = self._live_version()
+        if source is not None and live is not None and load_program_text(live["yaml"]).source == source:
+            return _version_message(dict(live, unchanged=True))
         if source and source.get("scenarios"):
             parse_scenarios(source["scenarios"])     # a bad scenario publishes nothing; workers apply them
         if source and (source.get("segments") or source.get("audiences")):
@@ -60,6 +65,15 @@ class PublishingCases(ContextCases):
             except IntegrityError:   # another process seeded them at the same moment
                 pass
         return _version_message(dict(row, current=True))
+
+    def _live_version(self) -> dict | None:
+        """The live version's row with its YAML, None when nothing is published. A file is compared with it
+        as a program (the parsed tree), so re-publishing the same program, even reformatted or re-commented,
+        stores no new version and switches nothing."""
+        try:
+            return self.programs.get(0)
+        except NotFound:
+            return None
 
     def get_program(self, request) -> admin_pb2.ProgramVersion:
         """Version ``request.version`` (0: the current one) with its YAML; ``NotFound`` when absent."""

@@ -168,8 +168,12 @@ class ScenarioService:
     # ---- reports ------------------------------------------------------------------------------------------
 
     def stats(self, sid: str) -> dict:
-        """Per step: entered, yes, no, completed, failed (from the step log) and waiting (runs there now);
-        per trigger: how many runs it started; runs by state."""
+        """Per step: entered, yes, no, completed, failed (from the step log), skipped and waiting (runs there
+        now); per trigger: how many runs it started; runs by state.
+
+        A ``send`` step whose message was not sent (no address, not subscribed, card not active: its outbox
+        row is ``skipped``) moved the run on, so the step log says completed; it is counted as skipped
+        instead, and completed counts only the messages actually queued."""
         sc = self.get(sid)
         log_ = scenario_step_log.c
         with self.db.read() as conn:
@@ -178,6 +182,9 @@ class ScenarioService:
             here = dict(conn.execute(select(scenario_runs.c.step, func.count()).where(
                 scenario_runs.c.scenario_id == sid, scenario_runs.c.state == "active")
                 .group_by(scenario_runs.c.step)).all())
+            skipped = dict(conn.execute(select(scenario_outbox.c.step, func.count()).where(
+                scenario_outbox.c.scenario_id == sid, scenario_outbox.c.state == "skipped")
+                .group_by(scenario_outbox.c.step)).all())
             states = dict(conn.execute(select(scenario_runs.c.state, func.count())
                                        .where(scenario_runs.c.scenario_id == sid)
                                        .group_by(scenario_runs.c.state)).all())
@@ -187,9 +194,10 @@ class ScenarioService:
         steps = []
         for s in sc["definition"]["steps"]:
             c = by.get(s["id"], {})
+            not_sent = skipped.get(s["id"], 0)
             steps.append({"step": s["id"], "type": s["type"], "entered": c.get("entered", 0), "yes": c.get("yes", 0),
-                          "no": c.get("no", 0), "completed": c.get("completed", 0), "failed": c.get("failed", 0),
-                          "waiting": here.get(s["id"], 0)})
+                          "no": c.get("no", 0), "completed": c.get("completed", 0) - not_sent, "skipped": not_sent,
+                          "failed": c.get("failed", 0), "waiting": here.get(s["id"], 0)})
         triggers = [{"trigger": f"triggers[{i}]", "type": t["type"],
                      "triggered": by.get(f"triggers[{i}]", {}).get("triggered", 0)}
                     for i, t in enumerate(sc["definition"]["triggers"])]
