@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 
 import click
 
 from loyalty.cli.output import error_exit
 
-__all__ = ["DEFAULT_SERVER", "EnvCommand", "EnvGroup", "ServiceCommand", "demo_summary", "display_url", "seed_demo", "database_url_option", "server_option",
+__all__ = ["DEFAULT_SERVER", "EnvCommand", "EnvGroup", "LoyaltyGroup", "ServiceCommand", "ToolCommand", "demo_summary", "display_url", "seed_demo", "database_url_option", "server_option",
            "json_option", "quiet_option", "resolve_url", "fail", "call"]
 
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -61,6 +62,33 @@ class EnvGroup(click.Group):
 
     command_class = EnvCommand
     group_class = type      # subgroups are EnvGroups too
+
+
+class QuietPipe:
+    """A reader that stops reading (``loyalty ... | head -1``) ends the command with exit 0 and no
+    traceback, as ``cat`` does; mixed into the ``loyalty`` group and the ``loyalty-pos`` command."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            _quiet_closed_stdout()
+            sys.exit(0)
+
+
+def _quiet_closed_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush of what the closed pipe refused is silent."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+class LoyaltyGroup(QuietPipe, EnvGroup):
+    """The ``loyalty`` group."""
+
+
+class ToolCommand(QuietPipe, EnvCommand):
+    """A stand-alone command (``loyalty-pos``) with the ``loyalty`` group's rules."""
 
 
 def _set_data_dir(ctx, param, value):

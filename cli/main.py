@@ -2,41 +2,22 @@
 ``loyalty.cli.output``. This module holds the group and ``calc`` (the offline calculator of SPEC section 4);
 other modules add their commands through ``register(main)`` (see the end of this file).
 
-The group decides what every command shares: ``--version``; the environment variables of options
-(``loyalty.cli.common.EnvGroup``); an example in every command's help (``loyalty.cli.examples``); and a
-closed pipe (``loyalty ... | head -1``) ending the command quietly with exit 0, as ``cat`` does.
+The group decides what every command shares: ``--version``; the environment variables of options and a
+closed pipe (``loyalty ... | head -1``) ending the command quietly with exit 0, as ``cat`` does
+(``loyalty.cli.common.LoyaltyGroup``); an example in every command's help (``loyalty.cli.examples``).
 """
 from __future__ import annotations
 
 import json
 import os
 import pathlib
-import sys
 
 import click
 
-from loyalty.cli.common import EnvGroup
+from loyalty.cli.common import LoyaltyGroup
 from loyalty.cli.output import emit_json, error_exit
 
 CALC_FILE_KEYS = ("member", "receipt", "budgets_used")
-
-
-class LoyaltyGroup(EnvGroup):
-    """The ``loyalty`` group: a reader that stops reading (``| head``) ends the command with exit 0."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except BrokenPipeError:
-            _quiet_closed_stdout()
-            sys.exit(0)
-
-
-def _quiet_closed_stdout() -> None:
-    """Point stdout at /dev/null, so the interpreter's last flush of what the closed pipe refused is silent."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
 
 
 @click.group(name="loyalty", cls=LoyaltyGroup, context_settings={"help_option_names": ["-h", "--help"]})

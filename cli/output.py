@@ -7,8 +7,8 @@ the way when asked to be quiet or when stderr is not a terminal.
 JSON has one shape whatever produced it (a library dict or a gRPC response): numbers are JSON numbers (the
 int64 fields protobuf's JSON mapping prints as strings are turned back into numbers, by the message's own
 descriptor), and every moment is RFC 3339 in UTC with ``Z`` and whole seconds (``2026-03-02T09:30:00Z``):
-datetimes, and the text of fields named ``*_at`` that carries an offset. A receipt's own ``at`` is the
-till's local time (SPEC 6) and stays as given.
+datetimes, and the text of fields named ``at`` or ``*_at`` that carries an offset. A receipt's own ``at``
+is the till's local time (SPEC 6) and stays as given.
 """
 from __future__ import annotations
 
@@ -43,16 +43,16 @@ def rfc3339(moment: dt.datetime) -> str:
     return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _moments(value, key: str = ""):
-    """``value`` with every datetime, and every offset-carrying time text under a ``*_at`` key, in RFC 3339
-    UTC."""
+def _moments(value, key: str = "", receipt: bool = False):
+    """``value`` with every datetime, and every offset-carrying time text under an ``at`` / ``*_at`` key, in
+    RFC 3339 UTC; a receipt's ``at`` (the till's local time, SPEC 6) is left as given."""
     if isinstance(value, dict):
-        return {k: _moments(v, str(k)) for k, v in value.items()}
+        return {k: _moments(v, str(k), key == "receipt") for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_moments(v, key) for v in value]
     if isinstance(value, dt.datetime):
         return rfc3339(value)
-    if isinstance(value, str) and key.endswith("_at") and "T" in value:
+    if isinstance(value, str) and (key.endswith("_at") or (key == "at" and not receipt)) and "T" in value:
         try:
             parsed = dt.datetime.fromisoformat(value)
         except ValueError:

@@ -104,7 +104,8 @@ def _require_free_port(host: str, port: int) -> None:
         with socket.create_server((host, port)):
             pass
     except OSError as exc:
-        error_exit(f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another server there?)", code=1)
+        error_exit(f"cannot listen on {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc} "
+                   f"(is another server there?)", code=1)
 
 
 def _published(url: str) -> bool:

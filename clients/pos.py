@@ -5,17 +5,21 @@
     -> return part of it (RefundPurchase) -> print the slip
 
 It is what a POS integrator reads to see the calls in order, and what a demo runs against ``loyalty serve``
-(the default card 7000001 is a demo member). ``--json`` prints one JSON object instead of the slip.
+(the default card 7000001 is a demo member). ``--json`` prints one JSON object instead of the slip. Its
+command line is the same framework as ``loyalty`` (click) and follows the same rules: ``--server`` /
+``LOYALTY_SERVER``, one-line errors, ``--json`` numbers as numbers, a closed pipe ends quietly.
 """
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
-import sys
 import time
 
-from loyalty.clients.client import LoyaltyClient, LoyaltyError, to_dict
+import click
+
+from loyalty.cli.common import DEFAULT_SERVER, ToolCommand, call, json_option, server_option
+from loyalty.cli.output import emit_json, error_exit, message_dict
+from loyalty.clients.client import LoyaltyClient
 
 __all__ = ["main", "run_checkout", "DEFAULT_BASKET"]
 
@@ -108,53 +112,65 @@ def slip(result: dict) -> str:
     return "\n".join(out)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="loyalty-pos", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of a running loyalty server")
-    parser.add_argument("--card", default="7000001", help="card to identify ('' for an anonymous receipt)")
-    parser.add_argument("--basket", help="a JSON file with a list of lines (sku, categories, quantity, price)")
-    parser.add_argument("--store", default="msk-01")
-    parser.add_argument("--terminal", default="pos-1")
-    parser.add_argument("--number", help="receipt number [default: from the clock, unique]")
-    parser.add_argument("--at", help="local time of the receipt, ISO 8601 [default: now]")
-    parser.add_argument("--redeem", type=int, help="points to write off [default: as many as allowed]")
-    parser.add_argument("--return-line", type=int, default=0, help="line index to return after closing (-1: none)")
-    parser.add_argument("--return-quantity", type=int, default=1000, help="thousandths to return [1000]")
-    parser.add_argument("--timeout", type=float, default=5.0)
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the slip")
-    args = parser.parse_args(argv)
-
-    basket = DEFAULT_BASKET
-    if args.basket:
-        try:
-            with open(args.basket, encoding="utf-8") as f:
-                basket = json.load(f)
-        except (OSError, ValueError) as exc:
-            print(f"error: {args.basket}: {exc}", file=sys.stderr)
-            return 2
-    number = args.number or time.strftime("%Y%m%d-%H%M%S-") + f"{time.time_ns() % 1_000_000:06d}"
-    at = args.at or dt.datetime.now().astimezone().replace(microsecond=0).isoformat()
-    progress = None if args.json else (lambda line: print(line, file=sys.stderr))
+def _basket(path: str | None) -> list[dict]:
+    if not path:
+        return DEFAULT_BASKET
     try:
-        with LoyaltyClient(args.server, timeout=args.timeout) as client:
-            result = run_checkout(client, card=args.card, basket=basket, store=args.store, terminal=args.terminal,
-                                  number=number, at=at, redeem=args.redeem,
-                                  return_line=None if args.return_line < 0 else args.return_line,
-                                  return_quantity=args.return_quantity, log=progress)
-    except LoyaltyError as exc:
-        print(f"error: {exc.one_line()}", file=sys.stderr)
-        return 2 if exc.code.name == "INVALID_ARGUMENT" else 1
-    if args.json:
-        print(json.dumps({
-            "member": to_dict(result["member"]) if result["member"] is not None else None,
-            "scans": result["scans"], "receipt": result["receipt"],
-            "purchase": to_dict(result["purchase"]),
-            "refund": to_dict(result["refund"]) if result["refund"] is not None else None,
-        }, ensure_ascii=False))
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as exc:
+        error_exit(f"{path}: {exc.strerror or exc}")
+    except ValueError as exc:
+        error_exit(f"{path}: not a JSON list of lines ({exc})")
+
+
+def _result_dict(result: dict) -> dict:
+    """Everything the checkout saw, as JSON data (int64 amounts as numbers)."""
+    optional = {k: None if result[k] is None else message_dict(result[k]) for k in ("member", "refund")}
+    return {"member": optional["member"], "scans": result["scans"], "receipt": result["receipt"],
+            "purchase": message_dict(result["purchase"]), "refund": optional["refund"]}
+
+
+@click.command(name="loyalty-pos", cls=ToolCommand,
+               context_settings={"help_option_names": ["-h", "--help"]},
+               epilog="\b\nExample:\n  loyalty-pos --card 7000001\n"
+                      "  LOYALTY_SERVER=10.0.0.5:50051 loyalty-pos --card '' --redeem 0 --return-line -1 --json")
+@click.version_option(package_name="loyalty-server", prog_name="loyalty-pos", message="%(prog)s %(version)s")
+@server_option
+@click.option("--card", default="7000001", show_default=True, help="Card to identify ('' for an anonymous receipt).")
+@click.option("--basket", metavar="FILE.json", help="A JSON list of lines (sku, categories, quantity, price) "
+                                                     "[default: SPEC 4's goods and a loaf].")
+@click.option("--store", default="msk-01", show_default=True)
+@click.option("--terminal", default="pos-1", show_default=True)
+@click.option("--number", help="Receipt number [default: from the clock, unique].")
+@click.option("--at", help="Local time of the receipt, ISO 8601 [default: now].")
+@click.option("--redeem", type=click.IntRange(min=0), help="Points to write off [default: as many as allowed].")
+@click.option("--return-line", type=int, default=0, show_default=True,
+              help="Line index to return after closing (-1: none).")
+@click.option("--return-quantity", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Thousandths to return.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              help="Seconds per call.")
+@json_option
+def main(server, card, basket, store, terminal, number, at, redeem, return_line, return_quantity, timeout,
+         as_json):
+    """A till against a running server: identify, scan, calculate, confirm, partial return, print the slip.
+
+    The calls in order, as a POS integrator makes them; progress on stderr, the slip (or --json) on stdout.
+    """
+    lines = _basket(basket)
+    number = number or time.strftime("%Y%m%d-%H%M%S-") + f"{time.time_ns() % 1_000_000:06d}"
+    at = at or dt.datetime.now().astimezone().replace(microsecond=0).isoformat()
+    log = None if as_json else (lambda line: click.echo(line, err=True))
+    with LoyaltyClient(server or DEFAULT_SERVER, timeout=timeout) as client:
+        result = call(run_checkout, client, card=card, basket=lines, store=store, terminal=terminal, number=number,
+                      at=at, redeem=redeem, return_line=None if return_line < 0 else return_line,
+                      return_quantity=return_quantity, log=log)
+    if as_json:
+        emit_json(_result_dict(result))
     else:
-        print(slip(result))
-    return 0
+        click.echo(slip(result))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
