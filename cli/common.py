@@ -64,9 +64,24 @@ class EnvGroup(click.Group):
     group_class = type      # subgroups are EnvGroups too
 
 
-class QuietPipe:
-    """A reader that stops reading (``loyalty ... | head -1``) ends the command with exit 0 and no
-    traceback, as ``cat`` does; mixed into the ``loyalty`` group and the ``loyalty-pos`` command."""
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())     # click >= 8.2
+
+
+class CommandLineRules:
+    """What the ``loyalty`` group and ``loyalty-pos`` do the same way, whatever the command: a bad option or
+    argument (click's usage errors) is one line and exit 2, like every other bad input; a reader that stops
+    reading (``loyalty ... | head -1``) ends the command with exit 0 and no traceback, as ``cat`` does."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except _NO_ARGS_IS_HELP as exc:      # `loyalty` alone: the help, as click prints it
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            error_exit(exc.format_message(), code=exc.exit_code)
+        except click.Abort:
+            error_exit("aborted", code=1)
 
     def invoke(self, ctx):
         try:
@@ -83,11 +98,11 @@ def _quiet_closed_stdout() -> None:
     os.close(devnull)
 
 
-class LoyaltyGroup(QuietPipe, EnvGroup):
+class LoyaltyGroup(CommandLineRules, EnvGroup):
     """The ``loyalty`` group."""
 
 
-class ToolCommand(QuietPipe, EnvCommand):
+class ToolCommand(CommandLineRules, EnvCommand):
     """A stand-alone command (``loyalty-pos``) with the ``loyalty`` group's rules."""
 
 

@@ -64,10 +64,28 @@ def now_at(**ago) -> str:
     return (dt.datetime.now(moscow) - dt.timedelta(**ago)).replace(microsecond=0).isoformat()
 
 
-def cli(*args: str, env=None, timeout: float = 60) -> subprocess.CompletedProcess:
-    """Run ``loyalty ARGS...`` as a user would; returns the completed process (text stdout/stderr)."""
-    return subprocess.run([sys.executable, "-c", "from loyalty.cli.main import main; main()", *args],
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+def cli(*args: str, env=None, timeout: float = 60, cwd=None) -> subprocess.CompletedProcess:
+    """Run ``loyalty ARGS...`` as a user would; returns the completed process (text stdout/stderr). ``env``
+    entries are added to the environment; a ``None`` value removes that variable."""
+    return _run("loyalty.cli.main", "loyalty", args, env, timeout, cwd)
+
+
+def pos(*args: str, env=None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run ``loyalty-pos ARGS...`` as ``cli`` runs ``loyalty``."""
+    return _run("loyalty.clients.pos", "loyalty-pos", args, env, timeout, None)
+
+
+# The variables the CLI reads, removed (with ``env=CLEAN_CLI_ENV``) so a test sees no one's own setup.
+CLEAN_CLI_ENV = {name: None for name in ("LOYALTY_SERVER", "LOYALTY_DATABASE_URL", "LOYALTY_DATA_DIR",
+                                         "LOYALTY_HOME", "LOYALTY_TRACEBACK")}
+
+
+def _run(module: str, name: str, args, env, timeout, cwd) -> subprocess.CompletedProcess:
+    merged = {**os.environ, **(env or {})}
+    code = f"from {module} import main; main(prog_name={name!r})"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={k: v for k, v in merged.items() if v is not None})
 
 
 def start_server(tmp_path: pathlib.Path, *, database_url: str | None = None, workers: int = 1,
