@@ -107,7 +107,7 @@ def test_serve_reads_its_options_from_the_environment(home, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (("member", "adjust", "7000001", "--kind", "gift", "--points", "5", "--reason", "x"),
      "error: Invalid value for '--kind': 'gift' is not one of 'credit', 'debit', 'top_up'."),
-    (("program", "publsh", "p.yaml"), "error: No such command 'publsh'."),
+    (("program", "publsh", "p.yaml"), "error: No such command 'publsh'. Did you mean 'publish'?"),
     (("segments", "count"), "error: Missing argument 'ID'."),
 ])
 def test_a_bad_command_line_is_one_line_and_exit_2(home, args, message):
