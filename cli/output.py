@@ -115,7 +115,13 @@ def emit_table(rows: Sequence, columns: Sequence[str], title: str | None = None)
     for row in rows:
         cells = [row.get(name) for name in columns] if isinstance(row, dict) else list(row)
         table.add_row(*("" if cell is None else str(cell) for cell in cells))
-    Console().print(table)
+    console = Console()
+    console.on_broken_pipe = _broken_pipe       # rich would exit 1 itself; the command's group decides
+    console.print(table)
+
+
+def _broken_pipe() -> None:
+    raise BrokenPipeError
 
 
 def error_exit(message: str, code: int = 2):

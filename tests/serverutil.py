@@ -80,12 +80,16 @@ CLEAN_CLI_ENV = {name: None for name in ("LOYALTY_SERVER", "LOYALTY_DATABASE_URL
                                          "LOYALTY_HOME", "LOYALTY_TRACEBACK")}
 
 
-def _run(module: str, name: str, args, env, timeout, cwd) -> subprocess.CompletedProcess:
+def environment(env=None) -> dict:
+    """This process's environment with ``env`` added (a ``None`` value removes that variable)."""
     merged = {**os.environ, **(env or {})}
+    return {k: v for k, v in merged.items() if v is not None}
+
+
+def _run(module: str, name: str, args, env, timeout, cwd) -> subprocess.CompletedProcess:
     code = f"from {module} import main; main(prog_name={name!r})"
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout,
-                          env={k: v for k, v in merged.items() if v is not None})
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=environment(env))
 
 
 def start_server(tmp_path: pathlib.Path, *, database_url: str | None = None, workers: int = 1,
