@@ -17,6 +17,15 @@ from ..segments.service import SegmentService
 from .context import ContextCases
 
 
+def canonical(yaml_text: str) -> str:
+    """The program text as a version keeps it, less what an editor or a transfer changes without anyone
+    meaning to: line endings, spaces at line ends, blank lines at the end. A file whose canonical text is the
+    live version's publishes nothing. Comments and layout count: they are part of what ``program show``
+    gives back, so changing them is a new version."""
+    lines = [line.rstrip() for line in yaml_text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+    return "\n".join(lines).rstrip("\n")
+
+
 def _version_message(row: dict) -> admin_pb2.ProgramVersion:
     return admin_pb2.ProgramVersion(version=row["version"], program=row["name"], yaml=row.get("yaml", ""),
                                     published_at=iso(row["published_at"]), comment=row.get("comment") or "",
@@ -34,7 +43,8 @@ class PublishingCases(ContextCases):
         ``promotions[3].effect``), store it as the next immutable version and switch every process to it.
         The file's ``segments:`` and ``audiences:`` are defined (and calculated) first, so a promotion of the
         new version never names an audience that does not exist yet; a bad segment publishes nothing. A file
-        that means the live program publishes nothing either: the live version comes back ``unchanged``."""
+        whose ``canonical`` text is the live version's publishes nothing either: the live version comes back
+        ``unchanged``."""
         check_text("yaml", request.yaml)
         check_text("comment", request.comment)
         try:
@@ -42,7 +52,7 @@ class PublishingCases(ContextCases):
         except ProgramError:
             source = None     # programs.publish reports it with its path
         live = self._live_version()
-        if source is not None and live is not None and load_program_text(live["yaml"]).source == source:
+        if source is not None and live is not None and canonical(live["yaml"]) == canonical(request.yaml):
             return _version_message(dict(live, unchanged=True))
         if source and source.get("scenarios"):
             parse_scenarios(source["scenarios"])     # a bad scenario publishes nothing; workers apply them
@@ -67,9 +77,7 @@ class PublishingCases(ContextCases):
         return _version_message(dict(row, current=True))
 
     def _live_version(self) -> dict | None:
-        """The live version's row with its YAML, None when nothing is published. A file is compared with it
-        as a program (the parsed tree), so re-publishing the same program, even reformatted or re-commented,
-        stores no new version and switches nothing."""
+        """The live version's row with its YAML, None when nothing is published."""
         try:
             return self.programs.get(0)
         except NotFound:

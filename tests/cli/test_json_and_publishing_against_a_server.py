@@ -1,6 +1,7 @@
 """Through a real ``loyalty serve`` (SQLite and PostgreSQL): ``--json`` prints numbers as numbers and every
 moment as RFC 3339 UTC with ``Z``; ``loyalty-pos`` takes its server from ``LOYALTY_SERVER``; publishing a
-file that means the live program stores no version and says so; ``publish --json`` is the version record."""
+file identical to the live version (line endings and trailing spaces aside) stores no version and says so,
+while a changed comment is a new version; ``publish --json`` is the version record."""
 from __future__ import annotations
 
 import hashlib
@@ -74,22 +75,25 @@ def test_publishing_the_live_program_again_stores_nothing(server, home, tmp_path
     assert same.returncode == 0, same.stderr
     assert same.stdout.strip() == (f"{DEMO} is identical to the live version {live['version']} of demo: "
                                    f"nothing published")
-    # The same program reformatted and commented is the same program.
-    reformatted = tmp_path / "demo.yaml"
-    text = DEMO.read_text()
-    assert "effect: {percent_off: 20}" in text
-    reformatted.write_text("# edited by hand\n" + text.replace("effect: {percent_off: 20}",
-                                                               "effect:   { percent_off:  20 }   # a fifth off"))
-    record = run_json("program", "publish", str(reformatted), "--server", server.target, env=home)
+    # The same text saved on Windows with stray spaces at line ends is the same file.
+    resaved = tmp_path / "demo.yaml"
+    resaved.write_bytes(DEMO.read_text().replace("\n", "  \r\n").encode() + b"\r\n\r\n")
+    record = run_json("program", "publish", str(resaved), "--server", server.target, env=home)
     assert record == {**{k: v for k, v in live.items() if k != "yaml"}, "unchanged": True}
     assert run_json("program", "versions", "--server", server.target, env=home)["versions"] == before
 
 
-def test_publish_json_is_the_new_version_record(server, home, tmp_path):
+@pytest.mark.parametrize("change", [
+    lambda text: text.replace("percent_off: 20", "percent_off: 15"),
+    lambda text: "# reviewed by finance\n" + text,                     # a comment is kept, so it is a change
+], ids=["a promotion", "a comment"])
+def test_publish_json_is_the_new_version_record(server, home, tmp_path, change):
+    run_json("program", "publish", str(DEMO), "--server", server.target, env=home)      # the demo is live
     changed = tmp_path / "changed.yaml"
-    changed.write_text(DEMO.read_text().replace("percent_off: 20", "percent_off: 15"))
+    changed.write_text(change(DEMO.read_text()))
     assert changed.read_text() != DEMO.read_text()
     before = run_json("program", "versions", "--server", server.target, env=home)["versions"]
+    assert before[0]["checksum"] == hashlib.sha256(DEMO.read_bytes()).hexdigest()
     record = run_json("program", "publish", str(changed), "--comment", "15%", "--server", server.target, env=home)
     assert "yaml" not in record
     assert record["version"] == before[0]["version"] + 1 and isinstance(record["version"], int)
