@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import click
 from google.protobuf.descriptor import FieldDescriptor
 
-__all__ = ["emit_json", "emit_table", "error_exit", "message_dict", "progress", "rfc3339"]
+__all__ = ["emit_json", "emit_table", "error_exit", "message_dict", "moment", "progress", "rfc3339"]
 
 
 def emit_json(obj, pretty: bool = False) -> None:
@@ -44,21 +44,27 @@ def rfc3339(moment: dt.datetime) -> str:
 
 
 def _moments(value, key: str = "", receipt: bool = False):
-    """``value`` with every datetime, and every offset-carrying time text under an ``at`` / ``*_at`` key, in
-    RFC 3339 UTC; a receipt's ``at`` (the till's local time, SPEC 6) is left as given."""
+    """``value`` with every datetime, and every time text under an ``at`` / ``*_at`` key, in RFC 3339 UTC;
+    a receipt's ``at`` (the till's local time, SPEC 6) is left as given."""
     if isinstance(value, dict):
         return {k: _moments(v, str(k), key == "receipt") for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_moments(v, key) for v in value]
-    if isinstance(value, dt.datetime):
-        return rfc3339(value)
-    if isinstance(value, str) and (key.endswith("_at") or (key == "at" and not receipt)) and "T" in value:
+    if isinstance(value, str) and not (key.endswith("_at") or (key == "at" and not receipt)):
+        return value
+    return moment(value)
+
+
+def moment(value):
+    """``value`` in RFC 3339 UTC when it is a datetime or ISO 8601 text with an offset; else as it is (a
+    local time without an offset, a date, "")."""
+    if isinstance(value, str) and "T" in value:
         try:
             parsed = dt.datetime.fromisoformat(value)
         except ValueError:
             return value
         return rfc3339(parsed) if parsed.tzinfo is not None else value
-    return value
+    return rfc3339(value) if isinstance(value, dt.datetime) else value
 
 
 def _plain(value):
@@ -105,7 +111,8 @@ def _number(item, field):
 
 
 def emit_table(rows: Sequence, columns: Sequence[str], title: str | None = None) -> None:
-    """Print ``rows`` (mappings keyed by column name, or sequences in column order) as a table on stdout."""
+    """Print ``rows`` (mappings keyed by column name, or sequences in column order) as a table on stdout,
+    moments as in JSON (RFC 3339 UTC)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -114,6 +121,7 @@ def emit_table(rows: Sequence, columns: Sequence[str], title: str | None = None)
         table.add_column(name)
     for row in rows:
         cells = [row.get(name) for name in columns] if isinstance(row, dict) else list(row)
+        cells = [_moments(cell, name) for cell, name in zip(cells, columns)]
         table.add_row(*("" if cell is None else str(cell) for cell in cells))
     console = Console()
     console.on_broken_pipe = _broken_pipe       # rich would exit 1 itself; the command's group decides

@@ -5,7 +5,6 @@ which must exist and be at head; ``worker`` migrates it first unless told not to
 """
 from __future__ import annotations
 
-import os
 import pathlib
 import signal
 
@@ -42,10 +41,10 @@ def register(group: click.Group) -> None:
 
     @group.command(name="worker", cls=ServiceCommand)
     @database_url_option
-    @click.option("--email", default=None, help="Email adapter: log, log:/path, smtp://host:port?from=addr, "
-                                                "http(s)://gateway [env LOYALTY_CHANNEL_EMAIL; default log]")
-    @click.option("--sms", default=None, help="SMS adapter (as --email) [env LOYALTY_CHANNEL_SMS]")
-    @click.option("--push", default=None, help="Push adapter (as --email) [env LOYALTY_CHANNEL_PUSH]")
+    @click.option("--email", default=None, envvar="LOYALTY_CHANNEL_EMAIL",
+                  help="Email adapter: log, log:/path, smtp://host:port?from=addr, http(s)://gateway [default: log]")
+    @click.option("--sms", default=None, envvar="LOYALTY_CHANNEL_SMS", help="SMS adapter (as --email).")
+    @click.option("--push", default=None, envvar="LOYALTY_CHANNEL_PUSH", help="Push adapter (as --email).")
     @click.option("--poll", default=0.5, show_default=True, help="Seconds to sleep when idle.")
     @click.option("--lease", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
                   help="Seconds a claimed delivery is held; a live worker renews it while sending, a dead one's "
@@ -65,9 +64,7 @@ def register(group: click.Group) -> None:
         url = resolve_url(database_url, migrate=not no_upgrade)
         logging.basicConfig(level=logging.WARNING if once else logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        channels = call(Channels, email=email or os.environ.get("LOYALTY_CHANNEL_EMAIL"),
-                         sms=sms or os.environ.get("LOYALTY_CHANNEL_SMS"),
-                         push=push or os.environ.get("LOYALTY_CHANNEL_PUSH"))
+        channels = call(Channels, email=email, sms=sms, push=push)
         worker = Worker(url, channels=channels, lease_s=lease, batch_chunk=batch_chunk, poll_s=poll)
         if once:
             ticks = call(worker.run_until_idle, 100_000)

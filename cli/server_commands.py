@@ -10,6 +10,7 @@ program can be published before any server runs; ``member`` commands go through 
 """
 from __future__ import annotations
 
+import datetime as dt
 import os
 import pathlib
 import signal
@@ -22,7 +23,7 @@ from loyalty.cli.common import (
     DEFAULT_SERVER, ServiceCommand, call, database_url_option, demo_summary, display_url, fail, json_option,
     resolve_url, seed_demo, server_option,
 )
-from loyalty.cli.output import emit_json, emit_table, error_exit, message_dict
+from loyalty.cli.output import emit_json, emit_table, error_exit, message_dict, moment, rfc3339
 
 __all__ = ["register"]
 
@@ -218,7 +219,7 @@ def register(group: click.Group) -> None:
                     if as_json:
                         emit_json(counts)
                     else:
-                        click.echo(time.strftime("%Y-%m-%d %H:%M:%S ") +
+                        click.echo(rfc3339(dt.datetime.now(dt.timezone.utc)) + " " +
                                    ", ".join(f"{k}: {v}" for k, v in counts.items()))
                 if once:
                     break
@@ -493,7 +494,7 @@ def _show_member(m) -> None:
     rows = [("card", m.card), ("phone", m.phone), ("name", name), ("status", m.status), ("tier", m.tier),
             ("active points", m.active_points), ("pending points", m.pending_points)]
     if m.next_expiry_at:
-        rows.append(("next expiry", f"{m.next_expiry_points} on {m.next_expiry_at}"))
+        rows.append(("next expiry", f"{m.next_expiry_points} on {moment(m.next_expiry_at)}"))
     rows.append(("purchases sum", _money(m.purchases_sum)))
     if m.next_tier:
         rows.append(("next tier", f"{m.next_tier} in {_money(m.to_next_tier)}" if m.HasField("to_next_tier")
@@ -508,5 +509,5 @@ def _show_member(m) -> None:
     subs = ", ".join(f"{k}={'on' if v else 'off'}" for k, v in sorted(m.subscriptions.items()))
     if subs:
         rows.append(("subscriptions", subs))
-    rows += [("source", m.source), ("registered", m.registered_at)]
+    rows += [("source", m.source), ("registered", moment(m.registered_at))]
     emit_table([{"field": k, "value": v} for k, v in rows], ["field", "value"], title=f"member {m.member_id}")

@@ -119,3 +119,15 @@ def test_loyalty_pos_bad_option_is_one_line():
     result = pos("--redeem", "-1")
     assert (result.returncode, result.stderr.splitlines()) == (
         2, ["error: Invalid value for '--redeem': -1 is not in the range x>=0."])
+
+
+# Commands that print no data of their own: the server's log, CSV (its own format), the engine's JSON answer.
+NO_JSON = {("serve",), ("segments", "export"), ("calc",)}
+
+
+@pytest.mark.parametrize("path", [p for p in COMMANDS if p not in NO_JSON], ids=" ".join)
+def test_every_command_that_prints_data_has_json(path):
+    command = main
+    for name in path:
+        command = command.commands[name]
+    assert "--json" in [opt for p in command.params for opt in getattr(p, "opts", ())]

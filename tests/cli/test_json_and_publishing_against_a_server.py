@@ -103,3 +103,13 @@ def test_publish_json_is_the_new_version_record(server, home, tmp_path, change):
     assert record["checksum"] == hashlib.sha256(changed.read_bytes()).hexdigest()
     shown = run_json("program", "show", "--server", server.target, env=home)
     assert shown["yaml"] == changed.read_text() and shown["version"] == record["version"]
+
+
+def test_tables_print_the_same_utc_times_as_json(server, home):
+    versions = run_json("program", "versions", "--server", server.target, env=home)["versions"]
+    table = cli("program", "versions", "--server", server.target, env={**home, "COLUMNS": "200"})
+    assert table.returncode == 0, table.stderr
+    assert all(v["published_at"] in table.stdout for v in versions)
+    member = run_json("member", "get", "7000005", "--server", server.target, env=home)
+    shown = cli("member", "get", "7000005", "--server", server.target, env={**home, "COLUMNS": "200"}).stdout
+    assert member["registered_at"] in shown and f"on {member['next_expiry_at']}" in shown
