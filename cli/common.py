@@ -25,8 +25,9 @@ import click
 
 from loyalty.cli.output import error_exit
 
-__all__ = ["DEFAULT_SERVER", "EnvCommand", "EnvGroup", "LoyaltyGroup", "ServiceCommand", "ToolCommand", "demo_summary", "display_url", "seed_demo", "database_url_option", "server_option",
-           "json_option", "quiet_option", "resolve_url", "fail", "call"]
+__all__ = ["DEFAULT_SERVER", "EnvCommand", "EnvGroup", "LoyaltyGroup", "ServiceCommand", "ToolCommand",
+           "call", "data_dir_option", "database_url_option", "demo_summary", "display_url", "fail", "json_option",
+           "quiet_option", "resolve_url", "seed_demo", "server_option"]
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 ENV_PREFIX = "LOYALTY_"
@@ -73,8 +74,10 @@ class CommandLineRules:
     reading (``loyalty ... | head -1``) ends the command with exit 0 and no traceback, as ``cat`` does."""
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
-        try:
+        if not standalone_mode:             # a caller that handles click's exceptions itself
             return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)   # ctx.exit(n) (--help: 0) returns n
         except _NO_ARGS_IS_HELP as exc:      # `loyalty` alone: the help, as click prints it
             exc.show()
             sys.exit(exc.exit_code)
@@ -82,6 +85,7 @@ class CommandLineRules:
             error_exit(exc.format_message(), code=exc.exit_code)
         except click.Abort:
             error_exit("aborted", code=1)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx):
         try:
