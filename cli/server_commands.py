@@ -97,12 +97,17 @@ def serve_command(host, port, database_url, redis_url, workers, demo, metrics_po
 
 def _require_free_port(host: str, port: int) -> None:
     """One line, before anything else is done, when ``host:port`` is taken (gRPC would only say so after
-    the database was migrated and seeded, in a line of its own)."""
+    the database was migrated and seeded, in a line of its own). A host the resolver does not know is left
+    to gRPC to judge."""
     import socket
     if port == 0:
         return
     try:
-        with socket.create_server((host, port)):
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror:
+        return
+    try:
+        with socket.create_server((host, port), family=family):
             pass
     except OSError as exc:
         error_exit(f"cannot listen on {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc} "
