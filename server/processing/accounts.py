@@ -15,7 +15,8 @@ from ..members import check_text, find_member, validate_enroll, validate_ref, va
 from ..models import balances, cards, member_updates, members, operations, subscriptions
 from ..segments.service import bump_membership_version
 from .common import REASON_LIMIT, _data_errors, _hash
-from .context import ContextCases
+from ..runtime import Runtime
+from .context import Reads
 
 
 def _plain(value):
@@ -23,15 +24,18 @@ def _plain(value):
     return value.isoformat() if isinstance(value, dt.date) else value
 
 
-class AccountCases(ContextCases):
-    """Member accounts, a part of ``ProcessingService``."""
+class Accounts:
+    """Member accounts: get, enrol, update, manual points, card status."""
+
+    def __init__(self, rt: Runtime, reads: Reads):
+        self.rt, self.reads = rt, reads
 
     @_data_errors
     def get_member(self, request) -> processing_pb2.Member:
         """The member by ``request.member.card`` or ``.phone``: status, tier, balances, next expiry,
         progress, subscriptions, profile. ``NotFound`` when unknown."""
         ref = validate_ref(request.member if request.HasField("member") else None, required=True)
-        return self._member_message(ref)
+        return self.reads.member_message(ref)
 
     @_data_errors
     def enroll_member(self, request) -> processing_pb2.Member:
@@ -39,20 +43,20 @@ class AccountCases(ContextCases):
         naming the field). ``source`` defaults to ``api``, ``registered_at`` to now. With ``request_id`` a
         retry, also a concurrent one, returns the member that request enrolled. Emits ``member_registered``."""
         values = validate_enroll(request)
-        if values["registered_at"] is not None and values["registered_at"] > self.clock():
+        if values["registered_at"] is not None and values["registered_at"] > self.rt.clock():
             raise InvalidArgument("registered_at", "must not be in the future")
         try:
-            lowest = self.programs.current().program.tiers.levels[0].name
+            lowest = self.rt.programs.current().program.tiers.levels[0].name
         except FailedPrecondition:
             lowest = ""
         try:
             # A concurrent enrolment of the same card / phone / request_id that commits first fails our insert;
             # the second run sees it (the same request_id: that member; else AlreadyExists).
-            self._write_replaying(self._enroll_tx, values, lowest,
+            self.reads.write_replaying(self._enroll_tx, values, lowest,
                                   idempotent=bool(values.get("enroll_request_id")))
         except IntegrityError:
             raise AlreadyExists("the card or the phone is already registered") from None
-        return self._member_message(("card", values["card"]))
+        return self.reads.member_message(("card", values["card"]))
 
     def _enroll_tx(self, conn, v: dict, tier: str) -> None:
         # The card and the phone are looked up BEFORE the request id: on PostgreSQL each statement reads what
@@ -73,7 +77,7 @@ class AccountCases(ContextCases):
                 return
         if taken is not None:
             raise taken
-        now = self.clock()
+        now = self.rt.clock()
         member_id = conn.execute(insert(members).values(
             phone=v["phone"], first_name=v["first_name"], last_name=v["last_name"], gender=v["gender"],
             birth_date=v["birth_date"], email=v["email"], city=v["city"], custom=v["custom"], source=v["source"],
@@ -87,7 +91,7 @@ class AccountCases(ContextCases):
             conn.execute(insert(subscriptions), [
                 {"member_id": member_id, "channel": ch, "on": on, "saved_on": None, "updated_at": now}
                 for ch, on in sorted(v["subscriptions"].items())])
-        self._event(conn, "member_registered", member_id, now, key=f"member_registered:{member_id}",
+        self.reads.event(conn, "member_registered", member_id, now, key=f"member_registered:{member_id}",
                     card=v["card"], source=v["source"])
 
     @_data_errors
@@ -101,12 +105,12 @@ class AccountCases(ContextCases):
         try:
             # A concurrent change that commits first (the same request id, or the same phone for another
             # member) fails our write; the second run sees it and replays, or names the phone.
-            member_id, card = self._write_replaying(self._update_tx, v, _hash(request),
+            member_id, card = self.reads.write_replaying(self._update_tx, v, _hash(request),
                                                     idempotent=v["request_id"] is not None)
         except IntegrityError:
             raise AlreadyExists("the phone is already registered to another member", field="phone") from None
-        self.contexts.invalidate(member_id)
-        return self._member_message(("card", card))
+        self.rt.contexts.invalidate(member_id)
+        return self.reads.member_message(("card", card))
 
     def _update_tx(self, conn, v: dict, request_hash: str) -> tuple[int, str]:
         """``(member_id, card)`` of the member changed (or of the one the stored request changed)."""
@@ -144,7 +148,7 @@ class AccountCases(ContextCases):
             done = stored()
             if done is not None:
                 return done
-        now = self.clock()
+        now = self.rt.clock()
         changes, values = {}, {}
         for name, value in v["fields"].items():
             if name == "phone" and value is not None and value != row["phone"]:
@@ -234,12 +238,12 @@ class AccountCases(ContextCases):
             expiry_days = request.expiry_days
         else:
             try:
-                expiry_days = self.programs.current().program.expiry_days
+                expiry_days = self.rt.programs.current().program.expiry_days
             except FailedPrecondition:
                 expiry_days = None
-        response, member_id = self._write_replaying(self._adjust_tx, ref, request, operation_id, expiry_days,
+        response, member_id = self.reads.write_replaying(self._adjust_tx, ref, request, operation_id, expiry_days,
                                                     _hash(request))
-        self.contexts.invalidate(member_id)
+        self.rt.contexts.invalidate(member_id)
         return processing_pb2.AdjustPointsResponse(**response)
 
     def _adjust_tx(self, conn, ref, request, operation_id: str, expiry_days: int | None, request_hash: str):
@@ -264,7 +268,7 @@ class AccountCases(ContextCases):
             done = stored()
             if done is not None:
                 return done
-        now = self.clock()
+        now = self.rt.clock()
         points, kind = request.points, request.kind
         if kind == "debit":
             available = max(ctx.active, 0)
@@ -287,7 +291,7 @@ class AccountCases(ContextCases):
         if delta > 0 and ctx.active < 0:
             ledger.settle_debt(conn, ctx.member_id, ctx.active + delta)
         if kind == "top_up":
-            self._event(conn, "top_up", ctx.member_id, now, key=f"top_up:{operation_id}", card=ctx.card,
+            self.reads.event(conn, "top_up", ctx.member_id, now, key=f"top_up:{operation_id}", card=ctx.card,
                         points=points, reason=request.reason, operation_id=operation_id)
         response = {"operation_id": operation_id, "active_points": ctx.active + delta,
                     "pending_points": ctx.pending, "replayed": False}
@@ -305,10 +309,10 @@ class AccountCases(ContextCases):
             raise InvalidArgument("card", "required")
         status = validate_status(request.status)
         check_text("reason", request.reason, REASON_LIMIT)
-        member_id = self.db.run_write(self._status_tx, card, status, request.reason)
-        self.contexts.invalidate(member_id)
-        self.audience_index.announce()      # the other processes' cached contexts hold the old status
-        return self._member_message(("card", card))
+        member_id = self.rt.db.run_write(self._status_tx, card, status, request.reason)
+        self.rt.contexts.invalidate(member_id)
+        self.rt.audience_index.announce()      # the other processes' cached contexts hold the old status
+        return self.reads.member_message(("card", card))
 
     def _status_tx(self, conn, card: str, status: str, reason: str) -> int:
         stmt = select(cards.c.member_id, cards.c.status).where(cards.c.number == card)
@@ -320,7 +324,7 @@ class AccountCases(ContextCases):
         before = row.status
         if before == status:
             return row.member_id
-        now = self.clock()
+        now = self.rt.clock()
         subs = subscriptions.c
         if before == "active":
             conn.execute(update(subscriptions).where(subs.member_id == row.member_id)
@@ -329,7 +333,7 @@ class AccountCases(ContextCases):
             conn.execute(update(subscriptions).where(subs.member_id == row.member_id, subs.saved_on.is_not(None))
                          .values(on=subs.saved_on, saved_on=None, updated_at=now))
         conn.execute(update(cards).where(cards.c.number == card).values(status=status, status_changed_at=now))
-        self._event(conn, "card_status_changed", row.member_id, now, card=card, status_before=before,
+        self.reads.event(conn, "card_status_changed", row.member_id, now, card=card, status_before=before,
                     status=status, reason=reason)
         bump_membership_version(conn, now)      # last: its row lock is held until the commit
         return row.member_id

@@ -91,7 +91,7 @@ def test_a_value_storage_refuses_is_invalid_argument_without_driver_text(service
     def refuse(*_args, **_kw):
         raise DataError("INSERT ...", {}, Exception("driver says: value too long for type character varying(64)"))
 
-    monkeypatch.setattr(service, "_adjust_tx", refuse)
+    monkeypatch.setattr(service.accounts, "_adjust_tx", refuse)
     with pytest.raises(InvalidArgument) as info:
         service.adjust_points(P.AdjustPointsRequest(member=R.MemberRef(card="7600007"), kind="credit", points=1,
                                                     reason="x", operation_id="d-1"))

@@ -52,7 +52,7 @@ def test_concurrent_enrollments_with_one_request_id_return_the_same_member(servi
         time.sleep(0.2)
         return clock()
 
-    monkeypatch.setattr(service, "clock", slow_clock)
+    monkeypatch.setattr(service.runtime, "clock", slow_clock)
     enr = P.EnrollMemberRequest(card="7600009", request_id="c-enroll", source="pos")
     got = concurrently(6, lambda _: service.enroll_member(enr))
     assert all(isinstance(g, P.Member) for g in got), got
