@@ -199,8 +199,8 @@ class LoyaltyServer:
         self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
         self.server.add_generic_rpc_handlers((self._generic_handler(PROCESSING, processing_pb2),
                                               self._generic_handler(ADMIN, admin_pb2)))
-        add_segments_service(self, service, redis_url=config.redis_url)
-        add_scenarios_service(self, service)
+        add_segments_service(self, service.runtime, redis_url=config.redis_url)
+        add_scenarios_service(self, service.runtime)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

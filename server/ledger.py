@@ -14,10 +14,15 @@ twice), the lots it touches, and the balance update. Invariants, proved by ``che
 from __future__ import annotations
 
 import datetime as dt
+from typing import TYPE_CHECKING
 
 from sqlalchemy import bindparam, case, func, insert, literal, select, update
 
 from .models import balances, ledger, point_lots, purchase_lines, purchases
+
+if TYPE_CHECKING:
+    from .db import Database
+    from .runtime import Runtime
 
 __all__ = ["add_entry", "new_lot", "consume_active", "take_back", "settle_debt", "move_balance", "check",
            "liability"]
@@ -148,12 +153,12 @@ def move_balance(conn, member_id: int, *, active: int = 0, pending: int = 0, pur
 
 # ---- proofs and reports -------------------------------------------------------------------------------------
 
-def check(service) -> list[str]:
+def check(db: Database) -> list[str]:
     """Every discrepancy between the ledger, the lots and the balances (and purchase lines without their
     purchase), one sentence each; empty when they agree. Set-based: a few grouped queries, whatever the number
     of members."""
     problems: list[str] = []
-    with service.db.read() as conn:
+    with db.read() as conn:
         sums = (select(ledger.c.member_id, func.sum(ledger.c.active_delta).label("a"),
                        func.sum(ledger.c.pending_delta).label("p"))
                 .group_by(ledger.c.member_id).subquery())
@@ -196,11 +201,11 @@ def check(service) -> list[str]:
     return problems
 
 
-def liability(service, *, expiring_within_days: int = 30) -> dict:
+def liability(runtime: Runtime, *, expiring_within_days: int = 30) -> dict:
     """Outstanding points: active, pending, their money value at the current program's ``point_value``,
     members holding points, debt (refund take-backs beyond the balance), points expiring soon."""
-    now = service.clock()
-    with service.db.read() as conn:
+    now = runtime.clock()
+    with runtime.db.read() as conn:
         active, pending, holders, debt = conn.execute(select(
             func.coalesce(func.sum(case((balances.c.active > 0, balances.c.active), else_=0)), 0),
             func.coalesce(func.sum(balances.c.pending), 0),
@@ -212,7 +217,7 @@ def liability(service, *, expiring_within_days: int = 30) -> dict:
             .where(point_lots.c.state == "active", point_lots.c.remaining > 0,
                    point_lots.c.expires_at <= now + dt.timedelta(days=expiring_within_days))).scalar()
     try:
-        point_value = service.programs.current().program.point_value
+        point_value = runtime.programs.current().program.point_value
     except Exception:  # noqa: BLE001 - no program yet: report points only
         point_value = None
     out = {"active_points": int(active), "pending_points": int(pending),

@@ -184,7 +184,7 @@ def test_batches_write_what_confirms_one_at_a_time_write(pg_url, pg_url_alone, c
         a, b = _state(batched), _state(alone)
         for table in a:
             assert a[table] == b[table], f"{table} differs (seed {seed})"
-        assert ledger.check(batched) == [] and ledger.check(alone) == []
+        assert ledger.check(batched.db) == [] and ledger.check(alone.db) == []
         # both ways of writing a batch were taken: one statement, and one per confirm when a member's later
         # confirm may write off points an earlier one of the batch made active
         assert exact_seen and (False in exact_seen) == (activation == "active at once"), exact_seen
