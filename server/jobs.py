@@ -19,6 +19,7 @@ from sqlalchemy import String, and_, case, cast, func, insert, literal, select, 
 
 from . import ledger
 from .db import Database
+from .dialects import dialect_of
 from .errors import FailedPrecondition
 from .members import tier_window_start
 from .models import UTCDateTime, balances, events, point_lots, purchases
@@ -52,9 +53,8 @@ def run_once(runtime: Runtime, now: dt.datetime | None = None, *, expiring_days:
 
 
 def _lock_members(conn, member_ids) -> None:
-    if conn.dialect.name == "postgresql":
-        conn.execute(select(balances.c.member_id).where(balances.c.member_id.in_(member_ids))
-                     .order_by(balances.c.member_id).with_for_update())
+    dialect_of(conn).lock_rows(conn, select(balances.c.member_id).where(balances.c.member_id.in_(member_ids))
+                               .order_by(balances.c.member_id))
 
 
 def _move_lots(db: Database, now: dt.datetime, batch: int, counts: dict, *, activate: bool) -> None:

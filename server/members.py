@@ -21,6 +21,7 @@ from sqlalchemy import and_, bindparam, func, insert, select, update
 from loyalty.core.errors import quote
 from loyalty.core.model import CARD_STATUSES, Program
 
+from .dialects import dialect_of
 from .errors import InvalidArgument
 from .models import CHANNELS, SOURCES, balances, cards, members, point_lots, promotion_usage, subscriptions
 
@@ -348,7 +349,7 @@ def find_member(conn, ref: tuple, *, lock: bool = False) -> MemberContext | None
     (``check_pair``). With ``lock``, the ``balances`` row is locked for the transaction (PostgreSQL ``FOR
     UPDATE``; SQLite already holds the database's write lock)."""
     kind, value = ref[0], ref[1]
-    stmt = _CONTEXT_STMTS[kind, lock and conn.dialect.name == "postgresql"]
+    stmt = _CONTEXT_STMTS[kind, lock and dialect_of(conn).locks_rows]
     row = conn.execute(stmt, {"ref": value}).first()
     if row is None:
         return None

@@ -70,7 +70,7 @@ class ProcessingService(CalculateCases, ConfirmCases, RefundCases, AccountCases,
         self._batcher = None
         self._alone_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._alone_lock = threading.Lock()
-        if group_commit > 0 and database.dialect == "postgresql":
+        if group_commit > 0 and database.dialect_ops.group_commit:
             self._batcher = Batcher(self._confirm_batch, max_batch=group_commit,
                                     window=float(env("LOYALTY_CONFIRM_BATCH_WINDOW_MS", "4") or 0) / 1000,
                                     threads=batch_threads or int(env("LOYALTY_CONFIRM_BATCH_THREADS", "2") or 2),

@@ -10,6 +10,7 @@ from loyalty.core.errors import quote
 from loyalty.v1 import processing_pb2
 
 from .. import ledger
+from ..dialects import dialect_of
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ..members import check_text, find_member, validate_enroll, validate_ref, validate_status, validate_update
 from ..models import balances, cards, member_updates, members, operations, subscriptions
@@ -110,7 +111,7 @@ class AccountCases(ContextCases):
 
     def _update_tx(self, conn, v: dict, request_hash: str) -> tuple[int, str]:
         """``(member_id, card)`` of the member changed (or of the one the stored request changed)."""
-        pg = conn.dialect.name == "postgresql"
+        ops = dialect_of(conn)
 
         def stored():
             if v["request_id"] is None:
@@ -139,8 +140,8 @@ class AccountCases(ContextCases):
         # The member's row is the lock of its profile (the scenario engine's profile steps take it too); a
         # concurrent call with this request id that held it has committed by now (SQLite: the write lock).
         stmt = select(members).where(members.c.id == ctx.member_id)
-        row = conn.execute(stmt.with_for_update() if pg else stmt).one()._mapping
-        if pg:
+        row = conn.execute(ops.lock(stmt)).one()._mapping
+        if ops.locks_rows:
             done = stored()
             if done is not None:
                 return done
@@ -178,7 +179,7 @@ class AccountCases(ContextCases):
         active again, and then it is what the member chose. The cards are locked first, as ``_status_tx``
         locks them, so a status change cannot pass between reading them and writing."""
         stmt = select(cards.c.status).where(cards.c.member_id == member_id)
-        statuses = conn.execute(stmt.with_for_update() if conn.dialect.name == "postgresql" else stmt).scalars()
+        statuses = conn.execute(dialect_of(conn).lock(stmt)).scalars()
         live = "active" in set(statuses)
         subs = subscriptions.c
         current = {r.channel: r for r in conn.execute(select(subs.channel, subs.on, subs.saved_on)
@@ -258,7 +259,7 @@ class AccountCases(ContextCases):
         ctx = find_member(conn, ref, lock=True)
         if ctx is None:
             raise NotFound(f"member {ref[1]} was not found")
-        if conn.dialect.name == "postgresql":
+        if dialect_of(conn).locks_rows:
             # Checked again under the member's lock: a concurrent call with this key that held it has
             # committed by now (SQLite held the write lock since the first check).
             done = stored()
@@ -312,9 +313,7 @@ class AccountCases(ContextCases):
 
     def _status_tx(self, conn, card: str, status: str, reason: str) -> int:
         stmt = select(cards.c.member_id, cards.c.status).where(cards.c.number == card)
-        if conn.dialect.name == "postgresql":
-            stmt = stmt.with_for_update()
-        row = conn.execute(stmt).first()
+        row = conn.execute(dialect_of(conn).lock(stmt)).first()
         if row is None:
             raise NotFound(f"card {card} was not found")
         before = row.status

@@ -14,6 +14,7 @@ from loyalty.core.inputs import parse_receipt_time
 from loyalty.v1 import processing_pb2
 
 from ..convert import iso
+from ..dialects import dialect_of
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from ..members import MemberContext, check_text, effective_tier, find_member, load_usage, member_view, next_tier
 from ..models import balances, events, program_versions, promotion_budgets
@@ -62,9 +63,7 @@ class ContextCases:
 
     def _lock_balance(self, conn, member_id: int) -> tuple[int, int]:
         stmt = select(balances.c.active, balances.c.pending).where(balances.c.member_id == member_id)
-        if conn.dialect.name == "postgresql":
-            stmt = stmt.with_for_update()
-        row = conn.execute(stmt).one()
+        row = conn.execute(dialect_of(conn).lock(stmt)).one()
         return row[0], row[1]
 
     # ---- helpers ------------------------------------------------------------------------------------------
@@ -120,9 +119,7 @@ class ContextCases:
             return used
         stmt = (select(promotion_budgets.c.promotion, promotion_budgets.c.spent)
                 .where(promotion_budgets.c.promotion.in_(ids)).order_by(promotion_budgets.c.promotion))
-        if conn.dialect.name == "postgresql":
-            stmt = stmt.with_for_update()
-        return dict(conn.execute(stmt).all())
+        return dict(conn.execute(dialect_of(conn).lock(stmt)).all())
 
     def _receipt_at(self, receipt: dict) -> dt.datetime | None:
         """The receipt's local time (naive), checked (``_receipt_time``)."""

@@ -12,6 +12,7 @@ from loyalty.core.inputs import parse_at
 from loyalty.v1 import processing_pb2
 
 from .. import ledger
+from ..dialects import dialect_of
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ..members import check_text, in_tier_window, period_key
 from ..models import ledger as ledger_entries, promotion_budgets, promotion_usage, purchase_lines, purchases, refunds
@@ -150,21 +151,19 @@ class RefundCases(ContextCases):
         """One refund (``cancel``: the purchase's cancellation, keyed ``cancel:<purchase id>``). The
         idempotency key is checked again once the purchase row is locked, so a concurrent call with the same
         key waits for the first one and replays it."""
-        is_pg = conn.dialect.name == "postgresql"
+        ops = dialect_of(conn)
         if not cancel:
             done = self._stored_refund(conn, refund_id, request_hash)
             if done is not None:
                 return done
         stmt = select(purchases).where(purchases.c.store == key[0], purchases.c.terminal == key[1],
                                        purchases.c.number == key[2])
-        if is_pg:
-            stmt = stmt.with_for_update()
-        purchase = conn.execute(stmt).first()
+        purchase = conn.execute(ops.lock(stmt)).first()
         if purchase is None:
             raise NotFound(f"purchase {'/'.join(key)} was not found")
         if cancel:
             refund_id = f"cancel:{purchase.id}"
-        if cancel or is_pg:       # (SQLite: the write lock was held since the first check)
+        if cancel or ops.locks_rows:       # (SQLite: the write lock was held since the first check)
             done = self._stored_refund(conn, refund_id, request_hash if not cancel else None)
             if done is not None:
                 return done

@@ -23,6 +23,7 @@ from pyroaring import BitMap
 from sqlalchemy import exists, func, insert, or_, select, update
 
 from loyalty.server import ledger
+from loyalty.server.dialects import dialect_of
 from loyalty.server.errors import InvalidArgument
 from loyalty.server.models import balances, events, members, program_versions, purchases
 from loyalty.server.segments.models import (
@@ -286,9 +287,7 @@ class Runner:
 
     def _lock_balance(self, conn, member_id: int) -> tuple[int, int]:
         stmt = select(balances.c.active, balances.c.pending).where(balances.c.member_id == member_id)
-        if conn.dialect.name == "postgresql":
-            stmt = stmt.with_for_update()
-        row = conn.execute(stmt).first()
+        row = conn.execute(dialect_of(conn).lock(stmt)).first()
         if row is None:
             raise StepError(f"member {member_id} has no balance")
         return row.active, row.pending
@@ -340,10 +339,7 @@ class Runner:
 
     def _update_profile(self, conn, w: _Walk, step: dict) -> None:
         member_id = w.run.member_id
-        stmt = select(members.c.custom).where(members.c.id == member_id)
-        if conn.dialect.name == "postgresql":
-            stmt = stmt.with_for_update()
-        custom = conn.execute(stmt).scalar()
+        custom = conn.execute(dialect_of(conn).lock(select(members.c.custom).where(members.c.id == member_id))).scalar()
         field = step["field"]
         if field.startswith("custom."):
             name = field[7:]

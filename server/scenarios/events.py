@@ -24,6 +24,7 @@ import logging
 from pyroaring import BitMap
 from sqlalchemy import JSON, String, cast, func, literal, select, update
 
+from loyalty.server.dialects import dialect_of
 from loyalty.server.models import events, members
 from loyalty.server.segments.models import audience_bitmaps
 
@@ -196,8 +197,7 @@ def _birthdays_on(conn, target: dt.date, days_before: int, now: dt.datetime) -> 
     days = [target.strftime("%m-%d")]
     if target.month == 2 and target.day == 28 and not _leap(target.year):
         days.append("02-29")          # born on 29 February: celebrated on the 28th in other years
-    md = (func.to_char(members.c.birth_date, "MM-DD") if conn.dialect.name == "postgresql"
-          else func.strftime("%m-%d", members.c.birth_date))
+    md = dialect_of(conn).month_day(members.c.birth_date)
     key_prefix = f"birthday:{target.year}:{days_before}:"
     key = literal(key_prefix) + cast(members.c.id, String())
     payload = {"date": target.isoformat(), "days_before": days_before}

@@ -33,6 +33,7 @@ import re
 from sqlalchemy import and_, case, exists, or_, select, update
 
 from loyalty.core.errors import quote
+from loyalty.server.dialects import dialect_of
 from loyalty.server.errors import InvalidArgument
 from loyalty.server.members import check_text, validate_ref
 from loyalty.server.models import cards, members, subscriptions
@@ -267,9 +268,7 @@ def _apply_subscriptions(conn, rows: list[dict], now: dt.datetime) -> int:
     if not latest:
         return 0
     ids = sorted({m for m, _c in latest})
-    lock = select(members.c.id).where(members.c.id.in_(ids)).order_by(members.c.id)
-    if conn.dialect.name == "postgresql":
-        lock = lock.with_for_update()
+    lock = dialect_of(conn).lock(select(members.c.id).where(members.c.id.in_(ids)).order_by(members.c.id))
     conn.execute(lock).all()           # serialises this with any other batch about the same members
     me = message_events.c
     changed = 0

@@ -29,7 +29,8 @@ from sqlalchemy import (
 )
 
 from loyalty.core import ProgramError, load_program_text
-from loyalty.server.db import Database, insert_ignore
+from loyalty.server.db import Database
+from loyalty.server.dialects import dialect_of, insert_ignore
 from loyalty.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from loyalty.server.models import balances, cards, members, program_versions
 from loyalty.server.timeutil import utcnow
@@ -325,9 +326,7 @@ class SegmentService:
             .returning(segment_runs.c.id)).scalar_one())
 
         def tx(conn):
-            if conn.dialect.name == "postgresql":
-                # hashed semi / anti joins over a million members need more than the default 4MB
-                conn.exec_driver_sql("SET LOCAL work_mem = '256MB'")
+            dialect_of(conn).tune(conn, work_mem="256MB")
             ctx = self._context(conn)
             query = cond.compile_query(seg["conditions"], ctx)
             report("evaluating", 0, 3)
@@ -335,8 +334,7 @@ class SegmentService:
             try:
                 # Row counts of INSERT ... SELECT are not reliable across drivers: count instead.
                 conn.execute(insert(tmp).from_select(["member_id"], query))
-                if conn.dialect.name == "postgresql":
-                    conn.exec_driver_sql(f"ANALYZE {tmp.name}")
+                dialect_of(conn).analyze(conn, tmp.name)
                 report("writing", 1, 3)
                 ids = BitMap(conn.execute(select(tmp.c.member_id)).scalars())
                 if seg["type"] == "updatable":
