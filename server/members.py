@@ -23,6 +23,8 @@ from loyalty.core.model import CARD_STATUSES, Program
 
 from .dialects import dialect_of
 from .errors import InvalidArgument
+from .limits import (AT_LIMIT, CUSTOM_NAME_LIMIT, CUSTOM_VALUE_LIMIT, DATE_LIMIT, EMAIL_LIMIT, ID_LIMIT, KEY_LIMIT,
+                     NAME_LIMIT)
 from .models import CHANNELS, SOURCES, balances, cards, members, point_lots, promotion_usage, subscriptions
 
 __all__ = ["MemberContext", "ContextCache", "find_member", "load_usage", "tier_for",
@@ -61,10 +63,7 @@ class MemberContext:
 
 # ---- references and validation ------------------------------------------------------------------------------
 
-# Custom profile fields: names as long as a segment condition accepts (``custom: {pet: cat}``), values a short
-# text (they are read with every member). Subscription channels are ``models.CHANNELS``.
-CUSTOM_NAME_LIMIT = 100
-CUSTOM_VALUE_LIMIT = 1000
+# Subscription channels are ``models.CHANNELS``; the length of every field is in ``limits``.
 GENDERS = ("female", "male")
 
 
@@ -99,7 +98,7 @@ def validate_ref(ref, path: str = "member", *, required: bool = False) -> tuple 
     card = ref.card.strip() if ref is not None else ""
     phone = normalize_phone(ref.phone) if ref is not None else ""
     if card:
-        check_text(f"{path}.card", card, 64)
+        check_text(f"{path}.card", card, ID_LIMIT)
     if phone:
         phone = check_phone(f"{path}.phone", ref.phone)
     if card:
@@ -134,16 +133,16 @@ def _profile(prefix: str, fields: dict) -> dict:
             out[name] = None
             if value:
                 try:
-                    out[name] = dt.date.fromisoformat(check_text(path, value, 10))
+                    out[name] = dt.date.fromisoformat(check_text(path, value, DATE_LIMIT))
                 except (ValueError, InvalidArgument):
                     raise InvalidArgument(path, f"expected a date YYYY-MM-DD, got {quote(value)}") from None
         elif name == "email":
-            check_text(path, value, 254)
+            check_text(path, value, EMAIL_LIMIT)
             if value and not _EMAIL_RE.match(value):
                 raise InvalidArgument(path, f"not an email address: {quote(value)}")
             out[name] = value
         else:                                   # first_name, last_name, city
-            out[name] = check_text(path, value, 100)
+            out[name] = check_text(path, value, NAME_LIMIT)
     return out
 
 
@@ -173,7 +172,7 @@ def _registered_at(value: str) -> dt.datetime | None:
     if not value:
         return None
     try:
-        at = dt.datetime.fromisoformat(check_text("registered_at", value, 40))
+        at = dt.datetime.fromisoformat(check_text("registered_at", value, AT_LIMIT))
         at = at.astimezone(dt.timezone.utc) if at.tzinfo is not None else at.replace(tzinfo=dt.timezone.utc)
     except (ValueError, OverflowError, InvalidArgument):
         raise InvalidArgument("registered_at", f"expected a date YYYY-MM-DD or a time such as "
@@ -188,7 +187,7 @@ def validate_enroll(request) -> dict:
     card = request.card.strip()
     if not card:
         raise InvalidArgument("card", "required")
-    check_text("card", card, 64)
+    check_text("card", card, ID_LIMIT)
     phone = check_phone("phone", request.phone) if normalize_phone(request.phone) else None
     source = request.source or "api"
     if source not in SOURCES:
@@ -198,7 +197,7 @@ def validate_enroll(request) -> dict:
                                    "birth_date": p.birth_date, "email": p.email, "city": p.city})
     values.update(card=card, phone=phone, source=source, custom=_custom("profile.custom", p.custom),
                   registered_at=_registered_at(request.registered_at),
-                  enroll_request_id=check_text("request_id", request.request_id, 100) or None,
+                  enroll_request_id=check_text("request_id", request.request_id, KEY_LIMIT) or None,
                   subscriptions=_subscriptions("subscriptions", request.subscriptions))
     return values
 
@@ -226,7 +225,7 @@ def validate_update(request) -> dict:
     subs = _subscriptions("subscriptions", request.subscriptions)
     if not (fields or custom or clear or subs):
         raise InvalidArgument("", "nothing to change: give a profile field, custom, clear_custom or subscriptions")
-    return {"ref": ref, "request_id": check_text("request_id", request.request_id.strip(), 100) or None,
+    return {"ref": ref, "request_id": check_text("request_id", request.request_id.strip(), KEY_LIMIT) or None,
             "fields": fields, "custom": custom, "clear_custom": clear, "subscriptions": subs}
 
 

@@ -32,7 +32,8 @@ from ..segments.membership import AudienceIndex
 from ..timeutil import utcnow
 from .accounts import AccountCases
 from .calculate import CalculateCases
-from .common import REASON_LIMIT, _check_receipt, _hash  # noqa: F401 - part of the package's surface
+from ..limits import REASON_LIMIT  # noqa: F401 - part of the package's surface
+from .common import _check_receipt, _hash  # noqa: F401 - part of the package's surface
 from .confirm import ConfirmCases
 from .confirm_sql import _BatchWrite, _member_of  # noqa: F401 - _BatchWrite: tests watch its writes
 from .context import ContextCases

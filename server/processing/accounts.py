@@ -12,10 +12,11 @@ from loyalty.v1 import processing_pb2
 from .. import ledger
 from ..dialects import dialect_of
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ..limits import ID_LIMIT, KEY_LIMIT, REASON_LIMIT
 from ..members import check_text, find_member, validate_enroll, validate_ref, validate_status, validate_update
 from ..models import balances, cards, member_updates, members, operations, subscriptions
 from ..segments.service import bump_membership_version
-from .common import REASON_LIMIT, _data_errors, _hash
+from .common import _data_errors, _hash
 from .context import ContextCases
 
 
@@ -220,7 +221,7 @@ class AccountCases(ContextCases):
             raise InvalidArgument("points", f"must be at least 1, got {request.points}")
         if request.points > 10**12:
             raise InvalidArgument("points", f"must be at most {10**12}, got {request.points}")
-        operation_id = check_text("operation_id", request.operation_id.strip(), 100)
+        operation_id = check_text("operation_id", request.operation_id.strip(), KEY_LIMIT)
         if not operation_id:
             raise InvalidArgument("operation_id", "required: the idempotency key of this operation")
         check_text("reason", request.reason, REASON_LIMIT)
@@ -301,7 +302,7 @@ class AccountCases(ContextCases):
     def set_card_status(self, request) -> processing_pb2.Member:
         """Change a card's status. Leaving ``active`` switches every subscription off and remembers which
         were on; returning to ``active`` restores exactly those. Emits ``card_status_changed``."""
-        card = check_text("card", request.card.strip(), 64)
+        card = check_text("card", request.card.strip(), ID_LIMIT)
         if not card:
             raise InvalidArgument("card", "required")
         status = validate_status(request.status)

@@ -16,6 +16,7 @@ from loyalty.v1 import processing_pb2
 from ..convert import iso
 from ..dialects import dialect_of
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
+from ..limits import ID_LIMIT
 from ..members import MemberContext, check_text, effective_tier, find_member, load_usage, member_view, next_tier
 from ..models import balances, events, program_versions, promotion_budgets
 from ..programs import Snapshot
@@ -148,7 +149,7 @@ class ContextCases:
         for name in ("store", "terminal", "number"):
             if not getattr(key, name):
                 raise InvalidArgument(f"{path}.{name}", "required")
-            check_text(f"{path}.{name}", getattr(key, name), 64)
+            check_text(f"{path}.{name}", getattr(key, name), ID_LIMIT)
         return key.store, key.terminal, key.number
 
     def _member_message(self, ref) -> processing_pb2.Member:

@@ -14,9 +14,10 @@ from loyalty.v1 import processing_pb2
 from .. import ledger
 from ..dialects import dialect_of
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ..limits import KEY_LIMIT, REASON_LIMIT
 from ..members import check_text, in_tier_window, period_key
 from ..models import ledger as ledger_entries, promotion_budgets, promotion_usage, purchase_lines, purchases, refunds
-from .common import REASON_LIMIT, _data_errors, _hash
+from .common import _data_errors, _hash
 from .context import ContextCases
 
 
@@ -106,7 +107,7 @@ class RefundCases(ContextCases):
         purchase's own lot lost to expiry. The final refund (nothing left afterwards) also gives back the
         purchase's use of promotions limited per member and what it spent of discount budgets; a partial
         refund leaves both as they are."""
-        refund_id = check_text("refund_id", request.refund_id.strip(), 100)
+        refund_id = check_text("refund_id", request.refund_id.strip(), KEY_LIMIT)
         if not refund_id:
             raise InvalidArgument("refund_id", "required: the idempotency key of this refund")
         if refund_id.startswith("cancel:"):

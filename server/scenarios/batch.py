@@ -32,6 +32,7 @@ from sqlalchemy import bindparam, func, insert, literal, select, text, update
 
 from loyalty.server.dialects import DialectOps, dialect_of
 from loyalty.server.errors import AlreadyExists, InvalidArgument, NotFound
+from loyalty.server.limits import REASON_LIMIT
 from loyalty.server.models import UTCDateTime, cards, members
 
 from .common import claim, insert_ignore
@@ -41,10 +42,6 @@ __all__ = ["create", "process_chunk", "progress", "run", "CHUNK"]
 
 CHUNK = 10_000
 _ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
-
-
-# The longest reason of a batch, as for every manual points operation (AdjustPoints).
-REASON_LIMIT = 500
 
 
 def _validate(batch_id: str, kind: str, points: int, expiry_days, target: dict, reason: str) -> None:

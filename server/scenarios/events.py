@@ -26,7 +26,7 @@ from sqlalchemy import JSON, String, cast, func, literal, select, update
 
 from loyalty.server.dialects import dialect_of
 from loyalty.server.models import events, members
-from loyalty.server.segments.models import audience_bitmaps
+from loyalty.server.segments.service import stored_membership
 
 from .common import claim, insert_ignore
 from .definitions import match_trigger
@@ -217,19 +217,16 @@ def _leap(year: int) -> bool:
 
 def watch_segments(database, now: dt.datetime) -> int:
     """For every segment a ``segment_entered`` trigger names: compare its membership bitmap (kept by the
-    segment module in ``audience_bitmaps``, versioned) with the one seen last time and emit
+    segment module, versioned: ``segments.service.stored_membership``) with the one seen last time and emit
     ``segment_entered`` for each member added. The first look only records the membership: members already
     inside did not just enter. Returns events added."""
     def tx(conn):
         wanted = _offsets(conn, "segment_entered", "segment")
         added = 0
         for sid in sorted(wanted):
-            cur = conn.execute(select(audience_bitmaps.c.version, audience_bitmaps.c.bitmap)
-                               .where(audience_bitmaps.c.audience_id == sid)).first()
+            version, bitmap = stored_membership(conn, sid)
             seen = conn.execute(claim(conn, select(scenario_segment_watch.c.version, scenario_segment_watch.c.bitmap)
                                       .where(scenario_segment_watch.c.segment_id == sid))).first()
-            version = cur.version if cur is not None else 0
-            bitmap = BitMap.deserialize(cur.bitmap) if cur is not None and cur.bitmap else BitMap()
             if seen is None:
                 conn.execute(insert_ignore(conn, scenario_segment_watch).values(
                     segment_id=sid, version=version, bitmap=bitmap.serialize(), updated_at=now))

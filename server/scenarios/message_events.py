@@ -35,6 +35,7 @@ from sqlalchemy import and_, case, exists, or_, select, update
 from loyalty.core.errors import quote
 from loyalty.server.dialects import dialect_of
 from loyalty.server.errors import InvalidArgument
+from loyalty.server.limits import ID_LIMIT
 from loyalty.server.members import check_text, validate_ref
 from loyalty.server.models import cards, members, subscriptions
 from loyalty.server.segments.models import MESSAGE_KINDS, message_events
@@ -47,7 +48,6 @@ __all__ = ["MAX_EVENTS", "EVENT_KEYS", "FUTURE_SLACK", "validate_event", "valida
            "set_subscription", "message_key"]
 
 MAX_EVENTS = 1000
-ID_LIMIT = 64
 EVENT_KEYS = ("id", "card", "phone", "member_id", "message_id", "channel", "kind", "at", "scenario")
 # a provider's clock may run a little ahead; an event further in the future is a bug, not news
 FUTURE_SLACK = dt.timedelta(days=1)

@@ -26,6 +26,7 @@ from sqlalchemy import func, insert, select, text
 
 from loyalty.server.db import Database
 from loyalty.server.models import cards, members, program_versions, purchases
+from loyalty.server.timeutil import utcnow
 
 __all__ = ["seed_population", "SKUS"]
 
@@ -76,7 +77,7 @@ def seed_population(database: Database | str, *, members_n: int, purchases_n: in
     """Add ``members_n`` members and ``purchases_n`` purchases (with everything around them); returns the
     timings in seconds per table and the id range of the new members."""
     db = Database(database) if isinstance(database, str) else database
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or utcnow()
     ops, today = db.dialect_ops, now.astimezone(dt.timezone.utc).date()
     # a moment ``days`` before today (UTC midnight) and ``secs`` after: as a timestamp, its date, ISO text
     ts, day, iso = (functools.partial(f, today) for f in (ops.timestamp, ops.date_of, ops.iso_utc))
