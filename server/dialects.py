@@ -155,19 +155,22 @@ class SQLiteOps(DialectOps):
         return f"WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {n}) " + \
             body.replace("{S}", "s")
 
+    @staticmethod
+    def _moment(day: dt.date, days: str, secs: str) -> str:
+        """The arguments of SQLite's date functions for ``day`` at midnight, ``days`` earlier, ``secs`` later."""
+        return f"'{day:%Y-%m-%d}', '-' || ({days}) || ' days', '+' || ({secs}) || ' seconds'"
+
     def timestamp(self, day: dt.date, days: str, secs: str) -> str:
-        return f"(strftime('%Y-%m-%d %H:%M:%S', '{day:%Y-%m-%d}', '-' || ({days}) || ' days', " \
-               f"'+' || ({secs}) || ' seconds') || '.000000')"
+        return f"(strftime('%Y-%m-%d %H:%M:%S', {self._moment(day, days, secs)}) || '.000000')"
 
     def date_plus(self, base: str, days: str) -> str:
         return f"date('{base}', '+' || ({days}) || ' days')"
 
     def date_of(self, day: dt.date, days: str, secs: str) -> str:
-        return f"date('{day:%Y-%m-%d}', '-' || ({days}) || ' days', '+' || ({secs}) || ' seconds')"
+        return f"date({self._moment(day, days, secs)})"
 
     def iso_utc(self, day: dt.date, days: str, secs: str) -> str:
-        return f"strftime('%Y-%m-%dT%H:%M:%S+00:00', '{day:%Y-%m-%d}', '-' || ({days}) || ' days', " \
-               f"'+' || ({secs}) || ' seconds')"
+        return f"strftime('%Y-%m-%dT%H:%M:%S+00:00', {self._moment(day, days, secs)})"
 
     def zero_pad(self, expr: str, width: int) -> str:
         return f"printf('%0{width}d', {expr})"
