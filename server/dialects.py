@@ -158,13 +158,14 @@ class SQLiteOps(DialectOps):
     @staticmethod
     def _moment(day: dt.date, days: str, secs: str) -> str:
         """The arguments of SQLite's date functions for ``day`` at midnight, ``days`` earlier, ``secs`` later."""
-        return f"'{day:%Y-%m-%d}', '-' || ({days}) || ' days', '+' || ({secs}) || ' seconds'"
+        # a modifier is "N days" with N signed: prefixing a sign by text would turn -200 into "--200" (no date)
+        return f"'{day:%Y-%m-%d}', (-({days})) || ' days', ({secs}) || ' seconds'"
 
     def timestamp(self, day: dt.date, days: str, secs: str) -> str:
         return f"(strftime('%Y-%m-%d %H:%M:%S', {self._moment(day, days, secs)}) || '.000000')"
 
     def date_plus(self, base: str, days: str) -> str:
-        return f"date('{base}', '+' || ({days}) || ' days')"
+        return f"date('{base}', ({days}) || ' days')"
 
     def date_of(self, day: dt.date, days: str, secs: str) -> str:
         return f"date({self._moment(day, days, secs)})"
