@@ -31,7 +31,8 @@ from ..segments.service import SegmentService
 from ..timeutil import utcnow
 from .accounts import Accounts
 from .calculate import Calculation
-from .common import REASON_LIMIT, _check_receipt, _hash  # noqa: F401 - part of the package's surface
+from ..limits import REASON_LIMIT  # noqa: F401 - part of the package's surface
+from .common import _check_receipt, _hash  # noqa: F401 - part of the package's surface
 from .confirm import Confirmation
 from .context import Reads
 from .publishing import Publishing

@@ -10,12 +10,14 @@ from loyalty.core.errors import quote
 from loyalty.v1 import processing_pb2
 
 from .. import ledger
+from ..dialects import dialect_of
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ..limits import ID_LIMIT, KEY_LIMIT, REASON_LIMIT
 from ..members import check_text, find_member, validate_enroll, validate_ref, validate_status, validate_update
 from ..models import balances, cards, member_updates, members, operations, subscriptions
 from ..segments.service import bump_membership_version
-from .common import REASON_LIMIT, _data_errors, _hash
 from ..runtime import Runtime
+from .common import _data_errors, _hash
 from .context import Reads
 
 
@@ -114,7 +116,7 @@ class Accounts:
 
     def _update_tx(self, conn, v: dict, request_hash: str) -> tuple[int, str]:
         """``(member_id, card)`` of the member changed (or of the one the stored request changed)."""
-        pg = conn.dialect.name == "postgresql"
+        ops = dialect_of(conn)
 
         def stored():
             if v["request_id"] is None:
@@ -143,8 +145,8 @@ class Accounts:
         # The member's row is the lock of its profile (the scenario engine's profile steps take it too); a
         # concurrent call with this request id that held it has committed by now (SQLite: the write lock).
         stmt = select(members).where(members.c.id == ctx.member_id)
-        row = conn.execute(stmt.with_for_update() if pg else stmt).one()._mapping
-        if pg:
+        row = conn.execute(ops.lock(stmt)).one()._mapping
+        if ops.locks_rows:
             done = stored()
             if done is not None:
                 return done
@@ -182,7 +184,7 @@ class Accounts:
         active again, and then it is what the member chose. The cards are locked first, as ``_status_tx``
         locks them, so a status change cannot pass between reading them and writing."""
         stmt = select(cards.c.status).where(cards.c.member_id == member_id)
-        statuses = conn.execute(stmt.with_for_update() if conn.dialect.name == "postgresql" else stmt).scalars()
+        statuses = conn.execute(dialect_of(conn).lock(stmt)).scalars()
         live = "active" in set(statuses)
         subs = subscriptions.c
         current = {r.channel: r for r in conn.execute(select(subs.channel, subs.on, subs.saved_on)
@@ -223,7 +225,7 @@ class Accounts:
             raise InvalidArgument("points", f"must be at least 1, got {request.points}")
         if request.points > 10**12:
             raise InvalidArgument("points", f"must be at most {10**12}, got {request.points}")
-        operation_id = check_text("operation_id", request.operation_id.strip(), 100)
+        operation_id = check_text("operation_id", request.operation_id.strip(), KEY_LIMIT)
         if not operation_id:
             raise InvalidArgument("operation_id", "required: the idempotency key of this operation")
         check_text("reason", request.reason, REASON_LIMIT)
@@ -262,7 +264,7 @@ class Accounts:
         ctx = find_member(conn, ref, lock=True)
         if ctx is None:
             raise NotFound(f"member {ref[1]} was not found")
-        if conn.dialect.name == "postgresql":
+        if dialect_of(conn).locks_rows:
             # Checked again under the member's lock: a concurrent call with this key that held it has
             # committed by now (SQLite held the write lock since the first check).
             done = stored()
@@ -271,7 +273,7 @@ class Accounts:
         now = self.rt.clock()
         points, kind = request.points, request.kind
         if kind == "debit":
-            available = max(ctx.active, 0)
+            available = max(ctx.active_points, 0)
             if points > available:
                 raise FailedPrecondition(f"not enough points: {points} to debit, {available} available",
                                          available_points=available)
@@ -288,13 +290,13 @@ class Accounts:
                            expires_at=now + dt.timedelta(days=expiry_days) if expiry_days else None)
             delta = points
         ledger.move_balance(conn, ctx.member_id, active=delta, now=now)
-        if delta > 0 and ctx.active < 0:
-            ledger.settle_debt(conn, ctx.member_id, ctx.active + delta)
+        if delta > 0 and ctx.active_points < 0:
+            ledger.settle_debt(conn, ctx.member_id, ctx.active_points + delta)
         if kind == "top_up":
             self.reads.event(conn, "top_up", ctx.member_id, now, key=f"top_up:{operation_id}", card=ctx.card,
                         points=points, reason=request.reason, operation_id=operation_id)
-        response = {"operation_id": operation_id, "active_points": ctx.active + delta,
-                    "pending_points": ctx.pending, "replayed": False}
+        response = {"operation_id": operation_id, "active_points": ctx.active_points + delta,
+                    "pending_points": ctx.pending_points, "replayed": False}
         conn.execute(insert(operations).values(operation_id=operation_id, member_id=ctx.member_id, kind=kind,
                                                points=points, reason=request.reason, request_hash=request_hash,
                                                response=response, created_at=now))
@@ -304,7 +306,7 @@ class Accounts:
     def set_card_status(self, request) -> processing_pb2.Member:
         """Change a card's status. Leaving ``active`` switches every subscription off and remembers which
         were on; returning to ``active`` restores exactly those. Emits ``card_status_changed``."""
-        card = check_text("card", request.card.strip(), 64)
+        card = check_text("card", request.card.strip(), ID_LIMIT)
         if not card:
             raise InvalidArgument("card", "required")
         status = validate_status(request.status)
@@ -316,9 +318,7 @@ class Accounts:
 
     def _status_tx(self, conn, card: str, status: str, reason: str) -> int:
         stmt = select(cards.c.member_id, cards.c.status).where(cards.c.number == card)
-        if conn.dialect.name == "postgresql":
-            stmt = stmt.with_for_update()
-        row = conn.execute(stmt).first()
+        row = conn.execute(dialect_of(conn).lock(stmt)).first()
         if row is None:
             raise NotFound(f"card {card} was not found")
         before = row.status

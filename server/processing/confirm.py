@@ -86,7 +86,7 @@ class Confirmation:
             group_commit = int(env("LOYALTY_CONFIRM_BATCH", "32") or 0)
         # PostgreSQL writes a confirm's rows set-based (``confirm_sql``), a group at a time or alone as a group
         # of one; SQLite row by row.
-        self.set_based = rt.db.dialect == "postgresql"
+        self.set_based = rt.db.dialect_ops.group_commit
         self.batcher: Batcher | None = None
         if group_commit > 0 and self.set_based:
             self.batcher = Batcher(self._confirm_batch, max_batch=group_commit,
@@ -347,7 +347,8 @@ class Confirmation:
                 refs[kind, value] = (member_id, card, status)
                 if member_id not in state:
                     state[member_id] = MemberContext(member_id=member_id, card=card, status=status, tier=tier,
-                                                     active=active, pending=pending, purchases_sum=purchases_sum)
+                                                     active_points=active, pending_points=pending,
+                                                     purchases_sum=purchases_sum)
             if usage is not None:
                 for member_id, promotion, key, uses in usage.fetchall():
                     if member_id in state:
@@ -383,7 +384,8 @@ class Confirmation:
                         raise NotFound(f"{'card' if ref[0] == 'card' else 'phone'} {ref[1]} was not found")
                     live = state[found_ref[0]]
                     ctx = MemberContext(member_id=live.member_id, card=found_ref[1], status=found_ref[2],
-                                        tier=live.tier, active=live.active, pending=live.pending,
+                                        tier=live.tier, active_points=live.active_points,
+                                        pending_points=live.pending_points,
                                         purchases_sum=live.purchases_sum, audiences=live.audiences,
                                         usage=live.usage)
                 # the budgets as this group's earlier confirms leave them
@@ -415,8 +417,8 @@ class Confirmation:
             for promotion, spent in fx.budgets:
                 budgets[promotion] = budgets.get(promotion, 0) + spent
             if fx.counted:                  # what the next confirm of this member sees
-                live.active += fx.active_delta
-                live.pending += fx.pending_delta
+                live.active_points += fx.active_delta
+                live.pending_points += fx.pending_delta
                 live.purchases_sum = max(live.purchases_sum + fx.metric, 0)
                 if fx.upgrade:
                     live.tier = fx.reached

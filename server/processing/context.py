@@ -14,7 +14,9 @@ from loyalty.core.inputs import parse_receipt_time
 from loyalty.v1 import processing_pb2
 
 from ..convert import iso
+from ..dialects import dialect_of
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
+from ..limits import ID_LIMIT
 from ..members import MemberContext, check_text, effective_tier, find_member, load_usage, member_view, next_tier
 from ..models import balances, events, program_versions, promotion_budgets
 from ..programs import Snapshot
@@ -69,9 +71,7 @@ class Reads:
 
     def lock_balance(self, conn, member_id: int) -> tuple[int, int]:
         stmt = select(balances.c.active, balances.c.pending).where(balances.c.member_id == member_id)
-        if conn.dialect.name == "postgresql":
-            stmt = stmt.with_for_update()
-        row = conn.execute(stmt).one()
+        row = conn.execute(dialect_of(conn).lock(stmt)).one()
         return row[0], row[1]
 
     # ---- helpers ------------------------------------------------------------------------------------------
@@ -127,9 +127,7 @@ class Reads:
             return used
         stmt = (select(promotion_budgets.c.promotion, promotion_budgets.c.spent)
                 .where(promotion_budgets.c.promotion.in_(ids)).order_by(promotion_budgets.c.promotion))
-        if conn.dialect.name == "postgresql":
-            stmt = stmt.with_for_update()
-        return dict(conn.execute(stmt).all())
+        return dict(conn.execute(dialect_of(conn).lock(stmt)).all())
 
     def receipt_at(self, receipt: dict) -> dt.datetime | None:
         """The receipt's local time (naive), checked (``receipt_time``)."""
@@ -158,7 +156,7 @@ class Reads:
         for name in ("store", "terminal", "number"):
             if not getattr(key, name):
                 raise InvalidArgument(f"{path}.{name}", "required")
-            check_text(f"{path}.{name}", getattr(key, name), 64)
+            check_text(f"{path}.{name}", getattr(key, name), ID_LIMIT)
         return key.store, key.terminal, key.number
 
     def member_message(self, ref) -> processing_pb2.Member:
@@ -169,7 +167,7 @@ class Reads:
         ctx, m = view["ctx"], view["member"]
         msg = processing_pb2.Member(
             member_id=str(ctx.member_id), card=ctx.card, phone=m["phone"] or "", status=ctx.status,
-            active_points=ctx.active, pending_points=ctx.pending, purchases_sum=ctx.purchases_sum,
+            active_points=ctx.active_points, pending_points=ctx.pending_points, purchases_sum=ctx.purchases_sum,
             next_expiry_points=view["next_expiry_points"], next_expiry_at=iso(view["next_expiry_at"]),
             subscriptions=view["subscriptions"], audiences=view["audiences"], source=m["source"],
             registered_at=iso(m["registered_at"]),

@@ -12,11 +12,13 @@ from loyalty.core.inputs import parse_at
 from loyalty.v1 import processing_pb2
 
 from .. import ledger
+from ..dialects import dialect_of
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ..limits import KEY_LIMIT, REASON_LIMIT
 from ..members import check_text, in_tier_window, period_key
 from ..models import ledger as ledger_entries, promotion_budgets, promotion_usage, purchase_lines, purchases, refunds
-from .common import REASON_LIMIT, _data_errors, _hash
 from ..runtime import Runtime
+from .common import _data_errors, _hash
 from .context import Reads
 
 
@@ -109,7 +111,7 @@ class Refunds:
         purchase's own lot lost to expiry. The final refund (nothing left afterwards) also gives back the
         purchase's use of promotions limited per member and what it spent of discount budgets; a partial
         refund leaves both as they are."""
-        refund_id = check_text("refund_id", request.refund_id.strip(), 100)
+        refund_id = check_text("refund_id", request.refund_id.strip(), KEY_LIMIT)
         if not refund_id:
             raise InvalidArgument("refund_id", "required: the idempotency key of this refund")
         if refund_id.startswith("cancel:"):
@@ -154,21 +156,19 @@ class Refunds:
         """One refund (``cancel``: the purchase's cancellation, keyed ``cancel:<purchase id>``). The
         idempotency key is checked again once the purchase row is locked, so a concurrent call with the same
         key waits for the first one and replays it."""
-        is_pg = conn.dialect.name == "postgresql"
+        ops = dialect_of(conn)
         if not cancel:
             done = self._stored_refund(conn, refund_id, request_hash)
             if done is not None:
                 return done
         stmt = select(purchases).where(purchases.c.store == key[0], purchases.c.terminal == key[1],
                                        purchases.c.number == key[2])
-        if is_pg:
-            stmt = stmt.with_for_update()
-        purchase = conn.execute(stmt).first()
+        purchase = conn.execute(ops.lock(stmt)).first()
         if purchase is None:
             raise NotFound(f"purchase {'/'.join(key)} was not found")
         if cancel:
             refund_id = f"cancel:{purchase.id}"
-        if cancel or is_pg:       # (SQLite: the write lock was held since the first check)
+        if cancel or ops.locks_rows:       # (SQLite: the write lock was held since the first check)
             done = self._stored_refund(conn, refund_id, request_hash if not cancel else None)
             if done is not None:
                 return done

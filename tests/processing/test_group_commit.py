@@ -87,7 +87,7 @@ def test_one_batch_mixes_winners_a_loser_a_duplicate_a_conflict_and_an_unknown_c
     assert _balances(gc, "7300001") == (250 - 2 * 100, 2 * 23)
     assert _balances(gc, "7300002") == (0, 0)
     assert _count(gc) == 3                                      # gc-1, gc-2, gc-6
-    assert ledger.check(gc) == []
+    assert ledger.check(gc.db) == []
     # the loser, retried alone after the batch, still sees 50
     with pytest.raises(FailedPrecondition) as e:
         gc.confirm_purchase(requests[2])
@@ -106,7 +106,7 @@ def test_confirms_of_one_member_in_one_batch_follow_each_other(gc):
     m = gc.get_member(P.GetMemberRequest(member=R.MemberRef(card="7300010")))
     # the tier metric adds the payable of each: 4 x 89900 (points do not lower it)
     assert m.purchases_sum == 4 * 89900
-    assert ledger.check(gc) == []
+    assert ledger.check(gc.db) == []
 
 
 @pytest.mark.postgres
@@ -137,7 +137,7 @@ def test_fifty_confirms_spending_one_card_never_exceed_the_balance(pg_url, clock
         assert all(exc.details["available_points"] < 100 for exc in lost)
         assert _balances(svc, "7300020") == (0, 10 * 23)
         assert _count(svc) == 10
-        assert ledger.check(svc) == []
+        assert ledger.check(svc.db) == []
     finally:
         svc.close()
 
@@ -178,7 +178,7 @@ def test_a_connection_lost_in_the_write_round_is_run_again_and_written_once(gc, 
     assert all(not isinstance(x, Exception) and not x.replayed for x in r), r
     assert _count(gc) == 4
     assert _balances(gc, "7300030") == (200, 3 * 23)
-    assert ledger.check(gc) == []
+    assert ledger.check(gc.db) == []
     # the clients' retries replay
     again = together(gc, requests)
     assert all(not isinstance(x, Exception) and x.replayed for x in again), again
@@ -212,7 +212,7 @@ def test_a_key_taken_by_another_process_meanwhile_is_replayed_and_the_rest_commi
     assert not r[1].replayed and r[1].answer.totals.redeemed_points == 100
     assert _balances(gc, "7300040") == (400, 23)
     assert _count(gc) == 2
-    assert ledger.check(gc) == []
+    assert ledger.check(gc.db) == []
 
 
 @pytest.mark.postgres
@@ -238,7 +238,7 @@ def test_the_future_api_answers_without_a_waiting_thread(gc):
         loser.result(10)
     assert e.value.details["available_points"] == 150 - 100
     assert _balances(gc, "7300050") == (50, 23)     # 23 pending: see the first test
-    assert ledger.check(gc) == []
+    assert ledger.check(gc.db) == []
 
 
 def test_sqlite_never_batches(sqlite_url, clock):
@@ -299,7 +299,7 @@ def test_a_budget_spent_by_another_process_meanwhile_sends_the_batch_alone(gc, p
     assert all(not x.replayed for x in r)
     assert spent(gc, "budget-10") == 1798
     assert _count(gc) == 3
-    assert ledger.check(gc) == []
+    assert ledger.check(gc.db) == []
 
 
 @pytest.mark.postgres
