@@ -130,14 +130,14 @@ def _published(url: str) -> bool:
 
 # ---- db, jobs, ledger -----------------------------------------------------------------------------------------
 
-def _with_service(database_url, work):
-    """Open the service on the database, run ``work(service)``, close it; any failure is one line."""
+def _with_runtime(database_url, work):
+    """Open the service on the database, run ``work(service.runtime)``, close it; any failure is one line."""
     from loyalty.server.processing import ProcessingService
     url = resolve_url(database_url)
     try:
         service = ProcessingService.open(url)
         try:
-            return work(service)
+            return work(service.runtime)
         finally:
             service.close()
     except Exception as exc:  # noqa: BLE001
@@ -214,7 +214,7 @@ def register(group: click.Group) -> None:
         try:
             while True:
                 try:
-                    counts = jobs.run_once(service)
+                    counts = jobs.run_once(service.runtime)
                 except Exception as exc:  # noqa: BLE001
                     if once:
                         fail(exc)
@@ -249,7 +249,7 @@ def register(group: click.Group) -> None:
     def ledger_check(database_url, as_json):
         """Sum the ledger and compare with the balances; exit 1 on any discrepancy."""
         from loyalty.server import ledger
-        problems = _with_service(database_url, ledger.check)
+        problems = _with_runtime(database_url, lambda runtime: ledger.check(runtime.db))
         if as_json:
             emit_json({"ok": not problems, "discrepancies": problems})
         elif problems:
@@ -266,7 +266,7 @@ def register(group: click.Group) -> None:
     def ledger_liability(database_url, as_json):
         """Outstanding points: active, pending, expiring soon."""
         from loyalty.server import ledger
-        report = _with_service(database_url, ledger.liability)
+        report = _with_runtime(database_url, ledger.liability)
         if as_json:
             emit_json(report)
         else:
