@@ -42,17 +42,6 @@ def _load_conditions(text: str | None):
         error_exit(f"conditions: not valid YAML / JSON ({str(exc).splitlines()[0]})")
 
 
-def _phase_bar(quiet: bool):
-    """A progress callback for ``(phase, done, total)`` reports and the bar it drives."""
-    state = {}
-
-    def report(phase, done, total):
-        bar = state.get("bar")
-        if bar is not None:
-            bar.update(done)
-    return state, report
-
-
 def _show_run(run: dict, as_json: bool):
     if as_json:
         emit_json(run)

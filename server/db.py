@@ -301,9 +301,7 @@ class Database:
             self.engine = create_sql_engine(url, pool_size=pool_size)
         except (ArgumentError, NoSuchModuleError):
             raise InvalidArgument("database_url", BAD_URL) from None
-        self.dialect = self.engine.dialect.name
         self.dialect_ops = dialect_of(self.engine)       # what differs between the databases, chosen here
-        self.is_sqlite = self.dialect == "sqlite"
         self._sqlite_writer = threading.Lock()
 
     @contextlib.contextmanager
@@ -385,7 +383,7 @@ class Database:
     def _watched(self, conn: Connection):
         """Bound the storage work on ``conn`` by this thread's deadline (PostgreSQL: the watchdog)."""
         at = current_deadline()
-        if at is None or self.is_sqlite:
+        if at is None or not self.dialect_ops.deadline_by_socket:
             yield
             return
         at -= DEADLINE_MARGIN_S
@@ -403,7 +401,7 @@ class Database:
 
     @contextlib.contextmanager
     def _write_raw(self):
-        if not self.is_sqlite:
+        if self.dialect_ops.locks_rows:            # many writers at once, each holding its rows
             with self.engine.connect() as conn, self._watched(conn):
                 trans = conn.begin()
                 try:

@@ -15,6 +15,8 @@ The decisions the two classes encode:
 - **Set-based writes.** Only PostgreSQL takes a group-commit batch of confirms in one transaction and
   data-modifying ``WITH`` queries (``writes_in_with``); planner settings (``work_mem``, ``ANALYZE``) exist
   only there.
+- **Storage.** SQLite runs in this process: a call's deadline is its busy timeout (PostgreSQL's is kept by
+  shutting the connection's socket), timestamps are stored as naive UTC, ``ALTER TABLE`` copies the table.
 - **Functions.** Dates and timestamps: ``to_char`` / intervals on PostgreSQL, ``strftime`` on SQLite;
   ``GREATEST`` / ``LEAST`` are SQLite's two-argument ``MAX`` / ``MIN``.
 - **Raw SQL text** for the bulk demo population (``segments/demo_seed.py``): number series, timestamps and
@@ -27,7 +29,7 @@ import time
 
 from sqlalchemy import func, literal
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Dialect, Engine
 
 __all__ = ["DialectOps", "SQLiteOps", "PostgreSQLOps", "dialect_of", "insert_ignore"]
 
@@ -42,6 +44,13 @@ class DialectOps:
     group_commit: bool
     #: ``WITH ... INSERT ... RETURNING`` feeding further statements of one query
     writes_in_with: bool
+    #: a call's deadline is kept by shutting the connection's socket (``db``'s watchdog); SQLite runs in this
+    #: process, bounded by its busy timeout
+    deadline_by_socket: bool
+    #: ``ALTER TABLE`` is done by copying the table (Alembic's batch mode)
+    alters_by_copy: bool
+    #: an aware timestamp is stored as its naive UTC wall clock (no time zones in the database)
+    naive_timestamps: bool
     #: the SQL names of the larger / smaller of two values
     greatest: str
     least: str
@@ -137,9 +146,8 @@ class DialectOps:
 
 class SQLiteOps(DialectOps):
     name = "sqlite"
-    locks_rows = False
-    group_commit = False
-    writes_in_with = False
+    locks_rows = group_commit = writes_in_with = deadline_by_socket = False
+    alters_by_copy = naive_timestamps = True
     greatest, least = "MAX", "MIN"
     false = "0"
     _insert = staticmethod(sqlite.insert)
@@ -179,9 +187,8 @@ class SQLiteOps(DialectOps):
 
 class PostgreSQLOps(DialectOps):
     name = "postgresql"
-    locks_rows = True
-    group_commit = True
-    writes_in_with = True
+    locks_rows = group_commit = writes_in_with = deadline_by_socket = True
+    alters_by_copy = naive_timestamps = False
     greatest, least = "GREATEST", "LEAST"
     false = "false"
     _insert = staticmethod(postgresql.insert)
@@ -257,9 +264,10 @@ class PostgreSQLOps(DialectOps):
 _BY_NAME: dict[str, DialectOps] = {ops.name: ops for ops in (SQLiteOps(), PostgreSQLOps())}
 
 
-def dialect_of(bind: Connection | Engine) -> DialectOps:
-    """The operations of the database behind ``bind`` (a connection or an engine)."""
-    return _BY_NAME[bind.dialect.name]
+def dialect_of(bind: Connection | Engine | Dialect) -> DialectOps:
+    """The operations of the database behind ``bind`` (a connection, an engine, or SQLAlchemy's dialect as a
+    type's hooks get it)."""
+    return _BY_NAME[getattr(bind, "dialect", bind).name]
 
 
 def insert_ignore(conn: Connection, table):

@@ -5,6 +5,7 @@ from alembic import context
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
+from loyalty.server.dialects import dialect_of
 from loyalty.server.models import Base
 import loyalty.server.segments.models  # noqa: F401
 import loyalty.server.scenarios.models  # noqa: F401
@@ -17,7 +18,7 @@ def _configure(connection):
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
-        render_as_batch=connection.dialect.name == "sqlite",
+        render_as_batch=dialect_of(connection).alters_by_copy,
         compare_type=True,
     )
 
