@@ -17,6 +17,7 @@ import click
 
 from loyalty.cli.common import call, database_url_option, json_option
 from loyalty.cli.output import emit_json, error_exit
+from loyalty.cli.security_commands import client_options
 
 __all__ = ["register"]
 
@@ -70,8 +71,9 @@ def _sender(server: str | None, database_url: str | None):
         service = ScenarioService.open(url)
         return service.record_message_events, service.close
 
-    from loyalty.clients.client import LoyaltyClient, to_dict
-    client = LoyaltyClient(server or DEFAULT_SERVER, timeout=30.0, retries=4)
+    from loyalty.cli.security_commands import connect
+    from loyalty.clients.client import to_dict
+    client = connect(server or DEFAULT_SERVER, timeout=30.0, retries=4)
 
     def send(batch):
         out = to_dict(client.record_message_events({"events": batch}))
@@ -92,6 +94,7 @@ def register(group: click.Group) -> None:
     @click.option("--server", envvar="LOYALTY_SERVER", metavar="HOST:PORT",
                   help=f"A running loyalty server [default: {DEFAULT_SERVER}, unless --database-url is given; "
                        f"env LOYALTY_SERVER]")
+    @client_options
     @database_url_option
     @json_option
     def record_cmd(file, batch_size, server, database_url, as_json):

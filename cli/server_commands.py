@@ -20,6 +20,9 @@ import click
 
 from loyalty.cli.common import fail
 from loyalty.cli.output import emit_json, emit_table, error_exit
+from loyalty.cli.security_commands import (
+    client_options, connect, describe_security, security_config, serve_security_options,
+)
 
 __all__ = ["register"]
 
@@ -31,8 +34,13 @@ _database_url = click.option("--database-url", envvar="LOYALTY_DATABASE_URL", me
 _data_dir = click.option("--data-dir", envvar="LOYALTY_DATA_DIR", metavar="DIR", type=click.Path(file_okay=False),
                          help="Where the embedded SQLite database lives [default: ./.loyalty; env LOYALTY_DATA_DIR]")
 _json = click.option("--json", "as_json", is_flag=True, help="Print JSON only (for scripts).")
-_server = click.option("--server", envvar="LOYALTY_SERVER", metavar="HOST:PORT",
-                       help=f"A running loyalty server [default: {DEFAULT_SERVER}; env LOYALTY_SERVER]")
+_server_address = click.option("--server", envvar="LOYALTY_SERVER", metavar="HOST:PORT",
+                               help=f"A running loyalty server [default: {DEFAULT_SERVER}; env LOYALTY_SERVER]")
+
+
+def _server(fn):
+    """``--server`` and the options saying who calls it and over what (``--api-key``, ``--tls-ca``...)."""
+    return _server_address(client_options(fn))
 
 
 def _resolve_url(database_url: str | None, data_dir: str | None = None) -> str:
@@ -60,8 +68,7 @@ class _Backend:
             from loyalty.server.processing import ProcessingService
             self._service = ProcessingService.open(self.database_url)
         else:
-            from loyalty.clients.client import LoyaltyClient
-            self._client = LoyaltyClient(self.server or DEFAULT_SERVER, timeout=10.0, retries=2)
+            self._client = connect(self.server or DEFAULT_SERVER, timeout=10.0, retries=2)
         return self
 
     def call(self, name: str, request):
@@ -91,7 +98,7 @@ def _print(message, as_json: bool, human) -> None:
 # ---- serve ----------------------------------------------------------------------------------------------------
 
 def serve_command(host, port, data_dir, database_url, redis_url, workers, demo, metrics_port, grace, threads,
-                  log_level):
+                  log_level, **security):
     from loyalty.server import db
     from loyalty.server.errors import ServiceError
     from loyalty.server.grpc_server import ServeConfig, serve
@@ -102,6 +109,7 @@ def serve_command(host, port, data_dir, database_url, redis_url, workers, demo, 
         demo = embedded
     if workers < 1:
         error_exit("--workers: must be at least 1")
+    secured = security_config(host, security)
     try:
         db.upgrade(url)
         if demo:
@@ -119,7 +127,8 @@ def serve_command(host, port, data_dir, database_url, redis_url, workers, demo, 
         _fail(exc)
     click.echo(f"database: {_display_url(url)}")
     config = ServeConfig(database_url=url, host=host, port=port, redis_url=redis_url, workers=workers,
-                         metrics_port=metrics_port, grace=grace, io_threads=threads)
+                         metrics_port=metrics_port, grace=grace, io_threads=threads, **secured)
+    click.echo(describe_security(config))
     try:
         rc = serve(config, announce=click.echo, log_level=log_level)
     except OSError as exc:
@@ -179,6 +188,7 @@ def register(group: click.Group) -> None:
                   help="Threads per process for storage-bound calls.")
     @click.option("--log-level", default="INFO", show_default=True,
                   type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+    @serve_security_options
     def serve(**options):
         """Run the gRPC server (Processing and Admin, health, reflection) in the foreground.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 import time
 
@@ -122,7 +123,15 @@ def main(argv=None) -> int:
     parser.add_argument("--return-quantity", type=int, default=1000, help="thousandths to return [1000]")
     parser.add_argument("--timeout", type=float, default=5.0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the slip")
+    for option, env, text in (("--api-key", "LOYALTY_API_KEY", "the terminal's API key"),
+                              ("--token", "LOYALTY_TOKEN", "an OIDC access token"),
+                              ("--tls-ca", "LOYALTY_TLS_CA", "use TLS, trusting this CA (PEM file)"),
+                              ("--tls-cert", "LOYALTY_TLS_CERT", "client certificate for mutual TLS (PEM file)"),
+                              ("--tls-key", "LOYALTY_TLS_KEY", "its private key (PEM file)")):
+        parser.add_argument(option, default=os.environ.get(env) or None, help=f"{text} [env {env}]")
     args = parser.parse_args(argv)
+    connection = {name: getattr(args, name) for name in ("api_key", "token", "tls_ca", "tls_cert", "tls_key")
+                  if getattr(args, name)}
 
     basket = DEFAULT_BASKET
     if args.basket:
@@ -136,7 +145,7 @@ def main(argv=None) -> int:
     at = args.at or dt.datetime.now().astimezone().replace(microsecond=0).isoformat()
     progress = None if args.json else (lambda line: print(line, file=sys.stderr))
     try:
-        with LoyaltyClient(args.server, timeout=args.timeout) as client:
+        with LoyaltyClient(args.server, timeout=args.timeout, **connection) as client:
             result = run_checkout(client, card=args.card, basket=basket, store=args.store, terminal=args.terminal,
                                   number=number, at=at, redeem=args.redeem,
                                   return_line=None if args.return_line < 0 else args.return_line,
@@ -144,6 +153,9 @@ def main(argv=None) -> int:
     except LoyaltyError as exc:
         print(f"error: {exc.one_line()}", file=sys.stderr)
         return 2 if exc.code.name == "INVALID_ARGUMENT" else 1
+    except ValueError as exc:       # a TLS file that cannot be read, a key and a token together
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps({
             "member": to_dict(result["member"]) if result["member"] is not None else None,
