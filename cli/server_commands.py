@@ -101,7 +101,7 @@ def serve_command(host, port, data_dir, database_url, redis_url, workers, demo, 
                   log_level, **security):
     from loyalty.server import db
     from loyalty.server.errors import ServiceError
-    from loyalty.server.grpc_server import ServeConfig, serve
+    from loyalty.server.grpc_server import ServeConfig, check_serving, serve
 
     embedded = not database_url
     url = _resolve_url(database_url, data_dir)
@@ -109,8 +109,11 @@ def serve_command(host, port, data_dir, database_url, redis_url, workers, demo, 
         demo = embedded
     if workers < 1:
         error_exit("--workers: must be at least 1")
-    secured = security_config(host, security)
+    config = ServeConfig(database_url=url, host=host, port=port, redis_url=redis_url, workers=workers,
+                         metrics_port=metrics_port, grace=grace, io_threads=threads,
+                         **security_config(host, security))
     try:
+        check_serving(config)           # before anything is written: a refused start changes nothing
         db.upgrade(url)
         if demo:
             from loyalty.server.demo import seed_demo
@@ -126,8 +129,6 @@ def serve_command(host, port, data_dir, database_url, redis_url, workers, demo, 
     except Exception as exc:  # noqa: BLE001
         _fail(exc)
     click.echo(f"database: {_display_url(url)}")
-    config = ServeConfig(database_url=url, host=host, port=port, redis_url=redis_url, workers=workers,
-                         metrics_port=metrics_port, grace=grace, io_threads=threads, **secured)
     click.echo(describe_security(config))
     try:
         rc = serve(config, announce=click.echo, log_level=log_level)

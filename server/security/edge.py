@@ -155,12 +155,13 @@ def exposure_problem(host: str, *, auth_required: bool, tls: bool, insecure: boo
     operator says ``--insecure`` (a trusted network, TLS ended by a proxy in front)."""
     if is_loopback(host) or insecure:
         return None
-    missing = [what for what, ok in (("--auth required", auth_required), ("TLS (--tls-cert and --tls-key)", tls))
+    missing = [what for what, ok in (("--auth required", auth_required), ("TLS", tls))
                if not ok]
     if not missing:
         return None
-    return (f"refusing to listen on {host} without {' and '.join(missing)}: anyone who reaches the port could "
-            f"call every RPC; add them, bind 127.0.0.1, or pass --insecure to accept the risk")
+    return (f"refusing to listen on {host}: an address beyond loopback needs --auth required and TLS "
+            f"(--tls-cert and --tls-key), here without {' and '.join(missing)}; add them, bind 127.0.0.1, "
+            f"or pass --insecure to accept that anyone who reaches the port may call every RPC")
 
 
 class GuardedReflection(reflection_aio.ReflectionServicer):

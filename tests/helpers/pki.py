@@ -51,7 +51,9 @@ class CA:
         self.cert = folder / f"{name.replace(' ', '_')}.pem"
         self.cert.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, file_stem: str, common_name: str, *, organization: str = "Shop", server: bool = False) -> Issued:
+    def issue(self, file_stem: str, common_name: str, *, organization: str = "Shop", server: bool = False,
+              ips=("127.0.0.1",)) -> Issued:
+        """A certificate signed by this CA: a server's (for localhost and ``ips``) or a client's."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.timezone.utc)
         serial = x509.random_serial_number()
@@ -64,7 +66,8 @@ class CA:
                                                   else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
         if server:
             builder = builder.add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+                [x509.DNSName("localhost"), *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips)]),
+                critical=False)
         certificate = builder.sign(self.key, hashes.SHA256())
         cert, key_path = self.folder / f"{file_stem}.crt", self.folder / f"{file_stem}.key"
         cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
