@@ -195,3 +195,26 @@ def test_keys_are_stored_as_hashes_and_never_logged(secured):
 def test_health_stays_open(secured):
     with secured.client() as client:
         assert client.health() == "SERVING"
+
+
+def _list_services(target: str, metadata=()) -> set[str]:
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    with grpc.insecure_channel(target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = list(stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5, metadata=metadata))
+    return {s.name for s in replies[0].list_services_response.service}
+
+
+def test_reflection_is_for_admin_credentials_only(secured):
+    import grpc
+    admin, pos = secured.key("admin", name="reflector"), secured.key("pos", name="curious-till")
+    assert {"loyalty.v1.Processing", "loyalty.v1.Admin"} <= _list_services(
+        secured.server.target, [("authorization", f"Bearer {admin}")])
+    for metadata, code, words in (((), grpc.StatusCode.UNAUTHENTICATED, "missing credential"),
+                                  ([("authorization", f"Bearer {pos}")], grpc.StatusCode.PERMISSION_DENIED,
+                                   "may not call reflection")):
+        with pytest.raises(grpc.RpcError) as info:
+            _list_services(secured.server.target, metadata)
+        assert info.value.code() == code and words in info.value.details()
