@@ -45,6 +45,7 @@ log = logging.getLogger("loyalty.server.security.keys")
 PREFIX = "lk_"
 CHANNEL = "loyalty:keys"
 POLL_INTERVAL = 0.5
+MISS_REFRESH_INTERVAL = 0.05    # unknown key ids refresh the ring at most 20 times a second, however many come
 ROTATION_GRACE_S = 86_400.0      # a day: long enough for a fleet of terminals to take the new key
 ID_LENGTH = 16
 NAME_LIMIT = 200
@@ -219,7 +220,11 @@ class KeyRing:
         self._interval = poll_interval
         self._stop = threading.Event()
         self._listener = None
-        self.refresh()
+        self._refreshed_at = float("-inf")
+        try:
+            self.refresh()
+        except Exception as exc:  # noqa: BLE001 - storage away at start: the poller loads the keys when it is back
+            log.warning("keys not loaded yet: %s", getattr(exc, "message", exc))
         if redis_url:
             from loyalty.server.fanout import RedisListener
             self._listener = RedisListener(redis_url, CHANNEL, name="key-listener",
@@ -253,9 +258,16 @@ class KeyRing:
 
     # -- keeping current
 
+    def refresh_for_miss(self) -> None:
+        """A key id not held: refresh, unless the ring was refreshed a moment ago (a flood of made-up ids
+        costs storage at most ``1 / MISS_REFRESH_INTERVAL`` small reads a second)."""
+        if time.monotonic() - self._refreshed_at >= MISS_REFRESH_INTERVAL:
+            self.refresh()
+
     def refresh(self) -> None:
         """Load the rows changed since the revision held (one small read when nothing changed)."""
         with self._lock:
+            self._refreshed_at = time.monotonic()
             with self.db.read() as conn:
                 revision = conn.execute(select(api_key_state.c.revision)
                                         .where(api_key_state.c.id == 1)).scalar_one()

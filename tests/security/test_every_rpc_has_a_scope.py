@@ -1,10 +1,13 @@
 """The scope table (``security.edge.SCOPE_OF``) names every RPC of every ``loyalty.v1`` service, and only those,
-with scopes that exist; the till's calls are ``pos``, the changes an administrator makes are ``admin``."""
+with scopes that exist; the till's calls are ``pos``, the changes an administrator makes are ``admin``. And
+which addresses may be served without authentication and TLS (only loopback)."""
 from __future__ import annotations
+
+import pytest
 
 from loyalty.server.grpc_server import SERVICE_NAMES
 from loyalty.server.security import SCOPES
-from loyalty.server.security.edge import SCOPE_OF
+from loyalty.server.security.edge import SCOPE_OF, exposure_problem, is_loopback
 from loyalty.v1 import admin_pb2, processing_pb2, scenarios_pb2, segments_pb2
 
 MODULES = (processing_pb2, admin_pb2, segments_pb2, scenarios_pb2)
@@ -41,3 +44,16 @@ def test_the_tills_calls_are_pos_and_changes_are_admin():
     assert SCOPE_OF["loyalty.v1.Scenarios"]["StartBatch"] == ("admin",)
     assert SCOPE_OF["loyalty.v1.Scenarios"]["RecordMessageEvents"] == ("integration",)
     assert SCOPE_OF["loyalty.v1.Segments"]["ExportMembers"] == ("read",)
+
+
+@pytest.mark.parametrize("host, auth, tls, insecure, refused", [
+    ("127.0.0.1", False, False, False, False), ("::1", False, False, False, False),
+    ("localhost", False, False, False, False), ("127.0.0.2", False, False, False, False),
+    ("0.0.0.0", True, True, False, False), ("10.1.2.3", False, False, True, False),
+    ("0.0.0.0", False, True, False, True), ("192.168.0.5", True, False, False, True),
+    ("::", False, False, False, True), ("shop.example", True, False, False, True),
+])
+def test_only_loopback_may_listen_without_auth_and_tls(host, auth, tls, insecure, refused):
+    problem = exposure_problem(host, auth_required=auth, tls=tls, insecure=insecure)
+    assert (problem is not None) == refused
+    assert is_loopback(host) == (host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"))
