@@ -559,6 +559,7 @@ def configure_logging(level: str = "INFO") -> None:
 
 
 def _worker_main(config: ServeConfig, worker: int, log_level: str) -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)      # a reload while starting: nothing to reload yet (not death)
     configure_logging(log_level)
     try:
         asyncio.run(run_server(config, worker=worker))
@@ -626,6 +627,7 @@ def serve(config: ServeConfig, *, announce=None, log_level: str = "INFO") -> int
     """Run the server in the foreground until signalled; returns the process exit code."""
     configure_logging(log_level)
     check_serving(config)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)      # until the server takes it (reload), SIGHUP must not kill
     if config.workers > 1:
         import multiprocessing.connection  # noqa: F401  (wait)
         return _supervise(config, announce, log_level)
