@@ -597,10 +597,10 @@ def _supervise(config: ServeConfig, announce, log_level: str) -> int:
         signal_children(signum, _frame)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal_children)     # reload certificates
     try:
         for child in children:
-            child.start()
+            child.start()           # SIGHUP is ignored here, and so in each child until its server takes it
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal_children)     # reload certificates
         if announce is not None:
             announce(f"listening on {config.host}:{config.port} ({config.workers} worker processes)")
         rc = 0

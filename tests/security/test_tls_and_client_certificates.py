@@ -2,6 +2,7 @@
 against real ``loyalty serve`` processes and a CA of the test's own (``helpers.pki``)."""
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import ssl
@@ -122,3 +123,22 @@ def test_sighup_reloads_the_certificate_for_new_connections(tmp_path, pki):
         assert server.proc.poll() is None
     finally:
         server.stop()
+
+
+def test_sighup_reaches_every_worker_and_never_kills_one_still_starting(tmp_path, pki):
+    server = start_server(tmp_path, workers=2, args=("--tls-cert", str(pki.server.cert), "--tls-key",
+                                                     str(pki.server.key)),
+                          client_options={"tls_ca": str(pki.ca.cert)})
+    try:
+        server.signal(signal.SIGHUP)                     # one worker may still be starting
+        deadline = time.monotonic() + 30
+        while len(set(re.findall(r"\[(\d+)\] certificates reloaded", server.log()))) < 2:     # both workers
+            assert server.proc.poll() is None, server.log()
+            assert time.monotonic() < deadline, server.log()
+            server.signal(signal.SIGHUP)
+            time.sleep(0.5)
+        assert "exited with" not in server.log()
+        with server.client(retries=0) as client:
+            assert client.get_member({"member": CARD}).card == "7000001"
+    finally:
+        assert server.stop() == 0
