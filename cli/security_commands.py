@@ -1,16 +1,16 @@
 """Security on the command line: ``loyalty keys ...``, the options of ``loyalty serve`` that secure the port,
 and the options with which every command that calls a server says who it is.
 
-``keys`` commands work on the database (``--database-url`` / ``--data-dir``), like ``db upgrade``: that is how
-the first admin key is made (bootstrap: whoever can write the database is already trusted with everything),
-and every server process sees a change within a second (``--redis-url``: at once). There is no key RPC yet: an
-operator runs them where the database is reachable.
+``keys`` commands work through a running server (``--server`` with an admin credential: the
+``loyalty.v1.Keys`` RPCs) or on the database (``--database-url`` / ``--data-dir``, like ``db upgrade``): that
+is how the first admin key is made (bootstrap: whoever can write the database is already trusted with
+everything). Every server process sees a change within a second (``--redis-url``: at once).
 """
 from __future__ import annotations
 
 import click
 
-from loyalty.cli.common import call, database_url_option, json_option, resolve_url
+from loyalty.cli.common import call, database_url_option, fail, json_option, resolve_url
 from loyalty.cli.output import emit_json, emit_table, error_exit
 
 __all__ = ["register", "serve_security_options", "security_config", "client_options", "connect"]
@@ -137,11 +137,87 @@ def describe_security(config) -> str:
 
 # ---- loyalty keys ---------------------------------------------------------------------------------------------
 
-def _keys_db(database_url):
-    from loyalty.server.db import Database, upgrade
-    url = resolve_url(database_url)
-    call(upgrade, url)
-    return call(Database, url)
+class _OnDatabase:
+    """The key functions of ``security.keys`` on the database."""
+
+    def __init__(self, database_url, redis_url):
+        from loyalty.server.db import Database, upgrade
+        from loyalty.server.security.keys import redis_announcer
+        url = resolve_url(database_url)
+        call(upgrade, url)
+        self.db = call(Database, url)
+        self.announce = redis_announcer(redis_url)
+
+    def create(self, **fields) -> tuple[dict, str | None]:
+        from loyalty.server.security.keys import create_key
+        return call(create_key, self.db, announce=self.announce, **fields)
+
+    def list(self, include_revoked: bool) -> list[dict]:
+        from loyalty.server.security.keys import list_keys
+        return call(list_keys, self.db, include_revoked=include_revoked)
+
+    def revoke(self, key_id: str) -> dict:
+        from loyalty.server.security.keys import revoke_key
+        return call(revoke_key, self.db, key_id, announce=self.announce)
+
+    def rotate(self, key_id: str, grace: float) -> tuple[dict, str]:
+        from loyalty.server.security.keys import rotate_key
+        return call(rotate_key, self.db, key_id, grace_s=grace, announce=self.announce)
+
+
+class _OnServer:
+    """The same through ``loyalty.v1.Keys`` (sent once each: a create or rotation is not retried)."""
+
+    def __init__(self, server: str):
+        from loyalty.v1 import security_pb2_grpc
+        self.client = connect(server, timeout=10.0, retries=0)
+        self.stub = security_pb2_grpc.KeysStub(self.client.channel)
+
+    def _call(self, rpc: str, request):
+        import grpc
+
+        from loyalty.clients.client import LoyaltyError
+        try:
+            return getattr(self.stub, rpc)(request, timeout=self.client.timeout, metadata=self.client.metadata)
+        except grpc.RpcError as err:
+            fail(LoyaltyError.from_rpc_error(err, err.trailing_metadata(), 1))
+
+    @staticmethod
+    def _row(info) -> dict:
+        from loyalty.clients.client import to_dict
+        return {name: (value if value != "" else None) for name, value in to_dict(info).items()}
+
+    def create(self, *, name, scopes, stores, kind) -> tuple[dict, str | None]:
+        from loyalty.v1 import security_pb2
+        made = self._call("CreateKey", security_pb2.CreateKeyRequest(
+            name=name, scopes=scopes, stores=stores, certificate=kind == "certificate"))
+        return self._row(made.key), made.secret or None
+
+    def list(self, include_revoked: bool) -> list[dict]:
+        from loyalty.v1 import security_pb2
+        listing = self._call("ListKeys", security_pb2.ListKeysRequest(include_revoked=include_revoked))
+        return [self._row(info) for info in listing.keys]
+
+    def revoke(self, key_id: str) -> dict:
+        from loyalty.v1 import security_pb2
+        return self._row(self._call("RevokeKey", security_pb2.KeyRef(id=key_id)))
+
+    def rotate(self, key_id: str, grace: float) -> tuple[dict, str]:
+        from loyalty.v1 import security_pb2
+        made = self._call("RotateKey", security_pb2.RotateKeyRequest(id=key_id, grace_seconds=grace))
+        return self._row(made.key), made.secret
+
+
+def _keys_backend(server, database_url, redis_url):
+    return _OnServer(server) if server else _OnDatabase(database_url, redis_url)
+
+
+def _where(fn):
+    """``--server`` (with the credential options) or ``--database-url`` / ``--data-dir``, and ``--redis-url``."""
+    fn = click.option("--server", envvar="LOYALTY_KEYS_SERVER", metavar="HOST:PORT",
+                      help="Through this server's Keys RPCs (an admin credential) instead of on the database "
+                           "[env LOYALTY_KEYS_SERVER].")(client_options(fn))
+    return database_url_option(_redis_option(fn))
 
 
 def _redis_option(fn):
@@ -173,25 +249,21 @@ def register(group: click.Group) -> None:
                   "repeatable [default: every store].")
     @click.option("--certificate", is_flag=True,
                   help="Register a client certificate instead: --name is its subject (e.g. CN=till-7,O=Shop).")
-    @database_url_option
-    @_redis_option
+    @_where
     @json_option
-    def keys_create(name, scopes, stores, certificate, database_url, redis_url, as_json):
+    def keys_create(name, scopes, stores, certificate, server, database_url, redis_url, as_json):
         """Create a key and print it once (only its hash is stored)."""
-        from loyalty.server.security.keys import create_key, redis_announcer
-        db = _keys_db(database_url)
-        row, secret = call(create_key, db, name=name, scopes=scopes, stores=stores,
-                           kind="certificate" if certificate else "key", announce=redis_announcer(redis_url))
+        row, secret = _keys_backend(server, database_url, redis_url).create(
+            name=name, scopes=list(scopes), stores=list(stores), kind="certificate" if certificate else "key")
         _show_secret(row, secret, as_json)
 
     @keys_group.command(name="list")
     @click.option("--all", "include_revoked", is_flag=True, help="Revoked ones too.")
-    @database_url_option
+    @_where
     @json_option
-    def keys_list(include_revoked, database_url, as_json):
+    def keys_list(include_revoked, server, database_url, redis_url, as_json):
         """Keys and certificates (never their secrets)."""
-        from loyalty.server.security.keys import list_keys
-        rows = call(list_keys, _keys_db(database_url), include_revoked=include_revoked)
+        rows = _keys_backend(server, database_url, redis_url).list(include_revoked)
         if as_json:
             emit_json(rows)
             return
@@ -200,13 +272,11 @@ def register(group: click.Group) -> None:
 
     @keys_group.command(name="revoke")
     @click.argument("key_id", metavar="ID")
-    @database_url_option
-    @_redis_option
+    @_where
     @json_option
-    def keys_revoke(key_id, database_url, redis_url, as_json):
+    def keys_revoke(key_id, server, database_url, redis_url, as_json):
         """Revoke a key or certificate: every server refuses it within a second."""
-        from loyalty.server.security.keys import redis_announcer, revoke_key
-        row = call(revoke_key, _keys_db(database_url), key_id, announce=redis_announcer(redis_url))
+        row = _keys_backend(server, database_url, redis_url).revoke(key_id)
         if as_json:
             emit_json(row)
         else:
@@ -216,14 +286,11 @@ def register(group: click.Group) -> None:
     @click.argument("key_id", metavar="ID")
     @click.option("--grace", type=click.FloatRange(min=0), default=86_400.0, show_default=True,
                   help="Seconds the old key stays valid.")
-    @database_url_option
-    @_redis_option
+    @_where
     @json_option
-    def keys_rotate(key_id, grace, database_url, redis_url, as_json):
+    def keys_rotate(key_id, grace, server, database_url, redis_url, as_json):
         """A new key with the same name, scopes and stores; the old one works --grace seconds more."""
-        from loyalty.server.security.keys import redis_announcer, rotate_key
-        row, secret = call(rotate_key, _keys_db(database_url), key_id, grace_s=grace,
-                           announce=redis_announcer(redis_url))
+        row, secret = _keys_backend(server, database_url, redis_url).rotate(key_id, grace)
         _show_secret(row, secret, as_json)
         if not as_json:
             click.echo(f"the old key {key_id} stays valid for {grace:g} s")

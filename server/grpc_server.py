@@ -72,6 +72,7 @@ from loyalty.server.status import internal_status, status_for
 from loyalty.server.metrics import Metrics
 from loyalty.server.security import LOCAL, acting_as
 from loyalty.server.security.edge import SCOPE_OF, authorize, authorize_store
+from loyalty.server.security.grpc_service import add_keys_service
 from loyalty.server.scenarios.grpc_service import add_scenarios_service
 from loyalty.server.segments.grpc_service import add_segments_service
 from loyalty.v1 import admin_pb2, processing_pb2
@@ -84,7 +85,8 @@ PROCESSING = "loyalty.v1.Processing"
 ADMIN = "loyalty.v1.Admin"
 SEGMENTS = "loyalty.v1.Segments"
 SCENARIOS = "loyalty.v1.Scenarios"
-SERVICE_NAMES = (PROCESSING, ADMIN, SEGMENTS, SCENARIOS)
+KEYS = "loyalty.v1.Keys"
+SERVICE_NAMES = (PROCESSING, ADMIN, SEGMENTS, SCENARIOS, KEYS)
 
 # Methods that run in the CPU pool; every other one waits on storage and runs in the I/O pool.
 CPU_METHODS = frozenset({"CalculateReceipt"})
@@ -232,6 +234,7 @@ class LoyaltyServer:
                                               self._generic_handler(ADMIN, admin_pb2)))
         add_segments_service(self, service, redis_url=config.redis_url)
         add_scenarios_service(self, service)
+        add_keys_service(self, service, redis_url=config.redis_url)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._add_reflection()
 

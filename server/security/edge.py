@@ -55,6 +55,9 @@ SCOPE_OF: dict[str, dict[str, tuple[str, ...]]] = {
         "GetBatchProgress": _READ,
         "RecordMessageEvents": _INTEGRATION,
     },
+    "loyalty.v1.Keys": {
+        "CreateKey": _ADMIN, "ListKeys": _ADMIN, "RevokeKey": _ADMIN, "RotateKey": _ADMIN,
+    },
 }
 
 REFLECTION_MODES = ("open", "admin", "off")

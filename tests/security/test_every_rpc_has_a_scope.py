@@ -8,9 +8,9 @@ import pytest
 from loyalty.server.grpc_server import SERVICE_NAMES
 from loyalty.server.security import SCOPES
 from loyalty.server.security.edge import SCOPE_OF, exposure_problem, is_loopback
-from loyalty.v1 import admin_pb2, processing_pb2, scenarios_pb2, segments_pb2
+from loyalty.v1 import admin_pb2, processing_pb2, scenarios_pb2, security_pb2, segments_pb2
 
-MODULES = (processing_pb2, admin_pb2, segments_pb2, scenarios_pb2)
+MODULES = (processing_pb2, admin_pb2, segments_pb2, scenarios_pb2, security_pb2)
 
 
 def _rpcs() -> dict[str, set[str]]:
@@ -44,6 +44,7 @@ def test_the_tills_calls_are_pos_and_changes_are_admin():
     assert SCOPE_OF["loyalty.v1.Scenarios"]["StartBatch"] == ("admin",)
     assert SCOPE_OF["loyalty.v1.Scenarios"]["RecordMessageEvents"] == ("integration",)
     assert SCOPE_OF["loyalty.v1.Segments"]["ExportMembers"] == ("read",)
+    assert set(SCOPE_OF["loyalty.v1.Keys"].values()) == {("admin",)}
 
 
 @pytest.mark.parametrize("host, auth, tls, insecure, refused", [

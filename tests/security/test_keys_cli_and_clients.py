@@ -86,3 +86,28 @@ def test_loyalty_pos_checks_out_with_a_store_bound_key_and_is_refused_elsewhere(
                            timeout=60, env={**os.environ, "LOYALTY_API_KEY": key})
     assert other.returncode == 1
     assert "PERMISSION_DENIED: receipt.store: key 'till-msk' may not serve store 'spb-02'" in other.stderr
+
+
+def test_keys_through_the_server_need_an_admin_credential(locked, pki):
+    admin = json.loads(keys(locked, "create", "--name", "ops", "--scope", "admin", "--json").stdout)["key"]
+    reader = json.loads(keys(locked, "create", "--name", "auditor", "--scope", "read", "--json").stdout)["key"]
+    over = ("--server", locked.target, "--tls-ca", str(pki.ca.cert))
+    made = cli("keys", "create", "--name", "till-9", "--scope", "pos", "--store", "spb-02", *over, "--api-key", admin,
+               "--json")
+    assert made.returncode == 0, made.stderr
+    row = json.loads(made.stdout)
+    assert row["key"].startswith(f"lk_{row['id']}_") and row["stores"] == ["spb-02"] and row["revoked_at"] is None
+    with locked.client(retries=0, api_key=row["key"]) as till:                   # the new key works at once
+        assert till.get_member({"member": {"card": "7000001"}}).card == "7000001"
+    listed = json.loads(cli("keys", "list", *over, "--api-key", admin, "--json").stdout)
+    assert [r["name"] for r in listed] == ["ops", "auditor", "till-9"] and row["key"] not in json.dumps(listed)
+    rotated = json.loads(cli("keys", "rotate", row["id"], "--grace", "0", *over, "--api-key", admin, "--json").stdout)
+    assert rotated["key"] != row["key"] and rotated["name"] == "till-9"
+    revoked = cli("keys", "revoke", rotated["id"], *over, "--api-key", admin, "--json")
+    assert revoked.returncode == 0 and json.loads(revoked.stdout)["revoked_at"]
+    denied = cli("keys", "create", "--name", "sneaky", "--scope", "admin", *over, "--api-key", reader)
+    assert denied.returncode == 1 and denied.stderr.strip() == (
+        "error: PERMISSION_DENIED: key 'auditor' may not call CreateKey (needs scope admin)")
+    bad = cli("keys", "create", "--name", "x", "--scope", "read", "--store", "a", *over, "--api-key", admin)
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "error: INVALID_ARGUMENT: store: only a pos credential is bound to stores")
