@@ -102,8 +102,9 @@ def _bounded(until: float, principal, call, request):
 
 
 # The store a pos credential must be bound to, per method: (where it is in the decoded request, its field).
-def _receipt_store(request: tuple[str, str, dict, bool]) -> tuple[str, str]:
-    return request[2]["store"], "receipt.store"
+def _receipt_store(request) -> tuple[str, str]:
+    """Of the decoded ``(card, phone, receipt dict, fits)``, or of the message (a service without group commit)."""
+    return (request[2]["store"] if type(request) is tuple else request.receipt.store), "receipt.store"
 
 
 def _purchase_store(request) -> tuple[str, str]:
