@@ -45,7 +45,6 @@ log = logging.getLogger("loyalty.server.security.keys")
 PREFIX = "lk_"
 CHANNEL = "loyalty:keys"
 POLL_INTERVAL = 0.5
-MISS_REFRESH_INTERVAL = 0.05    # unknown key ids refresh the ring at most 20 times a second, however many come
 ROTATION_GRACE_S = 86_400.0      # a day: long enough for a fleet of terminals to take the new key
 ID_LENGTH = 16
 NAME_LIMIT = 200
@@ -220,7 +219,8 @@ class KeyRing:
         self._interval = poll_interval
         self._stop = threading.Event()
         self._listener = None
-        self._refreshed_at = float("-inf")
+        self._refresh_started = float("-inf")
+        self._miss_lock = threading.Lock()
         try:
             self.refresh()
         except Exception as exc:  # noqa: BLE001 - storage away at start: the poller loads the keys when it is back
@@ -259,15 +259,20 @@ class KeyRing:
     # -- keeping current
 
     def refresh_for_miss(self) -> None:
-        """A key id not held: refresh, unless the ring was refreshed a moment ago (a flood of made-up ids
-        costs storage at most ``1 / MISS_REFRESH_INTERVAL`` small reads a second)."""
-        if time.monotonic() - self._refreshed_at >= MISS_REFRESH_INTERVAL:
-            self.refresh()
+        """A key id not held: make sure a refresh that started after now has run. Misses arriving together
+        share one (a flood of made-up ids costs one small read at a time, not one each)."""
+        asked = time.monotonic()
+        with self._miss_lock:
+            if self._refresh_started <= asked:
+                self.refresh()
+                return
+        with self._lock:        # one started after we asked (the poller's, another miss's): wait till it is done
+            pass
 
     def refresh(self) -> None:
         """Load the rows changed since the revision held (one small read when nothing changed)."""
         with self._lock:
-            self._refreshed_at = time.monotonic()
+            self._refresh_started = time.monotonic()
             with self.db.read() as conn:
                 revision = conn.execute(select(api_key_state.c.revision)
                                         .where(api_key_state.c.id == 1)).scalar_one()

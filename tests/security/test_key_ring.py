@@ -109,3 +109,15 @@ def test_two_servers_on_one_database_both_refuse_a_revoked_key_within_a_second(t
         finally:
             for server in servers:
                 server.stop()
+
+
+def test_a_key_made_just_after_a_poll_is_found_on_its_first_use(db):
+    ring = KeyRing(db, poll_interval=0.001)                 # refreshing all the time, as under load
+    try:
+        for i in range(20):
+            _row, key = create_key(db, name=f"fresh-{i}", scopes=["pos"])
+            if ring.verify(key) is None:
+                ring.refresh_for_miss()
+            assert ring.verify(key).name == f"fresh-{i}"
+    finally:
+        ring.close()
