@@ -10,8 +10,9 @@ A terminal with a client certificate (mutual TLS) is registered the same way wit
 (``kind='certificate'``, ``name`` = the certificate's subject, e.g. ``CN=till-7,O=Shop``): the row gives its
 scopes and stores, and revoking it shuts the certificate out as fast as a key, whatever the CA says.
 
-Checking (:class:`KeyRing`, one per server process): every unrevoked row is held in memory, so a check is a
-dict lookup, one SHA-256 of 43 bytes and ``hmac.compare_digest`` (microseconds, no storage). The ring learns of
+Checking (:class:`KeyRing`, one per server process): every unrevoked row is held in memory, so a first check
+is a dict lookup, one SHA-256 of 43 bytes and ``hmac.compare_digest``, and later ones of the same key one dict
+lookup (until the keys change), microseconds, no storage. The ring learns of
 changes by the revision in ``api_key_state``: a daemon thread reads that one row every ``POLL_INTERVAL`` (0.5 s)
 and reloads the rows changed since, so a revocation reaches every process within a second; with Redis a change
 is also announced on ``loyalty:keys`` and picked up at once (the poll goes on: a change made on the database
@@ -29,10 +30,11 @@ import logging
 import secrets
 import threading
 import time
+import typing
 
 from sqlalchemy import select, update
 
-from loyalty.server.errors import InvalidArgument, NotFound
+from loyalty.server.errors import InvalidArgument, NotFound, Unauthenticated
 from loyalty.server.security import SCOPES, Principal
 
 from .models import api_key_state, api_keys
@@ -45,6 +47,7 @@ log = logging.getLogger("loyalty.server.security.keys")
 PREFIX = "lk_"
 CHANNEL = "loyalty:keys"
 POLL_INTERVAL = 0.5
+VERIFIED_LIMIT = 100_000
 ROTATION_GRACE_S = 86_400.0      # a day: long enough for a fleet of terminals to take the new key
 ID_LENGTH = 16
 NAME_LIMIT = 200
@@ -206,14 +209,19 @@ class _Entry:
     expires_at: float | None       # epoch seconds (end of a rotation's grace), None: no end
 
 
+class _Held(typing.NamedTuple):
+    keys: dict          # key id -> _Entry
+    certificates: dict  # certificate subject -> _Entry
+    verified: dict      # whole key -> _Entry, checked against ``keys``
+
+
 class KeyRing:
     """Every unrevoked key and certificate registration of the database, in memory, kept current by polling
     the revision (and Redis, when given)."""
 
     def __init__(self, db, *, redis_url: str | None = None, poll_interval: float = POLL_INTERVAL):
         self.db = db
-        self._keys: dict[str, _Entry] = {}
-        self._certificates: dict[str, _Entry] = {}
+        self._held = _Held({}, {}, {})
         self._revision = -1
         self._lock = threading.Lock()
         self._interval = poll_interval
@@ -237,23 +245,36 @@ class KeyRing:
     def verify(self, value: str) -> Principal | None:
         """The principal of API key ``value``; None when its id is not held (refresh, then ask again);
         ``Unauthenticated`` when it is malformed, wrong, or past its grace period."""
-        from loyalty.server.errors import Unauthenticated
-
-        parts = split_key(value)
-        if parts is None:
-            raise Unauthenticated("authorization: not a well-formed API key")
-        entry = self._keys.get(parts[0])
+        held = self._held          # read once: keys and verified keys of the same moment
+        entry = held.verified.get(value)
         if entry is None:
-            return None
-        if not hmac.compare_digest(entry.secret_hash, _hash(parts[1])):
-            raise Unauthenticated("authorization: unknown API key")
+            entry = self._check(held, value)
+            if entry is None:
+                return None
         if entry.expires_at is not None and time.time() >= entry.expires_at:
             raise Unauthenticated("authorization: the API key was rotated and its grace period is over")
         return entry.principal
 
+    @staticmethod
+    def _check(held: _Held, value: str) -> _Entry | None:
+        """The entry of a key not checked before (its hash compared in constant time), remembered."""
+        parts = split_key(value)
+        if parts is None:
+            raise Unauthenticated("authorization: not a well-formed API key")
+        entry = held.keys.get(parts[0])
+        if entry is None:
+            return None
+        if not hmac.compare_digest(entry.secret_hash, _hash(parts[1])):
+            raise Unauthenticated("authorization: unknown API key")
+        verified = held.verified
+        if len(verified) >= VERIFIED_LIMIT:
+            verified.clear()
+        verified[value] = entry
+        return entry
+
     def certificate(self, subject: str) -> Principal | None:
         """The principal of a registered client certificate subject (None: not registered)."""
-        entry = self._certificates.get(subject)
+        entry = self._held.certificates.get(subject)
         return None if entry is None else entry.principal
 
     # -- keeping current
@@ -280,11 +301,12 @@ class KeyRing:
                     return
                 rows = conn.execute(select(api_keys).where(api_keys.c.revision > self._revision)
                                     .order_by(api_keys.c.revision)).all()
-            keys, certificates = dict(self._keys), dict(self._certificates)
+            keys, certificates = dict(self._held.keys), dict(self._held.certificates)
             for row in rows:
                 self._apply(row, keys, certificates)
-            # swapped whole: a reader on the loop sees the old or the new dict, never one half-changed
-            self._keys, self._certificates, self._revision = keys, certificates, revision
+            # swapped whole: a reader on the loop sees the old or the new keys, never half-changed ones; the
+            # keys verified so far are checked again against the new ones (a revoked one is then unknown)
+            self._held, self._revision = _Held(keys, certificates, {}), revision
 
     @staticmethod
     def _apply(row, keys: dict, certificates: dict) -> None:
