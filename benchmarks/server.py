@@ -1,6 +1,7 @@
 """The server under load, against a bare echo server on the same machine (STYLE section 6).
 
     python benchmarks/server.py [--duration 3] [--concurrency 32] [--processes 2] [--json] [--no-postgres]
+                                [--secure]
 
 Starts ``loyalty serve`` on SQLite (a temp data dir, demo seeded) and, unless ``--no-postgres``, on a fresh
 PostgreSQL database; beside it ``loyalty.server.echo`` answering the very bytes the real server answers to the
@@ -13,7 +14,11 @@ processes (default: one per core, as in production); the SQLite server and the e
 - ``calculate``: CalculateReceipt, a fixed 20-line receipt for demo member 7000001 (no side effects);
 - ``confirm_sqlite`` / ``confirm_postgres``: ConfirmPurchase of the same 20 lines with a unique receipt
   number per call, spread over 64 members enrolled for the run (many customers at many terminals); every
-  error is counted.
+  error is counted;
+- ``calculate_secure`` (``--secure``): ``calculate`` against a second SQLite server (the same one process)
+  with ``--auth required`` and TLS, each call over TLS with a store-bound ``pos`` API key; the summary's
+  ``calculate_secure_rps_vs_calculate`` is the median of the rounds' own ratios (target: >= 0.9, i.e.
+  authentication and TLS together cost at most 10% of calculate's RPS).
 
 Runs every scenario ``--rounds`` times, interleaved (echo, calculate, confirm_sqlite, confirm_postgres, then
 again), and prints one JSON line per scenario and round (``--json``: only those, plus a final summary line)
@@ -92,7 +97,8 @@ def request_maker(scenario: str, seed: str):
 
 
 def _generator(target: str, scenario: str, workers: int, duration: float, warmup: float, seed: str, out,
-               channels: int = 1) -> None:
+               channels: int = 1, secure: dict | None = None) -> None:
+    """``secure``: ``{"ca": PEM file, "key": API key}``: TLS channels and the key on every call."""
     import grpc
 
     make = request_maker(scenario, seed)
@@ -103,8 +109,13 @@ def _generator(target: str, scenario: str, workers: int, duration: float, warmup
     async def main():
         # several connections per process, as several terminals of a store would have (the coroutines share
         # them round-robin); with --workers the kernel spreads connections, not calls, over the processes
-        opened = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-                  for _ in range(max(1, channels))]
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        if secure:
+            tls = grpc.ssl_channel_credentials(pathlib.Path(secure["ca"]).read_bytes())
+            opened = [grpc.aio.secure_channel(target, tls, options=options) for _ in range(max(1, channels))]
+        else:
+            opened = [grpc.aio.insecure_channel(target, options=options) for _ in range(max(1, channels))]
+        metadata = (("authorization", f"Bearer {secure['key']}"),) if secure else None
         calls = [ch.unary_unary(method) for ch in opened]   # bytes in, bytes out: the generator decodes nothing
         latencies: list[float] = []
         errors: dict[str, int] = {}
@@ -121,7 +132,7 @@ def _generator(target: str, scenario: str, workers: int, duration: float, warmup
                 if t0 >= t_end:
                     return
                 try:
-                    await call(payload, timeout=30)
+                    await call(payload, timeout=30, metadata=metadata)
                     ok = True
                 except grpc.RpcError as exc:
                     ok = False
@@ -142,13 +153,14 @@ def _generator(target: str, scenario: str, workers: int, duration: float, warmup
 
 
 def drive(target: str, scenario: str, *, processes: int, concurrency: int, duration: float, warmup: float,
-          channels: int = 1) -> dict:
+          channels: int = 1, secure: dict | None = None) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     run_id = uuid.uuid4().hex[:6]
     share = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
     procs = [ctx.Process(target=_generator, args=(target, scenario, share[i], duration, warmup,
-                                                  f"{run_id}{i}", queue, channels)) for i in range(processes)]
+                                                  f"{run_id}{i}", queue, channels, secure))
+             for i in range(processes)]
     for p in procs:
         p.start()
     results = [queue.get(timeout=duration + warmup + 120) for _ in procs]
@@ -198,18 +210,38 @@ class Proc:
                 self.proc.wait()
 
 
-def start_loyalty(tmp: pathlib.Path, name: str, database_url: str | None, log_level: str, workers: int = 1) -> Proc:
+def start_loyalty(tmp: pathlib.Path, name: str, database_url: str | None, log_level: str, workers: int = 1,
+                  secure: dict | None = None) -> Proc:
+    """``loyalty serve`` with the demo and ``MEMBERS`` enrolled; ``secure`` (``secure_setup``): with
+    ``--auth required`` and TLS, its clients using the CA and the key."""
     cmd = [sys.executable, "-c", "from loyalty.cli.main import main; main()", "serve", "--port", "0", "--demo",
            "--data-dir", str(tmp / name), "--log-level", log_level, "--workers", str(workers)]
     if database_url:
         cmd += ["--database-url", database_url]
+    if secure:
+        cmd += ["--auth", "required", "--tls-cert", secure["cert"], "--tls-key", secure["tls_key"]]
     proc = Proc(cmd, tmp / f"{name}.log")
     from loyalty.clients.client import LoyaltyClient
-    with LoyaltyClient(proc.target, timeout=30) as client:
+    options = {"tls_ca": secure["ca"], "api_key": secure["key"]} if secure else {}
+    with LoyaltyClient(proc.target, timeout=30, **options) as client:
         client.wait_ready(30)
         for i in range(MEMBERS):
             client.enroll_member({"card": f"bench-{i:04d}", "request_id": f"bench-{i:04d}"})
     return proc
+
+
+def secure_setup(tmp: pathlib.Path, name: str) -> dict:
+    """A CA and a server certificate for 127.0.0.1 (the tests' ``helpers.pki``), and a ``pos`` +
+    ``integration`` key bound to store msk-01 made on the data dir of server ``name`` before it starts."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+    from helpers.pki import CA
+    ca = CA(tmp / "pki")
+    server = ca.issue("server", "localhost", server=True)
+    made = subprocess.run([sys.executable, "-c", "from loyalty.cli.main import main; main()", "keys", "create",
+                           "--name", "bench-till", "--scope", "pos", "--scope", "integration", "--store", "msk-01",
+                           "--data-dir", str(tmp / name), "--json"], capture_output=True, text=True, check=True)
+    return {"ca": str(ca.cert), "cert": str(server.cert), "tls_key": str(server.key),
+            "key": json.loads(made.stdout)["key"]}
 
 
 def fresh_pg_database() -> tuple[str | None, str | None]:
@@ -244,6 +276,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--log-level", default="WARNING", help="of the servers under test")
     parser.add_argument("--json", action="store_true", help="JSON lines only")
+    parser.add_argument("--secure", action="store_true",
+                        help="add calculate_secure: TLS and an API key, beside calculate in every round")
     args = parser.parse_args(argv)
 
     from loyalty.core import COMPILED
@@ -273,20 +307,25 @@ def main(argv=None) -> int:
             procs.append(echo)
             common = dict(processes=args.processes, concurrency=args.concurrency, duration=args.duration,
                           warmup=args.warmup, channels=args.channels)
-            targets = [("echo", "echo", echo.target), ("calculate", "calculate", sqlite.target),
-                       ("confirm_sqlite", "confirm", sqlite.target)]
+            targets = [("echo", "echo", echo.target, None), ("calculate", "calculate", sqlite.target, None)]
+            if args.secure:
+                secure = secure_setup(tmp, "secure")
+                locked = start_loyalty(tmp, "secure", None, args.log_level, secure=secure)
+                procs.append(locked)
+                targets.append(("calculate_secure", "calculate", locked.target, secure))
+            targets.append(("confirm_sqlite", "confirm", sqlite.target, None))
             if not args.no_postgres:
                 pg_name, pg_url = fresh_pg_database()
                 if pg_url:
                     pg = start_loyalty(tmp, "postgres", pg_url, args.log_level, workers=args.pg_workers)
                     procs.append(pg)
-                    targets.append(("confirm_postgres", "confirm", pg.target))
+                    targets.append(("confirm_postgres", "confirm", pg.target, None))
             # Rounds: every scenario once per round, in the same order, so that each round's echo and calculate
             # run seconds apart on the same machine; a scenario's figure is its median round, the ratios are
             # the medians of the rounds' own ratios (a shared, noisy machine drifts between minutes).
             for r in range(args.rounds):
-                for name, scenario, target in targets:
-                    result = drive(target, scenario, **common)
+                for name, scenario, target, secure in targets:
+                    result = drive(target, scenario, secure=secure, **common)
                     result.update(scenario=name, round=r + 1)
                     rounds.setdefault(name, []).append(result)
                     emit(result)
@@ -302,9 +341,9 @@ def main(argv=None) -> int:
                              errors=sum(x["errors"] for x in runs))
     echo = results["echo"]
 
-    def paired(name, key):
-        """The median over rounds of ``name``'s ``key`` against echo's in the same round."""
-        ratios = sorted(a[key] / b[key] for a, b in zip(rounds[name], rounds["echo"]) if a[key] and b[key])
+    def paired(name, key, base="echo"):
+        """The median over rounds of ``name``'s ``key`` against ``base``'s in the same round."""
+        ratios = sorted(a[key] / b[key] for a, b in zip(rounds[name], rounds[base]) if a[key] and b[key])
         return round(ratios[len(ratios) // 2], 3) if ratios else None
 
     summary = {
@@ -322,6 +361,11 @@ def main(argv=None) -> int:
         "calculate_rps_ge_70pct_echo": bool(summary["calculate_rps_vs_echo"] and summary["calculate_rps_vs_echo"] >= 0.7),
         "calculate_p99_le_2x_echo": bool(summary["calculate_p99_vs_echo"] and summary["calculate_p99_vs_echo"] <= 2.0),
     }
+    if "calculate_secure" in results:
+        summary["calculate_secure_rps_vs_calculate"] = paired("calculate_secure", "rps", "calculate")
+        summary["calculate_secure_p99_vs_calculate"] = paired("calculate_secure", "p99_ms", "calculate")
+        summary["targets"]["calculate_secure_ge_90pct_calculate"] = bool(
+            summary["calculate_secure_rps_vs_calculate"] and summary["calculate_secure_rps_vs_calculate"] >= 0.9)
     if "confirm_postgres" in results:
         r = results["confirm_postgres"]
         summary["targets"]["confirm_postgres_ge_1000_rps_no_errors"] = r["rps"] >= 1000 and r["errors"] == 0

@@ -17,6 +17,7 @@ import click
 
 from loyalty.cli.common import DEFAULT_SERVER, call, database_url_option, json_option, resolve_url
 from loyalty.cli.output import emit_json, error_exit, message_dict
+from loyalty.cli.security_commands import client_options
 
 __all__ = ["register"]
 _INDEX_RE = re.compile(r"^events\[(\d+)\]\.?(.*)$")
@@ -64,8 +65,8 @@ def _sender(server: str | None, database_url: str | None):
         service = call(ScenarioService.open, resolve_url(database_url))
         return service.record_message_events, service.close
 
-    from loyalty.clients.client import LoyaltyClient
-    client = LoyaltyClient(server or DEFAULT_SERVER, timeout=30.0, retries=4)
+    from loyalty.cli.security_commands import connect
+    client = connect(server or DEFAULT_SERVER, timeout=30.0, retries=4)
 
     def send(batch):
         return message_dict(client.record_message_events({"events": batch}))
@@ -84,6 +85,7 @@ def register(group: click.Group) -> None:
     @click.option("--server", envvar="LOYALTY_SERVER", metavar="HOST:PORT",
                   help=f"A running loyalty server [default: {DEFAULT_SERVER}, unless --database-url is given; "
                        f"env LOYALTY_SERVER]")
+    @client_options
     @database_url_option
     @json_option
     def record_cmd(file, batch_size, server, database_url, as_json):

@@ -25,7 +25,16 @@ from loyalty.cli.common import (
 )
 from loyalty.cli.output import emit_json, emit_table, error_exit, message_dict, moment, rfc3339
 
+from loyalty.cli.security_commands import (
+    client_options, connect, describe_security, security_config, serve_security_options,
+)
+
 __all__ = ["register"]
+
+
+def _server(fn):
+    """``--server`` and the options saying who calls it and over what (``--api-key``, ``--tls-ca``...)."""
+    return server_option(client_options(fn))
 
 class _Backend:
     """The same request to a server over gRPC or to a ProcessingService opened on the database."""
@@ -40,8 +49,7 @@ class _Backend:
             from loyalty.server.processing import ProcessingService
             self._service = call(ProcessingService.open, resolve_url(self.database_url))
         else:
-            from loyalty.clients.client import LoyaltyClient
-            self._client = LoyaltyClient(self.server or DEFAULT_SERVER, timeout=10.0, retries=2)
+            self._client = connect(self.server or DEFAULT_SERVER, timeout=10.0, retries=2)
         return self
 
     def call(self, name: str, request):
@@ -69,14 +77,20 @@ def _print(message, as_json: bool, human) -> None:
 
 # ---- serve ----------------------------------------------------------------------------------------------------
 
-def serve_command(host, port, database_url, redis_url, workers, demo, metrics_port, grace, threads, log_level):
+def serve_command(host, port, database_url, redis_url, workers, demo, metrics_port, grace, threads, log_level,
+                  **security):
     from loyalty.server.errors import ServiceError
-    from loyalty.server.grpc_server import ServeConfig, serve
+    from loyalty.server.grpc_server import ServeConfig, check_serving, serve
 
     if workers < 1:
         error_exit("--workers: must be at least 1")
     _require_free_port(host, port)
-    url = resolve_url(database_url, migrate=True)
+    from loyalty.server.db import default_url
+    config = ServeConfig(database_url=database_url or default_url(), host=host, port=port, redis_url=redis_url,
+                         workers=workers, metrics_port=metrics_port, grace=grace, io_threads=threads,
+                         **security_config(host, security))
+    call(check_serving, config)     # before anything is written: a refused start changes nothing
+    url = config.database_url = resolve_url(database_url, migrate=True)
     if demo if demo is not None else not database_url:
         click.echo(demo_summary(seed_demo(url)))
     click.echo(f"database: {display_url(url)}")
@@ -84,8 +98,7 @@ def serve_command(host, port, database_url, redis_url, workers, demo, metrics_po
         click.echo("no program is published: POS calls fail until one is; publish the demo with "
                    f"`loyalty demo seed --database-url {display_url(url)}` or yours with "
                    "`loyalty program publish FILE`")
-    config = ServeConfig(database_url=url, host=host, port=port, redis_url=redis_url, workers=workers,
-                         metrics_port=metrics_port, grace=grace, io_threads=threads)
+    click.echo(describe_security(config))
     try:
         rc = serve(config, announce=click.echo, log_level=log_level)
     except OSError as exc:
@@ -165,6 +178,7 @@ def register(group: click.Group) -> None:
                   help="Threads per process for storage-bound calls.")
     @click.option("--log-level", default="INFO", show_default=True,
                   type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+    @serve_security_options
     def serve(**options):
         """Run the gRPC server (Processing and Admin, health, reflection) in the foreground.
 
@@ -281,7 +295,7 @@ def register(group: click.Group) -> None:
     @program_group.command(name="publish")
     @click.argument("file", type=click.Path(dir_okay=False))
     @click.option("--comment", default="", help="Why this version (kept with it).")
-    @server_option
+    @_server
     @database_url_option
     @json_option
     def program_publish(file, comment, server, database_url, as_json):
@@ -308,7 +322,7 @@ def register(group: click.Group) -> None:
 
     @program_group.command(name="show")
     @click.option("--version", "version", type=int, default=0, help="A version number [default: the current one].")
-    @server_option
+    @_server
     @database_url_option
     @json_option
     def program_show(version, server, database_url, as_json):
@@ -318,7 +332,7 @@ def register(group: click.Group) -> None:
         _print(v, as_json, lambda v: click.echo(v.yaml, nl=not v.yaml.endswith("\n")))
 
     @program_group.command(name="versions")
-    @server_option
+    @_server
     @database_url_option
     @json_option
     def program_versions(server, database_url, as_json):
@@ -344,7 +358,7 @@ def register(group: click.Group) -> None:
     @member_group.command(name="get")
     @click.argument("card", required=False)
     @click.option("--phone", help="Find by phone instead of card.")
-    @server_option
+    @_server
     @json_option
     def member_get(card, phone, server, as_json):
         """Status, tier, balances, next expiry and progress of a member."""
@@ -362,7 +376,7 @@ def register(group: click.Group) -> None:
                   help="When the member registered, YYYY-MM-DD or an ISO 8601 time (an import keeps the "
                        "original) [default: now].")
     @click.option("--request-id", default="", help="Idempotency key [default: a new random one].")
-    @server_option
+    @_server
     @json_option
     def member_enroll(card, phone, source, registered_at, request_id, server, as_json, **profile):
         """Register a member with a new card, with the profile and subscriptions segments use."""
@@ -379,7 +393,7 @@ def register(group: click.Group) -> None:
     @click.option("--phone", default=None, help="A new phone (another member's: refused).")
     @_profile_options(clearable=True)
     @click.option("--request-id", default="", help="Idempotency key [default: a new random one].")
-    @server_option
+    @_server
     @json_option
     def member_update(card, phone, request_id, server, as_json, **profile):
         """Change the profile and subscriptions of the member of CARD; what is not given stays as it is."""
@@ -403,7 +417,7 @@ def register(group: click.Group) -> None:
     @click.option("--reason", required=True, help="Kept in the audit trail.")
     @click.option("--operation-id", default="", help="Idempotency key [default: a new random one, printed].")
     @click.option("--expiry-days", type=int, default=None, help="Credits: days until they expire.")
-    @server_option
+    @_server
     @json_option
     def member_adjust(card, kind, points, reason, operation_id, expiry_days, server, as_json):
         """Credit, debit or top up a member's points, with a reason."""
@@ -421,7 +435,7 @@ def register(group: click.Group) -> None:
     @click.argument("card")
     @click.argument("status", type=click.Choice(["active", "restricted", "suspended", "blocked"]))
     @click.option("--reason", default="", help="Kept in the audit trail.")
-    @server_option
+    @_server
     @json_option
     def member_status(card, status, reason, server, as_json):
         """Change a card's status (leaving active switches subscriptions off; returning restores them)."""

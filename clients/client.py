@@ -14,6 +14,9 @@ sending the same thing again cannot change them.
 Failures raise :class:`LoyaltyError` with the status code, the server's message and the rich details decoded
 (``field`` of a BadRequest, ``available_points`` of a FailedPrecondition, ...).
 
+Who is calling and over what (``loyalty.clients.channel``): ``api_key=`` or ``token=`` (sent as
+``authorization: Bearer ...``), ``tls_ca=`` / ``tls=True`` for TLS, ``tls_cert=`` / ``tls_key=`` for mutual TLS.
+
 Requests are ``loyalty.v1`` messages or plain dicts with the proto's field names::
 
     with LoyaltyClient("127.0.0.1:50051") as client:
@@ -31,6 +34,7 @@ from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from loyalty.clients.channel import connection_options
 from loyalty.v1 import (
     admin_pb2, admin_pb2_grpc, processing_pb2, processing_pb2_grpc, scenarios_pb2, scenarios_pb2_grpc,
 )
@@ -154,11 +158,15 @@ class _Base:
 
 class LoyaltyClient(_Base):
     """Blocking client. ``timeout`` is the deadline of each attempt; ``retries`` the attempts after the first;
-    ``interceptors`` are grpc client interceptors (auth metadata, tracing, tests)."""
+    ``interceptors`` are grpc client interceptors (tracing, tests); ``api_key`` / ``token`` / ``tls_*``: see
+    ``loyalty.clients.channel``."""
 
     def __init__(self, target: str, *, interceptors=(), **kwargs):
+        credentials, auth = connection_options(kwargs)
         super().__init__(target, **kwargs)
-        self.channel = grpc.insecure_channel(target, options=_OPTIONS)
+        self.metadata += auth
+        self.channel = (grpc.insecure_channel(target, options=_OPTIONS) if credentials is None
+                        else grpc.secure_channel(target, credentials, options=_OPTIONS))
         if interceptors:
             self.channel = grpc.intercept_channel(self.channel, *interceptors)
         self._stubs = {"processing": processing_pb2_grpc.ProcessingStub(self.channel),
@@ -213,8 +221,13 @@ class AsyncLoyaltyClient(_Base):
     """grpc.aio client; create it inside the running event loop."""
 
     def __init__(self, target: str, *, interceptors=(), **kwargs):
+        credentials, auth = connection_options(kwargs)
         super().__init__(target, **kwargs)
-        self.channel = grpc.aio.insecure_channel(target, options=_OPTIONS, interceptors=list(interceptors) or None)
+        self.metadata += auth
+        interceptors = list(interceptors) or None
+        self.channel = (grpc.aio.insecure_channel(target, options=_OPTIONS, interceptors=interceptors)
+                        if credentials is None else
+                        grpc.aio.secure_channel(target, credentials, options=_OPTIONS, interceptors=interceptors))
         self._stubs = {"processing": processing_pb2_grpc.ProcessingStub(self.channel),
                        "admin": admin_pb2_grpc.AdminStub(self.channel),
                        "scenarios": scenarios_pb2_grpc.ScenariosStub(self.channel)}

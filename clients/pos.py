@@ -19,6 +19,7 @@ import click
 
 from loyalty.cli.common import DEFAULT_SERVER, ToolCommand, call, json_option, server_option
 from loyalty.cli.output import emit_json, error_exit, message_dict
+from loyalty.cli.security_commands import client_options, connect
 from loyalty.clients.client import LoyaltyClient
 
 __all__ = ["main", "run_checkout", "DEFAULT_BASKET"]
@@ -137,6 +138,7 @@ def _result_dict(result: dict) -> dict:
                       "  LOYALTY_SERVER=10.0.0.5:50051 loyalty-pos --card '' --redeem 0 --return-line -1 --json")
 @click.version_option(package_name="loyalty-server", prog_name="loyalty-pos", message="%(prog)s %(version)s")
 @server_option
+@client_options
 @click.option("--card", default="7000001", show_default=True, help="Card to identify ('' for an anonymous receipt).")
 @click.option("--basket", metavar="FILE.json", help="A JSON list of lines (sku, categories, quantity, price) "
                                                      "[default: SPEC 4's goods and a loaf].")
@@ -162,7 +164,7 @@ def main(server, card, basket, store, terminal, number, at, redeem, return_line,
     number = number or time.strftime("%Y%m%d-%H%M%S-") + f"{time.time_ns() % 1_000_000:06d}"
     at = at or dt.datetime.now().astimezone().replace(microsecond=0).isoformat()
     log = None if as_json else (lambda line: click.echo(line, err=True))
-    with LoyaltyClient(server or DEFAULT_SERVER, timeout=timeout) as client:
+    with connect(server or DEFAULT_SERVER, timeout=timeout) as client:
         result = call(run_checkout, client, card=card, basket=lines, store=store, terminal=terminal, number=number,
                       at=at, redeem=redeem, return_line=None if return_line < 0 else return_line,
                       return_quantity=return_quantity, log=log)

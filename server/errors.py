@@ -2,7 +2,7 @@
 the message is written for the client (never ``str()`` of an internal exception, never a traceback)."""
 
 __all__ = ["ServiceError", "InvalidArgument", "NotFound", "AlreadyExists", "FailedPrecondition",
-           "Unavailable"]
+           "Unavailable", "Unauthenticated", "PermissionDenied"]
 
 
 class ServiceError(Exception):
@@ -45,3 +45,14 @@ class FailedPrecondition(ServiceError):
 class Unavailable(ServiceError):
     """Storage (or another dependency) cannot be reached; nothing was written."""
     code = "UNAVAILABLE"
+
+
+class Unauthenticated(ServiceError):
+    """The call carries no credential the server accepts (none, unknown, expired, revoked, badly signed); the
+    message says which, never echoing the credential."""
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ServiceError):
+    """A known caller whose scopes (or stores, for a ``pos`` credential) do not cover the call."""
+    code = "PERMISSION_DENIED"

@@ -33,7 +33,14 @@ transaction in its thread: every write is idempotent by its key, so the client's
 
 Health (``grpc.health.v1``): SERVING while ``service.check_ready()`` says storage answers (checked every
 ``health_interval`` seconds), NOT_SERVING when it does not and from the moment shutdown starts. Reflection is
-on. SIGTERM / SIGINT: NOT_SERVING, stop taking calls, finish those in flight within ``grace`` seconds.
+on, admin-only with ``--auth required`` (``ServeConfig.reflection``). SIGTERM / SIGINT: NOT_SERVING, stop taking
+calls, finish those in flight within ``grace`` seconds; SIGHUP: reload the TLS certificates.
+
+Security (``loyalty.server.security``): ``--auth required`` identifies the caller of every call but health
+(``security.edge.Gate``: API key, OIDC token or client certificate) and holds it to the method's scope and,
+for a store-bound ``pos`` credential, the request's store, before the request is decoded; the work then runs
+as that principal (``security.acting_as``, on the loop or on the pool thread). TLS (``security.tls``) with
+optional client certificates, reloaded on SIGHUP.
 ``workers > 1``: that many processes bind the same port (SO_REUSEPORT; the kernel spreads connections) under
 a parent that forwards signals and waits.
 """
@@ -64,6 +71,9 @@ from loyalty.server.errors import InvalidArgument, ServiceError
 from loyalty.server.grpc_register import snake
 from loyalty.server.status import internal_status, status_for
 from loyalty.server.metrics import Metrics
+from loyalty.server.security import LOCAL, acting_as
+from loyalty.server.security.edge import SCOPE_OF, authorize, authorize_store
+from loyalty.server.security.grpc_service import add_keys_service
 from loyalty.server.scenarios.grpc_service import add_scenarios_service
 from loyalty.server.segments.grpc_service import add_segments_service
 from loyalty.v1 import admin_pb2, processing_pb2
@@ -71,7 +81,7 @@ from loyalty.v1 import admin_pb2, processing_pb2
 if TYPE_CHECKING:
     from loyalty.server.processing import ProcessingService
 
-__all__ = ["ServeConfig", "LoyaltyServer", "SERVICE_NAMES", "serve", "run_server"]
+__all__ = ["ServeConfig", "LoyaltyServer", "SERVICE_NAMES", "serve", "run_server", "check_serving"]
 
 log = logging.getLogger("loyalty.server.grpc")
 
@@ -79,7 +89,8 @@ PROCESSING = "loyalty.v1.Processing"
 ADMIN = "loyalty.v1.Admin"
 SEGMENTS = "loyalty.v1.Segments"
 SCENARIOS = "loyalty.v1.Scenarios"
-SERVICE_NAMES = (PROCESSING, ADMIN, SEGMENTS, SCENARIOS)
+KEYS = "loyalty.v1.Keys"
+SERVICE_NAMES = (PROCESSING, ADMIN, SEGMENTS, SCENARIOS, KEYS)
 
 # Methods that run in the CPU pool; every other one waits on storage and runs in the I/O pool.
 CPU_METHODS = frozenset({"CalculateReceipt"})
@@ -87,10 +98,25 @@ CPU_METHODS = frozenset({"CalculateReceipt"})
 STORAGE_TIMEOUT_S = float(os.environ.get("LOYALTY_STORAGE_TIMEOUT_S", "60") or 60)
 
 
-def _bounded(until: float, call, request):
-    """``call(request)`` on a pool thread with its storage work bounded by ``until`` (``db.deadline``)."""
-    with db_deadline(until):
+def _bounded(until: float, principal, call, request):
+    """``call(request)`` on a pool thread, as ``principal`` (``security.current()``), its storage work bounded
+    by ``until`` (``db.deadline``)."""
+    with db_deadline(until), acting_as(principal):
         return call(request)
+
+
+# The store a pos credential must be bound to, per method: (where it is in the decoded request, its field).
+def _receipt_store(request) -> tuple[str, str]:
+    """Of the decoded ``(card, phone, receipt dict, fits)``, or of the message (a service without group commit)."""
+    return (request[2]["store"] if type(request) is tuple else request.receipt.store), "receipt.store"
+
+
+def _purchase_store(request) -> tuple[str, str]:
+    return request.purchase.store, "purchase.store"
+
+
+STORE_OF = {"CalculateReceipt": _receipt_store, "ConfirmPurchase": _receipt_store,
+            "RefundPurchase": _purchase_store, "CancelPurchase": _purchase_store}
 
 
 @dataclasses.dataclass
@@ -108,6 +134,12 @@ class ServeConfig:
     metrics_port: int | None = None
     metrics_log_interval: float = 60.0
     reuse_port: bool = False        # set for workers; a single process refuses a port that is taken
+    # security (issue 13; README "Security")
+    auth: str = "off"               # "required": every call but health carries a credential
+    tls: object | None = None       # security.tls.TlsFiles
+    insecure: bool = False          # listen beyond loopback without auth and TLS anyway
+    reflection: str = "admin"       # open / admin (an admin credential, when auth is required) / off
+    oidc: dict | None = None        # OidcVerifier's arguments: issuer, audience, roles, client, refresh_interval
 
 
 def request_key(request) -> str:
@@ -200,14 +232,29 @@ class LoyaltyServer:
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
         self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+        self.gate = _gate(config, service) if config.auth == "required" else None
+        self.certificates = None
         self.server.add_generic_rpc_handlers((self._generic_handler(PROCESSING, processing_pb2),
                                               self._generic_handler(ADMIN, admin_pb2)))
         add_segments_service(self, service.runtime, redis_url=config.redis_url)
         add_scenarios_service(self, service.runtime)
+        add_keys_service(self, service, redis_url=config.redis_url)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server)
+        self._add_reflection()
+
+    def _add_reflection(self) -> None:
+        """Reflection as configured: open (or auth off), admin credentials only, or not served."""
+        names = SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                 reflection.SERVICE_NAME)
+        if self.config.reflection == "off":
+            return
+        if self.gate is None or self.config.reflection == "open":
+            reflection.enable_server_reflection(names, self.server)
+            return
+        from grpc_reflection.v1alpha import reflection_pb2_grpc
+        from loyalty.server.security.edge import GuardedReflection
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            GuardedReflection(names, self.gate, self.io_pool), self.server)
 
     def _generic_handler(self, service_name: str, module) -> grpc.GenericRpcHandler:
         descriptor = module.DESCRIPTOR.services_by_name[service_name.rsplit(".", 1)[1]]
@@ -220,15 +267,16 @@ class LoyaltyServer:
                 # No message objects at all: the compiled codec turns the bytes into the core's dicts and the
                 # answer dict into the response bytes; on the loop when nothing needs storage.
                 inline = None if os.environ.get("LOYALTY_CALCULATE_IN_POOL") else self._calculate_inline
-                handler = self._bytes_handler(method.name, _decode_calculate, self._calculate_bytes, _calculate_key,
-                                              pool, inline)
-            elif service_name == PROCESSING and method.name == "ConfirmPurchase":
-                # The same codec; with group commit the call waits for its batch on the loop (no thread),
-                # without it (``confirm_future`` says None) it runs in the pool.
-                handler = self._bytes_handler(method.name, _decode_confirm, self._confirm_bytes, _calculate_key,
-                                              pool, self._confirm_inline)
+                handler = self._bytes_handler(f"{service_name}/{method.name}", _decode_calculate,
+                                              self._calculate_bytes, _calculate_key, pool, inline)
+            elif service_name == PROCESSING and method.name == "ConfirmPurchase" and hasattr(self.service,
+                                                                                              "confirm_future"):
+                # The same codec; with group commit the call waits for its batch on the loop (no thread).
+                handler = self._bytes_handler(f"{service_name}/{method.name}", _decode_confirm,
+                                              self._confirm_bytes, _calculate_key, pool, self._confirm_inline)
             else:
-                handler = self._make_handler(method.name, getattr(module, method.input_type.name),
+                handler = self._make_handler(f"{service_name}/{method.name}",
+                                             getattr(module, method.input_type.name),
                                              getattr(self.service, snake(method.name)), pool)
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(handler)
         return grpc.method_handlers_generic_handler(service_name, handlers)
@@ -265,7 +313,8 @@ class LoyaltyServer:
         """Serve a module's service (Segments, Scenarios; ``grpc_register.register_servicer``): ``methods`` maps
         each RPC name to ``(request class, fn(request) -> response)``; they get the handlers every method of
         this server has (a pool thread, the call's deadline, the error map, metrics)."""
-        handlers = {name: grpc.unary_unary_rpc_method_handler(self._make_handler(name, request_cls, fn, self.io_pool))
+        handlers = {name: grpc.unary_unary_rpc_method_handler(
+                        self._make_handler(f"{full_name}/{name}", request_cls, fn, self.io_pool))
                     for name, (request_cls, fn) in methods.items()}
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(full_name, handlers),))
 
@@ -274,33 +323,48 @@ class LoyaltyServer:
         message (every method but CalculateReceipt, and those of the Segments and Scenarios services)."""
         return self._bytes_handler(method, _message_decoder(request_cls), _serializing(fn), request_key, pool)
 
-    def _bytes_handler(self, method: str, decode, call, describe, pool, inline=None):
-        """The grpc.aio handler of one method: ``decode(raw)`` on the loop (``InvalidArgument`` when the bytes
-        are not the request), then ``inline(request)`` on the loop if given (bytes, an awaitable of bytes, or
+    def _bytes_handler(self, path: str, decode, call, describe, pool, inline=None):
+        """The grpc.aio handler of the method ``path`` (``loyalty.v1.Processing/ConfirmPurchase``): with
+        authentication, the caller identified (from memory on the loop, else in the I/O pool) and held to the
+        method's scope (``SCOPE_OF``); ``decode(raw)`` on the loop (``InvalidArgument`` when the bytes are not
+        the request); a store-bound caller held to the request's store (``STORE_OF``); then, as the caller
+        (``security.acting_as``), ``inline(request)`` on the loop if given (bytes, an awaitable of bytes, or
         None), and when it gives None (or is not given) ``call(request) -> bytes`` in ``pool``; the outcome
-        mapped to a status.
-        ``describe(request)`` is the key an operator greps for in the log."""
+        mapped to a status. ``describe(request)`` is the key an operator greps for in the log."""
         loop_holder: list = []
         metrics = self.metrics
         debug = log.isEnabledFor
+        service_name, method = path.split("/")
+        scopes = SCOPE_OF[service_name][method]
+        store_of = STORE_OF.get(method) if service_name == PROCESSING else None
+        gate = self.gate
+        io_pool = self.io_pool
 
         async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
             started = time.perf_counter()
             code = "OK"
             request = None
+            principal = LOCAL
             remaining = context.time_remaining()
             # storage work of this call ends by the client's deadline (``db.deadline``; none sent: ours)
             until = time.monotonic() + (STORAGE_TIMEOUT_S if remaining is None else remaining)
+            if not loop_holder:
+                loop_holder.append(asyncio.get_running_loop())
             try:
+                if gate is not None:
+                    principal = gate.identify(context)
+                    if principal is None:
+                        principal = await loop_holder[0].run_in_executor(io_pool, gate.identify_slow, context)
+                    authorize(principal, scopes, method)
                 request = decode(raw)
+                if store_of is not None and principal.stores:
+                    authorize_store(principal, *store_of(request))
                 if inline is not None:
-                    with db_deadline(until):
+                    with db_deadline(until), acting_as(principal):
                         response = inline(request)
                     if response is not None:
                         return response if type(response) is bytes else await response
-                if not loop_holder:
-                    loop_holder.append(asyncio.get_running_loop())
-                return await loop_holder[0].run_in_executor(pool, _bounded, until, call, request)
+                return await loop_holder[0].run_in_executor(pool, _bounded, until, principal, call, request)
             except ServiceError as exc:
                 code = exc.code
                 level = logging.WARNING if code in ("UNAVAILABLE", "INTERNAL") else logging.INFO
@@ -363,8 +427,14 @@ class LoyaltyServer:
                 was = ready
 
     async def start(self, metrics_port: int | None = None) -> int:
+        address = f"{self.config.host}:{self.config.port}"
         try:
-            self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+            if self.config.tls is not None:
+                from loyalty.server.security.tls import Certificates
+                self.certificates = Certificates(self.config.tls)
+                self.port = self.server.add_secure_port(address, self.certificates.credentials)
+            else:
+                self.port = self.server.add_insecure_port(address)
         except RuntimeError:     # grpc: "Failed to bind"
             self.port = 0
         if not self.port:
@@ -396,6 +466,27 @@ class LoyaltyServer:
             log.info(line)
         self.cpu_pool.shutdown(wait=True)
         self.io_pool.shutdown(wait=True)
+        if self.gate is not None:
+            self.gate.keys.close()
+
+    def reload_certificates(self) -> None:
+        """SIGHUP: new connections get the certificate files as they are now (bad files: the old ones stay)."""
+        if self.certificates is not None:
+            self.certificates.reload()
+        else:
+            log.info("SIGHUP: no TLS certificates to reload")
+
+
+def _gate(config: ServeConfig, service):
+    """The authentication of ``--auth required``: the API keys (and registered certificates) of the service's
+    database, OIDC tokens when an issuer is configured, client certificates with mutual TLS."""
+    from loyalty.server.security.edge import Gate
+    from loyalty.server.security.keys import KeyRing
+    from loyalty.server.security.oidc import OidcVerifier
+
+    oidc = OidcVerifier(**config.oidc) if config.oidc else None
+    client_certificates = config.tls is not None and bool(config.tls.client_ca)
+    return Gate(KeyRing(service.db, redis_url=config.redis_url), oidc, certificates=client_certificates)
 
 
 # ---- running it -----------------------------------------------------------------------------------------------
@@ -412,8 +503,22 @@ def _open_service(config: ServeConfig):
     return ProcessingService.open(config.database_url, redis_url=config.redis_url, batch_threads=threads)
 
 
+def check_serving(config: ServeConfig) -> None:
+    """Refuse a configuration that must not serve (``InvalidArgument`` saying why): a non-loopback address
+    without authentication and TLS (unless ``insecure``), certificate files that do not load."""
+    from loyalty.server.security.edge import exposure_problem
+    problem = exposure_problem(config.host, auth_required=config.auth == "required", tls=config.tls is not None,
+                               insecure=config.insecure)
+    if problem:
+        raise InvalidArgument("--host", problem)
+    if config.tls is not None:
+        from loyalty.server.security import tls
+        tls.check(config.tls)
+
+
 async def run_server(config: ServeConfig, *, service=None, announce=None, worker: int = 0) -> None:
     """Serve until SIGTERM / SIGINT, then shut down gracefully. ``announce(line)`` is called once listening."""
+    check_serving(config)
     loop = asyncio.get_running_loop()
     own_service = service is None
     if own_service:
@@ -431,6 +536,7 @@ async def run_server(config: ServeConfig, *, service=None, announce=None, worker
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_certificates)
     try:
         metrics_port = None if config.metrics_port is None else config.metrics_port + worker
         port = await server.start(metrics_port)
@@ -460,6 +566,7 @@ def configure_logging(level: str = "INFO") -> None:
 
 
 def _worker_main(config: ServeConfig, worker: int, log_level: str) -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)      # a reload while starting: nothing to reload yet (not death)
     configure_logging(log_level)
     try:
         asyncio.run(run_server(config, worker=worker))
@@ -486,17 +593,21 @@ def _supervise(config: ServeConfig, announce, log_level: str) -> int:
                 for i in range(config.workers)]
     stopping = False
 
-    def forward(signum, _frame):
-        nonlocal stopping
-        stopping = True
+    def signal_children(signum, _frame):
         for child in children:
             if child.pid and child.is_alive():
                 os.kill(child.pid, signum)
 
+    def forward(signum, _frame):
+        nonlocal stopping
+        stopping = True
+        signal_children(signum, _frame)
+
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         for child in children:
-            child.start()
+            child.start()           # SIGHUP is ignored here, and so in each child until its server takes it
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal_children)     # reload certificates
         if announce is not None:
             announce(f"listening on {config.host}:{config.port} ({config.workers} worker processes)")
         rc = 0
@@ -522,6 +633,8 @@ def _supervise(config: ServeConfig, announce, log_level: str) -> int:
 def serve(config: ServeConfig, *, announce=None, log_level: str = "INFO") -> int:
     """Run the server in the foreground until signalled; returns the process exit code."""
     configure_logging(log_level)
+    check_serving(config)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)      # until the server takes it (reload), SIGHUP must not kill
     if config.workers > 1:
         import multiprocessing.connection  # noqa: F401  (wait)
         return _supervise(config, announce, log_level)

@@ -29,15 +29,17 @@ from loyalty.clients.client import LoyaltyClient
 
 
 class ServerProcess:
-    def __init__(self, proc: subprocess.Popen, target: str, log_path: pathlib.Path, database_url: str):
+    def __init__(self, proc: subprocess.Popen, target: str, log_path: pathlib.Path, database_url: str,
+                 client_options: dict | None = None):
         self.proc = proc
+        self.client_options = client_options or {}      # e.g. tls_ca= for a TLS server
         self.target = target
         self.port = int(target.rsplit(":", 1)[1])
         self.log_path = log_path
         self.database_url = database_url
 
     def client(self, **kwargs) -> LoyaltyClient:
-        return LoyaltyClient(self.target, **kwargs)
+        return LoyaltyClient(self.target, **{**self.client_options, **kwargs})
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -93,8 +95,9 @@ def _run(module: str, name: str, args, env, timeout, cwd) -> subprocess.Complete
 
 
 def start_server(tmp_path: pathlib.Path, *, database_url: str | None = None, workers: int = 1,
-                 args: tuple = (), timeout: float = 60.0) -> ServerProcess:
-    """``loyalty serve --port 0`` (demo seeded) in a subprocess; returns once it is SERVING."""
+                 args: tuple = (), timeout: float = 60.0, client_options: dict | None = None) -> ServerProcess:
+    """``loyalty serve --port 0`` (demo seeded) in a subprocess; returns once it is SERVING. ``client_options``:
+    the ``LoyaltyClient`` keywords its clients need (``tls_ca=`` when ``args`` turn TLS on)."""
     data_dir = tmp_path / f"data-{uuid.uuid4().hex[:6]}"
     log_path = tmp_path / f"server-{uuid.uuid4().hex[:6]}.log"
     out_path = log_path.with_suffix(".out")
@@ -116,7 +119,8 @@ def start_server(tmp_path: pathlib.Path, *, database_url: str | None = None, wor
             proc.kill()
             raise RuntimeError(f"server did not start (rc={proc.poll()}):\n{text}\n{log_path.read_text()}")
         time.sleep(0.05)
-    server = ServerProcess(proc, target, log_path, database_url or f"sqlite:///{data_dir / 'loyalty.db'}")
+    server = ServerProcess(proc, target, log_path, database_url or f"sqlite:///{data_dir / 'loyalty.db'}",
+                           client_options)
     with server.client() as client:
         client.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
     return server

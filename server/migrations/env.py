@@ -9,6 +9,7 @@ from loyalty.server.dialects import dialect_of
 from loyalty.server.models import Base
 import loyalty.server.segments.models  # noqa: F401
 import loyalty.server.scenarios.models  # noqa: F401
+import loyalty.server.security.models  # noqa: F401
 
 config = context.config
 target_metadata = Base.metadata

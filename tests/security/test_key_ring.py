@@ -1,0 +1,123 @@
+"""The key ring every server process holds (``security.keys.KeyRing``): a check from memory in microseconds,
+a revocation seen within a second by polling and at once through Redis, a key made after the ring was
+loaded found by a refresh; and two real servers on one PostgreSQL database both refusing a revoked key
+within a second."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from helpers.security import expect_status
+from helpers.storage import require_redis
+from loyalty.server.db import Database
+from loyalty.server.errors import Unauthenticated
+from loyalty.server.security.keys import KeyRing, create_key, redis_announcer, revoke_key
+from serverutil import fresh_postgres_database, start_server
+
+
+@pytest.fixture()
+def db(database_url):
+    database = Database(database_url, pool_size=2)
+    yield database
+    database.engine.dispose()
+
+
+def wait_refused(ring: KeyRing, key: str, limit: float) -> float:
+    """Seconds until ``ring`` stops accepting ``key`` (fails after ``limit``)."""
+    started = time.monotonic()
+    while ring.verify(key) is not None:
+        assert time.monotonic() - started < limit, f"still accepted after {limit}s"
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+def test_a_held_key_is_checked_from_memory_in_microseconds(db):
+    _row, key = create_key(db, name="fast", scopes=["pos"], stores=["msk-01"])
+    ring = KeyRing(db)
+    try:
+        principal = ring.verify(key)
+        assert (principal.name, principal.kind, principal.scopes, principal.stores) == (
+            "fast", "key", frozenset({"pos"}), frozenset({"msk-01"}))
+        n = 20_000
+        started = time.perf_counter()
+        for _ in range(n):
+            ring.verify(key)
+        per_check = (time.perf_counter() - started) / n
+        assert per_check < 50e-6, f"{per_check * 1e6:.1f} us per check"
+        with pytest.raises(Unauthenticated, match="unknown API key"):
+            ring.verify(key[:-2] + "zz")
+    finally:
+        ring.close()
+
+
+def test_a_new_key_is_found_by_a_refresh_and_admin_implies_read(db):
+    ring = KeyRing(db, poll_interval=60)
+    try:
+        _row, key = create_key(db, name="late", scopes=["admin"])
+        assert ring.verify(key) is None                     # not held yet: the edge refreshes off the loop
+        ring.refresh()
+        assert ring.verify(key).scopes == frozenset({"admin", "read", "integration"})
+    finally:
+        ring.close()
+
+
+def test_a_revocation_is_seen_by_another_ring_within_a_second_by_polling(db, database_url):
+    row, key = create_key(db, name="poll", scopes=["pos"])
+    ring = KeyRing(db)
+    try:
+        assert ring.verify(key) is not None
+        other_process = Database(database_url, pool_size=1)
+        revoke_key(other_process, row["id"])
+        other_process.engine.dispose()
+        wait_refused(ring, key, 1.0)
+    finally:
+        ring.close()
+
+
+@pytest.mark.redis
+def test_a_revocation_announced_on_redis_is_seen_at_once_without_polling(db):
+    redis_url = require_redis()
+    row, key = create_key(db, name="fanout", scopes=["pos"])
+    ring = KeyRing(db, redis_url=redis_url, poll_interval=60)          # polling alone would take a minute
+    try:
+        time.sleep(0.3)                                               # subscribed
+        assert ring.verify(key) is not None
+        revoke_key(db, row["id"], announce=redis_announcer(redis_url))
+        assert wait_refused(ring, key, 1.0) < 1.0
+    finally:
+        ring.close()
+
+
+@pytest.mark.postgres
+def test_two_servers_on_one_database_both_refuse_a_revoked_key_within_a_second(tmp_path):
+    with fresh_postgres_database() as url:
+        servers = [start_server(tmp_path, database_url=url, args=("--auth", "required")) for _ in range(2)]
+        try:
+            db = Database(url, pool_size=1)
+            row, key = create_key(db, name="shared", scopes=["read"])
+            clients = [s.client(retries=0, api_key=key) for s in servers]
+            for client in clients:
+                assert client.get_member({"member": {"card": "7000001"}}).card == "7000001"
+            revoke_key(db, row["id"])
+            db.engine.dispose()
+            time.sleep(1.0)
+            for client in clients:
+                with expect_status("UNAUTHENTICATED", "unknown API key"):
+                    client.get_member({"member": {"card": "7000001"}})
+                client.close()
+        finally:
+            for server in servers:
+                server.stop()
+
+
+def test_a_key_made_just_after_a_poll_is_found_on_its_first_use(db):
+    ring = KeyRing(db, poll_interval=0.001)                 # refreshing all the time, as under load
+    try:
+        for i in range(20):
+            _row, key = create_key(db, name=f"fresh-{i}", scopes=["pos"])
+            if ring.verify(key) is None:
+                ring.refresh_for_miss()
+            assert ring.verify(key).name == f"fresh-{i}"
+    finally:
+        ring.close()
