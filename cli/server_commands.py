@@ -91,8 +91,8 @@ def _print(message, as_json: bool, human) -> None:
 # ---- serve ----------------------------------------------------------------------------------------------------
 
 def serve_command(host, port, data_dir, database_url, redis_url, workers, demo, metrics_port, grace, threads,
-                  log_level):
-    from loyalty.server import db
+                  log_level, log_format, access_log, otel):
+    from loyalty.server import db, tracing
     from loyalty.server.errors import ServiceError
     from loyalty.server.grpc_server import ServeConfig, serve
 
@@ -102,6 +102,8 @@ def serve_command(host, port, data_dir, database_url, redis_url, workers, demo, 
         demo = embedded
     if workers < 1:
         error_exit("--workers: must be at least 1")
+    if tracing.wanted(otel) and tracing.missing():
+        error_exit(f"--otel: {tracing.missing()}")
     try:
         db.upgrade(url)
         if demo:
@@ -119,7 +121,8 @@ def serve_command(host, port, data_dir, database_url, redis_url, workers, demo, 
         _fail(exc)
     click.echo(f"database: {_display_url(url)}")
     config = ServeConfig(database_url=url, host=host, port=port, redis_url=redis_url, workers=workers,
-                         metrics_port=metrics_port, grace=grace, io_threads=threads)
+                         metrics_port=metrics_port, grace=grace, io_threads=threads, log_format=log_format,
+                         access_log=access_log, otel=otel)
     try:
         rc = serve(config, announce=click.echo, log_level=log_level)
     except OSError as exc:
@@ -171,14 +174,22 @@ def register(group: click.Group) -> None:
     @click.option("--demo/--no-demo", default=None,
                   help="Seed the demo program and members [default: on with the embedded database].")
     @click.option("--metrics-port", type=int, default=None,
-                  help="Serve Prometheus metrics at http://HOST:PORT/metrics (worker i: PORT+i); "
-                       "without it a summary is logged every minute.")
+                  help="Serve Prometheus metrics at http://HOST:PORT/metrics (with --workers: the parent serves "
+                       "every worker's, summed); without it a summary is logged every minute.")
     @click.option("--grace", type=float, default=10.0, show_default=True,
                   help="Seconds calls in flight get to finish on shutdown.")
     @click.option("--threads", type=int, default=16, show_default=True,
                   help="Threads per process for storage-bound calls.")
     @click.option("--log-level", default="INFO", show_default=True,
                   type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+    @click.option("--log-format", default="text", show_default=True, type=click.Choice(["text", "json"]),
+                  help="Log lines as text or as JSON objects (one per line).")
+    @click.option("--access-log/--no-access-log", default=True, show_default=True,
+                  help="A log line for every call (request id, method, code, duration, peer, key); "
+                       "failed calls are logged either way.")
+    @click.option("--otel", is_flag=True,
+                  help="OpenTelemetry traces over OTLP (also on when OTEL_EXPORTER_OTLP_ENDPOINT is set; "
+                       "needs the [otel] extra).")
     def serve(**options):
         """Run the gRPC server (Processing and Admin, health, reflection) in the foreground.
 
