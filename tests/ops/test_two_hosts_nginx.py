@@ -120,16 +120,23 @@ def _namespace_host(index: int, subnet: tuple[int, int], database_url: str, redi
 
 
 @contextlib.contextmanager
-def two_hosts(database_url: str, redis_url: str):
-    """Two hosts: network namespaces when this process may make them, else two loopback addresses."""
-    if _namespaces_available():
+def two_hosts(kind: str, database_url: str, redis_url: str):
+    """Two hosts: network namespaces (``kind`` "netns") or two loopback addresses ("loopback")."""
+    if kind == "netns":
         subnet = (random.randint(64, 127), random.randint(0, 255))
         with _namespace_host(0, subnet, database_url, redis_url) as a, \
                 _namespace_host(1, subnet, database_url, redis_url) as b:
-            yield "network namespaces", [a, b]
+            yield [a, b]
     else:
-        yield "loopback addresses", [Host(address, (), database_url, redis_url)
-                                     for address in ("127.0.0.2", "127.0.0.3")]
+        yield [Host(address, (), database_url, redis_url) for address in ("127.0.0.2", "127.0.0.3")]
+
+
+@pytest.fixture(params=["netns", "loopback"])
+def host_kind(request) -> str:
+    """Namespaces when this process may make them (root), and loopback addresses, the fallback, always."""
+    if request.param == "netns" and not _namespaces_available():
+        pytest.skip("network namespaces need root and iproute2 (`ip netns`); the loopback variant runs")
+    return request.param
 
 
 # ---- nginx ----------------------------------------------------------------------------------------------------
@@ -210,10 +217,11 @@ def _published_version_reaches(other: LoyaltyClient, version: int, within: float
     pytest.fail(f"program version {version} not served by the other host after {within + 2:g}s")
 
 
-def test_two_hosts_behind_nginx_lose_and_double_nothing_when_one_dies(tmp_path):
+def test_two_hosts_behind_nginx_lose_and_double_nothing_when_one_dies(tmp_path, host_kind):
     _nginx()
     redis_url = require_redis()
-    with fresh_postgres_database() as url, two_hosts(url, redis_url) as (kind, hosts):
+    kind = host_kind
+    with fresh_postgres_database() as url, two_hosts(kind, url, redis_url) as hosts:
         servers = [start_server(tmp_path, database_url=h.database_url, prefix=h.prefix,
                                 args=("--host", h.address, "--redis-url", h.redis_url)) for h in hosts]
         try:
