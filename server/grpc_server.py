@@ -36,6 +36,11 @@ Health (``grpc.health.v1``): SERVING while ``service.check_ready()`` says storag
 on. SIGTERM / SIGINT: NOT_SERVING, stop taking calls, finish those in flight within ``grace`` seconds.
 ``workers > 1``: that many processes bind the same port (SO_REUSEPORT; the kernel spreads connections) under
 a parent that forwards signals and waits.
+
+What operators see of a call (README, Operating): its request id (``logs``: the caller's ``x-request-id`` or a new
+one, always sent back in the trailing metadata), one log line, the Prometheus series (``metrics``; with workers
+and ``--metrics-port`` the parent serves every worker's, from prometheus_client's multi-process directory it
+manages) and, with ``--otel``, its spans (``tracing``; off, no interceptor and no wrapper exist at all).
 """
 from __future__ import annotations
 
@@ -326,7 +331,6 @@ class LoyaltyServer:
 
         async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
             started = time.perf_counter()
-            in_flight.inc()
             code = "OK"
             detail = request = None
             rid = request_id(context.invocation_metadata())
@@ -334,6 +338,7 @@ class LoyaltyServer:
             remaining = context.time_remaining()
             # storage work of this call ends by the client's deadline (``db.deadline``; none sent: ours)
             until = time.monotonic() + (STORAGE_TIMEOUT_S if remaining is None else remaining)
+            in_flight.inc()
             try:
                 request = decode(raw)
                 if inline is not None:
@@ -533,7 +538,10 @@ def _shared_metrics(config: ServeConfig):
     from loyalty.server import metrics
     path, made = metrics.prepare_multiprocess_dir()
     try:
-        http = metrics.serve_multiprocess(config.host, config.metrics_port, path)
+        try:
+            http = metrics.serve_multiprocess(config.host, config.metrics_port, path)
+        except OSError as exc:
+            raise OSError(exc.errno, f"metrics port {config.metrics_port}: {exc.strerror or exc}") from None
         log.info("metrics of all %d workers at http://%s:%d/metrics", config.workers, config.host,
                  config.metrics_port)
         try:

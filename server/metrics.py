@@ -73,8 +73,7 @@ class Metrics:
 
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.multiprocess = MULTIPROC_ENV in os.environ
-        if not self.multiprocess:        # (in multi-process mode these cannot reach the parent: mirrored)
+        if MULTIPROC_ENV not in os.environ:     # (in multi-process mode they cannot reach the parent: mirrored)
             for collector in (ProcessCollector, PlatformCollector, GCCollector):
                 collector(registry=self.registry)
         self._other = _Counters()
