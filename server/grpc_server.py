@@ -68,12 +68,12 @@ from loyalty.server.convert import decode_receipt_request, encode_calculate_resp
 from loyalty.server.db import deadline as db_deadline
 from loyalty.server.errors import InvalidArgument, ServiceError
 from loyalty.server.grpc_register import snake
-from loyalty.server.status import internal_status, status_for
-from loyalty.server.tracing import wanted as tracing_wanted
 from loyalty.server.logs import REQUEST_ID, configure_logging, request_id
 from loyalty.server.metrics import Metrics
 from loyalty.server.scenarios.grpc_service import add_scenarios_service
 from loyalty.server.segments.grpc_service import add_segments_service
+from loyalty.server.status import internal_status, status_for
+from loyalty.server.tracing import wanted as tracing_wanted
 from loyalty.v1 import admin_pb2, processing_pb2
 
 __all__ = ["ServeConfig", "LoyaltyServer", "SERVICE_NAMES", "serve", "run_server"]
@@ -183,7 +183,7 @@ _decode_calculate = _dict_decoder("loyalty.v1.CalculateReceiptRequest")
 _decode_confirm = _dict_decoder("loyalty.v1.ConfirmPurchaseRequest")
 
 
-# ---- the call's outcome ------------------------------------------------------------------------------------
+# ---- the call's outcome ---------------------------------------------------------------------------------------
 
 # The level of a failed call's line: the server's trouble warns, the caller's is information.
 _ERROR_LEVELS = {"UNAVAILABLE": logging.WARNING, "INTERNAL": logging.WARNING}

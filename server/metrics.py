@@ -20,9 +20,13 @@ How they are read:
   (:meth:`Metrics.mirror_process_periodically`), and the parent forgets a dead worker's live gauges;
 - without ``--metrics-port``: one summary line in the log every ``interval`` seconds when there was traffic.
 
-The cost on the hot path (benchmarks/server.py, README): a counter increment, a histogram observation and the
-in-flight gauge's increment and decrement, a few microseconds a call; the labelled children are looked up once
-per (method, code), not per call. Everything that observes a call runs on the event loop's thread.
+The cost on the hot path: a counter increment, a histogram observation and the in-flight gauge's increment and
+decrement, about 4 us a call in one process and 7 us with the multi-process mode's mmap files (timeit on the
+shared 2-core machine; the labelled children are looked up once per (method, code), not per call). Measured
+against the hand-written exporter this replaced, in interleaved runs on that machine: the server's CPU per
+CalculateReceipt 0.97x (medians of 4 runs each, with run-to-run noise of +-15%), benchmarks/server.py's
+calculate/echo ratio 0.585 against 0.627 (medians of 10 rounds each, single rounds from 0.14 to 1.08): no
+difference the machine can resolve. Everything that observes a call runs on the event loop's thread.
 """
 from __future__ import annotations
 
