@@ -102,8 +102,8 @@ def serve_command(host, port, data_dir, database_url, redis_url, workers, demo, 
         demo = embedded
     if workers < 1:
         error_exit("--workers: must be at least 1")
-    if tracing.wanted(otel) and tracing.missing():
-        error_exit(f"--otel: {tracing.missing()}")
+    if tracing.wanted(otel) and (why := tracing.missing()):
+        error_exit(f"--otel: {why}")
     try:
         db.upgrade(url)
         if demo:

@@ -18,7 +18,7 @@ from loyalty.server.grpc_server import LoyaltyServer, ServeConfig
 from loyalty.server.processing import ProcessingService
 from loyalty.server.tracing import Tracing
 from loyalty.v1 import admin_pb2, processing_pb2, processing_pb2_grpc
-from serverutil import now_at
+from serverutil import cli, now_at
 
 RECEIPT = {"store": "msk-01", "terminal": "pos-t", "number": "t-1", "at": now_at(),
            "lines": [{"sku": "milk-1l", "categories": ["dairy"], "quantity": 1000, "price": 8990}]}
@@ -113,3 +113,18 @@ def test_an_otlp_endpoint_in_the_environment_turns_tracing_on(monkeypatch):
     assert not wanted(False) and wanted(True)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")
     assert wanted(False)
+
+
+def test_traces_asked_for_without_the_packages_is_one_clear_line(tmp_path):
+    # an ``opentelemetry`` package that cannot be imported, ahead of the installed one
+    fake = tmp_path / "site" / "opentelemetry"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('opentelemetry is not installed (simulated)')\n")
+    for how in (("--otel",), ()):
+        env = {"PYTHONPATH": str(fake.parent)}
+        if not how:
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://127.0.0.1:4317"
+        done = cli("serve", *how, "--port", "0", "--data-dir", str(tmp_path / "d"), env=env)
+        assert done.returncode == 2, done.stderr
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "loyalty-server[otel]" in lines[0] and "Traceback" not in done.stderr, lines
