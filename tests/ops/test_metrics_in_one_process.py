@@ -8,26 +8,11 @@ import socket
 import threading
 
 import grpc
-import pytest
 
 from helpers.metrics import scrape, series
-from helpers.storage import DEMO_PROGRAM
-from loyalty.server import db
 from loyalty.server.grpc_server import LoyaltyServer, ServeConfig
-from loyalty.server.processing import ProcessingService
-from loyalty.v1 import admin_pb2, processing_pb2
+from loyalty.v1 import processing_pb2
 from serverutil import cli, start_server
-
-
-@pytest.fixture
-def sqlite_service(sqlite_url):
-    db.upgrade(sqlite_url)
-    service = ProcessingService.open(sqlite_url)
-    service.publish_program(admin_pb2.PublishProgramRequest(yaml=DEMO_PROGRAM, comment="metrics"))
-    try:
-        yield service, sqlite_url
-    finally:
-        service.close()
 
 
 def test_calls_in_flight_are_counted_while_they_run(sqlite_service):

@@ -4,20 +4,17 @@ span of its transaction under that, all one trace; off (the default), nothing of
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 
 import grpc
-import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from helpers.storage import DEMO_PROGRAM
-from loyalty.server import db
 from loyalty.server.grpc_server import LoyaltyServer, ServeConfig
-from loyalty.server.processing import ProcessingService
 from loyalty.server.tracing import Tracing
-from loyalty.v1 import admin_pb2, processing_pb2, processing_pb2_grpc
+from loyalty.v1 import processing_pb2, processing_pb2_grpc
 from serverutil import cli, now_at
 
 RECEIPT = {"store": "msk-01", "terminal": "pos-t", "number": "t-1", "at": now_at(),
@@ -37,17 +34,6 @@ def _serve_and_call(service, url: str, tracing: Tracing, *requests) -> None:
         finally:
             await server.stop(0)
     asyncio.run(main())
-
-
-@pytest.fixture
-def sqlite_service(sqlite_url):
-    db.upgrade(sqlite_url)
-    service = ProcessingService.open(sqlite_url)
-    service.publish_program(admin_pb2.PublishProgramRequest(yaml=DEMO_PROGRAM, comment="tracing"))
-    try:
-        yield service, sqlite_url
-    finally:
-        service.close()
 
 
 def test_a_confirm_is_a_server_span_a_confirm_span_and_storage_spans_in_one_trace(sqlite_service):
@@ -101,7 +87,7 @@ loaded = sorted(m for m in sys.modules if m.startswith("opentelemetry"))
 assert not loaded, loaded
 print("untraced")
 """
-    env_clean = {k: v for k, v in __import__("os").environ.items() if not k.startswith("OTEL_")}
+    env_clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env_clean)
     assert done.returncode == 0 and done.stdout.strip() == "untraced", done.stderr
 
