@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -35,6 +36,15 @@ def _stale_file(directory) -> None:
     assert list(directory.glob("*.db"))
 
 
+def _wait_for_both_workers(srv, timeout: float = 30) -> None:
+    """Until both workers listen (the server is SERVING as soon as one does, and the kernel only spreads
+    connections over the processes listening)."""
+    deadline = time.monotonic() + timeout
+    while not all(f"worker {i} (pid" in srv.log() for i in (0, 1)):
+        assert time.monotonic() < deadline, srv.log()
+        time.sleep(0.05)
+
+
 def _confirm(number: int) -> processing_pb2.ConfirmPurchaseRequest:
     return processing_pb2.ConfirmPurchaseRequest(
         member={"card": f"700000{1 + number % 5}"},
@@ -54,9 +64,10 @@ def test_one_scrape_sums_every_worker(tmp_path, monkeypatch):
         srv = start_server(tmp_path, database_url=url, workers=2,
                            args=("--metrics-port", str(port), "--log-format", "json"))
         try:
+            _wait_for_both_workers(srv)
             # A private subchannel pool per channel: each its own TCP connection, spread over both workers.
             channels = [grpc.insecure_channel(srv.target, options=[("grpc.use_local_subchannel_pool", 1)])
-                        for _ in range(8)]
+                        for _ in range(16)]
             stubs = [processing_pb2_grpc.ProcessingStub(c) for c in channels]
             for i in range(CONFIRMS):
                 stubs[i % len(stubs)].ConfirmPurchase(_confirm(i), timeout=20)
