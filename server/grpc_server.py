@@ -58,6 +58,7 @@ import socket
 import sys
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -75,6 +76,9 @@ from loyalty.server.segments.grpc_service import add_segments_service
 from loyalty.server.status import internal_status, status_for
 from loyalty.server.tracing import wanted as tracing_wanted
 from loyalty.v1 import admin_pb2, processing_pb2
+
+if TYPE_CHECKING:
+    from loyalty.server.processing import ProcessingService
 
 __all__ = ["ServeConfig", "LoyaltyServer", "SERVICE_NAMES", "serve", "run_server"]
 
@@ -211,13 +215,12 @@ def _log_call(level: int, method: str, code: str, elapsed: float, rid: str, cont
 class LoyaltyServer:
     """One process's gRPC server around one service. ``await start()``, then ``await stop()``."""
 
-    def __init__(self, service, config: ServeConfig, *, tracing=None):
+    def __init__(self, service: ProcessingService, config: ServeConfig, *, tracing=None):
         """``tracing``: a ``tracing.Tracing`` (None: made when ``config`` or the environment asks for traces)."""
         self.service = service
         self.config = config
         self.metrics = Metrics()
-        if hasattr(service, "watch_group_commit"):
-            service.watch_group_commit(self.metrics.group_commit_observer)
+        service.watch_group_commit(self.metrics.group_commit_observer)      # nothing without group commit
         if tracing is None and tracing_wanted(config.otel):
             from loyalty.server.tracing import Tracing
             tracing = Tracing()
@@ -244,8 +247,8 @@ class LoyaltyServer:
                                       interceptors=interceptors)
         self.server.add_generic_rpc_handlers((self._generic_handler(PROCESSING, processing_pb2),
                                               self._generic_handler(ADMIN, admin_pb2)))
-        add_segments_service(self, service, redis_url=config.redis_url)
-        add_scenarios_service(self, service)
+        add_segments_service(self, service.runtime, redis_url=config.redis_url)
+        add_scenarios_service(self, service.runtime)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -264,9 +267,9 @@ class LoyaltyServer:
                 inline = None if os.environ.get("LOYALTY_CALCULATE_IN_POOL") else self._calculate_inline
                 handler = self._bytes_handler(method.name, _decode_calculate, self._calculate_bytes, _calculate_key,
                                               pool, inline)
-            elif service_name == PROCESSING and method.name == "ConfirmPurchase" and hasattr(self.service,
-                                                                                              "confirm_future"):
-                # The same codec; with group commit the call waits for its batch on the loop (no thread).
+            elif service_name == PROCESSING and method.name == "ConfirmPurchase":
+                # The same codec; with group commit the call waits for its batch on the loop (no thread),
+                # without it (``confirm_future`` says None) it runs in the pool.
                 handler = self._bytes_handler(method.name, _decode_confirm, self._confirm_bytes, _calculate_key,
                                               pool, self._confirm_inline)
             else:
