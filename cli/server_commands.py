@@ -78,16 +78,20 @@ def _print(message, as_json: bool, human) -> None:
 # ---- serve ----------------------------------------------------------------------------------------------------
 
 def serve_command(host, port, database_url, redis_url, workers, demo, metrics_port, grace, threads, log_level,
-                  **security):
+                  log_format, access_log, otel, **security):
+    from loyalty.server import tracing
     from loyalty.server.errors import ServiceError
     from loyalty.server.grpc_server import ServeConfig, check_serving, serve
 
     if workers < 1:
         error_exit("--workers: must be at least 1")
     _require_free_port(host, port)
+    if tracing.wanted(otel) and (why := tracing.missing()):
+        error_exit(f"--otel: {why}")
     from loyalty.server.db import default_url
     config = ServeConfig(database_url=database_url or default_url(), host=host, port=port, redis_url=redis_url,
                          workers=workers, metrics_port=metrics_port, grace=grace, io_threads=threads,
+                         log_format=log_format, access_log=access_log, otel=otel,
                          **security_config(host, security))
     call(check_serving, config)     # before anything is written: a refused start changes nothing
     url = config.database_url = resolve_url(database_url, migrate=True)
@@ -170,8 +174,8 @@ def register(group: click.Group) -> None:
     @click.option("--demo/--no-demo", default=None,
                   help="Seed the demo program and members [default: on with the embedded database].")
     @click.option("--metrics-port", type=int, default=None,
-                  help="Serve Prometheus metrics at http://HOST:PORT/metrics (worker i: PORT+i); "
-                       "without it a summary is logged every minute.")
+                  help="Serve Prometheus metrics at http://HOST:PORT/metrics (with --workers: the parent serves "
+                       "every worker's, summed); without it a summary is logged every minute.")
     @click.option("--grace", type=float, default=10.0, show_default=True,
                   help="Seconds calls in flight get to finish on shutdown.")
     @click.option("--threads", type=int, default=16, show_default=True,
@@ -179,6 +183,14 @@ def register(group: click.Group) -> None:
     @click.option("--log-level", default="INFO", show_default=True,
                   type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
     @serve_security_options
+    @click.option("--log-format", default="text", show_default=True, type=click.Choice(["text", "json"]),
+                  help="Log lines as text or as JSON objects (one per line).")
+    @click.option("--access-log/--no-access-log", default=True, show_default=True,
+                  help="A log line for every call (request id, method, code, duration, peer, key); "
+                       "failed calls are logged either way.")
+    @click.option("--otel", is_flag=True,
+                  help="OpenTelemetry traces over OTLP (also on when OTEL_EXPORTER_OTLP_ENDPOINT is set; "
+                       "needs the [otel] extra).")
     def serve(**options):
         """Run the gRPC server (Processing and Admin, health, reflection) in the foreground.
 

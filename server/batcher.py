@@ -77,6 +77,7 @@ class Batcher:
         self.batches = 0            # statistics: batches run and items in them
         self.items = 0
         self._last = 0              # the size of the batch taken last: 1 (or 0) means no load, take at once
+        self.on_batch = None        # on_batch(n) for every batch of n taken (the metrics), under the lock
         self._threads = [threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True)
                          for i in range(max(1, threads))]
         for t in self._threads:
@@ -141,6 +142,8 @@ class Batcher:
         self._last = n
         self.batches += 1
         self.items += n
+        if self.on_batch is not None:
+            self.on_batch(n)
 
     def _take_free(self) -> list[Slot]:
         """Up to ``max_batch`` items, in queue order, whose keys no running batch holds (under the lock)."""

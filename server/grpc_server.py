@@ -43,11 +43,18 @@ as that principal (``security.acting_as``, on the loop or on the pool thread). T
 optional client certificates, reloaded on SIGHUP.
 ``workers > 1``: that many processes bind the same port (SO_REUSEPORT; the kernel spreads connections) under
 a parent that forwards signals and waits.
+
+What operators see of a call (README, Operating): its request id (``logs``: the caller's ``x-request-id`` or a new
+one, always sent back in the trailing metadata), one log line, the Prometheus series (``metrics``; with workers
+and ``--metrics-port`` the parent serves every worker's, from prometheus_client's multi-process directory it
+manages) and, with ``--otel``, its spans (``tracing``; off, no interceptor and no wrapper exist at all).
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import contextvars
 import dataclasses
 import gc
 import logging
@@ -69,13 +76,15 @@ from loyalty.server.convert import decode_receipt_request, encode_calculate_resp
 from loyalty.server.db import deadline as db_deadline
 from loyalty.server.errors import InvalidArgument, ServiceError
 from loyalty.server.grpc_register import snake
-from loyalty.server.status import internal_status, status_for
+from loyalty.server.logs import REQUEST_ID, configure_logging, request_id
 from loyalty.server.metrics import Metrics
 from loyalty.server.security import LOCAL, acting_as
 from loyalty.server.security.edge import SCOPE_OF, authorize, authorize_store
 from loyalty.server.security.grpc_service import add_keys_service
 from loyalty.server.scenarios.grpc_service import add_scenarios_service
 from loyalty.server.segments.grpc_service import add_segments_service
+from loyalty.server.status import internal_status, status_for
+from loyalty.server.tracing import wanted as tracing_wanted
 from loyalty.v1 import admin_pb2, processing_pb2
 
 if TYPE_CHECKING:
@@ -133,6 +142,10 @@ class ServeConfig:
     health_interval: float = 2.0
     metrics_port: int | None = None
     metrics_log_interval: float = 60.0
+    metrics_shared: bool = False    # a worker of several: its series go to the parent's multi-process directory
+    log_format: str = "text"        # or "json" (``logs.configure_logging``)
+    access_log: bool = True         # a log line for every call, OK ones included (``logs``)
+    otel: bool = False              # OpenTelemetry traces (``tracing``; also on with OTEL_EXPORTER_OTLP_ENDPOINT)
     reuse_port: bool = False        # set for workers; a single process refuses a port that is taken
     # security (issue 13; README "Security")
     auth: str = "off"               # "required": every call but health carries a credential
@@ -206,16 +219,44 @@ _decode_calculate = _dict_decoder("loyalty.v1.CalculateReceiptRequest")
 _decode_confirm = _dict_decoder("loyalty.v1.ConfirmPurchaseRequest")
 
 
+# ---- the call's outcome ---------------------------------------------------------------------------------------
+
+# The level of a failed call's line: the server's trouble warns, the caller's is information.
+_ERROR_LEVELS = {"UNAVAILABLE": logging.WARNING, "INTERNAL": logging.WARNING}
+
+
+async def _abort(context: grpc.aio.ServicerContext, status: grpc.Status, rid: str) -> None:
+    """End the call with ``status``, its trailing metadata (rich details) and the request id together (an
+    abort's own trailers replace the ones set before)."""
+    await context.abort(status.code, status.details, tuple(status.trailing_metadata) + ((REQUEST_ID, rid),))
+
+
+def _log_call(level: int, method: str, code: str, elapsed: float, rid: str, context, key: str,
+              detail: str | None) -> None:
+    """The call's line (``logs``): in the text, and as fields for JSON."""
+    peer = context.peer()
+    duration_ms = round(elapsed * 1000, 3)
+    log.log(level, "%s %s %.2fms request_id=%s peer=%s %s%s", method, code, duration_ms, rid, peer, key or "-",
+            f": {detail}" if detail else "",
+            extra={"request_id": rid, "method": method, "code": code, "duration_ms": duration_ms, "peer": peer,
+                   "key": key, "detail": detail})
+
+
 # ---- the server -----------------------------------------------------------------------------------------------
 
 class LoyaltyServer:
     """One process's gRPC server around one service. ``await start()``, then ``await stop()``."""
 
-    def __init__(self, service: ProcessingService, config: ServeConfig):
+    def __init__(self, service: ProcessingService, config: ServeConfig, *, tracing=None):
+        """``tracing``: a ``tracing.Tracing`` (None: made when ``config`` or the environment asks for traces)."""
         self.service = service
         self.config = config
         self.metrics = Metrics()
-        self.metrics.add_counters(service.group_commit_counters)       # empty without group commit
+        service.watch_group_commit(self.metrics.group_commit_observer)      # nothing without group commit
+        if tracing is None and tracing_wanted(config.otel):
+            from loyalty.server.tracing import Tracing
+            tracing = Tracing()
+        self.tracing = tracing
         cpu = config.cpu_threads or min(4, (os.cpu_count() or 1) + 1)
         self.cpu_pool = concurrent.futures.ThreadPoolExecutor(cpu, thread_name_prefix="loyalty-cpu")
         self.io_pool = concurrent.futures.ThreadPoolExecutor(config.io_threads, thread_name_prefix="loyalty-io")
@@ -231,7 +272,11 @@ class LoyaltyServer:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
-        self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+        interceptors = [] if tracing is None else tracing.interceptors()
+        if tracing is not None:
+            tracing.watch_storage()
+        self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+                                      interceptors=interceptors)
         self.gate = _gate(config, service) if config.auth == "required" else None
         self.certificates = None
         self.server.add_generic_rpc_handlers((self._generic_handler(PROCESSING, processing_pb2),
@@ -330,10 +375,14 @@ class LoyaltyServer:
         the request); a store-bound caller held to the request's store (``STORE_OF``); then, as the caller
         (``security.acting_as``), ``inline(request)`` on the loop if given (bytes, an awaitable of bytes, or
         None), and when it gives None (or is not given) ``call(request) -> bytes`` in ``pool``; the outcome
-        mapped to a status. ``describe(request)`` is the key an operator greps for in the log."""
+        mapped to a status. Around it: the request id (``logs.request_id``, sent back in the trailing metadata),
+        the metrics, the call's log line (``describe(request)`` is the key an operator greps for) and, when
+        tracing, the method's span, whose context the pool thread runs in."""
         loop_holder: list = []
         metrics = self.metrics
-        debug = log.isEnabledFor
+        in_flight = metrics.in_flight
+        ok_level = logging.INFO if self.config.access_log else logging.DEBUG
+        traced = self.tracing is not None
         service_name, method = path.split("/")
         scopes = SCOPE_OF[service_name][method]
         store_of = STORE_OF.get(method) if service_name == PROCESSING else None
@@ -343,13 +392,16 @@ class LoyaltyServer:
         async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
             started = time.perf_counter()
             code = "OK"
-            request = None
+            detail = request = None
             principal = LOCAL
+            rid = request_id(context.invocation_metadata())
+            context.set_trailing_metadata(((REQUEST_ID, rid),))
             remaining = context.time_remaining()
             # storage work of this call ends by the client's deadline (``db.deadline``; none sent: ours)
             until = time.monotonic() + (STORAGE_TIMEOUT_S if remaining is None else remaining)
             if not loop_holder:
                 loop_holder.append(asyncio.get_running_loop())
+            in_flight.inc()
             try:
                 if gate is not None:
                     principal = gate.identify(context)
@@ -364,31 +416,34 @@ class LoyaltyServer:
                         response = inline(request)
                     if response is not None:
                         return response if type(response) is bytes else await response
+                if traced:
+                    return await loop_holder[0].run_in_executor(pool, contextvars.copy_context().run, _bounded,
+                                                                until, principal, call, request)
                 return await loop_holder[0].run_in_executor(pool, _bounded, until, principal, call, request)
             except ServiceError as exc:
-                code = exc.code
-                level = logging.WARNING if code in ("UNAVAILABLE", "INTERNAL") else logging.INFO
-                log.log(level, "%s %s %s: %s", method, code, (describe(request) if request else "") or "-",
-                        exc.message)
-                await context.abort_with_status(status_for(exc))
+                code, detail = exc.code, exc.message
+                await _abort(context, status_for(exc), rid)
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise
             except Exception:
                 code = "INTERNAL"
                 incident = uuid.uuid4().hex[:12]
-                log.exception("%s INTERNAL incident=%s %s", method, incident,
-                              (describe(request) if request else "") or "-")
-                await context.abort_with_status(internal_status(incident))
+                detail = f"incident={incident}"
+                log.exception("%s INTERNAL incident=%s request_id=%s %s", method, incident, rid,
+                              (describe(request) if request else "") or "-", extra={"request_id": rid})
+                await _abort(context, internal_status(incident), rid)
             finally:
+                in_flight.dec()
                 elapsed = time.perf_counter() - started
                 metrics.observe(method, code, elapsed)
-                if debug(logging.DEBUG):
-                    log.debug("%s %s %.2fms %s", method, code, elapsed * 1000,
-                              (describe(request) if request else "") or "-")
+                level = ok_level if code == "OK" else _ERROR_LEVELS.get(code, logging.INFO)
+                if log.isEnabledFor(level):
+                    _log_call(level, method, code, elapsed, rid, context, describe(request) if request else "",
+                              detail)
 
         handler.__name__ = method
-        return handler
+        return handler if self.tracing is None else self.tracing.traced(method, handler)
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
 
@@ -442,7 +497,9 @@ class LoyaltyServer:
         await self._check_health()
         await self.server.start()
         self._tasks.append(asyncio.create_task(self._watch_health()))
-        if metrics_port is not None:
+        if self.config.metrics_shared:
+            self._tasks.append(asyncio.create_task(self.metrics.mirror_process_periodically()))
+        elif metrics_port is not None:
             self._metrics_http = await self.metrics.serve_http(self.config.host, metrics_port)
             log.info("metrics at http://%s:%d/metrics", self.config.host, metrics_port)
         else:
@@ -468,6 +525,8 @@ class LoyaltyServer:
         self.io_pool.shutdown(wait=True)
         if self.gate is not None:
             self.gate.keys.close()
+        if self.tracing is not None:
+            self.tracing.close()
 
     def reload_certificates(self) -> None:
         """SIGHUP: new connections get the certificate files as they are now (bad files: the old ones stay)."""
@@ -538,8 +597,7 @@ async def run_server(config: ServeConfig, *, service=None, announce=None, worker
         loop.add_signal_handler(signum, on_signal, signum)
     loop.add_signal_handler(signal.SIGHUP, server.reload_certificates)
     try:
-        metrics_port = None if config.metrics_port is None else config.metrics_port + worker
-        port = await server.start(metrics_port)
+        port = await server.start(config.metrics_port)
         # What exists by now (the program snapshot, SQLAlchemy's, gRPC's and protobuf's machinery: about 100k
         # objects) lives as long as the process: out of the cyclic collector's sight, a full collection no longer
         # walks it (under load that blocked the event loop for ~50 ms at a time: CalculateReceipt's p99).
@@ -560,14 +618,9 @@ async def run_server(config: ServeConfig, *, service=None, announce=None, worker
         log.info("worker %d stopped", worker)
 
 
-def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s")
-
-
 def _worker_main(config: ServeConfig, worker: int, log_level: str) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)      # a reload while starting: nothing to reload yet (not death)
-    configure_logging(log_level)
+    configure_logging(log_level, config.log_format)
     try:
         asyncio.run(run_server(config, worker=worker))
     except ServiceError as exc:
@@ -585,9 +638,46 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
+@contextlib.contextmanager
+def _shared_metrics(config: ServeConfig):
+    """With ``--metrics-port``, the workers' metrics through the parent (``metrics``' multi-process mode): the
+    directory made ready before they start, the parent's HTTP server on the port; yields the workers' config
+    and what to call with a worker's pid when it exits. Everything is undone on the way out."""
+    if config.metrics_port is None:
+        yield config, lambda pid: None
+        return
+    from loyalty.server import metrics
+    path, made = metrics.prepare_multiprocess_dir()
+    try:
+        try:
+            http = metrics.serve_multiprocess(config.host, config.metrics_port, path)
+        except OSError as exc:
+            raise OSError(exc.errno, f"metrics port {config.metrics_port}: {exc.strerror or exc}") from None
+        log.info("metrics of all %d workers at http://%s:%d/metrics", config.workers, config.host,
+                 config.metrics_port)
+        try:
+            yield dataclasses.replace(config, metrics_shared=True), lambda pid: metrics.forget_process(pid, path)
+        finally:
+            http.shutdown()
+    finally:
+        if made:
+            os.environ.pop(metrics.MULTIPROC_ENV, None)
+            metrics.remove_multiprocess_dir(path)
+
+
 def _supervise(config: ServeConfig, announce, log_level: str) -> int:
     reserved = _reserve_port(config.host, config.port)
     config = dataclasses.replace(config, port=reserved.getsockname()[1], reuse_port=True)
+    try:
+        with _shared_metrics(config) as (config, exited):
+            return _run_workers(config, announce, log_level, exited)
+    finally:
+        reserved.close()
+
+
+def _run_workers(config: ServeConfig, announce, log_level: str, exited) -> int:
+    """Start ``config.workers`` processes, forward SIGTERM / SIGINT to them, wait for all; ``exited(pid)`` as
+    each ends."""
     ctx = multiprocessing.get_context("spawn")
     children = [ctx.Process(target=_worker_main, args=(config, i, log_level), name=f"loyalty-worker-{i}")
                 for i in range(config.workers)]
@@ -617,6 +707,7 @@ def _supervise(config: ServeConfig, announce, log_level: str) -> int:
             for child in [c for c in alive if c.sentinel in ready]:
                 child.join()
                 alive.remove(child)
+                exited(child.pid)
                 if child.exitcode != 0 and not stopping:
                     # A worker died on its own: stop the others and fail, so the supervisor (systemd, k8s)
                     # restarts a whole, known-good set rather than a server quietly running on fewer workers.
@@ -627,12 +718,11 @@ def _supervise(config: ServeConfig, announce, log_level: str) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        reserved.close()
 
 
 def serve(config: ServeConfig, *, announce=None, log_level: str = "INFO") -> int:
     """Run the server in the foreground until signalled; returns the process exit code."""
-    configure_logging(log_level)
+    configure_logging(log_level, config.log_format)
     check_serving(config)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)      # until the server takes it (reload), SIGHUP must not kill
     if config.workers > 1:

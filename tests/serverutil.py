@@ -95,13 +95,15 @@ def _run(module: str, name: str, args, env, timeout, cwd) -> subprocess.Complete
 
 
 def start_server(tmp_path: pathlib.Path, *, database_url: str | None = None, workers: int = 1,
-                 args: tuple = (), timeout: float = 60.0, client_options: dict | None = None) -> ServerProcess:
+                 args: tuple = (), timeout: float = 60.0, client_options: dict | None = None,
+                 prefix: tuple = ()) -> ServerProcess:
     """``loyalty serve --port 0`` (demo seeded) in a subprocess; returns once it is SERVING. ``client_options``:
-    the ``LoyaltyClient`` keywords its clients need (``tls_ca=`` when ``args`` turn TLS on)."""
+    the ``LoyaltyClient`` keywords its clients need (``tls_ca=`` when ``args`` turn TLS on). ``prefix``: a
+    command to run it under (``ip netns exec NAME``: on another network host)."""
     data_dir = tmp_path / f"data-{uuid.uuid4().hex[:6]}"
     log_path = tmp_path / f"server-{uuid.uuid4().hex[:6]}.log"
     out_path = log_path.with_suffix(".out")
-    cmd = [sys.executable, "-c", "from loyalty.cli.main import main; main()", "serve", "--port", "0",
+    cmd = [*prefix, sys.executable, "-c", "from loyalty.cli.main import main; main()", "serve", "--port", "0",
            "--data-dir", str(data_dir), "--demo", "--workers", str(workers), "--grace", "10", *args]
     if database_url:
         cmd += ["--database-url", database_url]
@@ -158,17 +160,17 @@ def server_on(backend: str, tmp_path: pathlib.Path, **kwargs):
 # ---- a TCP proxy we can cut -----------------------------------------------------------------------------------
 
 class TcpProxy:
-    """Forwards 127.0.0.1:<port> to ``target``. ``cut()`` drops every open connection and refuses new ones
-    (accepts and closes at once, as a dead link does); ``restore()`` forwards again. ``hang()`` stops
+    """Forwards 127.0.0.1:<port> (or ``listen_host``'s) to ``target``. ``cut()`` drops every open connection and
+    refuses new ones (accepts and closes at once, as a dead link does); ``restore()`` forwards again. ``hang()`` stops
     forwarding while keeping every connection open and taking new ones (a database that stopped answering);
     ``lose_commit_reply(then_cut=...)`` lets the next COMMIT a client sends reach the server, drops that
     connection before the server's reply gets back, and (``then_cut``) refuses new connections."""
 
-    def __init__(self, target_host: str, target_port: int):
+    def __init__(self, target_host: str, target_port: int, listen_host: str = "127.0.0.1"):
         self.target = (target_host, target_port)
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
+        self.listener.bind((listen_host, 0))
         self.listener.listen(128)
         self.port = self.listener.getsockname()[1]
         self.up = True

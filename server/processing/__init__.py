@@ -92,8 +92,8 @@ class ProcessingService:
     def confirm_future(self, card: str, phone: str, receipt: dict, *, fits: bool = False):
         return self.confirmation.confirm_future(card, phone, receipt, fits=fits)
 
-    def group_commit_counters(self) -> dict[str, tuple[str, int]]:
-        return self.confirmation.group_commit_counters()
+    def watch_group_commit(self, make_on_batch) -> None:
+        self.confirmation.watch_group_commit(make_on_batch)
 
     def refund_purchase(self, request):
         return self.refunds.refund_purchase(request)

@@ -124,13 +124,12 @@ class Confirmation:
             outcome = self._confirm_alone(request)
         return self._confirm_outcome(outcome)
 
-    def group_commit_counters(self) -> dict[str, tuple[str, int]]:
-        """The confirm batcher's counters for the metrics (``Metrics.add_counters``); empty without one."""
-        batcher = self.batcher
-        if batcher is None:
-            return {}
-        return {"loyalty_confirm_batches_total": ("ConfirmPurchase group-commit batches run.", batcher.batches),
-                "loyalty_confirm_batched_total": ("Confirms run in group-commit batches.", batcher.items)}
+    def watch_group_commit(self, make_on_batch) -> None:
+        """With group commit, have ``make_on_batch()``'s function called with ``n`` for every batch of ``n``
+        confirms (the metrics; from the batcher's threads); without (SQLite, ``LOYALTY_CONFIRM_BATCH=0``),
+        nothing, and ``make_on_batch`` is not called (no series for what cannot happen)."""
+        if self.batcher is not None:
+            self.batcher.on_batch = make_on_batch()
 
     def confirm_future(self, card: str, phone: str, receipt: dict, *,
                        fits: bool = False) -> concurrent.futures.Future | None:

@@ -9,17 +9,8 @@ import urllib.request
 import pytest
 
 from loyalty.server.metrics import BUCKETS, Metrics
+from helpers.metrics import series
 from serverutil import fresh_postgres_database, start_server
-
-
-def series(text: str) -> dict[str, float]:
-    """``name{labels}`` -> value of every sample line."""
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 def test_requests_and_latency_render_as_prometheus_text():
