@@ -31,7 +31,7 @@ from sqlalchemy import func, literal
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Dialect, Engine
 
-__all__ = ["DialectOps", "SQLiteOps", "PostgreSQLOps", "dialect_of", "insert_ignore"]
+__all__ = ["DialectOps", "SQLiteOps", "PostgreSQLOps", "dialect_of", "ops_for", "insert_ignore"]
 
 
 class DialectOps:
@@ -264,10 +264,14 @@ class PostgreSQLOps(DialectOps):
 _BY_NAME: dict[str, DialectOps] = {ops.name: ops for ops in (SQLiteOps(), PostgreSQLOps())}
 
 
-def dialect_of(bind: Connection | Engine | Dialect) -> DialectOps:
-    """The operations of the database behind ``bind`` (a connection, an engine, or SQLAlchemy's dialect as a
-    type's hooks get it)."""
-    return _BY_NAME[getattr(bind, "dialect", bind).name]
+def dialect_of(bind: Connection | Engine) -> DialectOps:
+    """The operations of the database behind ``bind`` (a connection or an engine)."""
+    return _BY_NAME[bind.dialect.name]
+
+
+def ops_for(dialect: Dialect) -> DialectOps:
+    """The operations of SQLAlchemy's ``dialect`` (what a column type's hooks are given)."""
+    return _BY_NAME[dialect.name]
 
 
 def insert_ignore(conn: Connection, table):

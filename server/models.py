@@ -20,7 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from .dialects import dialect_of
+from .dialects import ops_for
 from .limits import AT_LIMIT, EMAIL_LIMIT, ID_LIMIT, KEY_LIMIT, NAME_LIMIT
 
 __all__ = [
@@ -58,7 +58,7 @@ class UTCDateTime(TypeDecorator):
         if value.tzinfo is None:
             raise ValueError("naive datetime given to a time-zone column")
         value = value.astimezone(dt.timezone.utc)
-        return value.replace(tzinfo=None) if dialect_of(dialect).naive_timestamps else value
+        return value.replace(tzinfo=None) if ops_for(dialect).naive_timestamps else value
 
     def process_result_value(self, value, dialect):
         if value is None:
