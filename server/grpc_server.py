@@ -64,6 +64,7 @@ from loyalty.server.grpc_register import snake
 from loyalty.server.status import internal_status, status_for
 from loyalty.server.metrics import Metrics
 from loyalty.server.scenarios.grpc_service import add_scenarios_service
+from loyalty.server.security import audit
 from loyalty.server.segments.grpc_service import add_segments_service
 from loyalty.v1 import admin_pb2, processing_pb2
 
@@ -269,6 +270,8 @@ class LoyaltyServer:
     def _make_handler(self, method: str, request_cls, fn, pool):
         """The handler of a method whose service function takes the request message and returns the response
         message (every method but CalculateReceipt, and those of the Segments and Scenarios services)."""
+        if method in audit.AUDITED_RPCS:       # admin changes: the call named for the audit log, refusals recorded
+            fn = audit.audited(self.service.db, method, fn)
         return self._bytes_handler(method, _message_decoder(request_cls), _serializing(fn), request_key, pool)
 
     def _bytes_handler(self, method: str, decode, call, describe, pool, inline=None):

@@ -8,6 +8,7 @@ from sqlalchemy.pool import NullPool
 from loyalty.server.models import Base
 import loyalty.server.segments.models  # noqa: F401
 import loyalty.server.scenarios.models  # noqa: F401
+import loyalty.server.security.models  # noqa: F401
 
 config = context.config
 target_metadata = Base.metadata

@@ -28,6 +28,7 @@ from ..db import Database
 from ..members import ContextCache
 from ..programs import ProgramRegistry
 from ..runtime import Runtime
+from ..security.service import SecurityCases
 from ..segments.membership import AudienceIndex
 from ..timeutil import utcnow
 from .accounts import AccountCases
@@ -42,7 +43,8 @@ from .refunds import RefundCases
 __all__ = ["ProcessingService"]
 
 
-class ProcessingService(CalculateCases, ConfirmCases, RefundCases, AccountCases, PublishingCases, ContextCases):
+class ProcessingService(CalculateCases, ConfirmCases, RefundCases, AccountCases, PublishingCases, SecurityCases,
+                        ContextCases):
     """Sync and thread-safe; one per process, shared by every request thread.
 
     ``clock`` is a zero-argument callable returning an aware ``datetime`` (default: UTC now); tests pass a

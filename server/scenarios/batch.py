@@ -32,6 +32,7 @@ from sqlalchemy import bindparam, func, insert, literal, select, text, update
 
 from loyalty.server.errors import AlreadyExists, InvalidArgument, NotFound
 from loyalty.server.models import UTCDateTime, cards, members
+from loyalty.server.security import audit
 
 from .common import claim, insert_ignore
 from .models import batch_members, batches
@@ -110,6 +111,7 @@ def create(database, now: dt.datetime, batch_id: str, kind: str, points: int, *,
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql("ANALYZE batch_members")     # fresh statistics: chunks join it by index
         total = conn.execute(select(func.count()).where(batch_members.c.batch_id == batch_id)).scalar_one()
+        audit.record(conn, "StartBatch", f"batch:{batch_id} members:{total}", now)
         values.update(total=total, state="running" if total else "done", finished_at=None if total else now)
         conn.execute(update(batches).where(batches.c.id == batch_id).values(
             total=total, state=values["state"], finished_at=values["finished_at"]))

@@ -1,0 +1,75 @@
+"""The Admin RPCs of the audit log, the operation limits and personal data: a part of ``ProcessingService``
+(its ``db``, ``clock``, ``contexts`` and ``audience_index``); the decisions are in ``audit``, ``limits`` and
+``privacy``."""
+from __future__ import annotations
+
+import datetime as dt
+
+from loyalty.core.errors import quote
+from loyalty.v1 import admin_pb2
+
+from ..convert import iso
+from ..errors import InvalidArgument
+from . import audit, limits, privacy
+
+__all__ = ["SecurityCases", "parse_since"]
+
+
+def parse_since(text: str, path: str = "since") -> dt.datetime | None:
+    """An ISO date (its midnight) or datetime; without an offset it is UTC. Empty: None."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidArgument(path, f"expected an ISO date or datetime such as 2026-12-03T10:00:00+03:00, "
+                                    f"got {quote(text)}") from None
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+def _page_size(value: int, path: str) -> int:
+    if not 0 <= value <= 1000:
+        raise InvalidArgument(path, f"must be 1 to 1000 (0: 100), got {value}")
+    return value or 100
+
+
+class SecurityCases:
+    """ListAudit, ListLimitBreaches, EraseMember, ExportMember."""
+
+    def list_audit(self, request) -> admin_pb2.ListAuditResponse:
+        """The audit log oldest first, from ``since``, of ``actor``, a page of ``page_size`` at a time."""
+        since = parse_since(request.since)
+        with self.db.read() as conn:
+            page = audit.listing(conn, since=since, actor=request.actor.strip(),
+                                 page_size=_page_size(request.page_size, "page_size"), page_token=request.page_token)
+        return admin_pb2.ListAuditResponse(
+            entries=[admin_pb2.AuditEntry(**{**row, "at": iso(row["at"])}) for row in page.rows],
+            next_page_token=page.next_token)
+
+    def list_limit_breaches(self, request) -> admin_pb2.ListLimitBreachesResponse:
+        """Confirms past a soft operation limit, newest first."""
+        since = parse_since(request.since)
+        with self.db.read() as conn:
+            rows = limits.listing(conn, since=since, limit=_page_size(request.limit, "limit"))
+        return admin_pb2.ListLimitBreachesResponse(breaches=[admin_pb2.LimitBreach(
+            id=r["id"], at=iso(r["at"]), limit=r["limit"], threshold=r["threshold"], value=r["value"],
+            member_id=str(r["member_id"] or ""), card=r["card"] or "", store=r["store"], terminal=r["terminal"],
+            number=r["number"], purchase_id=str(r["purchase_id"] or ""), receipt_date=r["receipt_date"].isoformat())
+            for r in rows])
+
+    def erase_member(self, request) -> admin_pb2.EraseMemberResponse:
+        """Erase the personal data of the member holding ``card`` (``privacy.erase``)."""
+        done = privacy.erase(self.db, request.card, request.reason, self.clock())
+        if not done["replayed"]:
+            self.contexts.invalidate(done["member_id"])
+            self.audience_index.announce()      # the other processes' cached contexts hold the card
+        return admin_pb2.EraseMemberResponse(member_id=str(done["member_id"]), erased_at=iso(done["erased_at"]),
+                                             replayed=done["replayed"], cards=done["cards"])
+
+    def export_member(self, request) -> admin_pb2.ExportMemberResponse:
+        """Everything held about the member holding ``card`` as JSON (``privacy.export``); who read it is
+        audited."""
+        member_id, document = privacy.export(self.db, request.card)
+        self.db.run_write(audit.record, "ExportMember", f"member:{member_id}", self.clock())
+        return admin_pb2.ExportMemberResponse(member_id=str(member_id), json=document.decode())
