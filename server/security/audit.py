@@ -104,18 +104,24 @@ def _insert(conn, principal: Principal, rpc: str, target: str, request_digest: s
         digest=request_digest, outcome=outcome, detail=detail))
 
 
-def target_of(request) -> str:
+def target_of(rpc: str, request) -> str:
     """What a refused request was about, from its non-personal keys (a refused call's member is not resolved,
-    and a card or phone must not outlive an erasure in this log): ``segment:<id>``, ``scenario:<id>``,
-    ``batch:<id>``, ``operation:<id>``, ``program``; "" when it names only a member (the digest still
-    identifies the request)."""
+    and a card or phone must not outlive an erasure in this log): ``operation:<id>``, ``batch:<id>``,
+    ``message:<id>`` / ``run:<id>``, ``segment:<id>`` (the Segments RPCs' ``id``), ``program``; "" when it names
+    only a member or carries a definition's text (the digest still identifies the request)."""
     fields = request.DESCRIPTOR.fields_by_name
-    for name, kind in (("operation_id", "operation"), ("batch_id", "batch"), ("segment_id", "segment"),
-                       ("scenario_id", "scenario"), ("id", "id")):
-        value = getattr(request, name, "") if name in fields else ""
-        if value:
-            return f"{kind}:{value}"
-    return "program" if "yaml" in fields else ""
+
+    def field(name: str):
+        return getattr(request, name) if name in fields else ""
+    if field("operation_id"):
+        return f"operation:{request.operation_id}"
+    if field("batch_id"):
+        return f"batch:{request.batch_id}"
+    if rpc == "RetryDeadLetter":
+        return f"{request.kind}:{request.id}"
+    if field("id"):
+        return f"segment:{request.id}"
+    return "program" if rpc == "PublishProgram" else ""
 
 
 def audited(db, rpc: str, fn):
@@ -126,7 +132,8 @@ def audited(db, rpc: str, fn):
                 return fn(request)
             except ServiceError as exc:
                 if exc.code != "UNAVAILABLE":
-                    record_refusal(db, current(), rpc, target_of(request), digest(request), exc.code, exc.message)
+                    record_refusal(db, current(), rpc, target_of(rpc, request), digest(request), exc.code,
+                                   exc.message)
                 raise
     call.__name__ = getattr(fn, "__name__", rpc)
     return call
