@@ -19,7 +19,7 @@ from ..errors import AlreadyExists, InvalidArgument, NotFound, ServiceError, Una
 from ..members import CONTEXT_PG, PHONE_MEMBER_PG, USAGE_PG, MemberContext, check_pair, increment_usage, validate_ref
 from ..models import events, purchase_lines
 from ..programs import Snapshot
-from ..security import limits
+from ..security import limits as operation_limits
 from .common import (
     BATCH_MIN_TIME_S, _BudgetMoved, _check_receipt, _data_errors, _legacy_hashes, _receipt_hash, _Retry, log,
 )
@@ -152,14 +152,14 @@ class ConfirmCases(ContextCases):
         answer = self._calculate(snap, receipt, member, conn)
         now = self.clock()
         fx = _effects(snap, receipt, ctx, answer, at, now)
-        breaches = limits.Tally(conn, snap.program.operation_limits, now).check(receipt, fx, ctx and ctx.card)
+        breaches = operation_limits.check(conn, snap.program.operation_limits, now, receipt, fx, ctx)
         totals = answer["totals"]
         try:
             purchase_id = conn.execute(_INSERT_PURCHASE, _purchase_row(snap, receipt, ctx, fx, answer, totals,
                                                                        request_hash, now)).scalar_one()
         except IntegrityError:
             raise _Retry() from None
-        limits.record(conn, breaches, purchase_id)
+        operation_limits.record(conn, breaches, purchase_id)
         conn.execute(insert(purchase_lines), [
             {"purchase_id": purchase_id, "line": i, "sku": ln["sku"], "quantity": receipt["lines"][i]["quantity"],
              "amount": ln["amount"], "payable": ln["payable"], "redeemed": ln["redeemed"], "points": ln["points"],
@@ -236,8 +236,8 @@ class ConfirmCases(ContextCases):
         answer = self._calculate(snap, receipt, member, conn)
         now = self.clock()
         fx = _effects(snap, receipt, ctx, answer, at, now)
-        limits.record(conn, limits.Tally(conn, program.operation_limits, now).check(receipt, fx, ctx and ctx.card),
-                      purchase_id)
+        operation_limits.record(conn, operation_limits.check(conn, program.operation_limits, now, receipt, fx, ctx),
+                                purchase_id)
         member_id = fx.member_id
         params = self._pg_write_params(snap, receipt, ctx, fx, answer, now, request_hash, purchase_id, entry_a,
                                        entry_b)
@@ -363,7 +363,7 @@ class ConfirmCases(ContextCases):
                         state[member_id].usage[promotion, key] = uses
         for member_id, ctx in state.items():
             ctx.audiences = self._audiences(conn, member_id)
-        tally = limits.Tally(conn, snap.program.operation_limits, self.clock())
+        tally = operation_limits.Tally(conn, snap.program.operation_limits, self.clock())
         tally.prefetch(set(state), {it[2].date() for it in items},
                        {(it[0]["store"], it[0]["terminal"]) for it in items})
         breaches: list = []         # soft operation limits passed, written with the batch
@@ -444,7 +444,7 @@ class ConfirmCases(ContextCases):
             firsts[key] = i
             outcomes[i] = (purchase_id, answer, False, ctx.member_id if ctx else None)
         if writes.confirms:
-            limits.record(conn, breaches)
+            operation_limits.record(conn, breaches)
             with driver_errors(conn):
                 if checks:                  # promotion id order: the order every writer locks budget rows in
                     limits = {p.id: p.limits.discount_budget if p.limits.discount_budget is not None

@@ -37,7 +37,7 @@ from ..errors import FailedPrecondition
 from ..models import purchases
 from .models import limit_breaches
 
-__all__ = ["LimitExceeded", "Tally", "record"]
+__all__ = ["LimitExceeded", "Tally", "check", "record", "listing"]
 
 RATE_WINDOW = dt.timedelta(minutes=1)
 
@@ -154,6 +154,11 @@ class Tally:
                 select(func.count()).where(p.store == key[0], p.terminal == key[1],
                                            p.created_at > self.now - RATE_WINDOW)).scalar_one()
         return confirms
+
+
+def check(conn, limits: OperationLimits, now: dt.datetime, receipt: dict, fx, ctx) -> list[dict]:
+    """``Tally.check`` of one confirm alone (``ctx``: its member's context, or None)."""
+    return Tally(conn, limits, now).check(receipt, fx, ctx.card if ctx is not None else None)
 
 
 def record(conn, rows: list[dict], purchase_id: int | None = None) -> None:

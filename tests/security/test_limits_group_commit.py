@@ -9,6 +9,8 @@ order it inserts them in), so the numbers below are chosen to sort in the order 
 """
 from __future__ import annotations
 
+import logging
+
 import pytest
 from sqlalchemy import func, select
 
@@ -52,7 +54,8 @@ def _req(card, number, redeem=0):
     return P.ConfirmPurchaseRequest(member=R.MemberRef(card=card), receipt=coffee(number, redeem=redeem))
 
 
-def test_one_batch_counts_its_own_confirms_against_the_limits(batched):
+def test_one_batch_counts_its_own_confirms_against_the_limits(batched, caplog):
+    caplog.set_level(logging.INFO, logger="loyalty")
     enroll(batched, "7400001", points=500)
     enroll(batched, "7400002", points=500)
     before = batched._batcher.batches
@@ -65,6 +68,7 @@ def test_one_batch_counts_its_own_confirms_against_the_limits(batched):
         _req("7400002", "l-6"),                 # 2nd confirm (the refused one wrote nothing): allowed, recorded
     ])
     assert batched._batcher.batches - before == 1          # all six in one transaction
+    assert "rolled back" not in caplog.text                # decided in the batch, not each alone after it
     assert isinstance(r[2], LimitExceeded) and r[2].details["limit"] == "card_daily_confirms"
     assert isinstance(r[4], LimitExceeded) and r[4].details["limit"] == "card_daily_writeoff_points"
     assert r[4].details["value"] == 160
