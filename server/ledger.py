@@ -19,7 +19,7 @@ from sqlalchemy import bindparam, case, func, insert, literal, select, update
 
 from .models import balances, ledger, point_lots, purchase_lines, purchases
 
-__all__ = ["add_entry", "new_lot", "consume_active", "take_back", "settle_debt", "move_balance", "check",
+__all__ = ["WRITE_OFF_ORDER", "write_off_order_sql", "add_entry", "new_lot", "consume_active", "take_back", "settle_debt", "move_balance", "check",
            "liability"]
 
 
@@ -67,31 +67,29 @@ def _take(conn, rows, points: int) -> tuple[int, list[tuple[str, int]]]:
     return points, taken
 
 
+# The write-off order (SPEC 6), the one rule every writer follows: the earliest-expiring lot first, never-expiring
+# lots last, then the oldest. Row by row here; the set-based PostgreSQL writes of a confirm
+# (``processing/confirm_sql.py``) walk the lots in the same order, given as SQL text by ``write_off_order_sql``.
+WRITE_OFF_ORDER = (point_lots.c.expires_at.asc().nulls_last(), point_lots.c.id.asc())
+
+
+def write_off_order_sql() -> str:
+    """``WRITE_OFF_ORDER`` as PostgreSQL's ORDER BY text (columns qualified by ``point_lots``)."""
+    from sqlalchemy.dialects import postgresql
+    return ", ".join(str(c.compile(dialect=postgresql.dialect())) for c in WRITE_OFF_ORDER)
+
+
 _active_lots = (select(point_lots.c.id, point_lots.c.remaining, point_lots.c.state)
                 .where(point_lots.c.member_id == bindparam("member_id"), point_lots.c.state == "active",
                        point_lots.c.remaining > 0)
-                .order_by(point_lots.c.expires_at.asc().nulls_last(), point_lots.c.id))
-
-# PostgreSQL: the whole consumption in one statement. ``before`` is what the earlier lots (in write-off order:
-# earliest expiry first, never-expiring last, then id) hold, so a lot gives min(remaining, points - before)
-# while ``before < points``. The caller holds the member's balance lock, so the lots cannot move meanwhile.
-CONSUME_ACTIVE_PG = """WITH l AS (
-    SELECT id, remaining,
-           sum(remaining) OVER (ORDER BY expires_at ASC NULLS LAST, id) - remaining AS before
-    FROM point_lots WHERE member_id = %(member_id)s AND state = 'active' AND remaining > 0)
-UPDATE point_lots AS p SET remaining = p.remaining - LEAST(l.remaining, %(points)s - l.before)
-FROM l WHERE p.id = l.id AND l.before < %(points)s
-RETURNING l.remaining - p.remaining"""
+                .order_by(*WRITE_OFF_ORDER))
 
 
 def consume_active(conn, member_id: int, points: int) -> int:
-    """Consume ``points`` from the earliest-expiring active lots (never-expiring last); returns what could
-    not be covered (0 when the balance was checked first)."""
+    """Consume ``points`` from the active lots in ``WRITE_OFF_ORDER``; returns what could not be covered (0 when
+    the balance was checked first)."""
     if points <= 0:
         return 0
-    if conn.dialect.name == "postgresql":
-        taken = conn.exec_driver_sql(CONSUME_ACTIVE_PG, {"member_id": member_id, "points": points}).scalars()
-        return points - sum(taken)
     left, _ = _take(conn, conn.execute(_active_lots, {"member_id": member_id}).all(), points)
     return left
 
@@ -108,7 +106,7 @@ def take_back(conn, member_id: int, points: int, purchase_id: int | None) -> tup
         select(point_lots.c.id, point_lots.c.remaining, point_lots.c.state)
         .where(point_lots.c.member_id == member_id, point_lots.c.state.in_(("pending", "active")),
                point_lots.c.remaining > 0)
-        .order_by(own_first, pending_first, point_lots.c.expires_at.asc().nulls_last(), point_lots.c.id)).all()
+        .order_by(own_first, pending_first, *WRITE_OFF_ORDER)).all()
     left, taken = _take(conn, rows, points)
     from_pending = sum(k for state, k in taken if state == "pending")
     return from_pending, points - from_pending

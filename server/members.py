@@ -26,7 +26,7 @@ from .models import CHANNELS, SOURCES, balances, cards, members, point_lots, pro
 
 __all__ = ["MemberContext", "ContextCache", "find_member", "load_usage", "tier_for",
            "effective_tier", "period_key", "validate_ref", "check_pair", "normalize_phone", "check_phone",
-           "validate_enroll", "validate_update", "check_text", "CONTEXT_TTL", "PHONE_MEMBER_PG"]
+           "validate_enroll", "validate_update", "check_text", "CONTEXT_TTL"]
 
 CONTEXT_TTL = 2.0
 _PHONE_RE = re.compile(r"^\+?\d{5,20}$")
@@ -316,29 +316,7 @@ def _context_stmt(kind: str, lock: bool):
 # Built once: a statement object made per call costs more Python than the query itself.
 _CONTEXT_STMTS = {(kind, lock): _context_stmt(kind, lock) for kind in ("card", "phone") for lock in (False, True)}
 
-# The same two lookups in PostgreSQL's SQL for the raw fast path of ConfirmPurchase (parameter: the card number
-# or the normalized phone), locking the member's balances row.
-CONTEXT_PG = {
-    "card": """SELECT b.member_id, c.number, c.status, b.tier, b.active, b.pending, b.purchases_sum
-FROM cards AS c JOIN balances AS b ON b.member_id = c.member_id
-WHERE c.number = %s FOR UPDATE OF b""",
-    "phone": """SELECT b.member_id, c.number, c.status, b.tier, b.active, b.pending, b.purchases_sum
-FROM cards AS c JOIN balances AS b ON b.member_id = c.member_id JOIN members AS m ON m.id = c.member_id
-WHERE m.phone = %s ORDER BY c.status = 'active' DESC, c.id DESC LIMIT 1 FOR UPDATE OF b""",
-}
-
-# The member's promotion usage by the same reference (parameters: reference, promotion ids). Sent in the same
-# round trip as CONTEXT_PG but as its own statement, so it reads with a snapshot taken after the lock was
-# granted: it sees every use the previous holder of the lock committed.
-USAGE_PG = {
-    "card": """SELECT promotion, period_key, uses FROM promotion_usage
-WHERE member_id = (SELECT member_id FROM cards WHERE number = %s) AND promotion = ANY(%s::varchar[])""",
-    "phone": """SELECT promotion, period_key, uses FROM promotion_usage
-WHERE member_id = (SELECT id FROM members WHERE phone = %s) AND promotion = ANY(%s::varchar[])""",
-}
-
-# The member of a phone, for ``check_pair`` (parameter: the normalized phone).
-PHONE_MEMBER_PG = "SELECT id FROM members WHERE phone = %s"
+# The member of a phone, for ``check_pair``.
 _PHONE_MEMBER = select(members.c.id).where(members.c.phone == bindparam("phone"))
 
 

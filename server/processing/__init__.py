@@ -35,7 +35,8 @@ from .accounts import AccountCases
 from .calculate import CalculateCases
 from .common import REASON_LIMIT, _check_receipt, _hash  # noqa: F401 - part of the package's surface
 from .confirm import ConfirmCases
-from .confirm_sql import _BatchWrite, _member_of  # noqa: F401 - _BatchWrite: tests watch its writes
+from .confirm import member_of
+from .confirm_sql import SetWrite  # noqa: F401 - tests watch its writes
 from .context import ContextCases
 from .publishing import PublishingCases
 from .refunds import RefundCases
@@ -70,13 +71,15 @@ class ProcessingService(CalculateCases, ConfirmCases, RefundCases, AccountCases,
         if group_commit is None:
             group_commit = int(env("LOYALTY_CONFIRM_BATCH", "32") or 0)
         self._batcher = None
+        # PostgreSQL writes a confirm's rows set-based (``confirm_sql``), a group at a time or alone as a group of one.
+        self._set_based = database.dialect == "postgresql"
         self._alone_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._alone_lock = threading.Lock()
         if group_commit > 0 and database.dialect == "postgresql":
             self._batcher = Batcher(self._confirm_batch, max_batch=group_commit,
                                     window=float(env("LOYALTY_CONFIRM_BATCH_WINDOW_MS", "4") or 0) / 1000,
                                     threads=batch_threads or int(env("LOYALTY_CONFIRM_BATCH_THREADS", "2") or 2),
-                                    name="confirm-batch", key=_member_of)
+                                    name="confirm-batch", key=member_of)
         # Audience membership from the segment module (roaring bitmaps, reloaded when a recalculation
         # bumps the membership version): what the core's audience conditions check.
         self.audience_index = audience_index or AudienceIndex(database, redis_url=redis_url)
