@@ -14,6 +14,9 @@ processes (default: one per core, as in production); the SQLite server and the e
 - ``confirm_sqlite`` / ``confirm_postgres``: ConfirmPurchase of the same 20 lines with a unique receipt
   number per call, spread over 64 members enrolled for the run (many customers at many terminals); every
   error is counted.
+- ``confirm_postgres_limits``: the same on a second PostgreSQL server whose program sets every operation limit
+  (``operation_limits``, soft and hard, far above what the run reaches: every figure is counted and checked,
+  nothing is refused or recorded); its summary ratio is against ``confirm_postgres`` of the same round.
 
 Runs every scenario ``--rounds`` times, interleaved (echo, calculate, confirm_sqlite, confirm_postgres, then
 again), and prints one JSON line per scenario and round (``--json``: only those, plus a final summary line)
@@ -198,7 +201,17 @@ class Proc:
                 self.proc.wait()
 
 
-def start_loyalty(tmp: pathlib.Path, name: str, database_url: str | None, log_level: str, workers: int = 1) -> Proc:
+# The demo program with every operation limit set out of reach (the figures are still read and checked).
+LIMITS_PROGRAM = (pathlib.Path(__file__).resolve().parents[1] / "server" / "demo" / "program.yaml").read_text() + """
+operation_limits:
+  card_daily_writeoff_points: {soft: 999999999999, hard: 1000000000000}
+  card_daily_confirms: {soft: 999999999999, hard: 1000000000000}
+  terminal_confirms_per_minute: {soft: 999999999999, hard: 1000000000000}
+"""
+
+
+def start_loyalty(tmp: pathlib.Path, name: str, database_url: str | None, log_level: str, workers: int = 1,
+                  program: str | None = None) -> Proc:
     cmd = [sys.executable, "-c", "from loyalty.cli.main import main; main()", "serve", "--port", "0", "--demo",
            "--data-dir", str(tmp / name), "--log-level", log_level, "--workers", str(workers)]
     if database_url:
@@ -207,6 +220,8 @@ def start_loyalty(tmp: pathlib.Path, name: str, database_url: str | None, log_le
     from loyalty.clients.client import LoyaltyClient
     with LoyaltyClient(proc.target, timeout=30) as client:
         client.wait_ready(30)
+        if program is not None:
+            client.publish_program({"yaml": program, "comment": "benchmark"})
         for i in range(MEMBERS):
             client.enroll_member({"card": f"bench-{i:04d}", "request_id": f"bench-{i:04d}"})
     return proc
@@ -256,7 +271,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="loyalty-bench-") as tmpdir:
         tmp = pathlib.Path(tmpdir)
         procs = []
-        pg_name = None
+        pg_names: list = []
         try:
             sqlite = start_loyalty(tmp, "sqlite", None, args.log_level)
             procs.append(sqlite)
@@ -277,10 +292,18 @@ def main(argv=None) -> int:
                        ("confirm_sqlite", "confirm", sqlite.target)]
             if not args.no_postgres:
                 pg_name, pg_url = fresh_pg_database()
+                pg_names.append(pg_name)
                 if pg_url:
                     pg = start_loyalty(tmp, "postgres", pg_url, args.log_level, workers=args.pg_workers)
                     procs.append(pg)
                     targets.append(("confirm_postgres", "confirm", pg.target))
+                limits_name, limits_url = fresh_pg_database()
+                if limits_url:
+                    pg_names.append(limits_name)
+                    limited = start_loyalty(tmp, "postgres-limits", limits_url, args.log_level,
+                                            workers=args.pg_workers, program=LIMITS_PROGRAM)
+                    procs.append(limited)
+                    targets.append(("confirm_postgres_limits", "confirm", limited.target))
             # Rounds: every scenario once per round, in the same order, so that each round's echo and calculate
             # run seconds apart on the same machine; a scenario's figure is its median round, the ratios are
             # the medians of the rounds' own ratios (a shared, noisy machine drifts between minutes).
@@ -293,8 +316,8 @@ def main(argv=None) -> int:
         finally:
             for p in reversed(procs):
                 p.stop()
-            if pg_name:
-                drop_pg_database(pg_name)
+            for name in filter(None, pg_names):
+                drop_pg_database(name)
 
     for name, runs in rounds.items():
         median = sorted(runs, key=lambda x: x["rps"])[len(runs) // 2]
@@ -302,9 +325,9 @@ def main(argv=None) -> int:
                              errors=sum(x["errors"] for x in runs))
     echo = results["echo"]
 
-    def paired(name, key):
-        """The median over rounds of ``name``'s ``key`` against echo's in the same round."""
-        ratios = sorted(a[key] / b[key] for a, b in zip(rounds[name], rounds["echo"]) if a[key] and b[key])
+    def paired(name, key, base="echo"):
+        """The median over rounds of ``name``'s ``key`` against ``base``'s in the same round."""
+        ratios = sorted(a[key] / b[key] for a, b in zip(rounds[name], rounds[base]) if a[key] and b[key])
         return round(ratios[len(ratios) // 2], 3) if ratios else None
 
     summary = {
@@ -318,6 +341,11 @@ def main(argv=None) -> int:
     for name in ("confirm_sqlite", "confirm_postgres"):
         if name in results:
             summary[f"{name}_rps_vs_echo"] = paired(name, "rps")
+    if "confirm_postgres_limits" in results and "confirm_postgres" in results:
+        summary["confirm_postgres_limits_rps_vs_confirm_postgres"] = paired("confirm_postgres_limits", "rps",
+                                                                            "confirm_postgres")
+        summary["confirm_postgres_limits_p99_vs_confirm_postgres"] = paired("confirm_postgres_limits", "p99_ms",
+                                                                            "confirm_postgres")
     summary["targets"] = {
         "calculate_rps_ge_70pct_echo": bool(summary["calculate_rps_vs_echo"] and summary["calculate_rps_vs_echo"] >= 0.7),
         "calculate_p99_le_2x_echo": bool(summary["calculate_p99_vs_echo"] and summary["calculate_p99_vs_echo"] <= 2.0),

@@ -22,17 +22,24 @@ def _all_audit(backend, since: str, actor: str) -> list:
             return entries
 
 
+_since = click.option("--since", default="", metavar="DATE", help="From this ISO date or datetime (UTC without "
+                                                                 "offset).")
+
+
+def _either_backend(fn):
+    """``--server`` (a running server) or ``--database-url`` (the database itself), and ``--json``."""
+    return _server(_database_url(_json(fn)))
+
+
 def register(group: click.Group) -> None:
     @group.group(name="audit")
     def audit_group():
         """The audit log: who changed what, and the refused admin calls."""
 
     @audit_group.command(name="list")
-    @click.option("--since", default="", metavar="DATE", help="From this ISO date or datetime (UTC without offset).")
+    @_since
     @click.option("--actor", default="", help="Only this actor (a key's name, a token's subject, local).")
-    @_server
-    @_database_url
-    @_json
+    @_either_backend
     def audit_list(since, actor, server, database_url, as_json):
         """The audit log, oldest first."""
         from loyalty.clients.client import to_dict
@@ -50,11 +57,9 @@ def register(group: click.Group) -> None:
         """Operation limits (the program file's operation_limits)."""
 
     @limits_group.command(name="list")
-    @click.option("--since", default="", metavar="DATE", help="From this ISO date or datetime (UTC without offset).")
+    @_since
     @click.option("--limit", "count", type=click.IntRange(1, 1000), default=100, show_default=True)
-    @_server
-    @_database_url
-    @_json
+    @_either_backend
     def limits_list(since, count, server, database_url, as_json):
         """Confirms that went past a soft limit, newest first (hard limits refuse and leave nothing)."""
         with _Backend(server, database_url) as backend:
@@ -69,9 +74,7 @@ def register(group: click.Group) -> None:
     @member_group.command(name="erase")
     @click.argument("card")
     @click.option("--reason", required=True, help="The request this answers (kept with the erasure).")
-    @_server
-    @_database_url
-    @_json
+    @_either_backend
     def member_erase(card, reason, server, database_url, as_json):
         """Erase a member's personal data; the ledger and purchases stay, anonymised."""
         with _Backend(server, database_url) as backend:

@@ -322,7 +322,6 @@ class ConfirmCases(ContextCases):
             ctx.audiences = self._audiences(conn, member_id)
         tally = operation_limits.Tally(conn, snap.program.operation_limits, self.clock())
         tally.prefetch(set(state), {r.at.date() for r in requests}, {r.key[:2] for r in requests})
-        breaches: list = []         # soft operation limits passed, written with the group
 
         outcomes: list = [None] * n
         firsts: dict = {}           # key -> index of the confirm of this group that writes it
@@ -376,8 +375,7 @@ class ConfirmCases(ContextCases):
                 outcomes[i] = _ALONE
                 continue
             purchase_id, entry_a, entry_b = ids[k]
-            tally.add(request.receipt, fx)
-            breaches += [{**row, "purchase_id": purchase_id} for row in found]
+            tally.add(request.receipt, fx, found, purchase_id)
             writes.add(purchase_rows(snap, request.receipt, ctx, fx, answer, request.request_hash, now,
                                      purchase_id, (entry_a, entry_b)))
             if spent_before is not None:
@@ -397,7 +395,7 @@ class ConfirmCases(ContextCases):
             firsts[key] = i
             outcomes[i] = Confirmed(purchase_id, answer, False, ctx.member_id if ctx else None)
         if writes.confirms:
-            operation_limits.record(conn, breaches)
+            tally.record()              # the soft limits the group's confirms passed
             with driver_errors(conn):
                 if checks:                  # promotion id order: the order every writer locks budget rows in
                     limits = {p.id: p.limits.discount_budget if p.limits.discount_budget is not None

@@ -20,16 +20,16 @@ Decided here:
 - **Concurrency.** The figures are read after the member's row lock the confirm path already takes (SQLite:
   the write lock), so two confirms racing on one card see each other. A group-commit batch reads them once for
   all its members (``Tally.prefetch``) and adds what its own confirms do as it goes. A terminal's figure is
-  exact on SQLite and within a batch; on PostgreSQL two confirms of different cards at the same till and
-  instant could both pass its last slot (a till confirms one receipt at a time, so this is a defect of the
-  till, not a fraud path).
+  counted under a lock of its own (SQLite: the write lock; PostgreSQL: a transaction-scoped advisory lock per
+  terminal, taken after the member locks in terminal order), so racing confirms of different cards at one
+  till cannot both pass its last slot either.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
 
-from sqlalchemy import func, insert, select, tuple_
+from sqlalchemy import func, insert, select, text, tuple_
 
 from loyalty.core.model import OperationLimit, OperationLimits
 
@@ -67,6 +67,7 @@ class Tally:
         self.conn, self.limits, self.now = conn, limits, now
         self._cards: dict[tuple[int, dt.date], list[int]] = {}    # (member, day) -> [confirms, written off]
         self._terminals: dict[tuple[str, str], int] = {}          # (store, terminal) -> confirms this minute
+        self.breaches: list[dict] = []                            # soft limits passed by the confirms added
 
     def check(self, receipt: dict, fx, card: str | None) -> list[dict]:
         """``LimitExceeded`` when the confirm (``receipt`` with its decided effects ``fx``) passes a hard limit;
@@ -84,15 +85,20 @@ class Tally:
                              "number": receipt["number"], "receipt_date": fx.receipt_date})
         return rows
 
-    def add(self, receipt: dict, fx) -> None:
-        """Count a confirm this transaction writes, for the next one it checks."""
+    def add(self, receipt: dict, fx, breaches: list[dict], purchase_id: int) -> None:
+        """Count a confirm this transaction writes (``check``'s ``breaches`` of it, as purchase ``purchase_id``),
+        for the next one it checks; ``record`` writes the breaches of every confirm added."""
         if not self.limits.any:
             return
+        self.breaches += [{**row, "purchase_id": purchase_id} for row in breaches]
         self._terminals[receipt["store"], receipt["terminal"]] = self._terminal(receipt) + 1
         if fx.counted:
             day = self._card(fx.member_id, fx.receipt_date)
             day[0] += 1
             day[1] += fx.redeemed
+
+    def record(self) -> None:
+        record(self.conn, self.breaches)
 
     def prefetch(self, member_ids, days, terminals) -> None:
         """Read the figures of many members (each of ``days``) and terminals in two statements (a batch)."""
@@ -107,6 +113,7 @@ class Tally:
                     .group_by(p.member_id, p.receipt_date)):
                 self._cards[member_id, day] = [confirms, int(written_off)]     # (PostgreSQL sums are numeric)
         if terminals and limits.terminal_confirms_per_minute.is_set:
+            self._lock_terminals(terminals)
             for key in terminals:
                 self._terminals[key] = 0
             p = purchases.c
@@ -145,15 +152,28 @@ class Tally:
             figures = self._cards[member_id, day] = [confirms, int(written_off)]
         return figures
 
+    def _lock_terminals(self, keys) -> None:
+        """PostgreSQL: hold each terminal's advisory lock until the transaction ends, so two confirms at one till
+        (of different cards: no member lock orders them) count each other; SQLite's write lock already does.
+        Taken after the member locks, in key order, by every confirm path."""
+        if self.conn.dialect.name == "postgresql":
+            self.conn.execute(_LOCK_TERMINALS, {"keys": sorted(f"{store}/{terminal}" for store, terminal in keys)})
+
     def _terminal(self, receipt: dict) -> int:
         key = (receipt["store"], receipt["terminal"])
         confirms = self._terminals.get(key)
         if confirms is None:
+            self._lock_terminals([key])
             p = purchases.c
             confirms = self._terminals[key] = self.conn.execute(
                 select(func.count()).where(p.store == key[0], p.terminal == key[1],
                                            p.created_at > self.now - RATE_WINDOW)).scalar_one()
         return confirms
+
+
+# One transaction-scoped advisory lock per terminal, taken in key order (the order of every writer).
+_LOCK_TERMINALS = text("SELECT count(pg_advisory_xact_lock(hashtextextended(k, 0))) "
+                       "FROM (SELECT unnest(CAST(:keys AS text[])) AS k ORDER BY 1) AS ordered")
 
 
 def check(conn, limits: OperationLimits, now: dt.datetime, receipt: dict, fx, ctx) -> list[dict]:

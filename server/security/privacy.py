@@ -77,24 +77,29 @@ def _erase_tx(conn, card: str, reason: str, now: dt.datetime) -> dict:
     member_id = ctx.member_id
     numbers = {row.number: erased_marker(row.id)
                for row in conn.execute(select(cards.c.id, cards.c.number).where(cards.c.member_id == member_id))}
+    # purchases by the card number, not the member: a suspended or blocked card's purchases are anonymous
+    # (no member) but keep the card they were made with, and so do their events
+    bought = conn.execute(select(purchases.c.id).where(purchases.c.card.in_(list(numbers)))).scalars().all()
     conn.execute(update(members).where(members.c.id == member_id).values(**PROFILE_ERASED))
     for number, marker in numbers.items():
         conn.execute(update(cards).where(cards.c.number == number).values(number=marker))
-        conn.execute(update(purchases).where(purchases.c.member_id == member_id, purchases.c.card == number)
-                     .values(card=marker))
+        conn.execute(update(purchases).where(purchases.c.card == number).values(card=marker))
     conn.execute(insert(member_erasures), [{"card_digest": _card_digest(n), "member_id": member_id,
                                             "reason": reason, "erased_at": now} for n in numbers])
     conn.execute(update(subscriptions).where(subscriptions.c.member_id == member_id)
                  .values(on=False, saved_on=None, updated_at=now))
-    _erase_history(conn, member_id, numbers)
+    _erase_history(conn, member_id, numbers, bought)
     _erase_messages(conn, member_id, now)
     audit.record(conn, "EraseMember", f"member:{member_id}", now)
     return {"member_id": member_id, "erased_at": now, "replayed": False, "cards": len(numbers)}
 
 
-def _erase_history(conn, member_id: int, numbers: dict[str, str]) -> None:
-    """The card numbers in the member's domain events, the values of its profile change log."""
-    for row in conn.execute(select(events.c.id, events.c.payload).where(events.c.member_id == member_id)).all():
+def _erase_history(conn, member_id: int, numbers: dict[str, str], bought: list[int]) -> None:
+    """The card numbers in the domain events of the member and of its cards' purchases, the values of its
+    profile change log, the card of its soft limit breaches."""
+    keys = [f"purchase_confirmed:{purchase_id}" for purchase_id in bought]
+    for row in conn.execute(select(events.c.id, events.c.payload)
+                            .where((events.c.member_id == member_id) | events.c.key.in_(keys))).all():
         if row.payload.get("card") in numbers:
             conn.execute(update(events).where(events.c.id == row.id)
                          .values(payload={**row.payload, "card": numbers[row.payload["card"]]}))
@@ -102,8 +107,7 @@ def _erase_history(conn, member_id: int, numbers: dict[str, str]) -> None:
                             .where(member_updates.c.member_id == member_id)).all():
         conn.execute(update(member_updates).where(member_updates.c.id == row.id)
                      .values(changes={name: None for name in row.changes}))
-    conn.execute(update(limit_breaches).where(limit_breaches.c.member_id == member_id,
-                                              limit_breaches.c.card.in_(list(numbers))).values(card=None))
+    conn.execute(update(limit_breaches).where(limit_breaches.c.card.in_(list(numbers))).values(card=None))
 
 
 def _erase_messages(conn, member_id: int, now: dt.datetime) -> None:

@@ -152,3 +152,15 @@ def test_loyalty_audit_list_filters_by_actor_and_time(server, client):
     assert json.loads(cli("audit", "list", "--server", server.target, "--json", "--since", tomorrow).stdout) == []
     bad = cli("audit", "list", "--server", server.target, "--since", "last tuesday")
     assert bad.returncode == 2 and "since" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_cli_on_the_database_audits_as_the_server_does(server, client):
+    url = server.database_url
+    unknown = cli("member", "erase", "00000002", "--reason", "GDPR request #7", "--database-url", url)
+    assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr and "Traceback" not in unknown.stderr
+    request = build_request("erase_member", {"card": "00000002", "reason": "GDPR request #7"})
+    [row] = with_digest(client, sha256_of(request))
+    assert (row.rpc, row.outcome, row.actor, row.actor_kind) == ("EraseMember", "NOT_FOUND", "local", "local")
+    listed = cli("audit", "list", "--database-url", url, "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [int(r["id"]) for r in json.loads(listed.stdout)] == [e.id for e in entries(client)]

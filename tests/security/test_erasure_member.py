@@ -156,3 +156,22 @@ def test_erasure_needs_a_reason_and_a_known_card(server, client):
     with pytest.raises(LoyaltyError) as err:
         client.erase_member({"card": "00000001", "reason": "GDPR request #43"})
     assert err.value.code.name == "NOT_FOUND"
+
+
+def test_erasure_reaches_the_anonymous_purchases_of_a_suspended_card(server, client):
+    card = new_card()
+    member_id = enroll_with_points(client, card)
+    client.set_card_status({"card": card, "status": "suspended", "reason": "lost"})
+    bought = client.confirm_purchase({"member": {"card": card}, "receipt": {
+        "store": "msk-01", "terminal": "pos-s", "number": f"s-{member_id}", "channel": "pos", "at": now_at(),
+        "lines": [{"sku": "milk-1l", "categories": ["dairy"], "quantity": 1000, "price": 8990}]}})
+    url = server.database_url
+    # a suspended card buys anonymously: the purchase has no member, but keeps the card it was made with
+    assert rows(url, "SELECT member_id, card FROM purchases WHERE id = :p", p=int(bought.purchase_id)) == \
+        [{"member_id": None, "card": card}]
+    client.erase_member({"card": card, "reason": "GDPR request #44"})
+    [purchase] = rows(url, "SELECT card FROM purchases WHERE id = :p", p=int(bought.purchase_id))
+    assert purchase["card"].startswith("erased:")
+    [event] = rows(url, "SELECT payload FROM events WHERE key = :k", k=f"purchase_confirmed:{bought.purchase_id}")
+    payload = event["payload"] if isinstance(event["payload"], str) else json.dumps(event["payload"])
+    assert card not in payload and purchase["card"] in payload

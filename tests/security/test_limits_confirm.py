@@ -150,6 +150,24 @@ def test_racing_confirms_of_one_card_never_pass_the_hard_limit_together(server, 
     assert purchases_of(server, member_id) == 3
 
 
+def test_racing_confirms_at_one_terminal_never_pass_its_rate_together(server, client):
+    terminal = f"race-{new_card()}"
+    barrier = threading.Barrier(8)
+
+    def one(n: int):
+        barrier.wait()
+        try:
+            return confirm(client, None, f"t{n}", terminal=terminal)     # anonymous: no member lock orders them
+        except LoyaltyError as exc:
+            return exc
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(one, range(8)))
+    refusals = [o for o in outcomes if isinstance(o, LoyaltyError)]
+    assert len(refusals) == 4 and {e.metadata["limit"] for e in refusals} == {"terminal_confirms_per_minute"}
+    assert rows(server.database_url, "SELECT count(*) AS n FROM purchases WHERE terminal = :t", t=terminal) == \
+        [{"n": 4}]
+
+
 def test_limits_in_the_program_file_are_validated_with_their_path(server, client):
     bad = DEMO_PROGRAM + "\noperation_limits:\n  card_daily_confirms: {soft: 5, hard: 5}\n"
     with pytest.raises(LoyaltyError) as err:
