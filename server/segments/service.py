@@ -368,7 +368,8 @@ class SegmentService:
             conn.execute(update(segment_runs).where(segment_runs.c.id == run_id).values(
                 status="done", phase="", finished_at=now, duration_ms=duration, member_count=len(ids),
                 added=added, removed=removed))
-            audit.record(conn, "RecalculateSegment", f"segment:{sid} run:{run_id}", now)
+            if source != "schedule":        # the periodic job's runs are nobody's change
+                audit.record(conn, "RecalculateSegment", f"segment:{sid} run:{run_id}", now)
             return {"id": run_id, "segment_id": sid, "source": source, "status": "done", "started_at": started,
                     "finished_at": now, "duration_ms": duration, "member_count": len(ids), "added": added,
                     "removed": removed}
