@@ -14,10 +14,16 @@ twice), the lots it touches, and the balance update. Invariants, proved by ``che
 from __future__ import annotations
 
 import datetime as dt
+from typing import TYPE_CHECKING
 
 from sqlalchemy import bindparam, case, func, insert, literal, select, update
 
+from .dialects import dialect_of
 from .models import balances, ledger, point_lots, purchase_lines, purchases
+
+if TYPE_CHECKING:
+    from .db import Database
+    from .runtime import Runtime
 
 __all__ = ["WRITE_OFF_ORDER", "write_off_order_sql", "add_entry", "new_lot", "consume_active", "take_back", "settle_debt", "move_balance", "check",
            "liability"]
@@ -122,8 +128,8 @@ def settle_debt(conn, member_id: int, active_after: int) -> None:
         consume_active(conn, member_id, excess)
 
 
-def _move_balance_stmt(dialect: str):
-    greatest = func.max if dialect == "sqlite" else func.greatest
+def _move_balance_stmt(ops):
+    greatest = getattr(func, ops.greatest.lower())
     b = balances.c
     return (update(balances).where(b.member_id == bindparam("b_member_id"))
             .values(active=b.active + bindparam("b_active"), pending=b.pending + bindparam("b_pending"),
@@ -132,26 +138,28 @@ def _move_balance_stmt(dialect: str):
                     updated_at=bindparam("b_now", type_=balances.c.updated_at.type)))
 
 
-_move_balance = {"sqlite": _move_balance_stmt("sqlite"), "postgresql": _move_balance_stmt("postgresql")}
+_move_balance: dict = {}    # dialect name -> the statement, built once
+
 
 def move_balance(conn, member_id: int, *, active: int = 0, pending: int = 0, purchases_sum: int = 0,
                  tier: str | None = None, now: dt.datetime) -> None:
     """Add the deltas to the member's balances (``purchases_sum`` never below zero); ``tier`` when given."""
-    stmt = _move_balance.get(conn.dialect.name)
+    ops = dialect_of(conn)
+    stmt = _move_balance.get(ops.name)
     if stmt is None:
-        stmt = _move_balance[conn.dialect.name] = _move_balance_stmt(conn.dialect.name)
+        stmt = _move_balance[ops.name] = _move_balance_stmt(ops)
     conn.execute(stmt, {"b_member_id": member_id, "b_active": active, "b_pending": pending,
                         "b_sum": purchases_sum, "b_tier": tier, "b_now": now})
 
 
 # ---- proofs and reports -------------------------------------------------------------------------------------
 
-def check(service) -> list[str]:
+def check(db: Database) -> list[str]:
     """Every discrepancy between the ledger, the lots and the balances (and purchase lines without their
     purchase), one sentence each; empty when they agree. Set-based: a few grouped queries, whatever the number
     of members."""
     problems: list[str] = []
-    with service.db.read() as conn:
+    with db.read() as conn:
         sums = (select(ledger.c.member_id, func.sum(ledger.c.active_delta).label("a"),
                        func.sum(ledger.c.pending_delta).label("p"))
                 .group_by(ledger.c.member_id).subquery())
@@ -194,11 +202,11 @@ def check(service) -> list[str]:
     return problems
 
 
-def liability(service, *, expiring_within_days: int = 30) -> dict:
+def liability(runtime: Runtime, *, expiring_within_days: int = 30) -> dict:
     """Outstanding points: active, pending, their money value at the current program's ``point_value``,
     members holding points, debt (refund take-backs beyond the balance), points expiring soon."""
-    now = service.clock()
-    with service.db.read() as conn:
+    now = runtime.clock()
+    with runtime.db.read() as conn:
         active, pending, holders, debt = conn.execute(select(
             func.coalesce(func.sum(case((balances.c.active > 0, balances.c.active), else_=0)), 0),
             func.coalesce(func.sum(balances.c.pending), 0),
@@ -210,7 +218,7 @@ def liability(service, *, expiring_within_days: int = 30) -> dict:
             .where(point_lots.c.state == "active", point_lots.c.remaining > 0,
                    point_lots.c.expires_at <= now + dt.timedelta(days=expiring_within_days))).scalar()
     try:
-        point_value = service.programs.current().program.point_value
+        point_value = runtime.programs.current().program.point_value
     except Exception:  # noqa: BLE001 - no program yet: report points only
         point_value = None
     out = {"active_points": int(active), "pending_points": int(pending),

@@ -59,16 +59,6 @@ _PGB_SPEND_BUDGET = """UPDATE promotion_budgets SET spent = spent + %s::bigint
 WHERE promotion = %s AND spent + %s::bigint < %s::bigint RETURNING promotion"""
 
 
-def _member_of(item) -> tuple[str, str] | None:
-    """The batcher's key of a confirm (``_confirm_item``): its member reference, whose balance row the batch
-    locks; two batches of one process never hold the same one (``Batcher``). A card and a phone of one member
-    are two keys: those two batches meet at the balance row's lock, which keeps them correct, only slower."""
-    return item[1]
-
-
-_ALONE = object()       # a batch's answer meaning: run this confirm in a transaction of its own
-
-
 # Every row of a group of confirms in ONE statement (``SetWrite`` builds the parameters from their
 # ``PurchaseRows``): JSON arrays of rows named by their columns. Data-modifying CTEs see the same snapshot and never
 # the same row twice, so rows of one member are summed where the statement touches a row once: the balance

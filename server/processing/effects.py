@@ -49,8 +49,8 @@ def decide_effects(snap: Snapshot, receipt: dict, ctx: MemberContext | None, ans
     program = snap.program
     totals, state = answer["totals"], answer["member"]
     counted = ctx is not None and not state["anonymous"]     # suspended / blocked cards are anonymous
-    if counted and ctx.status == "active" and receipt["redeem_points"] > max(ctx.active, 0):
-        available = max(ctx.active, 0)
+    if counted and ctx.status == "active" and receipt["redeem_points"] > max(ctx.active_points, 0):
+        available = max(ctx.active_points, 0)
         raise FailedPrecondition(
             f"not enough points: {receipt['redeem_points']} requested, {available} available",
             available_points=available)
@@ -80,7 +80,7 @@ def decide_effects(snap: Snapshot, receipt: dict, ctx: MemberContext | None, ans
         fx.new_sum = ctx.purchases_sum + fx.metric
         fx.reached = tier_for(program, fx.new_sum)
         fx.upgrade = tier_threshold(program, fx.reached) > tier_threshold(program, fx.tier_before)
-        fx.settle = bool(fx.accrued and not fx.pending_delta and ctx.active < 0)
+        fx.settle = bool(fx.accrued and not fx.pending_delta and ctx.active_points < 0)
         fx.limited = [(p.id, period_key(p.limits.period, at)) for p in program.promotions
                       if p.limits.uses_per_member is not None and p.id in answer["promotions"]]
     # Budgeted promotions count what they gave: discount budgets the minor units of their discounts, points
@@ -196,7 +196,7 @@ def purchase_rows(snap: Snapshot, receipt: dict, ctx: MemberContext | None, fx: 
         redeemed=fx.redeemed if fx.counted else 0, entries=entries if fx.counted else [],
         lot=lot if fx.counted else None, active_delta=fx.active_delta, pending_delta=fx.pending_delta,
         metric=fx.metric, tier=fx.reached if fx.upgrade else None, settle=fx.settle,
-        active_after=(ctx.active + fx.active_delta) if fx.counted else 0, usage=list(fx.limited),
+        active_after=(ctx.active_points + fx.active_delta) if fx.counted else 0, usage=list(fx.limited),
         budgets=list(fx.budgets), events=_confirm_events(purchase_id, snap, receipt, ctx, fx, answer), now=now)
 
 

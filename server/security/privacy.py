@@ -27,6 +27,7 @@ import orjson
 from sqlalchemy import insert, select, update
 
 from ..errors import InvalidArgument, NotFound
+from ..limits import ID_LIMIT, REASON_LIMIT
 from ..members import check_text, find_member
 from ..models import (
     balances, cards, events, ledger, member_updates, members, operations, point_lots, purchase_lines, purchases,
@@ -39,7 +40,6 @@ from .models import limit_breaches, member_erasures
 
 __all__ = ["erase", "export", "erased_marker"]
 
-REASON_LIMIT = 500
 PROFILE_ERASED = {"phone": None, "first_name": "", "last_name": "", "gender": "", "birth_date": None, "email": "",
                   "city": "", "custom": {}}
 
@@ -56,7 +56,7 @@ def _card_digest(number: str) -> str:
 def erase(db, card: str, reason: str, now: dt.datetime) -> dict:
     """Erase the member holding ``card``: ``{"member_id", "erased_at", "replayed", "cards"}``; ``NotFound`` when
     no member holds it and it was never erased."""
-    card = check_text("card", card.strip(), 64)
+    card = check_text("card", card.strip(), ID_LIMIT)
     if not card:
         raise InvalidArgument("card", "required")
     check_text("reason", reason, REASON_LIMIT)
@@ -149,7 +149,7 @@ def export(db, card: str) -> tuple[int, bytes]:
     """``(member_id, JSON document)`` of everything held about the member holding ``card``: the profile, then
     one list per table of ``_SECTIONS``, and the purchases with their lines and refunds. ``NotFound`` when no
     member holds it."""
-    card = check_text("card", card.strip(), 64)
+    card = check_text("card", card.strip(), ID_LIMIT)
     if not card:
         raise InvalidArgument("card", "required")
     with db.read() as conn:

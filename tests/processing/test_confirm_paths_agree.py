@@ -72,10 +72,10 @@ def _services(urls, clock, monkeypatch, program):
         monkeypatch.setenv("LOYALTY_CONFIRM_BATCH_THREADS", "1")
         db.upgrade(url)
         svc = ProcessingService.open(url, clock=clock)
-        if svc._batcher is not None:
-            svc._batcher.idle_wait = True   # requests a moment apart from idle share a batch
+        if svc.confirmation.batcher is not None:
+            svc.confirmation.batcher.idle_wait = True   # requests a moment apart from idle share a batch
         if path == "postgresql row by row":
-            svc._set_based = False          # every confirm takes the path a group hands confirms back to
+            svc.confirmation.set_based = False          # every confirm takes the path a group hands confirms back to
         svc.publish_program(admin_pb2.PublishProgramRequest(yaml=program, comment="tests"))
         for i, card in enumerate(CARDS):
             svc.enroll_member(P.EnrollMemberRequest(card=card, source="pos"))
@@ -83,8 +83,8 @@ def _services(urls, clock, monkeypatch, program):
                                                     points=300 * (i + 1), reason="opening",
                                                     operation_id=f"open:{card}"))
         out.append(svc)
-    assert out[0]._batcher is not None and all(svc._batcher is None for svc in out[1:])
-    assert [svc._set_based for svc in out] == [True, False, False, True]
+    assert out[0].confirmation.batcher is not None and all(svc.confirmation.batcher is None for svc in out[1:])
+    assert [svc.confirmation.set_based for svc in out] == [True, False, False, True]
     return out
 
 
@@ -247,9 +247,9 @@ def test_every_confirm_path_writes_the_same(pg_url, pg_urls, sqlite_url, clock, 
         shared = 0
         for round_no in range(ROUNDS):
             requests = _requests(rng, round_no, earlier, clock().astimezone(MSK).isoformat())
-            before = batched._batcher.batches
+            before = batched.confirmation.batcher.batches
             got = together(batched, requests, gap=0.005)
-            assert batched._batcher.batches - before == 1, "the round did not land in one batch"
+            assert batched.confirmation.batcher.batches - before == 1, "the round did not land in one batch"
             order = sorted(range(len(requests)), key=lambda i: (requests[i].receipt.store,
                                                                  requests[i].receipt.terminal,
                                                                  requests[i].receipt.number, i))
@@ -279,7 +279,7 @@ def test_every_confirm_path_writes_the_same(pg_url, pg_urls, sqlite_url, clock, 
             for table in states[0]:
                 assert state[table] == states[0][table], f"{path}: {table} differs (seed {seed})"
         for svc in services:
-            assert ledger.check(svc) == []
+            assert ledger.check(svc.db) == []
         # the paths taken: one statement for a batch, and one per confirm when a member's later confirm may write
         # off points an earlier one of the batch made active; row by row on SQLite and where PostgreSQL's was forced
         assert exact_seen and (False in exact_seen) == (activation == "active at once"), exact_seen
