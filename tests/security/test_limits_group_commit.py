@@ -42,7 +42,7 @@ def batched(pg_url, clock, monkeypatch):
     monkeypatch.setenv("LOYALTY_CONFIRM_BATCH_THREADS", "1")
     db.upgrade(pg_url)
     svc = ProcessingService.open(pg_url, clock=clock)
-    svc._batcher.idle_wait = True
+    svc.confirmation.batcher.idle_wait = True
     svc.publish_program(admin_pb2.PublishProgramRequest(yaml=DEMO_PROGRAM + LIMITS, comment="limits"))
     try:
         yield svc
@@ -58,7 +58,7 @@ def test_one_batch_counts_its_own_confirms_against_the_limits(batched, caplog):
     caplog.set_level(logging.INFO, logger="loyalty")
     enroll(batched, "7400001", points=500)
     enroll(batched, "7400002", points=500)
-    before = batched._batcher.batches
+    before = batched.confirmation.batcher.batches
     r = together(batched, [
         _req("7400001", "l-1"),                 # 7400001: 1st confirm of the day
         _req("7400001", "l-2", redeem=100),     # 2nd: past soft 1 (recorded), at hard 2; 100 written off
@@ -67,7 +67,7 @@ def test_one_batch_counts_its_own_confirms_against_the_limits(batched, caplog):
         _req("7400002", "l-5", redeem=60),      # 2nd (soft: recorded); 160 > 150 written off: refused
         _req("7400002", "l-6"),                 # 2nd confirm (the refused one wrote nothing): allowed, recorded
     ])
-    assert batched._batcher.batches - before == 1          # all six in one transaction
+    assert batched.confirmation.batcher.batches - before == 1          # all six in one transaction
     assert "rolled back" not in caplog.text                # decided in the batch, not each alone after it
     assert isinstance(r[2], LimitExceeded) and r[2].details["limit"] == "card_daily_confirms"
     assert isinstance(r[4], LimitExceeded) and r[4].details["limit"] == "card_daily_writeoff_points"
