@@ -18,7 +18,10 @@ processes (default: one per core, as in production); the SQLite server and the e
 - ``calculate_secure`` (``--secure``): ``calculate`` against a second SQLite server (the same one process)
   with ``--auth required`` and TLS, each call over TLS with a store-bound ``pos`` API key; the summary's
   ``calculate_secure_rps_vs_calculate`` is the median of the rounds' own ratios (target: >= 0.9, i.e.
-  authentication and TLS together cost at most 10% of calculate's RPS).
+  authentication and TLS together cost at most 10% of calculate's RPS);
+- ``confirm_postgres_limits``: the same on a second PostgreSQL server whose program sets every operation limit
+  (``operation_limits``, soft and hard, far above what the run reaches: every figure is counted and checked,
+  nothing is refused or recorded); its summary ratio is against ``confirm_postgres`` of the same round.
 
 Runs every scenario ``--rounds`` times, interleaved (echo, calculate, confirm_sqlite, confirm_postgres, then
 again), and prints one JSON line per scenario and round (``--json``: only those, plus a final summary line)
@@ -210,10 +213,20 @@ class Proc:
                 self.proc.wait()
 
 
+# The demo program with every operation limit set out of reach (the figures are still read and checked).
+LIMITS_PROGRAM = (pathlib.Path(__file__).resolve().parents[1] / "server" / "demo" / "program.yaml").read_text() + """
+operation_limits:
+  card_daily_writeoff_points: {soft: 999999999999, hard: 1000000000000}
+  card_daily_confirms: {soft: 999999999999, hard: 1000000000000}
+  terminal_confirms_per_minute: {soft: 999999999999, hard: 1000000000000}
+"""
+
+
 def start_loyalty(tmp: pathlib.Path, name: str, database_url: str | None, log_level: str, workers: int = 1,
-                  secure: dict | None = None) -> Proc:
+                  secure: dict | None = None, program: str | None = None) -> Proc:
     """``loyalty serve`` with the demo and ``MEMBERS`` enrolled; ``secure`` (``secure_setup``): with
-    ``--auth required`` and TLS, its clients using the CA and the key."""
+    ``--auth required`` and TLS, its clients using the CA and the key; ``program``: published instead of the
+    demo's."""
     cmd = [sys.executable, "-c", "from loyalty.cli.main import main; main()", "serve", "--port", "0", "--demo",
            "--data-dir", str(tmp / name), "--log-level", log_level, "--workers", str(workers)]
     if database_url:
@@ -225,6 +238,8 @@ def start_loyalty(tmp: pathlib.Path, name: str, database_url: str | None, log_le
     options = {"tls_ca": secure["ca"], "api_key": secure["key"]} if secure else {}
     with LoyaltyClient(proc.target, timeout=30, **options) as client:
         client.wait_ready(30)
+        if program is not None:
+            client.publish_program({"yaml": program, "comment": "benchmark"})
         for i in range(MEMBERS):
             client.enroll_member({"card": f"bench-{i:04d}", "request_id": f"bench-{i:04d}"})
     return proc
@@ -290,7 +305,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="loyalty-bench-") as tmpdir:
         tmp = pathlib.Path(tmpdir)
         procs = []
-        pg_name = None
+        pg_names: list = []
         try:
             sqlite = start_loyalty(tmp, "sqlite", None, args.log_level)
             procs.append(sqlite)
@@ -316,10 +331,18 @@ def main(argv=None) -> int:
             targets.append(("confirm_sqlite", "confirm", sqlite.target, None))
             if not args.no_postgres:
                 pg_name, pg_url = fresh_pg_database()
+                pg_names.append(pg_name)
                 if pg_url:
                     pg = start_loyalty(tmp, "postgres", pg_url, args.log_level, workers=args.pg_workers)
                     procs.append(pg)
                     targets.append(("confirm_postgres", "confirm", pg.target, None))
+                limits_name, limits_url = fresh_pg_database()
+                if limits_url:
+                    pg_names.append(limits_name)
+                    limited = start_loyalty(tmp, "postgres-limits", limits_url, args.log_level,
+                                            workers=args.pg_workers, program=LIMITS_PROGRAM)
+                    procs.append(limited)
+                    targets.append(("confirm_postgres_limits", "confirm", limited.target, None))
             # Rounds: every scenario once per round, in the same order, so that each round's echo and calculate
             # run seconds apart on the same machine; a scenario's figure is its median round, the ratios are
             # the medians of the rounds' own ratios (a shared, noisy machine drifts between minutes).
@@ -332,8 +355,8 @@ def main(argv=None) -> int:
         finally:
             for p in reversed(procs):
                 p.stop()
-            if pg_name:
-                drop_pg_database(pg_name)
+            for name in filter(None, pg_names):
+                drop_pg_database(name)
 
     for name, runs in rounds.items():
         median = sorted(runs, key=lambda x: x["rps"])[len(runs) // 2]
@@ -357,6 +380,11 @@ def main(argv=None) -> int:
     for name in ("confirm_sqlite", "confirm_postgres"):
         if name in results:
             summary[f"{name}_rps_vs_echo"] = paired(name, "rps")
+    if "confirm_postgres_limits" in results and "confirm_postgres" in results:
+        summary["confirm_postgres_limits_rps_vs_confirm_postgres"] = paired("confirm_postgres_limits", "rps",
+                                                                            "confirm_postgres")
+        summary["confirm_postgres_limits_p99_vs_confirm_postgres"] = paired("confirm_postgres_limits", "p99_ms",
+                                                                            "confirm_postgres")
     summary["targets"] = {
         "calculate_rps_ge_70pct_echo": bool(summary["calculate_rps_vs_echo"] and summary["calculate_rps_vs_echo"] >= 0.7),
         "calculate_p99_le_2x_echo": bool(summary["calculate_p99_vs_echo"] and summary["calculate_p99_vs_echo"] <= 2.0),

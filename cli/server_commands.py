@@ -56,7 +56,12 @@ class _Backend:
         try:
             if self._service is not None:
                 from loyalty.clients.client import build_request
-                return getattr(self._service, name)(build_request(name, request))
+                from loyalty.server.security import audit
+                rpc = name.title().replace("_", "")
+                fn = getattr(self._service, name)
+                if rpc in audit.AUDITED_RPCS:   # as the server audits it (actor: local)
+                    fn = audit.audited(self._service.db, rpc, fn)
+                return fn(build_request(name, request))
             return self._client.call(name, request)
         except Exception as exc:  # noqa: BLE001 - one line, whatever it is
             fail(exc)

@@ -58,6 +58,10 @@ _RPCS = {
     "publish_program": ("PublishProgram", "admin", admin_pb2.PublishProgramRequest, None),
     "get_program": ("GetProgram", "admin", admin_pb2.GetProgramRequest, None),
     "list_program_versions": ("ListProgramVersions", "admin", admin_pb2.ListProgramVersionsRequest, None),
+    "list_audit": ("ListAudit", "admin", admin_pb2.ListAuditRequest, None),
+    "list_limit_breaches": ("ListLimitBreaches", "admin", admin_pb2.ListLimitBreachesRequest, None),
+    "erase_member": ("EraseMember", "admin", admin_pb2.EraseMemberRequest, None),     # idempotent by the card
+    "export_member": ("ExportMember", "admin", admin_pb2.ExportMemberRequest, None),
     # idempotent by each event's own id, so a retried batch counts nothing twice
     "record_message_events": ("RecordMessageEvents", "scenarios", scenarios_pb2.RecordMessageEventsRequest, None),
 }
@@ -65,7 +69,8 @@ _RPCS = {
 
 class LoyaltyError(Exception):
     """A call that failed: ``code`` (grpc.StatusCode), ``message`` (the server's, written for clients),
-    ``field`` / ``violations`` (BadRequest), ``reason`` / ``metadata`` (ErrorInfo), ``available_points``."""
+    ``field`` / ``violations`` (BadRequest), ``reason`` / ``metadata`` (ErrorInfo), ``available_points``,
+    ``preconditions`` ((type, subject) of PreconditionFailure: ``("OPERATION_LIMIT", "card_daily_confirms")``)."""
 
     def __init__(self, code: grpc.StatusCode, message: str, details=(), attempts: int = 1):
         super().__init__(f"{code.name}: {message}")
@@ -75,6 +80,7 @@ class LoyaltyError(Exception):
         self.violations: list[tuple[str, str]] = []
         self.reason = ""
         self.metadata: dict[str, str] = {}
+        self.preconditions: list[tuple[str, str]] = []
         for detail in details:
             if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                 bad = error_details_pb2.BadRequest()
@@ -85,6 +91,10 @@ class LoyaltyError(Exception):
                 detail.Unpack(info)
                 self.reason = info.reason
                 self.metadata.update(info.metadata)
+            elif detail.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
+                failure = error_details_pb2.PreconditionFailure()
+                detail.Unpack(failure)
+                self.preconditions += [(v.type, v.subject) for v in failure.violations]
 
     @property
     def field(self) -> str | None:

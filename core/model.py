@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 __all__ = [
     "DISCOUNT_EFFECTS", "POINTS_EFFECTS", "EFFECTS", "CARD_STATUSES",
     "Tier", "Tiers", "ProductGroup", "Scope", "Effect", "Validity", "Conditions", "Limits",
-    "Promotion", "Program", "Line", "Receipt", "Member",
+    "Promotion", "OperationLimit", "OperationLimits", "Program", "Line", "Receipt", "Member",
 ]
 
 DISCOUNT_EFFECTS = ("percent_off", "amount_off", "fixed_price", "nth_free")
@@ -119,6 +119,33 @@ class Promotion:
 
 
 @dataclass(frozen=True, slots=True)
+class OperationLimit:
+    """One limit against fraud (Loymax's soft and hard limits): beyond ``hard`` a confirm is refused, beyond
+    ``soft`` it goes through and is recorded for review; None: no such limit."""
+    soft: int | None = None
+    hard: int | None = None
+
+    @property
+    def is_set(self) -> bool:
+        return self.soft is not None or self.hard is not None
+
+
+@dataclass(frozen=True, slots=True)
+class OperationLimits:
+    """``operation_limits`` of the program file: what the server counts per card per receipt day (points written
+    off, confirms) and per terminal per minute (confirms). The core does not read them; the server's confirm
+    paths do (``loyalty.server.security.limits``)."""
+    card_daily_writeoff_points: OperationLimit = field(default_factory=OperationLimit)
+    card_daily_confirms: OperationLimit = field(default_factory=OperationLimit)
+    terminal_confirms_per_minute: OperationLimit = field(default_factory=OperationLimit)
+
+    @property
+    def any(self) -> bool:
+        return (self.card_daily_writeoff_points.is_set or self.card_daily_confirms.is_set
+                or self.terminal_confirms_per_minute.is_set)
+
+
+@dataclass(frozen=True, slots=True)
 class Program:
     name: str
     currency: str = "RUB"
@@ -135,6 +162,7 @@ class Program:
     tiers: Tiers = field(default_factory=Tiers)
     product_groups: tuple[ProductGroup, ...] = ()
     promotions: tuple[Promotion, ...] = ()   # file order; the engine orders by (-priority, id)
+    operation_limits: OperationLimits = field(default_factory=OperationLimits)
     source: dict | None = field(default=None, compare=False, repr=False)  # the parsed YAML, for storage
 
 

@@ -20,8 +20,8 @@ import yaml
 
 from .errors import ProgramError
 from .model import (
-    DISCOUNT_EFFECTS, EFFECTS, POINTS_EFFECTS, Conditions, Effect, Limits, ProductGroup, Program, Promotion,
-    Scope, Tier, Tiers, Validity,
+    DISCOUNT_EFFECTS, EFFECTS, POINTS_EFFECTS, Conditions, Effect, Limits, OperationLimit, OperationLimits,
+    ProductGroup, Program, Promotion, Scope, Tier, Tiers, Validity,
 )
 
 __all__ = ["load_program", "load_program_text", "program_from_dict"]
@@ -34,6 +34,7 @@ STACKINGS = ("priority", "best_for_customer")
 TIER_METRICS = ("purchases_sum",)
 # Kept in Program.source for later modules (segments, scenarios); not interpreted here.
 PASSTHROUGH_KEYS = ("segments", "audiences", "scenarios")
+OPERATION_LIMITS = ("card_daily_writeoff_points", "card_daily_confirms", "terminal_confirms_per_minute")
 
 _HOURS_RE = re.compile(r"^(\d{2}):(\d{2})-(\d{2}):(\d{2})$")
 _CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
@@ -288,7 +289,7 @@ def _required(d: dict, key: str, path: str):
 # ---- program sections -----------------------------------------------------------------------------------
 
 TOP_KEYS = ("program", "currency", "point_value", "stacking", "accrual", "redeem", "max_discount_percent",
-            "hints", "tiers", "product_groups", "promotions") + PASSTHROUGH_KEYS
+            "hints", "tiers", "product_groups", "promotions", "operation_limits") + PASSTHROUGH_KEYS
 
 
 def _build_program(d: dict, source: dict) -> Program:
@@ -331,6 +332,8 @@ def _build_program(d: dict, source: dict) -> Program:
     groups = _product_groups(d.get("product_groups", {}))
     promotions = _promotions(d.get("promotions", []), {g.name for g in groups}, {t.name for t in tiers.levels})
 
+    operation_limits = _operation_limits(d.get("operation_limits", {}))
+
     for key in PASSTHROUGH_KEYS:
         if key in d and not isinstance(d[key], (dict, list)) and d[key] is not None:
             raise ProgramError(key, f"expected a mapping or a list, got {_kind(d[key])}")
@@ -340,8 +343,27 @@ def _build_program(d: dict, source: dict) -> Program:
         activation_days=activation_days, expiry_days=expiry_days, on_redeemed_part=on_redeemed_part,
         redeem_max_bp=redeem_max_bp, reduced=reduced, min_payable_per_line=min_payable,
         max_discount_bp=max_discount_bp, hint_within_bp=hint_within_bp, tiers=tiers,
-        product_groups=groups, promotions=promotions, source=source,
+        product_groups=groups, promotions=promotions, operation_limits=operation_limits, source=source,
     )
+
+
+def _operation_limits(value) -> OperationLimits:
+    """``operation_limits``: each of ``OperationLimits``' names a mapping of ``soft`` and / or ``hard``, whole
+    numbers (points, or confirms), ``soft`` below ``hard`` when both are given (a soft limit at or past the hard
+    one would never be seen)."""
+    d = _mapping(value, "operation_limits", OPERATION_LIMITS)
+    return OperationLimits(**{name: _operation_limit(d[name], f"operation_limits.{name}") for name in d})
+
+
+def _operation_limit(value, p: str) -> OperationLimit:
+    d = _mapping(value, p, ("soft", "hard"))
+    if not d:
+        raise ProgramError(p, "expected soft and / or hard")
+    soft = _int(d["soft"], f"{p}.soft", 0, MAX_POINTS) if d.get("soft") is not None else None
+    hard = _int(d["hard"], f"{p}.hard", 0, MAX_POINTS) if d.get("hard") is not None else None
+    if soft is not None and hard is not None and soft >= hard:
+        raise ProgramError(f"{p}.soft", f"must be below hard ({hard}), got {soft}")
+    return OperationLimit(soft=soft, hard=hard)
 
 
 def _reduced(value, path: str) -> tuple[tuple[int, int], ...]:

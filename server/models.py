@@ -215,6 +215,8 @@ class Purchase(Base):
         UniqueConstraint("store", "terminal", "number"),
         CheckConstraint("status IN ('confirmed', 'refunded', 'cancelled')", name="status"),
         Index("ix_purchases_member_id_receipt_date", "member_id", "receipt_date"),
+        # a terminal's confirms of the last minute (operation limits, ``security.limits``)
+        Index("ix_purchases_store_terminal_created_at", "store", "terminal", "created_at"),
     )
 
 

@@ -29,6 +29,7 @@ from .db import Database
 from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .fanout import RedisListener
 from .models import program_versions
+from .security import audit
 from .timeutil import utcnow
 
 __all__ = ["ProgramRegistry", "Snapshot", "CHANNEL", "POLL_INTERVAL"]
@@ -123,6 +124,7 @@ class ProgramRegistry:
                     row = {"version": version, "name": program.name, "yaml": yaml_text, "checksum": checksum,
                            "published_at": self.clock(), "comment": comment or ""}
                     conn.execute(insert(program_versions).values(**row))
+                    audit.record(conn, "PublishProgram", f"program:{version}", row["published_at"])
                     return row
                 row = self.db.run_write(write)
                 break

@@ -70,16 +70,30 @@ def _status(exc: ServiceError, limit: int, violations: int, *, metadata: bool) -
         info = ({k: _short(v, min(limit, 256)) for k, v in items} if metadata else
                 {k: v for k, v in items[:8] if len(v) <= 64})
         reason = exc.details.get("reason") or exc.code
-        if exc.code == "FAILED_PRECONDITION" and "available_points" in exc.details:
-            reason = "NOT_ENOUGH_POINTS"
+        failure = _precondition(exc)
+        if failure is not None:
+            if failure[0] == "NOT_ENOUGH_POINTS":
+                reason = failure[0]
             violation = error_details_pb2.PreconditionFailure.Violation(
-                type="NOT_ENOUGH_POINTS", subject="receipt.redeem_points", description=_short(exc.message, limit))
+                type=failure[0], subject=failure[1], description=_short(exc.message, limit))
             details.append(_pack(error_details_pb2.PreconditionFailure(violations=[violation])))
         details.insert(0, _pack(error_details_pb2.ErrorInfo(reason=_short(str(reason), 64), domain=ERROR_DOMAIN,
                                                             metadata=info)))
         if exc.code == "UNAVAILABLE":
             details.append(_pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=200_000_000))))
     return status_pb2.Status(code=code, message=_short(exc.message, limit), details=details)
+
+
+def _precondition(exc: ServiceError) -> tuple[str, str] | None:
+    """``(type, subject)`` of the PreconditionFailure a failed precondition carries: not enough points (the
+    receipt's ``redeem_points``), or an operation limit (``security.limits``: the limit's name)."""
+    if exc.code != "FAILED_PRECONDITION":
+        return None
+    if "available_points" in exc.details:
+        return "NOT_ENOUGH_POINTS", "receipt.redeem_points"
+    if "limit" in exc.details:
+        return "OPERATION_LIMIT", str(exc.details["limit"])
+    return None
 
 
 def internal_status(incident: str) -> grpc.Status:

@@ -26,6 +26,7 @@ from ..members import ContextCache
 from ..programs import ProgramRegistry
 from ..runtime import Runtime
 from ..scenarios.definitions import parse_scenarios
+from ..security.service import Security
 from ..segments.membership import AudienceIndex
 from ..segments.service import SegmentService
 from ..timeutil import utcnow
@@ -67,6 +68,7 @@ class ProcessingService:
         # The program file's parts kept by other modules: scenarios checked (workers apply them), segments and
         # audiences defined and calculated first, so a promotion never names an audience that does not exist yet.
         self.publishing = Publishing(rt, parts=(_check_scenarios, _segments_part(rt)))
+        self.security = Security(rt)
 
     # the runtime's parts, as the edge and the CLI read them
     db = property(lambda self: self.runtime.db)
@@ -124,6 +126,18 @@ class ProcessingService:
 
     def list_program_versions(self, request):
         return self.publishing.list_program_versions(request)
+
+    def list_audit(self, request):
+        return self.security.list_audit(request)
+
+    def list_limit_breaches(self, request):
+        return self.security.list_limit_breaches(request)
+
+    def erase_member(self, request):
+        return self.security.erase_member(request)
+
+    def export_member(self, request):
+        return self.security.export_member(request)
 
     @classmethod
     def open(cls, database_url: str, *, redis_url: str | None = None, clock=None,

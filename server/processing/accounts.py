@@ -15,6 +15,7 @@ from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFoun
 from ..limits import ID_LIMIT, KEY_LIMIT, REASON_LIMIT
 from ..members import check_text, find_member, validate_enroll, validate_ref, validate_status, validate_update
 from ..models import balances, cards, member_updates, members, operations, subscriptions
+from ..security import audit
 from ..segments.service import bump_membership_version
 from ..runtime import Runtime
 from .common import _data_errors, _hash
@@ -300,6 +301,7 @@ class Accounts:
         conn.execute(insert(operations).values(operation_id=operation_id, member_id=ctx.member_id, kind=kind,
                                                points=points, reason=request.reason, request_hash=request_hash,
                                                response=response, created_at=now))
+        audit.record(conn, "AdjustPoints", f"member:{ctx.member_id} operation:{operation_id}", now)
         return response, ctx.member_id
 
     @_data_errors
@@ -333,6 +335,7 @@ class Accounts:
             conn.execute(update(subscriptions).where(subs.member_id == row.member_id, subs.saved_on.is_not(None))
                          .values(on=subs.saved_on, saved_on=None, updated_at=now))
         conn.execute(update(cards).where(cards.c.number == card).values(status=status, status_changed_at=now))
+        audit.record(conn, "SetCardStatus", f"member:{row.member_id} status:{before}->{status}", now)
         self.reads.event(conn, "card_status_changed", row.member_id, now, card=card, status_before=before,
                     status=status, reason=reason)
         bump_membership_version(conn, now)      # last: its row lock is held until the commit

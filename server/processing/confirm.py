@@ -23,6 +23,7 @@ from ..db import committing, current_deadline, deadline as db_deadline, driver_e
 from ..errors import AlreadyExists, InvalidArgument, NotFound, ServiceError, Unavailable
 from ..members import MemberContext, validate_ref
 from ..programs import Snapshot
+from ..security import limits as operation_limits
 from .common import BATCH_MIN_TIME_S, _BudgetMoved, _check_receipt, _data_errors, _legacy_hashes, _receipt_hash, _Retry, log
 from .confirm_sql import (
     _PGB_BUDGETS, _PGB_CONTEXT, _PGB_EXISTING, _PGB_IDS, _PGB_LOCK, _PGB_SPEND_BUDGET, _PGB_USAGE, SetWrite,
@@ -231,12 +232,14 @@ class Confirmation:
                                          existing.member_id)
         ctx = self.reads.load_context(conn, request.ref, snap, lock=True) if request.ref is not None else None
         answer, fx, now = self._decide(snap, request, ctx, conn)
+        breaches = operation_limits.check(conn, snap.program.operation_limits, now, receipt, fx, ctx)
         row = purchase_row(snap, receipt, ctx, fx, answer, request.request_hash, now)
         try:
             purchase_id = conn.execute(INSERT_PURCHASE, row).scalar_one()
         except IntegrityError:
             raise _Retry() from None    # a concurrent confirm of the key: run again to replay its answer
         write_rows(conn, purchase_rows(snap, receipt, ctx, fx, answer, request.request_hash, now, purchase_id))
+        operation_limits.record(conn, breaches, purchase_id)
         return Confirmed(purchase_id, answer, False, ctx.member_id if ctx else None)
 
     # ---- set-based (PostgreSQL): a group-commit batch, or one confirm as a group of one -------------------
@@ -354,6 +357,8 @@ class Confirmation:
                         state[member_id].usage[promotion, key] = uses
         for member_id, ctx in state.items():
             ctx.audiences = self.reads.audiences(conn, member_id)
+        tally = operation_limits.Tally(conn, snap.program.operation_limits, self.rt.clock())
+        tally.prefetch(set(state), {r.at.date() for r in requests}, {r.key[:2] for r in requests})
 
         outcomes: list = [None] * n
         firsts: dict = {}           # key -> index of the confirm of this group that writes it
@@ -394,6 +399,7 @@ class Confirmation:
                     for promotion, amount in budgets.items():
                         used[promotion] = used.get(promotion, 0) + amount
                 answer, fx, now = self._decide(snap, request, ctx, conn, budgets=used)
+                found = tally.check(request.receipt, fx, ctx and ctx.card)
             except ServiceError as exc:
                 outcomes[i] = exc
                 continue
@@ -407,6 +413,7 @@ class Confirmation:
                 outcomes[i] = _ALONE
                 continue
             purchase_id, entry_a, entry_b = ids[k]
+            tally.add(request.receipt, fx, found, purchase_id)
             writes.add(purchase_rows(snap, request.receipt, ctx, fx, answer, request.request_hash, now,
                                      purchase_id, (entry_a, entry_b)))
             if spent_before is not None:
@@ -426,6 +433,7 @@ class Confirmation:
             firsts[key] = i
             outcomes[i] = Confirmed(purchase_id, answer, False, ctx.member_id if ctx else None)
         if writes.confirms:
+            tally.record()              # the soft limits the group's confirms passed
             with driver_errors(conn):
                 if checks:                  # promotion id order: the order every writer locks budget rows in
                     limits = {p.id: p.limits.discount_budget if p.limits.discount_budget is not None

@@ -34,6 +34,7 @@ from loyalty.server.dialects import DialectOps, dialect_of
 from loyalty.server.errors import AlreadyExists, InvalidArgument, NotFound
 from loyalty.server.limits import REASON_LIMIT
 from loyalty.server.models import UTCDateTime, cards, members
+from loyalty.server.security import audit
 
 from .common import claim, insert_ignore
 from .models import batch_members, batches
@@ -107,6 +108,7 @@ def create(database, now: dt.datetime, batch_id: str, kind: str, points: int, *,
                 conn.execute(insert(batch_members), [{"batch_id": batch_id, "member_id": m} for m in ids[k:k + 5000]])
         dialect_of(conn).analyze(conn, "batch_members")     # fresh statistics: chunks join it by index
         total = conn.execute(select(func.count()).where(batch_members.c.batch_id == batch_id)).scalar_one()
+        audit.record(conn, "StartBatch", f"batch:{batch_id} members:{total}", now)
         values.update(total=total, state="running" if total else "done", finished_at=None if total else now)
         conn.execute(update(batches).where(batches.c.id == batch_id).values(
             total=total, state=values["state"], finished_at=values["finished_at"]))

@@ -14,6 +14,7 @@ from loyalty.server.db import Database
 from loyalty.server.dialects import dialect_of
 from loyalty.server.errors import InvalidArgument, NotFound
 from loyalty.server.models import events, program_versions
+from loyalty.server.security import audit
 
 from . import batch as batches_mod
 from . import message_events as message_events_mod
@@ -75,6 +76,7 @@ class ScenarioService:
             values = {"id": sid, "title": definition["title"], "version": 1, "definition": definition,
                       "enabled": definition["enabled"], "origin": origin, "created_at": now, "updated_at": now}
             if conn.execute(insert_ignore(conn, scenarios).values(**values).returning(scenarios.c.id)).scalar():
+                audit.record(conn, "CreateScenario", f"scenario:{sid}", now)
                 return self._view(values)
         row = conn.execute(select(scenarios).where(scenarios.c.id == sid)).first()
         if row is None:
@@ -88,6 +90,7 @@ class ScenarioService:
         values = {"title": definition["title"], "definition": definition, "enabled": definition["enabled"],
                   "version": row.version + 1, "origin": origin, "updated_at": now}
         conn.execute(update(scenarios).where(scenarios.c.id == sid).values(**values))
+        audit.record(conn, "UpdateScenario", f"scenario:{sid} version:{values['version']}", now)
         return self._view({**dict(row._mapping), **values})
 
     def apply_program(self, source: dict | None, *, version: int | None = None) -> dict:
@@ -144,6 +147,7 @@ class ScenarioService:
             definition = {**row.definition, "enabled": enabled}
             values = {"enabled": enabled, "definition": definition, "updated_at": now}
             conn.execute(update(scenarios).where(scenarios.c.id == sid).values(**values))
+            audit.record(conn, "EnableScenario" if enabled else "DisableScenario", f"scenario:{sid}", now)
             return self._view({**dict(row._mapping), **values})
         return self.db.run_write(tx)
 
@@ -270,6 +274,7 @@ class ScenarioService:
                 raise InvalidArgument("kind", f"expected message or run, got {kind!r}")
             if not n:
                 raise NotFound(f"no dead {kind} {item_id}")
+            audit.record(conn, "RetryDeadLetter", f"{kind}:{item_id}", now)
             return {"kind": kind, "id": item_id, "retried": True}
         return self.db.run_write(tx)
 

@@ -33,6 +33,7 @@ from loyalty.server.db import Database
 from loyalty.server.dialects import dialect_of, insert_ignore
 from loyalty.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from loyalty.server.models import balances, cards, members, program_versions
+from loyalty.server.security import audit
 from loyalty.server.timeutil import utcnow
 
 from . import conditions as cond
@@ -187,6 +188,7 @@ class SegmentService:
                 conn.execute(insert(segments).values(id=sid, created_at=now, member_count=0, **row))
             else:
                 conn.execute(update(segments).where(segments.c.id == sid).values(**row))
+            audit.record(conn, "UpdateSegment" if existing else "CreateSegment", f"segment:{sid}", now)
             self._bump(conn)      # the set of dynamic segments is part of what AudienceIndex serves
         self.db.run_write(write)
         self._announce()
@@ -227,6 +229,7 @@ class SegmentService:
                 conn.execute(insert(audiences).values(id=aid, created_at=now, **values))
             else:
                 conn.execute(update(audiences).where(audiences.c.id == aid).values(**values))
+            audit.record(conn, "DefineAudience", f"audience:{aid}", now)
             self._bump(conn)      # audience definitions are part of what AudienceIndex serves
         self.db.run_write(write)
         self._announce()
@@ -282,6 +285,7 @@ class SegmentService:
             elif not conn.execute(delete(audiences).where(audiences.c.id == target)).rowcount:
                 raise NotFound(f"no segment or audience {target!r}")
             conn.execute(delete(audience_bitmaps).where(audience_bitmaps.c.audience_id == target))
+            audit.record(conn, "DeleteSegment", f"segment:{target}", self.clock())
             self._bump(conn)
         self.db.run_write(write)
         self._announce()
@@ -363,6 +367,8 @@ class SegmentService:
             conn.execute(update(segment_runs).where(segment_runs.c.id == run_id).values(
                 status="done", phase="", finished_at=now, duration_ms=duration, member_count=len(ids),
                 added=added, removed=removed))
+            if source != "schedule":        # the periodic job's runs are nobody's change
+                audit.record(conn, "RecalculateSegment", f"segment:{sid} run:{run_id}", now)
             return {"id": run_id, "segment_id": sid, "source": source, "status": "done", "started_at": started,
                     "finished_at": now, "duration_ms": duration, "member_count": len(ids), "added": added,
                     "removed": removed}
@@ -523,6 +529,7 @@ class SegmentService:
             self._store_bitmap(conn, sid, "segment", bitmap)
             conn.execute(update(segments).where(segments.c.id == sid).values(member_count=len(bitmap),
                                                                               calculated_at=now))
+            audit.record(conn, "RemoveMembers" if action == "remove" else "AddMembers", f"segment:{sid}", now)
             return {"changed": changed, "unchanged": len(set(ids)) - changed, "unknown": len(unknown),
                     "unknown_refs": unknown[:20], "member_count": len(bitmap)}
         result = self.db.run_write(tx)
@@ -591,6 +598,7 @@ class SegmentService:
             bitmap = BitMap(conn.execute(select(member_tags.c.member_id).where(member_tags.c.tag == tag)).scalars())
             if external:
                 self._store_bitmap(conn, tag, "tag", bitmap)
+            audit.record(conn, "SetTag", f"tag:{tag} of:{target}", now)
             return {"tag": tag, "tagged": added, "untagged": removed, "member_count": len(bitmap),
                     "external": external}
         result = self.db.run_write(tx)

@@ -67,3 +67,18 @@ def pki(tmp_path):
     ca = CA(tmp_path / "pki")
     return dataclasses.make_dataclass("Pki", ["ca", "server", "till", "folder"])(
         ca, ca.issue("server", "localhost", server=True), ca.issue("till-7", "till-7"), tmp_path / "pki")
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request, tmp_path_factory):
+    """A real ``loyalty serve`` per test module on each backend (on PostgreSQL with group commit on, as served
+    by default), authentication off as on loopback by default."""
+    with server_on(request.param, tmp_path_factory.mktemp(f"security-{request.param}")) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server):
+    """A client of ``server`` that does not retry (a retry is something a test does on purpose)."""
+    with server.client(retries=0, timeout=30) as c:
+        yield c
