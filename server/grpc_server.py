@@ -57,6 +57,7 @@ import contextlib
 import contextvars
 import dataclasses
 import gc
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -113,6 +114,17 @@ def _bounded(until: float, principal, call, request):
     by ``until`` (``db.deadline``)."""
     with db_deadline(until), acting_as(principal):
         return call(request)
+
+
+def _audit_refusal(db, rpc: str, principal, decode, raw: bytes, code: str, detail: str) -> None:
+    """The audit row of an admin call refused for its credential (before its request was read)."""
+    try:
+        request = decode(raw)
+    except Exception:  # noqa: BLE001 - bytes that are not the request: recorded by their digest alone
+        request = None
+    audit.record_refusal(db, principal, rpc, audit.target_of(rpc, request) if request is not None else "",
+                         audit.digest(request) if request is not None else hashlib.sha256(raw).hexdigest(), code,
+                         detail)
 
 
 # The store a pos credential must be bound to, per method: (where it is in the decoded request, its field).
@@ -367,8 +379,9 @@ class LoyaltyServer:
     def _make_handler(self, method: str, request_cls, fn, pool):
         """The handler of a method whose service function takes the request message and returns the response
         message (every method but CalculateReceipt, and those of the Segments and Scenarios services)."""
-        if method in audit.AUDITED_RPCS:       # admin changes: the call named for the audit log, refusals recorded
-            fn = audit.audited(self.service.db, method, fn)
+        rpc = method.rsplit("/", 1)[-1]
+        if rpc in audit.AUDITED_RPCS:           # admin changes: the call named for the audit log, refusals recorded
+            fn = audit.audited(self.service.db, rpc, fn)
         return self._bytes_handler(method, _message_decoder(request_cls), _serializing(fn), request_key, pool)
 
     def _bytes_handler(self, path: str, decode, call, describe, pool, inline=None):
@@ -391,6 +404,8 @@ class LoyaltyServer:
         store_of = STORE_OF.get(method) if service_name == PROCESSING else None
         gate = self.gate
         io_pool = self.io_pool
+        # an audited call refused for its credential (missing, unknown, without the scope) is recorded too
+        audit_refusals = gate is not None and method in audit.AUDITED_RPCS
 
         async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
             started = time.perf_counter()
@@ -407,8 +422,10 @@ class LoyaltyServer:
             in_flight.inc()
             try:
                 if gate is not None:
+                    principal = audit.UNIDENTIFIED
                     principal = gate.identify(context)
                     if principal is None:
+                        principal = audit.UNIDENTIFIED
                         principal = await loop_holder[0].run_in_executor(io_pool, gate.identify_slow, context)
                     authorize(principal, scopes, method)
                 request = decode(raw)
@@ -425,6 +442,9 @@ class LoyaltyServer:
                 return await loop_holder[0].run_in_executor(pool, _bounded, until, principal, call, request)
             except ServiceError as exc:
                 code, detail = exc.code, exc.message
+                if audit_refusals and request is None and code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+                    await loop_holder[0].run_in_executor(io_pool, _audit_refusal, self.service.db, method,
+                                                         principal, decode, raw, code, detail)
                 await _abort(context, status_for(exc), rid)
             except asyncio.CancelledError:
                 code = "CANCELLED"

@@ -47,7 +47,11 @@ AUDITED_RPCS = frozenset({
     "CreateSegment", "UpdateSegment", "DefineAudience", "RecalculateSegment", "AddMembers", "RemoveMembers",
     "ImportCsv", "SetTag",
     "CreateScenario", "UpdateScenario", "StartBatch", "RetryDeadLetter",
+    "CreateKey", "RevokeKey", "RotateKey",
 })
+
+# Who a refused call was when no credential identified it (missing, unknown, expired...).
+UNIDENTIFIED = Principal("unidentified", "none", frozenset())
 
 # Request fields never digested as they are (a key's secret): emptied before hashing.
 SECRET_FIELDS = ("secret", "api_key", "token", "password")
@@ -113,6 +117,8 @@ def target_of(rpc: str, request) -> str:
 
     def field(name: str):
         return getattr(request, name) if name in fields else ""
+    if rpc in ("RevokeKey", "RotateKey") and field("id"):
+        return f"key:{request.id}"
     if field("operation_id"):
         return f"operation:{request.operation_id}"
     if field("batch_id"):

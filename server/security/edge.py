@@ -42,6 +42,7 @@ SCOPE_OF: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "loyalty.v1.Admin": {
         "PublishProgram": _ADMIN, "GetProgram": _READ, "ListProgramVersions": _READ,
+        "ListAudit": _ADMIN, "ListLimitBreaches": _ADMIN, "EraseMember": _ADMIN, "ExportMember": _ADMIN,
     },
     "loyalty.v1.Segments": {
         "CreateSegment": _ADMIN, "UpdateSegment": _ADMIN, "DefineAudience": _ADMIN, "RecalculateSegment": _ADMIN,

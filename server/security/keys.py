@@ -37,6 +37,7 @@ from sqlalchemy import select, update
 from loyalty.server.errors import InvalidArgument, NotFound, Unauthenticated
 from loyalty.server.security import SCOPES, Principal
 
+from . import audit
 from .models import api_key_state, api_keys
 
 __all__ = ["PREFIX", "KeyRing", "create_key", "list_keys", "revoke_key", "rotate_key", "split_key",
@@ -142,6 +143,7 @@ def create_key(db, *, name: str, scopes, stores=(), kind: str = "key", announce=
                                             api_keys.c.revoked_at.is_(None))).first():
             raise InvalidArgument("name", f"the certificate subject {name!r} is already registered")
         result = _insert(conn, name=name, scopes=scopes, stores=stores, kind=kind, revision=_next_revision(conn))
+        audit.record(conn, "CreateKey", f"key:{result[0]['id']}")
     _announce(announce)
     return result
 
@@ -170,6 +172,7 @@ def revoke_key(db, key_id: str, *, announce=None) -> dict:
         conn.execute(update(api_keys).where(api_keys.c.id == key_id)
                      .values(revoked_at=_now(), revision=_next_revision(conn)))
         row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).one()
+        audit.record(conn, "RevokeKey", f"key:{key_id}")
     _announce(announce)
     return _public(row)
 
@@ -191,6 +194,7 @@ def rotate_key(db, key_id: str, *, grace_s: float = ROTATION_GRACE_S, announce=N
             ends = min(ends, old.expires_at)
         conn.execute(update(api_keys).where(api_keys.c.id == key_id)
                      .values(expires_at=ends, replaced_by=new["id"], revision=revision))
+        audit.record(conn, "RotateKey", f"key:{key_id}")
     _announce(announce)
     return new, secret
 
