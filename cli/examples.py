@@ -61,6 +61,16 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "scenarios dead-letters": ("loyalty scenarios dead-letters --limit 20",),
     "scenarios retry": ("loyalty scenarios retry message 17",),
     "scenarios codes": ("loyalty scenarios codes welcome codes.txt",),
+    "keys create": ("loyalty keys create --name till-msk-01-3 --scope pos --store msk-01 --server 127.0.0.1:50051",
+                    "loyalty keys create --name first-admin --scope admin --database-url "
+                    "postgresql+psycopg://loyalty@db/loyalty"),
+    "keys list": ("loyalty keys list --json",),
+    "keys revoke": ("loyalty keys revoke 3f9c2a7d1e4b6a80",),
+    "keys rotate": ("loyalty keys rotate 3f9c2a7d1e4b6a80 --grace 86400",),
+    "audit list": ("loyalty audit list --since 2026-12-01 --actor ops-admin",),
+    "limits list": ("loyalty limits list --since 2026-12-01 --json",),
+    "member erase": ("loyalty member erase 7000003 --reason 'request #42 of 2 December'",),
+    "member export": ("loyalty member export 7000003 > member-7000003.json",),
     "messages record": ("loyalty messages record events.jsonl --server 127.0.0.1:50051",
                         "provider-export | loyalty messages record - --json"),
 }
