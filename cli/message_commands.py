@@ -70,7 +70,7 @@ def _sender(server: str | None, database_url: str | None):
         service = ScenarioService.open(url)
         return service.record_message_events, service.close
 
-    from loyalty.clients.client import LoyaltyClient, to_dict
+    from loyalty.clients import LoyaltyClient, to_dict
     client = LoyaltyClient(server or DEFAULT_SERVER, timeout=30.0, retries=4)
 
     def send(batch):

@@ -60,14 +60,14 @@ class _Backend:
             from loyalty.server.processing import ProcessingService
             self._service = ProcessingService.open(self.database_url)
         else:
-            from loyalty.clients.client import LoyaltyClient
+            from loyalty.clients import LoyaltyClient
             self._client = LoyaltyClient(self.server or DEFAULT_SERVER, timeout=10.0, retries=2)
         return self
 
     def call(self, name: str, request):
         try:
             if self._service is not None:
-                from loyalty.clients.client import build_request
+                from loyalty.clients import build_request
                 return getattr(self._service, name)(build_request(name, request))
             return self._client.call(name, request)
         except Exception as exc:  # noqa: BLE001 - one line, whatever it is
@@ -81,7 +81,7 @@ class _Backend:
 
 
 def _print(message, as_json: bool, human) -> None:
-    from loyalty.clients.client import to_dict
+    from loyalty.clients import to_dict
     if as_json:
         emit_json(to_dict(message))
     else:

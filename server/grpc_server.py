@@ -55,7 +55,7 @@ import uuid
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from loyalty.server.convert import decode_receipt_request, encode_calculate_response, encode_confirm_response
 from loyalty.server.db import deadline as db_deadline
@@ -87,6 +87,54 @@ def _bounded(until: float, call, request):
     """``call(request)`` on a pool thread with its storage work bounded by ``until`` (``db.deadline``)."""
     with db_deadline(until):
         return call(request)
+
+
+def _next_chunk(chunks):
+    """The next message of a streaming method's generator, None after the last."""
+    return next(chunks, None)
+
+
+def _close_when_done(pending: concurrent.futures.Future | None, chunks) -> None:
+    """Close a stream's generator (its database read ends) once no pool thread is inside it any more."""
+    if pending is None:
+        chunks.close()
+    else:
+        pending.add_done_callback(lambda _future: chunks.close())
+
+
+def _code_of(exc: Exception) -> str:
+    return exc.code if isinstance(exc, ServiceError) else "INTERNAL"
+
+
+async def _abort(context, method: str, exc: Exception, code: str, where: str) -> None:
+    """End a call that failed: a domain error as its status (logged at INFO, or WARNING when storage is the
+    cause), anything else as INTERNAL with an incident id (the traceback in the log, never to the client)."""
+    if isinstance(exc, ServiceError):
+        level = logging.WARNING if code in ("UNAVAILABLE", "INTERNAL") else logging.INFO
+        log.log(level, "%s %s %s: %s", method, code, where or "-", exc.message)
+        status = status_for(exc)
+    else:
+        incident = uuid.uuid4().hex[:12]
+        log.error("%s INTERNAL incident=%s %s", method, incident, where or "-", exc_info=exc)
+        status = internal_status(incident)
+    await context.abort_with_status(status)
+
+
+# grpcio-reflection implements v1alpha only; v1 (grpc.reflection.v1.ServerReflection, what current grpcurl,
+# Postman and grpcui ask first) is the same protocol with the package renamed: identical messages, field
+# numbers and semantics, so the v1alpha servicer answers it, registered under the v1 name.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _enable_reflection(server, service_names: tuple[str, ...]) -> None:
+    """Serve reflection as ``grpc.reflection.v1`` and ``v1alpha``, both listing ``service_names`` and
+    themselves."""
+    servicer = reflection.aio.ReflectionServicer(service_names + (REFLECTION_V1, reflection.SERVICE_NAME))
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers(tuple(grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": handler})
+                                          for name in (REFLECTION_V1, reflection.SERVICE_NAME)))
 
 
 @dataclasses.dataclass
@@ -202,9 +250,7 @@ class LoyaltyServer:
         add_segments_service(self, service, redis_url=config.redis_url)
         add_scenarios_service(self, service)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server)
+        _enable_reflection(self.server, SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,))
 
     def _generic_handler(self, service_name: str, module) -> grpc.GenericRpcHandler:
         descriptor = module.DESCRIPTOR.services_by_name[service_name.rsplit(".", 1)[1]]
@@ -260,11 +306,55 @@ class LoyaltyServer:
 
     def add_module_service(self, full_name: str, methods: dict) -> None:
         """Serve a module's service (Segments, Scenarios; ``grpc_register.register_servicer``): ``methods`` maps
-        each RPC name to ``(request class, fn(request) -> response)``; they get the handlers every method of
+        each RPC name to ``(request class, fn(request) -> response, server streaming)`` (a streaming ``fn``
+        returns a generator of responses); they get the handlers every method of
         this server has (a pool thread, the call's deadline, the error map, metrics)."""
-        handlers = {name: grpc.unary_unary_rpc_method_handler(self._make_handler(name, request_cls, fn, self.io_pool))
-                    for name, (request_cls, fn) in methods.items()}
+        handlers = {}
+        for name, (request_cls, fn, streaming) in methods.items():
+            if streaming:
+                handlers[name] = grpc.unary_stream_rpc_method_handler(
+                    self._stream_handler(name, _message_decoder(request_cls), fn, self.io_pool))
+            else:
+                handlers[name] = grpc.unary_unary_rpc_method_handler(
+                    self._make_handler(name, request_cls, fn, self.io_pool))
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(full_name, handlers),))
+
+    def _stream_handler(self, method: str, decode, chunks_of, pool):
+        """The grpc.aio handler of a server-streaming method: ``chunks_of(request)`` is a generator of response
+        messages, each taken from it in ``pool`` only when the previous one was sent (so an export holds one
+        chunk in memory, and a slow client slows the reading down); the generator is closed when the call
+        ends, however it ends. Errors before or between chunks map as for every other method."""
+        metrics = self.metrics
+
+        async def handler(raw: bytes, context: grpc.aio.ServicerContext):
+            started = time.perf_counter()
+            code = "OK"
+            request = chunks = None
+            pending: concurrent.futures.Future | None = None
+            remaining = context.time_remaining()
+            until = time.monotonic() + (STORAGE_TIMEOUT_S if remaining is None else remaining)
+            try:
+                request = decode(raw)
+                chunks = chunks_of(request)
+                while True:
+                    pending = pool.submit(_bounded, until, _next_chunk, chunks)
+                    chunk = await asyncio.wrap_future(pending)
+                    if chunk is None:
+                        break
+                    yield chunk.SerializeToString()
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception as exc:
+                code = _code_of(exc)
+                await _abort(context, method, exc, code, request_key(request) if request else "")
+            finally:
+                if chunks is not None:
+                    _close_when_done(pending, chunks)
+                metrics.observe(method, code, time.perf_counter() - started)
+
+        handler.__name__ = method
+        return handler
 
     def _make_handler(self, method: str, request_cls, fn, pool):
         """The handler of a method whose service function takes the request message and returns the response
@@ -298,21 +388,12 @@ class LoyaltyServer:
                 if not loop_holder:
                     loop_holder.append(asyncio.get_running_loop())
                 return await loop_holder[0].run_in_executor(pool, _bounded, until, call, request)
-            except ServiceError as exc:
-                code = exc.code
-                level = logging.WARNING if code in ("UNAVAILABLE", "INTERNAL") else logging.INFO
-                log.log(level, "%s %s %s: %s", method, code, (describe(request) if request else "") or "-",
-                        exc.message)
-                await context.abort_with_status(status_for(exc))
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise
-            except Exception:
-                code = "INTERNAL"
-                incident = uuid.uuid4().hex[:12]
-                log.exception("%s INTERNAL incident=%s %s", method, incident,
-                              (describe(request) if request else "") or "-")
-                await context.abort_with_status(internal_status(incident))
+            except Exception as exc:
+                code = _code_of(exc)
+                await _abort(context, method, exc, code, describe(request) if request else "")
             finally:
                 elapsed = time.perf_counter() - started
                 metrics.observe(method, code, elapsed)

@@ -12,6 +12,7 @@ from ..convert import iso
 from ..errors import InvalidArgument
 from ..members import check_text
 from ..models import promotion_budgets
+from ..paging import page_of, paged
 from ..scenarios.definitions import parse_scenarios
 from ..segments.service import SegmentService
 from .context import ContextCases
@@ -68,5 +69,8 @@ class PublishingCases(ContextCases):
         return _version_message(self.programs.get(request.version))
 
     def list_program_versions(self, request) -> admin_pb2.ListProgramVersionsResponse:
-        """Every version, newest first, without the YAML text."""
-        return admin_pb2.ListProgramVersionsResponse(versions=[_version_message(r) for r in self.programs.versions()])
+        """The versions, newest first, without the YAML text, a page at a time (``loyalty.server.paging``)."""
+        rows, token = paged(self.programs.versions(), page_of(request, "program_versions", (int,)),
+                            key=lambda r: (-r["version"],))
+        return admin_pb2.ListProgramVersionsResponse(versions=[_version_message(r) for r in rows],
+                                                     next_page_token=token)
