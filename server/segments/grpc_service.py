@@ -85,7 +85,7 @@ class SegmentsServicer:
     def list_segments(self, request):
         """Segments, then audiences, each by id (the key: kind's rank, id)."""
         rows, token = paged(self.segments.list(), page_of(request, "segments", (int, str)),
-                            key=lambda d: (d["kind"] == "audience", d["id"]))
+                            key=lambda d: (int(d["kind"] == "audience"), d["id"]))
         return segments_pb2.ListSegmentsResponse(segments=[_segment(d) for d in rows], next_page_token=token)
 
     def define_audience(self, request):
