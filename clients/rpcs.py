@@ -107,7 +107,7 @@ def _set(message: Message, field: str, value: Any) -> None:
     target = getattr(message, field)
     if isinstance(value, Message):
         target.CopyFrom(value)
-    elif descriptor.is_repeated and any(isinstance(v, Message) for v in value):
+    elif _repeated(descriptor) and any(isinstance(v, Message) for v in value):
         del target[:]
         target.extend(value)
     else:
@@ -128,12 +128,17 @@ def _check_keys(descriptor: Descriptor, data: Mapping[str, Any], path: str) -> N
             raise invalid_field(where, "unknown field")
         if field.message_type is None or field.message_type.GetOptions().map_entry:
             continue
-        if field.is_repeated and isinstance(value, list):
+        if _repeated(field) and isinstance(value, list):
             for i, item in enumerate(value):
                 if isinstance(item, Mapping):
                     _check_keys(field.message_type, item, f"{where}[{i}]")
         elif isinstance(value, Mapping) and not field.message_type.full_name.startswith("google.protobuf."):
             _check_keys(field.message_type, value, where)
+
+
+def _repeated(field: FieldDescriptor) -> bool:
+    """Whether ``field`` is a list (``label`` is gone from protobuf 7's descriptors, ``is_repeated`` new)."""
+    return field.is_repeated if hasattr(field, "is_repeated") else field.label == FieldDescriptor.LABEL_REPEATED
 
 
 def _by_json_name(descriptor: Descriptor, key: Any) -> FieldDescriptor | None:

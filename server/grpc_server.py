@@ -120,6 +120,30 @@ async def _abort(context, method: str, exc: Exception, code: str, where: str) ->
     await context.abort_with_status(status)
 
 
+class _Health(health.aio.HealthServicer):
+    """grpcio-health-checking's asyncio servicer, plus ``List`` (its own answers UNIMPLEMENTED, with a
+    traceback in the log): every service's status, as ``Check`` answers it, kept as the statuses are set."""
+
+    def __init__(self):
+        super().__init__()
+        self._statuses = {"": health_pb2.HealthCheckResponse.SERVING}
+        self._final = False
+
+    async def set(self, service: str, status) -> None:
+        if not self._final:
+            self._statuses[service] = status
+        await super().set(service, status)
+
+    async def enter_graceful_shutdown(self) -> None:
+        self._final = True
+        self._statuses = dict.fromkeys(self._statuses, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await super().enter_graceful_shutdown()
+
+    async def List(self, request, context) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=status) for name, status in self._statuses.items()})
+
+
 # grpcio-reflection implements v1alpha only; v1 (grpc.reflection.v1.ServerReflection, what current grpcurl,
 # Postman and grpcui ask first) is the same protocol with the package renamed: identical messages, field
 # numbers and semantics, so the v1alpha servicer answers it, registered under the v1 name.
@@ -232,7 +256,7 @@ class LoyaltyServer:
         cpu = config.cpu_threads or min(4, (os.cpu_count() or 1) + 1)
         self.cpu_pool = concurrent.futures.ThreadPoolExecutor(cpu, thread_name_prefix="loyalty-cpu")
         self.io_pool = concurrent.futures.ThreadPoolExecutor(config.io_threads, thread_name_prefix="loyalty-io")
-        self.health = health.aio.HealthServicer()
+        self.health = _Health()
         self._probe: asyncio.Future | None = None       # the storage probe in flight (``_check_health``)
         self.port: int | None = None
         self._tasks: list[asyncio.Task] = []
