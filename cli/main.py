@@ -79,7 +79,7 @@ def calc(program_path: str, receipt_path: str, reference: bool, pretty: bool):
 def _register_optional_commands():
     import importlib
     for name in ("loyalty.cli.server_commands", "loyalty.cli.segment_commands", "loyalty.cli.scenario_commands",
-                 "loyalty.cli.message_commands"):
+                 "loyalty.cli.message_commands", "loyalty.cli.schema_commands"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
