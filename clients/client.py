@@ -30,7 +30,7 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, Self
 
 import grpc
 from google.protobuf import json_format
@@ -173,7 +173,7 @@ class LoyaltyClient(SyncMethods, _Base):
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc):
@@ -242,7 +242,7 @@ class AsyncLoyaltyClient(AsyncMethods, _Base):
     async def close(self) -> None:
         await self.channel.close()
 
-    async def __aenter__(self):
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc):
