@@ -27,6 +27,7 @@ that is not a field is a ``LoyaltyError`` naming it (``receipt.lnes: unknown fie
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -92,11 +93,25 @@ class _Base:
         return (build_request(name, request, fields), self._callables[name], timeout or self.timeout,
                 self.retries if retries is None else retries)
 
-    def _retry_after(self, err: grpc.RpcError, attempt: int, retries: int) -> float | None:
-        """Seconds to wait before attempt ``attempt + 1``, or None when ``err`` is final."""
+    def _pause(self, err: grpc.RpcError, attempt: int, retries: int) -> float:
+        """Seconds to wait before attempt ``attempt + 1`` after ``err``; a final ``err`` (not retryable, or
+        the retries used up) is raised as a ``LoyaltyError``."""
         if err.code() in RETRYABLE and attempt < retries:
             return _backoff(attempt, self.backoff, self.max_backoff)
-        return None
+        raise LoyaltyError.from_rpc_error(err, err.trailing_metadata(), attempt + 1) from None
+
+
+_END = object()
+
+
+def _opened(call):
+    """A streaming call with its first message read (``_END`` when there is none): until then a failure may
+    be retried, after it a retry could not tell what the caller already took."""
+    return call, next(call, _END)
+
+
+async def _opened_async(call):
+    return call, await anext(aiter(call), _END)
 
 
 class LoyaltyClient(SyncMethods, _Base):
@@ -112,35 +127,29 @@ class LoyaltyClient(SyncMethods, _Base):
 
     def _invoke(self, name: str, request, fields, timeout, retries):
         request, method, timeout, retries = self._prepare(name, request, fields, timeout, retries)
-        attempt = 0
-        while True:
+        return self._attempts(lambda: method(request, timeout=timeout, metadata=self.metadata), retries)
+
+    def _attempts(self, send, retries: int):
+        """``send()`` until it answers, again after a retryable failure (the same request: the same key)."""
+        for attempt in itertools.count():
             try:
-                return method(request, timeout=timeout, metadata=self.metadata)
+                return send()
             except grpc.RpcError as err:
-                wait = self._retry_after(err, attempt, retries)
-                if wait is None:
-                    raise LoyaltyError.from_rpc_error(err, err.trailing_metadata(), attempt + 1) from None
-                time.sleep(wait)
-                attempt += 1
+                time.sleep(self._pause(err, attempt, retries))
 
     def _invoke_stream(self, name: str, request, fields, timeout, retries) -> Iterator[Any]:
-        """The messages of a server-streaming call as they arrive; retried only until the first arrives
-        (after that a retry could not tell what was already taken). ``timeout`` bounds the whole stream."""
+        """The messages of a server-streaming call as they arrive; retried only until the first arrives.
+        ``timeout`` bounds the whole stream."""
         request, method, timeout, retries = self._prepare(name, request, fields, timeout, retries)
-        attempt = 0
-        while True:
-            received = False
-            try:
-                for message in method(request, timeout=timeout, metadata=self.metadata):
-                    received = True
-                    yield message
-                return
-            except grpc.RpcError as err:
-                wait = None if received else self._retry_after(err, attempt, retries)
-                if wait is None:
-                    raise LoyaltyError.from_rpc_error(err, err.trailing_metadata(), attempt + 1) from None
-                time.sleep(wait)
-                attempt += 1
+        call, first = self._attempts(lambda: _opened(method(request, timeout=timeout, metadata=self.metadata)),
+                                     retries)
+        if first is _END:
+            return
+        yield first
+        try:
+            yield from call
+        except grpc.RpcError as err:
+            raise LoyaltyError.from_rpc_error(err, err.trailing_metadata(), 1) from None
 
     def _invoke_pages(self, name: str, items: str, request, fields, timeout, retries) -> Iterator[Any]:
         """Each item of every page: the call repeated with the last answer's ``next_page_token``."""
@@ -192,36 +201,29 @@ class AsyncLoyaltyClient(AsyncMethods, _Base):
 
     async def _invoke(self, name: str, request, fields, timeout, retries):
         request, method, timeout, retries = self._prepare(name, request, fields, timeout, retries)
-        attempt = 0
-        while True:
-            call = method(request, timeout=timeout, metadata=self.metadata)
+        return await self._attempts(lambda: method(request, timeout=timeout, metadata=self.metadata), retries)
+
+    async def _attempts(self, send, retries: int):
+        """As the blocking client's: ``await send()`` until it answers, again after a retryable failure."""
+        for attempt in itertools.count():
             try:
-                return await call
+                return await send()
             except grpc.RpcError as err:
-                wait = self._retry_after(err, attempt, retries)
-                if wait is None:
-                    raise LoyaltyError.from_rpc_error(err, await call.trailing_metadata(), attempt + 1) from None
-                await asyncio.sleep(wait)
-                attempt += 1
+                await asyncio.sleep(self._pause(err, attempt, retries))
 
     async def _invoke_stream(self, name: str, request, fields, timeout, retries) -> AsyncIterator[Any]:
         """As the blocking client's: messages as they arrive, retried only until the first arrives."""
         request, method, timeout, retries = self._prepare(name, request, fields, timeout, retries)
-        attempt = 0
-        while True:
-            received = False
-            call = method(request, timeout=timeout, metadata=self.metadata)
-            try:
-                async for message in call:
-                    received = True
-                    yield message
-                return
-            except grpc.RpcError as err:
-                wait = None if received else self._retry_after(err, attempt, retries)
-                if wait is None:
-                    raise LoyaltyError.from_rpc_error(err, await call.trailing_metadata(), attempt + 1) from None
-                await asyncio.sleep(wait)
-                attempt += 1
+        call, first = await self._attempts(
+            lambda: _opened_async(method(request, timeout=timeout, metadata=self.metadata)), retries)
+        if first is _END:
+            return
+        yield first
+        try:
+            async for message in call:
+                yield message
+        except grpc.RpcError as err:
+            raise LoyaltyError.from_rpc_error(err, err.trailing_metadata(), 1) from None
 
     async def _invoke_pages(self, name: str, items: str, request, fields, timeout, retries) -> AsyncIterator[Any]:
         """Each item of every page: the call repeated with the last answer's ``next_page_token``."""

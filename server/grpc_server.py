@@ -102,13 +102,20 @@ def _close_when_done(pending: concurrent.futures.Future | None, chunks) -> None:
         pending.add_done_callback(lambda _future: chunks.close())
 
 
-def _code_of(exc: Exception) -> str:
-    return exc.code if isinstance(exc, ServiceError) else "INTERNAL"
+def _code_of(exc: BaseException) -> str:
+    """The code a failed call is counted under: a domain error's, CANCELLED when the call was cancelled (or
+    its stream closed), else INTERNAL."""
+    if isinstance(exc, ServiceError):
+        return exc.code
+    return "INTERNAL" if isinstance(exc, Exception) else "CANCELLED"
 
 
-async def _abort(context, method: str, exc: Exception, code: str, where: str) -> None:
-    """End a call that failed: a domain error as its status (logged at INFO, or WARNING when storage is the
-    cause), anything else as INTERNAL with an incident id (the traceback in the log, never to the client)."""
+async def _end_failed(context, method: str, exc: BaseException, code: str, where: str) -> None:
+    """End a call that failed: a cancellation goes on as it was raised; a domain error becomes its status
+    (logged at INFO, or WARNING when storage is the cause), anything else INTERNAL with an incident id (the
+    traceback in the log, never to the client)."""
+    if not isinstance(exc, Exception):
+        raise exc
     if isinstance(exc, ServiceError):
         level = logging.WARNING if code in ("UNAVAILABLE", "INTERNAL") else logging.INFO
         log.log(level, "%s %s %s: %s", method, code, where or "-", exc.message)
@@ -366,12 +373,9 @@ class LoyaltyServer:
                     if chunk is None:
                         break
                     yield chunk.SerializeToString()
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except Exception as exc:
+            except BaseException as exc:
                 code = _code_of(exc)
-                await _abort(context, method, exc, code, request_key(request) if request else "")
+                await _end_failed(context, method, exc, code, request_key(request) if request else "")
             finally:
                 if chunks is not None:
                     _close_when_done(pending, chunks)
@@ -412,12 +416,9 @@ class LoyaltyServer:
                 if not loop_holder:
                     loop_holder.append(asyncio.get_running_loop())
                 return await loop_holder[0].run_in_executor(pool, _bounded, until, call, request)
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except Exception as exc:
+            except BaseException as exc:
                 code = _code_of(exc)
-                await _abort(context, method, exc, code, describe(request) if request else "")
+                await _end_failed(context, method, exc, code, describe(request) if request else "")
             finally:
                 elapsed = time.perf_counter() - started
                 metrics.observe(method, code, elapsed)

@@ -8,8 +8,8 @@ Decided once, here, for every list:
 - the token is opaque to clients: url-safe base64 of ``[list, *key]`` in JSON. A token that does not decode,
   or that belongs to another list, is INVALID_ARGUMENT naming ``page_token``;
 - ``page_size`` 0 is the default (``DEFAULT_PAGE_SIZE``, 100); more than ``MAX_PAGE_SIZE`` (1000) is capped
-  to it; a negative one is INVALID_ARGUMENT naming ``page_size``. Requests that had a ``limit`` before paging
-  existed keep it: it is the page size when ``page_size`` is 0;
+  to it; a negative one is INVALID_ARGUMENT naming ``page_size``. Requests that had a ``limit`` before
+  paging existed keep it: it is the page size when ``page_size`` is 0 (a negative one names ``limit``);
 - ``next_page_token`` is empty on the last page. Services read one item more than the page to know.
 """
 from __future__ import annotations
@@ -60,9 +60,10 @@ def _decode_token(token: str, list_name: str, shape: tuple[type, ...]) -> tuple:
 
 def page_of(request, list_name: str, shape: tuple[type, ...], *, default: int = DEFAULT_PAGE_SIZE) -> Page:
     """The page ``request`` asks for; ``shape`` is the types of the list's key (``(str,)``, ``(int,)``)."""
-    size = request.page_size or getattr(request, "limit", 0) or default
+    field, size = ("page_size", request.page_size) if request.page_size else ("limit", getattr(request, "limit", 0))
     if size < 0:
-        raise InvalidArgument("page_size", f"must not be negative, got {size}")
+        raise InvalidArgument(field, f"must not be negative, got {size}")
+    size = size or default
     after = _decode_token(request.page_token, list_name, shape) if request.page_token else None
     return Page(list_name, min(size, MAX_PAGE_SIZE), after)
 
