@@ -69,15 +69,22 @@ RPCS: dict[str, Rpc] = _load()
 def build_request(name: str, request: Any = None, fields: Mapping[str, Any] | None = None) -> Message:
     """The request of the client method ``name`` from ``request`` (a message, a dict of its fields or None)
     with ``fields`` set over it (None values are left out) and its idempotency key filled when empty: what
-    the method sends (for a caller that hands it elsewhere, as the CLI does to a service in process)."""
+    the method sends (for a caller that hands it elsewhere, as the CLI does to a service in process). A
+    message that needs nothing of this is sent as it is; otherwise the caller's message is never changed."""
     rpc = RPCS[name]
+    given = {field: value for field, value in (fields or {}).items() if value is not None}
+    if isinstance(request, rpc.request) and not given and not _key_missing(rpc, request):
+        return request                                  # sent as it is: nothing to copy
     message = _message(rpc.request, request)
-    for field, value in (fields or {}).items():
-        if value is not None:
-            _set(message, field, value)
-    if rpc.key_field and not getattr(message, rpc.key_field):
+    for field, value in given.items():
+        _set(message, field, value)
+    if _key_missing(rpc, message):
         setattr(message, rpc.key_field, uuid.uuid4().hex)
     return message
+
+
+def _key_missing(rpc: Rpc, message: Message) -> bool:
+    return bool(rpc.key_field) and not getattr(message, rpc.key_field)
 
 
 def _message(cls: type[Message], request: Any) -> Message:
