@@ -224,8 +224,8 @@ def main(argv=None) -> int:
                 r = run(svc, threads=args.threads, duration=args.duration, warmup=args.warmup,
                         members=args.members, lines=args.lines, redeem=args.redeem, profile=args.profile,
                         pg_name=pg_name)
-                problems = ledger.check(svc)
-                batcher = getattr(svc, "_batcher", None)
+                problems = ledger.check(svc.db)
+                batcher = svc.confirmation.batcher
                 if batcher is not None:
                     r.update(batches=batcher.batches, mean_batch=round(batcher.items / max(1, batcher.batches), 2))
                 r.update(backend=backend, ledger_problems=len(problems), compiled_core=COMPILED,

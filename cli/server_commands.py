@@ -145,12 +145,12 @@ def _open_service(database_url, data_dir=None, redis_url=None):
     return ProcessingService.open(_resolve_url(database_url, data_dir), redis_url=redis_url)
 
 
-def _with_service(database_url, data_dir, work):
-    """Open the service on the database, run ``work(service)``, close it; any failure is one line."""
+def _with_runtime(database_url, data_dir, work):
+    """Open the service on the database, run ``work(service.runtime)``, close it; any failure is one line."""
     try:
         service = _open_service(database_url, data_dir)
         try:
-            return work(service)
+            return work(service.runtime)
         finally:
             service.close()
     except Exception as exc:  # noqa: BLE001
@@ -232,7 +232,7 @@ def register(group: click.Group) -> None:
         try:
             while True:
                 try:
-                    counts = jobs.run_once(service)
+                    counts = jobs.run_once(service.runtime)
                 except Exception as exc:  # noqa: BLE001
                     if once:
                         _fail(exc)
@@ -268,7 +268,7 @@ def register(group: click.Group) -> None:
     def ledger_check(database_url, data_dir, as_json):
         """Sum the ledger and compare with the balances; exit 1 on any discrepancy."""
         from loyalty.server import ledger
-        problems = _with_service(database_url, data_dir, ledger.check)
+        problems = _with_runtime(database_url, data_dir, lambda runtime: ledger.check(runtime.db))
         if as_json:
             emit_json({"ok": not problems, "discrepancies": problems})
         elif problems:
@@ -286,7 +286,7 @@ def register(group: click.Group) -> None:
     def ledger_liability(database_url, data_dir, as_json):
         """Outstanding points: active, pending, expiring soon."""
         from loyalty.server import ledger
-        report = _with_service(database_url, data_dir, ledger.liability)
+        report = _with_runtime(database_url, data_dir, ledger.liability)
         if as_json:
             emit_json(report)
         else:

@@ -30,6 +30,8 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memchr, memcpy, memmove
 
+from loyalty.server import limits
+
 cdef extern from "Python.h":
     object PyUnicode_DecodeUTF8(const char* s, Py_ssize_t size, const char* errors)
     const char* PyUnicode_AsUTF8AndSize(object o, Py_ssize_t* size) except NULL
@@ -157,11 +159,11 @@ cdef inline str _text(Reader* r, Py_ssize_t n):
         _malformed(r, "invalid UTF-8 in a string field")
 
 
+# The longest strings (in UTF-8 bytes; a str of that many bytes has at most that many characters) that
+# processing._check_receipt lets through, read once from ``limits`` into C; NO_LIMIT: any length, only no NUL.
+cdef Py_ssize_t ID_LIMIT = limits.ID_LIMIT       # store, terminal, number, sku
+cdef Py_ssize_t AT_LIMIT = limits.AT_LIMIT
 cdef enum:
-    # the longest strings (in UTF-8 bytes; a str of that many bytes has at most that many characters) that
-    # processing._check_receipt lets through; -1: no limit, only no NUL
-    ID_LIMIT = 64       # store, terminal, number, sku
-    AT_LIMIT = 40
     NO_LIMIT = -1
 
 

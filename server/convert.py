@@ -22,16 +22,16 @@ from google.protobuf.message import DecodeError
 from loyalty.core import NO_EXTENSIONS
 from loyalty.v1 import processing_pb2, receipt_pb2
 
+from .limits import AT_LIMIT, ID_LIMIT
 from .timeutil import iso
 
 __all__ = ["receipt_to_dict", "answer_to_proto", "iso", "decode_calculate_request", "decode_receipt_request",
            "encode_calculate_response", "encode_confirm_response", "receipt_fits_storage", "receipt_strings",
            "WIRE_COMPILED"]
 
-# The longest strings of a receipt, in characters, that storage takes (the service checks them with
-# ``processing._check_receipt``; the compiled decoder's ``fits`` applies the same figures to UTF-8 bytes).
-ID_LIMIT = 64           # store, terminal, number, line sku
-AT_LIMIT = 40
+# The longest strings of a receipt, in characters, that storage takes are ``limits.ID_LIMIT`` (store, terminal,
+# number, line sku) and ``limits.AT_LIMIT`` (the service checks them with ``processing._check_receipt``; the
+# compiled decoder's ``fits`` applies the same figures to UTF-8 bytes).
 
 
 def receipt_to_dict(receipt: receipt_pb2.Receipt) -> dict:

@@ -36,10 +36,11 @@ from sqlalchemy.exc import (ArgumentError, DBAPIError, DisconnectionError, Inter
                             NoSuchModuleError, NotSupportedError, OperationalError, ProgrammingError)
 from sqlalchemy.pool import NullPool
 
+from .dialects import dialect_of
 from .errors import InvalidArgument, ServiceError, Unavailable
 
 __all__ = ["Database", "upgrade", "default_url", "alembic_config", "MIGRATIONS_DIR", "driver_errors", "dumps",
-           "loads", "deadline", "current_deadline", "committing", "CommitUncertain", "insert_ignore"]
+           "loads", "deadline", "current_deadline", "committing", "CommitUncertain"]
 
 log = logging.getLogger(__name__)
 
@@ -277,16 +278,6 @@ def driver_errors(conn: Connection):
         raise wrapped from exc
 
 
-def insert_ignore(conn: Connection, table):
-    """``INSERT ... ON CONFLICT DO NOTHING`` for the connection's dialect (add ``.returning(...)`` to learn
-    which rows it wrote: ``rowcount`` is -1 on PostgreSQL through SQLAlchemy)."""
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(table).on_conflict_do_nothing()
-
-
 class Database:
     """A pool of connections and the two kinds of transaction the service uses.
 
@@ -302,6 +293,7 @@ class Database:
         except (ArgumentError, NoSuchModuleError):
             raise InvalidArgument("database_url", BAD_URL) from None
         self.dialect = self.engine.dialect.name
+        self.dialect_ops = dialect_of(self.engine)       # what differs between the databases, chosen here
         self.is_sqlite = self.dialect == "sqlite"
         self._sqlite_writer = threading.Lock()
 

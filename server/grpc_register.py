@@ -4,13 +4,23 @@ plain ``grpc.Server`` (tests, embedding) each ``ServiceError`` becomes the same 
 from __future__ import annotations
 
 import re
+from typing import Protocol, runtime_checkable
 
 import grpc
 
 from loyalty.server.errors import ServiceError
 from loyalty.server.status import status_for
 
-__all__ = ["register_servicer", "snake"]
+__all__ = ["register_servicer", "snake", "ModuleHost"]
+
+
+@runtime_checkable
+class ModuleHost(Protocol):
+    """A server that serves a module's methods with its own handlers (the ``LoyaltyServer``)."""
+
+    def add_module_service(self, full_name: str, methods: dict) -> None:
+        """Serve ``methods`` (RPC name -> ``(request class, fn(request) -> response, server streaming)``; a
+        streaming ``fn`` returns a generator of responses) as ``full_name``."""
 
 def snake(name: str) -> str:
     """An RPC's method name in Python: ``RecordMessageEvents`` -> ``record_message_events``."""
@@ -24,7 +34,7 @@ def register_servicer(server, pb2, service: str, servicer) -> None:
     descriptor = pb2.DESCRIPTOR.services_by_name[service]
     methods = {m.name: (getattr(pb2, m.input_type.name), getattr(servicer, snake(m.name)), m.server_streaming)
                for m in descriptor.methods}
-    if hasattr(server, "add_module_service"):                   # the LoyaltyServer: its own handlers
+    if isinstance(server, ModuleHost):                          # the LoyaltyServer: its own handlers
         server.add_module_service(descriptor.full_name, methods)
         return
 

@@ -51,6 +51,7 @@ import socket
 import sys
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -66,6 +67,9 @@ from loyalty.server.metrics import Metrics
 from loyalty.server.scenarios.grpc_service import add_scenarios_service
 from loyalty.server.segments.grpc_service import add_segments_service
 from loyalty.v1 import admin_pb2, processing_pb2
+
+if TYPE_CHECKING:
+    from loyalty.server.processing import ProcessingService
 
 __all__ = ["ServeConfig", "LoyaltyServer", "SERVICE_NAMES", "serve", "run_server"]
 
@@ -254,12 +258,11 @@ _decode_confirm = _dict_decoder("loyalty.v1.ConfirmPurchaseRequest")
 class LoyaltyServer:
     """One process's gRPC server around one service. ``await start()``, then ``await stop()``."""
 
-    def __init__(self, service, config: ServeConfig):
+    def __init__(self, service: ProcessingService, config: ServeConfig):
         self.service = service
         self.config = config
         self.metrics = Metrics()
-        if hasattr(service, "group_commit_counters"):
-            self.metrics.add_counters(service.group_commit_counters)
+        self.metrics.add_counters(service.group_commit_counters)       # empty without group commit
         cpu = config.cpu_threads or min(4, (os.cpu_count() or 1) + 1)
         self.cpu_pool = concurrent.futures.ThreadPoolExecutor(cpu, thread_name_prefix="loyalty-cpu")
         self.io_pool = concurrent.futures.ThreadPoolExecutor(config.io_threads, thread_name_prefix="loyalty-io")
@@ -278,8 +281,8 @@ class LoyaltyServer:
         self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
         self.server.add_generic_rpc_handlers((self._generic_handler(PROCESSING, processing_pb2),
                                               self._generic_handler(ADMIN, admin_pb2)))
-        add_segments_service(self, service, redis_url=config.redis_url)
-        add_scenarios_service(self, service)
+        add_segments_service(self, service.runtime, redis_url=config.redis_url)
+        add_scenarios_service(self, service.runtime)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         _enable_reflection(self.server, SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,))
 
@@ -296,9 +299,9 @@ class LoyaltyServer:
                 inline = None if os.environ.get("LOYALTY_CALCULATE_IN_POOL") else self._calculate_inline
                 handler = self._bytes_handler(method.name, _decode_calculate, self._calculate_bytes, _calculate_key,
                                               pool, inline)
-            elif service_name == PROCESSING and method.name == "ConfirmPurchase" and hasattr(self.service,
-                                                                                              "confirm_future"):
-                # The same codec; with group commit the call waits for its batch on the loop (no thread).
+            elif service_name == PROCESSING and method.name == "ConfirmPurchase":
+                # The same codec; with group commit the call waits for its batch on the loop (no thread),
+                # without it (``confirm_future`` says None) it runs in the pool.
                 handler = self._bytes_handler(method.name, _decode_confirm, self._confirm_bytes, _calculate_key,
                                               pool, self._confirm_inline)
             else:

@@ -18,11 +18,14 @@ import datetime as dt
 from sqlalchemy import String, and_, case, cast, func, insert, literal, select, update
 
 from . import ledger
+from .db import Database
+from .dialects import dialect_of
 from .errors import FailedPrecondition
 from .members import tier_window_start
 from .models import UTCDateTime, balances, events, point_lots, purchases
 from .segments.service import SegmentService, bump_membership_version
 from .models import ledger as ledger_entries
+from .runtime import Runtime
 
 __all__ = ["run_once", "EXPIRING_NOTICE_DAYS"]
 
@@ -30,32 +33,31 @@ EXPIRING_NOTICE_DAYS = 7
 BATCH = 2000
 
 
-def run_once(service, now: dt.datetime | None = None, *, expiring_days: int = EXPIRING_NOTICE_DAYS,
+def run_once(runtime: Runtime, now: dt.datetime | None = None, *, expiring_days: int = EXPIRING_NOTICE_DAYS,
              batch: int = BATCH) -> dict:
-    """One pass of every periodic task at ``now`` (default: the service's clock). Returns counts:
+    """One pass of every periodic task at ``now`` (default: the runtime's clock). Returns counts:
     ``activated_lots``, ``activated_points``, ``expired_lots``, ``expired_points``, ``expiring_notices``,
     ``tier_changes``, ``tier_downgrades``, ``segment_runs`` (updatable segments recalculated on schedule)."""
-    now = now or service.clock()
+    now = now or runtime.clock()
     counts = {"activated_lots": 0, "activated_points": 0, "expired_lots": 0, "expired_points": 0,
               "expiring_notices": 0, "tier_changes": 0, "tier_downgrades": 0}
-    _move_lots(service, now, batch, counts, activate=True)
-    _move_lots(service, now, batch, counts, activate=False)
-    _announce_expiring(service, now, expiring_days, batch, counts)
-    retiered = _recalculate_tiers(service, now, batch, counts)
-    counts["segment_runs"] = len(SegmentService(service.db, clock=service.clock).run_due(now))
-    service.contexts.clear()
+    _move_lots(runtime.db, now, batch, counts, activate=True)
+    _move_lots(runtime.db, now, batch, counts, activate=False)
+    _announce_expiring(runtime.db, now, expiring_days, batch, counts)
+    retiered = _recalculate_tiers(runtime, now, batch, counts)
+    counts["segment_runs"] = len(SegmentService(runtime.db, clock=runtime.clock).run_due(now))
+    runtime.contexts.clear()
     if retiered or counts["activated_lots"] or counts["expired_lots"] or counts["segment_runs"]:
-        service.audience_index.announce()
+        runtime.audience_index.announce()
     return counts
 
 
 def _lock_members(conn, member_ids) -> None:
-    if conn.dialect.name == "postgresql":
-        conn.execute(select(balances.c.member_id).where(balances.c.member_id.in_(member_ids))
-                     .order_by(balances.c.member_id).with_for_update())
+    dialect_of(conn).lock_rows(conn, select(balances.c.member_id).where(balances.c.member_id.in_(member_ids))
+                               .order_by(balances.c.member_id))
 
 
-def _move_lots(service, now: dt.datetime, batch: int, counts: dict, *, activate: bool) -> None:
+def _move_lots(db: Database, now: dt.datetime, batch: int, counts: dict, *, activate: bool) -> None:
     """Activation (pending -> active) or expiry (active -> expired), one batch of members at a time."""
     lots = point_lots.c
     if activate:
@@ -104,11 +106,11 @@ def _move_lots(service, now: dt.datetime, batch: int, counts: dict, *, activate:
             counts[f"{prefix}_lots"] += n_lots
             counts[f"{prefix}_points"] += int(n_points)
             return len(ids) == batch
-        if not service.db.run_write(step):
+        if not db.run_write(step):
             return
 
 
-def _announce_expiring(service, now: dt.datetime, days: int, batch: int, counts: dict) -> None:
+def _announce_expiring(db: Database, now: dt.datetime, days: int, batch: int, counts: dict) -> None:
     lots = point_lots.c
     soon = and_(lots.state == "active", lots.remaining > 0, lots.expiring_notified.is_(False),
                 lots.expires_at.is_not(None), lots.expires_at > now,
@@ -126,14 +128,14 @@ def _announce_expiring(service, now: dt.datetime, days: int, batch: int, counts:
             conn.execute(update(point_lots).where(lots.id.in_([r.id for r in rows])).values(expiring_notified=True))
             counts["expiring_notices"] += len(rows)
             return len(rows) == batch
-        if not service.db.run_write(step):
+        if not db.run_write(step):
             return
 
 
-def _recalculate_tiers(service, now: dt.datetime, batch: int, counts: dict) -> int:
+def _recalculate_tiers(runtime: Runtime, now: dt.datetime, batch: int, counts: dict) -> int:
     """Returns how many members' tier or metric changed."""
     try:
-        program = service.programs.current().program
+        program = runtime.programs.current().program
     except FailedPrecondition:
         return 0
     levels = program.tiers.levels
@@ -177,7 +179,7 @@ def _recalculate_tiers(service, now: dt.datetime, batch: int, counts: dict) -> i
                         1 for r in moves if rank.get(r.new_tier, 0) < rank.get(r.tier, len(levels)))
                 bump_membership_version(conn, now)
             return ids[-1] if len(ids) == batch else None, len(changed)
-        last, n = service.db.run_write(step)
+        last, n = runtime.db.run_write(step)
         total += n
         if last is None:
             return total

@@ -14,12 +14,18 @@ twice), the lots it touches, and the balance update. Invariants, proved by ``che
 from __future__ import annotations
 
 import datetime as dt
+from typing import TYPE_CHECKING
 
 from sqlalchemy import bindparam, case, func, insert, literal, select, update
 
+from .dialects import dialect_of
 from .models import balances, ledger, point_lots, purchase_lines, purchases
 
-__all__ = ["add_entry", "new_lot", "consume_active", "take_back", "settle_debt", "move_balance", "check",
+if TYPE_CHECKING:
+    from .db import Database
+    from .runtime import Runtime
+
+__all__ = ["WRITE_OFF_ORDER", "write_off_order_sql", "add_entry", "new_lot", "consume_active", "take_back", "settle_debt", "move_balance", "check",
            "liability"]
 
 
@@ -67,31 +73,29 @@ def _take(conn, rows, points: int) -> tuple[int, list[tuple[str, int]]]:
     return points, taken
 
 
+# The write-off order (SPEC 6), the one rule every writer follows: the earliest-expiring lot first, never-expiring
+# lots last, then the oldest. Row by row here; the set-based PostgreSQL writes of a confirm
+# (``processing/confirm_sql.py``) walk the lots in the same order, given as SQL text by ``write_off_order_sql``.
+WRITE_OFF_ORDER = (point_lots.c.expires_at.asc().nulls_last(), point_lots.c.id.asc())
+
+
+def write_off_order_sql() -> str:
+    """``WRITE_OFF_ORDER`` as PostgreSQL's ORDER BY text (columns qualified by ``point_lots``)."""
+    from sqlalchemy.dialects import postgresql
+    return ", ".join(str(c.compile(dialect=postgresql.dialect())) for c in WRITE_OFF_ORDER)
+
+
 _active_lots = (select(point_lots.c.id, point_lots.c.remaining, point_lots.c.state)
                 .where(point_lots.c.member_id == bindparam("member_id"), point_lots.c.state == "active",
                        point_lots.c.remaining > 0)
-                .order_by(point_lots.c.expires_at.asc().nulls_last(), point_lots.c.id))
-
-# PostgreSQL: the whole consumption in one statement. ``before`` is what the earlier lots (in write-off order:
-# earliest expiry first, never-expiring last, then id) hold, so a lot gives min(remaining, points - before)
-# while ``before < points``. The caller holds the member's balance lock, so the lots cannot move meanwhile.
-CONSUME_ACTIVE_PG = """WITH l AS (
-    SELECT id, remaining,
-           sum(remaining) OVER (ORDER BY expires_at ASC NULLS LAST, id) - remaining AS before
-    FROM point_lots WHERE member_id = %(member_id)s AND state = 'active' AND remaining > 0)
-UPDATE point_lots AS p SET remaining = p.remaining - LEAST(l.remaining, %(points)s - l.before)
-FROM l WHERE p.id = l.id AND l.before < %(points)s
-RETURNING l.remaining - p.remaining"""
+                .order_by(*WRITE_OFF_ORDER))
 
 
 def consume_active(conn, member_id: int, points: int) -> int:
-    """Consume ``points`` from the earliest-expiring active lots (never-expiring last); returns what could
-    not be covered (0 when the balance was checked first)."""
+    """Consume ``points`` from the active lots in ``WRITE_OFF_ORDER``; returns what could not be covered (0 when
+    the balance was checked first)."""
     if points <= 0:
         return 0
-    if conn.dialect.name == "postgresql":
-        taken = conn.exec_driver_sql(CONSUME_ACTIVE_PG, {"member_id": member_id, "points": points}).scalars()
-        return points - sum(taken)
     left, _ = _take(conn, conn.execute(_active_lots, {"member_id": member_id}).all(), points)
     return left
 
@@ -108,7 +112,7 @@ def take_back(conn, member_id: int, points: int, purchase_id: int | None) -> tup
         select(point_lots.c.id, point_lots.c.remaining, point_lots.c.state)
         .where(point_lots.c.member_id == member_id, point_lots.c.state.in_(("pending", "active")),
                point_lots.c.remaining > 0)
-        .order_by(own_first, pending_first, point_lots.c.expires_at.asc().nulls_last(), point_lots.c.id)).all()
+        .order_by(own_first, pending_first, *WRITE_OFF_ORDER)).all()
     left, taken = _take(conn, rows, points)
     from_pending = sum(k for state, k in taken if state == "pending")
     return from_pending, points - from_pending
@@ -124,8 +128,8 @@ def settle_debt(conn, member_id: int, active_after: int) -> None:
         consume_active(conn, member_id, excess)
 
 
-def _move_balance_stmt(dialect: str):
-    greatest = func.max if dialect == "sqlite" else func.greatest
+def _move_balance_stmt(ops):
+    greatest = getattr(func, ops.greatest.lower())
     b = balances.c
     return (update(balances).where(b.member_id == bindparam("b_member_id"))
             .values(active=b.active + bindparam("b_active"), pending=b.pending + bindparam("b_pending"),
@@ -134,26 +138,28 @@ def _move_balance_stmt(dialect: str):
                     updated_at=bindparam("b_now", type_=balances.c.updated_at.type)))
 
 
-_move_balance = {"sqlite": _move_balance_stmt("sqlite"), "postgresql": _move_balance_stmt("postgresql")}
+_move_balance: dict = {}    # dialect name -> the statement, built once
+
 
 def move_balance(conn, member_id: int, *, active: int = 0, pending: int = 0, purchases_sum: int = 0,
                  tier: str | None = None, now: dt.datetime) -> None:
     """Add the deltas to the member's balances (``purchases_sum`` never below zero); ``tier`` when given."""
-    stmt = _move_balance.get(conn.dialect.name)
+    ops = dialect_of(conn)
+    stmt = _move_balance.get(ops.name)
     if stmt is None:
-        stmt = _move_balance[conn.dialect.name] = _move_balance_stmt(conn.dialect.name)
+        stmt = _move_balance[ops.name] = _move_balance_stmt(ops)
     conn.execute(stmt, {"b_member_id": member_id, "b_active": active, "b_pending": pending,
                         "b_sum": purchases_sum, "b_tier": tier, "b_now": now})
 
 
 # ---- proofs and reports -------------------------------------------------------------------------------------
 
-def check(service) -> list[str]:
+def check(db: Database) -> list[str]:
     """Every discrepancy between the ledger, the lots and the balances (and purchase lines without their
     purchase), one sentence each; empty when they agree. Set-based: a few grouped queries, whatever the number
     of members."""
     problems: list[str] = []
-    with service.db.read() as conn:
+    with db.read() as conn:
         sums = (select(ledger.c.member_id, func.sum(ledger.c.active_delta).label("a"),
                        func.sum(ledger.c.pending_delta).label("p"))
                 .group_by(ledger.c.member_id).subquery())
@@ -196,11 +202,11 @@ def check(service) -> list[str]:
     return problems
 
 
-def liability(service, *, expiring_within_days: int = 30) -> dict:
+def liability(runtime: Runtime, *, expiring_within_days: int = 30) -> dict:
     """Outstanding points: active, pending, their money value at the current program's ``point_value``,
     members holding points, debt (refund take-backs beyond the balance), points expiring soon."""
-    now = service.clock()
-    with service.db.read() as conn:
+    now = runtime.clock()
+    with runtime.db.read() as conn:
         active, pending, holders, debt = conn.execute(select(
             func.coalesce(func.sum(case((balances.c.active > 0, balances.c.active), else_=0)), 0),
             func.coalesce(func.sum(balances.c.pending), 0),
@@ -212,7 +218,7 @@ def liability(service, *, expiring_within_days: int = 30) -> dict:
             .where(point_lots.c.state == "active", point_lots.c.remaining > 0,
                    point_lots.c.expires_at <= now + dt.timedelta(days=expiring_within_days))).scalar()
     try:
-        point_value = service.programs.current().program.point_value
+        point_value = runtime.programs.current().program.point_value
     except Exception:  # noqa: BLE001 - no program yet: report points only
         point_value = None
     out = {"active_points": int(active), "pending_points": int(pending),

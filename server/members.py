@@ -21,12 +21,15 @@ from sqlalchemy import and_, bindparam, func, insert, select, update
 from loyalty.core.errors import quote
 from loyalty.core.model import CARD_STATUSES, Program
 
+from .dialects import dialect_of
 from .errors import InvalidArgument
+from .limits import (AT_LIMIT, CUSTOM_NAME_LIMIT, CUSTOM_VALUE_LIMIT, DATE_LIMIT, EMAIL_LIMIT, ID_LIMIT, KEY_LIMIT,
+                     NAME_LIMIT)
 from .models import CHANNELS, SOURCES, balances, cards, members, point_lots, promotion_usage, subscriptions
 
 __all__ = ["MemberContext", "ContextCache", "find_member", "load_usage", "tier_for",
            "effective_tier", "period_key", "validate_ref", "check_pair", "normalize_phone", "check_phone",
-           "validate_enroll", "validate_update", "check_text", "CONTEXT_TTL", "PHONE_MEMBER_PG"]
+           "validate_enroll", "validate_update", "check_text", "CONTEXT_TTL"]
 
 CONTEXT_TTL = 2.0
 _PHONE_RE = re.compile(r"^\+?\d{5,20}$")
@@ -39,8 +42,8 @@ class MemberContext:
     card: str
     status: str
     tier: str
-    active: int
-    pending: int
+    active_points: int
+    pending_points: int
     purchases_sum: int
     audiences: tuple[str, ...] = ()
     usage: dict = field(default_factory=dict)     # (promotion, period_key) -> uses
@@ -54,16 +57,13 @@ class MemberContext:
                     usage[p.id] = self.usage.get((p.id, period_key(p.limits.period, at)), 0)
         return {"card": self.card, "status": self.status, "tier": effective_tier(program, self.tier,
                                                                                    self.purchases_sum),
-                "active_points": max(self.active, 0), "pending_points": self.pending,
+                "active_points": max(self.active_points, 0), "pending_points": self.pending_points,
                 "audiences": list(self.audiences), "usage": usage, "purchases_sum": self.purchases_sum}
 
 
 # ---- references and validation ------------------------------------------------------------------------------
 
-# Custom profile fields: names as long as a segment condition accepts (``custom: {pet: cat}``), values a short
-# text (they are read with every member). Subscription channels are ``models.CHANNELS``.
-CUSTOM_NAME_LIMIT = 100
-CUSTOM_VALUE_LIMIT = 1000
+# Subscription channels are ``models.CHANNELS``; the length of every field is in ``limits``.
 GENDERS = ("female", "male")
 
 
@@ -98,7 +98,7 @@ def validate_ref(ref, path: str = "member", *, required: bool = False) -> tuple 
     card = ref.card.strip() if ref is not None else ""
     phone = normalize_phone(ref.phone) if ref is not None else ""
     if card:
-        check_text(f"{path}.card", card, 64)
+        check_text(f"{path}.card", card, ID_LIMIT)
     if phone:
         phone = check_phone(f"{path}.phone", ref.phone)
     if card:
@@ -133,16 +133,16 @@ def _profile(prefix: str, fields: dict) -> dict:
             out[name] = None
             if value:
                 try:
-                    out[name] = dt.date.fromisoformat(check_text(path, value, 10))
+                    out[name] = dt.date.fromisoformat(check_text(path, value, DATE_LIMIT))
                 except (ValueError, InvalidArgument):
                     raise InvalidArgument(path, f"expected a date YYYY-MM-DD, got {quote(value)}") from None
         elif name == "email":
-            check_text(path, value, 254)
+            check_text(path, value, EMAIL_LIMIT)
             if value and not _EMAIL_RE.match(value):
                 raise InvalidArgument(path, f"not an email address: {quote(value)}")
             out[name] = value
         else:                                   # first_name, last_name, city
-            out[name] = check_text(path, value, 100)
+            out[name] = check_text(path, value, NAME_LIMIT)
     return out
 
 
@@ -172,7 +172,7 @@ def _registered_at(value: str) -> dt.datetime | None:
     if not value:
         return None
     try:
-        at = dt.datetime.fromisoformat(check_text("registered_at", value, 40))
+        at = dt.datetime.fromisoformat(check_text("registered_at", value, AT_LIMIT))
         at = at.astimezone(dt.timezone.utc) if at.tzinfo is not None else at.replace(tzinfo=dt.timezone.utc)
     except (ValueError, OverflowError, InvalidArgument):
         raise InvalidArgument("registered_at", f"expected a date YYYY-MM-DD or a time such as "
@@ -187,7 +187,7 @@ def validate_enroll(request) -> dict:
     card = request.card.strip()
     if not card:
         raise InvalidArgument("card", "required")
-    check_text("card", card, 64)
+    check_text("card", card, ID_LIMIT)
     phone = check_phone("phone", request.phone) if normalize_phone(request.phone) else None
     source = request.source or "api"
     if source not in SOURCES:
@@ -197,7 +197,7 @@ def validate_enroll(request) -> dict:
                                    "birth_date": p.birth_date, "email": p.email, "city": p.city})
     values.update(card=card, phone=phone, source=source, custom=_custom("profile.custom", p.custom),
                   registered_at=_registered_at(request.registered_at),
-                  enroll_request_id=check_text("request_id", request.request_id, 100) or None,
+                  enroll_request_id=check_text("request_id", request.request_id, KEY_LIMIT) or None,
                   subscriptions=_subscriptions("subscriptions", request.subscriptions))
     return values
 
@@ -225,7 +225,7 @@ def validate_update(request) -> dict:
     subs = _subscriptions("subscriptions", request.subscriptions)
     if not (fields or custom or clear or subs):
         raise InvalidArgument("", "nothing to change: give a profile field, custom, clear_custom or subscriptions")
-    return {"ref": ref, "request_id": check_text("request_id", request.request_id.strip(), 100) or None,
+    return {"ref": ref, "request_id": check_text("request_id", request.request_id.strip(), KEY_LIMIT) or None,
             "fields": fields, "custom": custom, "clear_custom": clear, "subscriptions": subs}
 
 
@@ -316,29 +316,7 @@ def _context_stmt(kind: str, lock: bool):
 # Built once: a statement object made per call costs more Python than the query itself.
 _CONTEXT_STMTS = {(kind, lock): _context_stmt(kind, lock) for kind in ("card", "phone") for lock in (False, True)}
 
-# The same two lookups in PostgreSQL's SQL for the raw fast path of ConfirmPurchase (parameter: the card number
-# or the normalized phone), locking the member's balances row.
-CONTEXT_PG = {
-    "card": """SELECT b.member_id, c.number, c.status, b.tier, b.active, b.pending, b.purchases_sum
-FROM cards AS c JOIN balances AS b ON b.member_id = c.member_id
-WHERE c.number = %s FOR UPDATE OF b""",
-    "phone": """SELECT b.member_id, c.number, c.status, b.tier, b.active, b.pending, b.purchases_sum
-FROM cards AS c JOIN balances AS b ON b.member_id = c.member_id JOIN members AS m ON m.id = c.member_id
-WHERE m.phone = %s ORDER BY c.status = 'active' DESC, c.id DESC LIMIT 1 FOR UPDATE OF b""",
-}
-
-# The member's promotion usage by the same reference (parameters: reference, promotion ids). Sent in the same
-# round trip as CONTEXT_PG but as its own statement, so it reads with a snapshot taken after the lock was
-# granted: it sees every use the previous holder of the lock committed.
-USAGE_PG = {
-    "card": """SELECT promotion, period_key, uses FROM promotion_usage
-WHERE member_id = (SELECT member_id FROM cards WHERE number = %s) AND promotion = ANY(%s::varchar[])""",
-    "phone": """SELECT promotion, period_key, uses FROM promotion_usage
-WHERE member_id = (SELECT id FROM members WHERE phone = %s) AND promotion = ANY(%s::varchar[])""",
-}
-
-# The member of a phone, for ``check_pair`` (parameter: the normalized phone).
-PHONE_MEMBER_PG = "SELECT id FROM members WHERE phone = %s"
+# The member of a phone, for ``check_pair``.
 _PHONE_MEMBER = select(members.c.id).where(members.c.phone == bindparam("phone"))
 
 
@@ -348,14 +326,14 @@ def find_member(conn, ref: tuple, *, lock: bool = False) -> MemberContext | None
     (``check_pair``). With ``lock``, the ``balances`` row is locked for the transaction (PostgreSQL ``FOR
     UPDATE``; SQLite already holds the database's write lock)."""
     kind, value = ref[0], ref[1]
-    stmt = _CONTEXT_STMTS[kind, lock and conn.dialect.name == "postgresql"]
+    stmt = _CONTEXT_STMTS[kind, lock and dialect_of(conn).locks_rows]
     row = conn.execute(stmt, {"ref": value}).first()
     if row is None:
         return None
     if len(ref) > 2:
         check_pair(ref, row[0], conn.execute(_PHONE_MEMBER, {"phone": ref[2]}).scalar())
-    return MemberContext(member_id=row[0], card=row[1], status=row[2], tier=row[3], active=row[4],
-                         pending=row[5], purchases_sum=row[6])
+    return MemberContext(member_id=row[0], card=row[1], status=row[2], tier=row[3], active_points=row[4],
+                         pending_points=row[5], purchases_sum=row[6])
 
 
 _USAGE_STMT = (select(promotion_usage.c.promotion, promotion_usage.c.period_key, promotion_usage.c.uses)

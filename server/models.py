@@ -20,6 +20,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from .limits import AT_LIMIT, EMAIL_LIMIT, ID_LIMIT, KEY_LIMIT, NAME_LIMIT
+
 __all__ = [
     "Base", "UTCDateTime", "Member", "Card", "Subscription", "MemberUpdate", "ProgramVersionRow", "Purchase",
     "PurchaseLine", "Refund", "LedgerEntry", "PointLot", "Balance", "Operation", "PromotionUsage", "PromotionBudget",
@@ -85,15 +87,15 @@ class Member(Base):
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     phone: Mapped[str | None] = mapped_column(String(32), unique=True)
-    first_name: Mapped[str] = mapped_column(String(100), default="")
-    last_name: Mapped[str] = mapped_column(String(100), default="")
+    first_name: Mapped[str] = mapped_column(String(NAME_LIMIT), default="")
+    last_name: Mapped[str] = mapped_column(String(NAME_LIMIT), default="")
     gender: Mapped[str] = mapped_column(String(10), default="")       # female | male | ""
     birth_date: Mapped[dt.date | None]
-    email: Mapped[str] = mapped_column(String(254), default="")
-    city: Mapped[str] = mapped_column(String(100), default="")
+    email: Mapped[str] = mapped_column(String(EMAIL_LIMIT), default="")
+    city: Mapped[str] = mapped_column(String(NAME_LIMIT), default="")
     custom: Mapped[dict[str, Any]] = mapped_column(default=dict)
     source: Mapped[str] = mapped_column(String(10))                    # manual | api | form | import | pos
-    enroll_request_id: Mapped[str | None] = mapped_column(String(100), unique=True)
+    enroll_request_id: Mapped[str | None] = mapped_column(String(KEY_LIMIT), unique=True)
     registered_at: Mapped[dt.datetime]
 
     cards: Mapped[list[Card]] = relationship(back_populates="member", lazy="raise")
@@ -109,7 +111,7 @@ class Card(Base):
     __tablename__ = "cards"
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
-    number: Mapped[str] = mapped_column(String(64), unique=True)
+    number: Mapped[str] = mapped_column(String(ID_LIMIT), unique=True)
     member_id: Mapped[int] = mapped_column(ForeignKey("members.id"), index=True)
     status: Mapped[str] = mapped_column(String(12), default="active")
     status_changed_at: Mapped[dt.datetime]
@@ -140,7 +142,7 @@ class MemberUpdate(Base):
     __tablename__ = "member_updates"
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
-    request_id: Mapped[str | None] = mapped_column(String(100), unique=True)
+    request_id: Mapped[str | None] = mapped_column(String(KEY_LIMIT), unique=True)
     member_id: Mapped[int] = mapped_column(ForeignKey("members.id"), index=True)
     request_hash: Mapped[str] = mapped_column(String(64))
     changes: Mapped[dict[str, Any]]
@@ -181,15 +183,15 @@ class Purchase(Base):
     __tablename__ = "purchases"
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
-    store: Mapped[str] = mapped_column(String(64))
-    terminal: Mapped[str] = mapped_column(String(64))
-    number: Mapped[str] = mapped_column(String(64))
+    store: Mapped[str] = mapped_column(String(ID_LIMIT))
+    terminal: Mapped[str] = mapped_column(String(ID_LIMIT))
+    number: Mapped[str] = mapped_column(String(ID_LIMIT))
     member_id: Mapped[int | None] = mapped_column(ForeignKey("members.id"), index=True)
-    card: Mapped[str | None] = mapped_column(String(64))
+    card: Mapped[str | None] = mapped_column(String(ID_LIMIT))
     program_version: Mapped[int] = mapped_column(ForeignKey("program_versions.version"))
     request_hash: Mapped[str] = mapped_column(String(64))
     answer: Mapped[dict[str, Any]]                               # the stored answer, replayed on retries
-    receipt_at: Mapped[str] = mapped_column(String(40))         # local time as the POS sent it
+    receipt_at: Mapped[str] = mapped_column(String(AT_LIMIT))   # local time as the POS sent it
     # When the purchase happened, by its receipt (SPEC 6), not when the server heard of it: the moment (UTC; a
     # time sent without an offset is taken as UTC) orders it against the clock (activation of its points), the
     # local date counts it in windows (segments, tier windows).
@@ -225,7 +227,7 @@ class PurchaseLine(Base):
 
     purchase_id: Mapped[int] = mapped_column(Id, primary_key=True)
     line: Mapped[int] = mapped_column(Integer, primary_key=True)
-    sku: Mapped[str] = mapped_column(String(64))
+    sku: Mapped[str] = mapped_column(String(ID_LIMIT))
     quantity: Mapped[int]
     amount: Mapped[int]
     payable: Mapped[int]
@@ -241,7 +243,7 @@ class Refund(Base):
     __tablename__ = "refunds"
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
-    refund_id: Mapped[str] = mapped_column(String(100), unique=True)
+    refund_id: Mapped[str] = mapped_column(String(KEY_LIMIT), unique=True)
     purchase_id: Mapped[int] = mapped_column(ForeignKey("purchases.id"), index=True)
     request_hash: Mapped[str] = mapped_column(String(64))
     response: Mapped[dict[str, Any]]
@@ -265,8 +267,8 @@ class LedgerEntry(Base):
     active_delta: Mapped[int]
     pending_delta: Mapped[int]
     purchase_id: Mapped[int | None] = mapped_column(ForeignKey("purchases.id"))
-    refund_id: Mapped[str | None] = mapped_column(String(100))
-    operation_id: Mapped[str | None] = mapped_column(String(100))
+    refund_id: Mapped[str | None] = mapped_column(String(KEY_LIMIT))
+    operation_id: Mapped[str | None] = mapped_column(String(KEY_LIMIT))
     reason: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[dt.datetime]
 
@@ -307,7 +309,7 @@ class Operation(Base):
     __tablename__ = "operations"
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
-    operation_id: Mapped[str] = mapped_column(String(100), unique=True)
+    operation_id: Mapped[str] = mapped_column(String(KEY_LIMIT), unique=True)
     member_id: Mapped[int] = mapped_column(ForeignKey("members.id"), index=True)
     kind: Mapped[str] = mapped_column(String(8))
     points: Mapped[int]

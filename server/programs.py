@@ -13,7 +13,6 @@ or, when polling, whatever storage holds by then (the memberships were committed
 """
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import logging
 import threading
@@ -30,6 +29,7 @@ from .db import Database
 from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .fanout import RedisListener
 from .models import program_versions
+from .timeutil import utcnow
 
 __all__ = ["ProgramRegistry", "Snapshot", "CHANNEL", "POLL_INTERVAL"]
 
@@ -54,7 +54,7 @@ class ProgramRegistry:
 
     def __init__(self, database: Database, *, redis_url: str | None = None, clock=None, memberships=None):
         self.db = database
-        self.clock = clock or (lambda: dt.datetime.now(dt.timezone.utc))
+        self.clock = clock or utcnow
         self.memberships = memberships
         self._snapshot: Snapshot | None = None
         self._checked_at = 0.0

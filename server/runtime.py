@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 __all__ = ["Runtime"]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Runtime:
     """``db``: the system of record; ``clock``: a zero-argument callable returning an aware ``datetime`` (tests
     pass a simulated one); ``programs``: the live program version; ``contexts``: the member contexts cached in

@@ -11,77 +11,119 @@ context and the program snapshot, call the core, write in one transaction, answe
 The gRPC layer (``grpc_server.py``) only maps these to status codes; idempotency and concurrency live here,
 in the storage transactions.
 
-``ProcessingService`` is the facade the edge calls; each use case is decided in a module of its own, in the
-order a request travels: ``context`` (member context, program snapshot, shared storage helpers),
-``calculate``, ``confirm`` (with ``effects``: what a confirmed receipt does, and ``confirm_sql``: the
-PostgreSQL statements of one confirm and of a group-commit batch), ``refunds``, ``accounts`` and
-``publishing``; ``common`` holds what they share (request hashes, limits, retry signals).
+``ProcessingService`` is the facade the edge calls: it builds one object per use case over the process's typed
+``Runtime`` (storage, clock, program registry, caches) and the shared ``Reads`` (``context``: member context,
+program snapshot, keyed writes), in the order a request travels: ``Calculation`` (``calculate``),
+``Confirmation`` (``confirm``, deciding with ``effects`` and writing with ``confirm_write`` row by row or
+``confirm_sql`` set-based), ``Refunds`` (``refunds``), ``Accounts`` (``accounts``) and ``Publishing``
+(``publishing``, which tells the segment and scenario modules of a new program through ``ProgramPart``
+callables wired here); ``common`` holds what they share (request hashes, limits, retry signals).
 """
 from __future__ import annotations
 
-import concurrent.futures
-import os
-import threading
-
-from ..batcher import Batcher
 from ..db import Database
 from ..members import ContextCache
 from ..programs import ProgramRegistry
 from ..runtime import Runtime
+from ..scenarios.definitions import parse_scenarios
 from ..segments.membership import AudienceIndex
+from ..segments.service import SegmentService
 from ..timeutil import utcnow
-from .accounts import AccountCases
-from .calculate import CalculateCases
-from .common import REASON_LIMIT, _check_receipt, _hash  # noqa: F401 - part of the package's surface
-from .confirm import ConfirmCases
-from .confirm_sql import _BatchWrite, _member_of  # noqa: F401 - _BatchWrite: tests watch its writes
-from .context import ContextCases
-from .publishing import PublishingCases
-from .refunds import RefundCases
+from .accounts import Accounts
+from .calculate import Calculation
+from ..limits import REASON_LIMIT  # noqa: F401 - part of the package's surface
+from .common import _check_receipt, _hash  # noqa: F401 - part of the package's surface
+from .confirm import Confirmation
+from .context import Reads
+from .publishing import Publishing
+from .refunds import Refunds
 
 __all__ = ["ProcessingService"]
 
 
-class ProcessingService(CalculateCases, ConfirmCases, RefundCases, AccountCases, PublishingCases, ContextCases):
+class ProcessingService:
     """Sync and thread-safe; one per process, shared by every request thread.
 
     ``clock`` is a zero-argument callable returning an aware ``datetime`` (default: UTC now); tests pass a
-    simulated one so that activation and expiry can be exercised without waiting.
+    simulated one so that activation and expiry can be exercised without waiting. ``group_commit`` /
+    ``batch_threads``: ConfirmPurchase's group commit on PostgreSQL (``Confirmation``).
     """
 
     def __init__(self, database: Database, programs: ProgramRegistry, *, clock=None,
                  redis_url: str | None = None, audience_index: AudienceIndex | None = None,
                  group_commit: int | None = None, batch_threads: int | None = None):
-        self.db = database
-        self.programs = programs
-        self.clock = clock or utcnow
-        self.contexts = ContextCache()
-        self._budget_cache: tuple[float, dict] | None = None
-        self._old_programs: dict = {}       # version -> Program of older versions (``_program_version``)
-        # Group commit of ConfirmPurchase on PostgreSQL (``_confirm_batch``): ``group_commit`` is the largest
-        # batch (0: off, every confirm in its own transaction); None reads $LOYALTY_CONFIRM_BATCH (default 32).
-        # $LOYALTY_CONFIRM_BATCH_WINDOW_MS (default 4) is how long a batch waits to fill under load (``Batcher``;
-        # in interleaved runs of benchmarks/server.py, 4 ms instead of 1 made batches larger and took about a fifth
-        # off PostgreSQL's CPU per confirm, most of it spent per batch), and
-        # $LOYALTY_CONFIRM_BATCH_THREADS (default 2) how many batches run at once (each on its own connection).
-        env = os.environ.get
-        if group_commit is None:
-            group_commit = int(env("LOYALTY_CONFIRM_BATCH", "32") or 0)
-        self._batcher = None
-        self._alone_executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._alone_lock = threading.Lock()
-        if group_commit > 0 and database.dialect == "postgresql":
-            self._batcher = Batcher(self._confirm_batch, max_batch=group_commit,
-                                    window=float(env("LOYALTY_CONFIRM_BATCH_WINDOW_MS", "4") or 0) / 1000,
-                                    threads=batch_threads or int(env("LOYALTY_CONFIRM_BATCH_THREADS", "2") or 2),
-                                    name="confirm-batch", key=_member_of)
         # Audience membership from the segment module (roaring bitmaps, reloaded when a recalculation
         # bumps the membership version): what the core's audience conditions check.
-        self.audience_index = audience_index or AudienceIndex(database, redis_url=redis_url)
+        audience_index = audience_index or AudienceIndex(database, redis_url=redis_url)
         # A new program version is served only once the memberships its promotions name are loaded.
-        programs.memberships = self.audience_index.catch_up
-        # What the jobs, the segment and scenario modules and the ledger check are given instead of this object.
-        self.runtime = Runtime(database, self.clock, programs, self.contexts, self.audience_index)
+        programs.memberships = audience_index.catch_up
+        # What the use cases, the jobs, the segment and scenario modules and the ledger check share.
+        self.runtime = rt = Runtime(database, clock or utcnow, programs, ContextCache(), audience_index)
+        self.reads = Reads(rt)
+        self.calculation = Calculation(rt, self.reads)
+        self.confirmation = Confirmation(rt, self.reads, group_commit=group_commit, batch_threads=batch_threads)
+        self.refunds = Refunds(rt, self.reads)
+        self.accounts = Accounts(rt, self.reads)
+        # The program file's parts kept by other modules: scenarios checked (workers apply them), segments and
+        # audiences defined and calculated first, so a promotion never names an audience that does not exist yet.
+        self.publishing = Publishing(rt, parts=(_check_scenarios, _segments_part(rt)))
+
+    # the runtime's parts, as the edge and the CLI read them
+    db = property(lambda self: self.runtime.db)
+    programs = property(lambda self: self.runtime.programs)
+    clock = property(lambda self: self.runtime.clock)
+    contexts = property(lambda self: self.runtime.contexts)
+    audience_index = property(lambda self: self.runtime.audience_index)
+
+    # ---- the use cases, as the edge calls them ------------------------------------------------------------
+
+    def calculate_receipt(self, request):
+        return self.calculation.calculate_receipt(request)
+
+    def calculate_answer(self, card: str, phone: str, receipt: dict, *, wait: bool = True, fits: bool = False):
+        return self.calculation.calculate_answer(card, phone, receipt, wait=wait, fits=fits)
+
+    def confirm_purchase(self, request):
+        return self.confirmation.confirm_purchase(request)
+
+    def confirm_answer(self, card: str, phone: str, receipt: dict, *, fits: bool = False):
+        return self.confirmation.confirm_answer(card, phone, receipt, fits=fits)
+
+    def confirm_future(self, card: str, phone: str, receipt: dict, *, fits: bool = False):
+        return self.confirmation.confirm_future(card, phone, receipt, fits=fits)
+
+    def group_commit_counters(self) -> dict[str, tuple[str, int]]:
+        return self.confirmation.group_commit_counters()
+
+    def refund_purchase(self, request):
+        return self.refunds.refund_purchase(request)
+
+    def cancel_purchase(self, request):
+        return self.refunds.cancel_purchase(request)
+
+    def get_member(self, request):
+        return self.accounts.get_member(request)
+
+    def enroll_member(self, request):
+        return self.accounts.enroll_member(request)
+
+    def update_member(self, request):
+        return self.accounts.update_member(request)
+
+    def adjust_points(self, request):
+        return self.accounts.adjust_points(request)
+
+    def set_card_status(self, request):
+        return self.accounts.set_card_status(request)
+
+    def publish_program(self, request):
+        return self.publishing.publish_program(request)
+
+    def get_program(self, request):
+        return self.publishing.get_program(request)
+
+    def list_program_versions(self, request):
+        return self.publishing.list_program_versions(request)
 
     @classmethod
     def open(cls, database_url: str, *, redis_url: str | None = None, clock=None,
@@ -105,10 +147,21 @@ class ProcessingService(CalculateCases, ConfirmCases, RefundCases, AccountCases,
 
     def close(self) -> None:
         """Stop the program listener and dispose of the connection pool."""
-        if self._batcher is not None:
-            self._batcher.close()
-        if self._alone_executor is not None:
-            self._alone_executor.shutdown(wait=True)
+        self.confirmation.close()
         self.programs.close()
         self.audience_index.close()
         self.db.dispose()
+
+
+def _check_scenarios(source: dict) -> None:
+    """The program file's ``scenarios:`` checked (``InvalidArgument`` naming the step); workers apply them."""
+    if source.get("scenarios"):
+        parse_scenarios(source["scenarios"])
+
+
+def _segments_part(rt: Runtime):
+    """The program file's ``segments:`` and ``audiences:`` defined and calculated by the segment module."""
+    def prepare(source: dict) -> None:
+        if source.get("segments") or source.get("audiences"):
+            SegmentService(rt.db, clock=rt.clock).apply_program(source)
+    return prepare

@@ -10,12 +10,15 @@ from loyalty.core.errors import quote
 from loyalty.v1 import processing_pb2
 
 from .. import ledger
+from ..dialects import dialect_of
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ..limits import ID_LIMIT, KEY_LIMIT, REASON_LIMIT
 from ..members import check_text, find_member, validate_enroll, validate_ref, validate_status, validate_update
 from ..models import balances, cards, member_updates, members, operations, subscriptions
 from ..segments.service import bump_membership_version
-from .common import REASON_LIMIT, _data_errors, _hash
-from .context import ContextCases
+from ..runtime import Runtime
+from .common import _data_errors, _hash
+from .context import Reads
 
 
 def _plain(value):
@@ -23,15 +26,18 @@ def _plain(value):
     return value.isoformat() if isinstance(value, dt.date) else value
 
 
-class AccountCases(ContextCases):
-    """Member accounts, a part of ``ProcessingService``."""
+class Accounts:
+    """Member accounts: get, enrol, update, manual points, card status."""
+
+    def __init__(self, rt: Runtime, reads: Reads):
+        self.rt, self.reads = rt, reads
 
     @_data_errors
     def get_member(self, request) -> processing_pb2.Member:
         """The member by ``request.member.card`` or ``.phone``: status, tier, balances, next expiry,
         progress, subscriptions, profile. ``NotFound`` when unknown."""
         ref = validate_ref(request.member if request.HasField("member") else None, required=True)
-        return self._member_message(ref)
+        return self.reads.member_message(ref)
 
     @_data_errors
     def enroll_member(self, request) -> processing_pb2.Member:
@@ -39,20 +45,20 @@ class AccountCases(ContextCases):
         naming the field). ``source`` defaults to ``api``, ``registered_at`` to now. With ``request_id`` a
         retry, also a concurrent one, returns the member that request enrolled. Emits ``member_registered``."""
         values = validate_enroll(request)
-        if values["registered_at"] is not None and values["registered_at"] > self.clock():
+        if values["registered_at"] is not None and values["registered_at"] > self.rt.clock():
             raise InvalidArgument("registered_at", "must not be in the future")
         try:
-            lowest = self.programs.current().program.tiers.levels[0].name
+            lowest = self.rt.programs.current().program.tiers.levels[0].name
         except FailedPrecondition:
             lowest = ""
         try:
             # A concurrent enrolment of the same card / phone / request_id that commits first fails our insert;
             # the second run sees it (the same request_id: that member; else AlreadyExists).
-            self._write_replaying(self._enroll_tx, values, lowest,
+            self.reads.write_replaying(self._enroll_tx, values, lowest,
                                   idempotent=bool(values.get("enroll_request_id")))
         except IntegrityError:
             raise AlreadyExists("the card or the phone is already registered") from None
-        return self._member_message(("card", values["card"]))
+        return self.reads.member_message(("card", values["card"]))
 
     def _enroll_tx(self, conn, v: dict, tier: str) -> None:
         # The card and the phone are looked up BEFORE the request id: on PostgreSQL each statement reads what
@@ -73,7 +79,7 @@ class AccountCases(ContextCases):
                 return
         if taken is not None:
             raise taken
-        now = self.clock()
+        now = self.rt.clock()
         member_id = conn.execute(insert(members).values(
             phone=v["phone"], first_name=v["first_name"], last_name=v["last_name"], gender=v["gender"],
             birth_date=v["birth_date"], email=v["email"], city=v["city"], custom=v["custom"], source=v["source"],
@@ -87,7 +93,7 @@ class AccountCases(ContextCases):
             conn.execute(insert(subscriptions), [
                 {"member_id": member_id, "channel": ch, "on": on, "saved_on": None, "updated_at": now}
                 for ch, on in sorted(v["subscriptions"].items())])
-        self._event(conn, "member_registered", member_id, now, key=f"member_registered:{member_id}",
+        self.reads.event(conn, "member_registered", member_id, now, key=f"member_registered:{member_id}",
                     card=v["card"], source=v["source"])
 
     @_data_errors
@@ -101,16 +107,16 @@ class AccountCases(ContextCases):
         try:
             # A concurrent change that commits first (the same request id, or the same phone for another
             # member) fails our write; the second run sees it and replays, or names the phone.
-            member_id, card = self._write_replaying(self._update_tx, v, _hash(request),
+            member_id, card = self.reads.write_replaying(self._update_tx, v, _hash(request),
                                                     idempotent=v["request_id"] is not None)
         except IntegrityError:
             raise AlreadyExists("the phone is already registered to another member", field="phone") from None
-        self.contexts.invalidate(member_id)
-        return self._member_message(("card", card))
+        self.rt.contexts.invalidate(member_id)
+        return self.reads.member_message(("card", card))
 
     def _update_tx(self, conn, v: dict, request_hash: str) -> tuple[int, str]:
         """``(member_id, card)`` of the member changed (or of the one the stored request changed)."""
-        pg = conn.dialect.name == "postgresql"
+        ops = dialect_of(conn)
 
         def stored():
             if v["request_id"] is None:
@@ -139,12 +145,12 @@ class AccountCases(ContextCases):
         # The member's row is the lock of its profile (the scenario engine's profile steps take it too); a
         # concurrent call with this request id that held it has committed by now (SQLite: the write lock).
         stmt = select(members).where(members.c.id == ctx.member_id)
-        row = conn.execute(stmt.with_for_update() if pg else stmt).one()._mapping
-        if pg:
+        row = conn.execute(ops.lock(stmt)).one()._mapping
+        if ops.locks_rows:
             done = stored()
             if done is not None:
                 return done
-        now = self.clock()
+        now = self.rt.clock()
         changes, values = {}, {}
         for name, value in v["fields"].items():
             if name == "phone" and value is not None and value != row["phone"]:
@@ -178,7 +184,7 @@ class AccountCases(ContextCases):
         active again, and then it is what the member chose. The cards are locked first, as ``_status_tx``
         locks them, so a status change cannot pass between reading them and writing."""
         stmt = select(cards.c.status).where(cards.c.member_id == member_id)
-        statuses = conn.execute(stmt.with_for_update() if conn.dialect.name == "postgresql" else stmt).scalars()
+        statuses = conn.execute(dialect_of(conn).lock(stmt)).scalars()
         live = "active" in set(statuses)
         subs = subscriptions.c
         current = {r.channel: r for r in conn.execute(select(subs.channel, subs.on, subs.saved_on)
@@ -219,7 +225,7 @@ class AccountCases(ContextCases):
             raise InvalidArgument("points", f"must be at least 1, got {request.points}")
         if request.points > 10**12:
             raise InvalidArgument("points", f"must be at most {10**12}, got {request.points}")
-        operation_id = check_text("operation_id", request.operation_id.strip(), 100)
+        operation_id = check_text("operation_id", request.operation_id.strip(), KEY_LIMIT)
         if not operation_id:
             raise InvalidArgument("operation_id", "required: the idempotency key of this operation")
         check_text("reason", request.reason, REASON_LIMIT)
@@ -234,12 +240,12 @@ class AccountCases(ContextCases):
             expiry_days = request.expiry_days
         else:
             try:
-                expiry_days = self.programs.current().program.expiry_days
+                expiry_days = self.rt.programs.current().program.expiry_days
             except FailedPrecondition:
                 expiry_days = None
-        response, member_id = self._write_replaying(self._adjust_tx, ref, request, operation_id, expiry_days,
+        response, member_id = self.reads.write_replaying(self._adjust_tx, ref, request, operation_id, expiry_days,
                                                     _hash(request))
-        self.contexts.invalidate(member_id)
+        self.rt.contexts.invalidate(member_id)
         return processing_pb2.AdjustPointsResponse(**response)
 
     def _adjust_tx(self, conn, ref, request, operation_id: str, expiry_days: int | None, request_hash: str):
@@ -258,16 +264,16 @@ class AccountCases(ContextCases):
         ctx = find_member(conn, ref, lock=True)
         if ctx is None:
             raise NotFound(f"member {ref[1]} was not found")
-        if conn.dialect.name == "postgresql":
+        if dialect_of(conn).locks_rows:
             # Checked again under the member's lock: a concurrent call with this key that held it has
             # committed by now (SQLite held the write lock since the first check).
             done = stored()
             if done is not None:
                 return done
-        now = self.clock()
+        now = self.rt.clock()
         points, kind = request.points, request.kind
         if kind == "debit":
-            available = max(ctx.active, 0)
+            available = max(ctx.active_points, 0)
             if points > available:
                 raise FailedPrecondition(f"not enough points: {points} to debit, {available} available",
                                          available_points=available)
@@ -284,13 +290,13 @@ class AccountCases(ContextCases):
                            expires_at=now + dt.timedelta(days=expiry_days) if expiry_days else None)
             delta = points
         ledger.move_balance(conn, ctx.member_id, active=delta, now=now)
-        if delta > 0 and ctx.active < 0:
-            ledger.settle_debt(conn, ctx.member_id, ctx.active + delta)
+        if delta > 0 and ctx.active_points < 0:
+            ledger.settle_debt(conn, ctx.member_id, ctx.active_points + delta)
         if kind == "top_up":
-            self._event(conn, "top_up", ctx.member_id, now, key=f"top_up:{operation_id}", card=ctx.card,
+            self.reads.event(conn, "top_up", ctx.member_id, now, key=f"top_up:{operation_id}", card=ctx.card,
                         points=points, reason=request.reason, operation_id=operation_id)
-        response = {"operation_id": operation_id, "active_points": ctx.active + delta,
-                    "pending_points": ctx.pending, "replayed": False}
+        response = {"operation_id": operation_id, "active_points": ctx.active_points + delta,
+                    "pending_points": ctx.pending_points, "replayed": False}
         conn.execute(insert(operations).values(operation_id=operation_id, member_id=ctx.member_id, kind=kind,
                                                points=points, reason=request.reason, request_hash=request_hash,
                                                response=response, created_at=now))
@@ -300,27 +306,25 @@ class AccountCases(ContextCases):
     def set_card_status(self, request) -> processing_pb2.Member:
         """Change a card's status. Leaving ``active`` switches every subscription off and remembers which
         were on; returning to ``active`` restores exactly those. Emits ``card_status_changed``."""
-        card = check_text("card", request.card.strip(), 64)
+        card = check_text("card", request.card.strip(), ID_LIMIT)
         if not card:
             raise InvalidArgument("card", "required")
         status = validate_status(request.status)
         check_text("reason", request.reason, REASON_LIMIT)
-        member_id = self.db.run_write(self._status_tx, card, status, request.reason)
-        self.contexts.invalidate(member_id)
-        self.audience_index.announce()      # the other processes' cached contexts hold the old status
-        return self._member_message(("card", card))
+        member_id = self.rt.db.run_write(self._status_tx, card, status, request.reason)
+        self.rt.contexts.invalidate(member_id)
+        self.rt.audience_index.announce()      # the other processes' cached contexts hold the old status
+        return self.reads.member_message(("card", card))
 
     def _status_tx(self, conn, card: str, status: str, reason: str) -> int:
         stmt = select(cards.c.member_id, cards.c.status).where(cards.c.number == card)
-        if conn.dialect.name == "postgresql":
-            stmt = stmt.with_for_update()
-        row = conn.execute(stmt).first()
+        row = conn.execute(dialect_of(conn).lock(stmt)).first()
         if row is None:
             raise NotFound(f"card {card} was not found")
         before = row.status
         if before == status:
             return row.member_id
-        now = self.clock()
+        now = self.rt.clock()
         subs = subscriptions.c
         if before == "active":
             conn.execute(update(subscriptions).where(subs.member_id == row.member_id)
@@ -329,7 +333,7 @@ class AccountCases(ContextCases):
             conn.execute(update(subscriptions).where(subs.member_id == row.member_id, subs.saved_on.is_not(None))
                          .values(on=subs.saved_on, saved_on=None, updated_at=now))
         conn.execute(update(cards).where(cards.c.number == card).values(status=status, status_changed_at=now))
-        self._event(conn, "card_status_changed", row.member_id, now, card=card, status_before=before,
+        self.reads.event(conn, "card_status_changed", row.member_id, now, card=card, status_before=before,
                     status=status, reason=reason)
         bump_membership_version(conn, now)      # last: its row lock is held until the commit
         return row.member_id

@@ -12,12 +12,16 @@ from ..errors import InvalidArgument
 from ..members import validate_ref
 from ..programs import Snapshot
 from .common import _check_receipt, _data_errors
-from .context import ContextCases
+from ..runtime import Runtime
+from .context import MemberRef, Reads
 from .effects import _accrued_active, activates_at
 
 
-class CalculateCases(ContextCases):
-    """CalculateReceipt, a part of ``ProcessingService``: no side effects."""
+class Calculation:
+    """CalculateReceipt: no side effects."""
+
+    def __init__(self, rt: Runtime, reads: Reads):
+        self.rt, self.reads = rt, reads
 
     # ---- Processing service -------------------------------------------------------------------------------
 
@@ -54,7 +58,7 @@ class CalculateCases(ContextCases):
         (``convert.decode_receipt_request``), which is then skipped."""
         now = time.monotonic()
         if wait:
-            snap = self.programs.current()
+            snap = self.rt.programs.current()
         else:
             lease = self._calc_lease
             if lease is None or now - lease[1] > self.CALCULATE_STALE_MAX:
@@ -63,26 +67,26 @@ class CalculateCases(ContextCases):
                 self._calc_lease = (now + self.CALCULATE_LEASE,) + lease[1:]
                 return None       # this call renews the lease from a thread; the others go on with it
             _, _, snap, budgets = lease
-        ref = validate_ref(self._MemberRef(card, phone))
+        ref = validate_ref(MemberRef(card, phone))
         if not fits:
             _check_receipt(receipt)
-        at, moment, clock = self._receipt_time(receipt)
+        at, moment, clock = self.reads.receipt_time(receipt)
         member = None
         if ref is not None:
             # A cached context serves only the program and membership versions it was built for; taken
             # before the context is read (which then can only be newer). Without waiting: the versions held.
-            index = self.audience_index
+            index = self.rt.audience_index
             stamp = (snap.version, index.checked_version() if wait else index.version)
-            ctx = self.contexts.get(ref, stamp)
+            ctx = self.rt.contexts.get(ref, stamp)
             if ctx is None:
                 if not wait:
                     return None
-                with self.db.read() as conn:
-                    ctx = self._load_context(conn, ref, snap, lock=False)
-                self.contexts.put(ref, ctx, stamp)
+                with self.rt.db.read() as conn:
+                    ctx = self.reads.load_context(conn, ref, snap, lock=False)
+                self.rt.contexts.put(ref, ctx, stamp)
             member = ctx.as_core(snap.program, at)
         if wait:
-            budgets = self._budgets(snap)
+            budgets = self.reads.budgets(snap)
             self._calc_lease = (now + self.CALCULATE_LEASE, now, snap, budgets)
         try:
             answer = snap.engine.calculate(receipt, member, budgets)

@@ -73,15 +73,10 @@ RECEIPT_AHEAD = dt.timedelta(days=1)
 # whose deadline is nearer than this when its batch starts is answered at once and nothing of it is written).
 BATCH_MIN_TIME_S = 0.2
 
-# The longest free-text reason (adjustments, refunds, cancels, card status changes) kept in the ledger and the
-# audit trail: a sentence or two for the operator who reads it later, not a document.
-REASON_LIMIT = 500
-
-
 def _check_receipt(receipt: dict, path: str = "receipt") -> None:
     """Every string of a receipt (``convert.receipt_to_dict``'s shape) that the service stores or looks up
-    fits storage (``check_text``): store / terminal / number and skus at most 64 characters, ``at`` at most
-    40, and no NUL character anywhere. (``convert.decode_receipt_request``'s ``fits`` tells a caller that
+    fits storage (``check_text``): store / terminal / number and skus at most ``limits.ID_LIMIT`` characters,
+    ``at`` at most ``limits.AT_LIMIT``, and no NUL character anywhere. (``convert.decode_receipt_request``'s ``fits`` tells a caller that
     decoded the request itself that this would pass.)"""
     for field, value, limit in receipt_strings(receipt, path):
         check_text(field, value, limit)

@@ -2,6 +2,8 @@
 every process to it."""
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 
@@ -13,9 +15,7 @@ from ..errors import InvalidArgument
 from ..members import check_text
 from ..models import promotion_budgets
 from ..paging import page_of, paged
-from ..scenarios.definitions import parse_scenarios
-from ..segments.service import SegmentService
-from .context import ContextCases
+from ..runtime import Runtime
 
 
 def _version_message(row: dict) -> admin_pb2.ProgramVersion:
@@ -24,8 +24,19 @@ def _version_message(row: dict) -> admin_pb2.ProgramVersion:
                                     current=bool(row.get("current")), checksum=row["checksum"])
 
 
-class PublishingCases(ContextCases):
-    """Program versions, a part of ``ProcessingService``."""
+ProgramPart = Callable[[dict], None]
+"""A module that keeps a part of the program file (segments and audiences; scenarios): given the file's parsed
+source before the version is stored, it checks its part and makes it ready (a bad part raises
+``InvalidArgument`` naming it, and nothing is published)."""
+
+
+class Publishing:
+    """Program versions: validate, store, switch every process; the modules that keep parts of the program file
+    are told through ``parts`` (``ProgramPart``), in order, before the version is stored."""
+
+    def __init__(self, rt: Runtime, parts: Sequence[ProgramPart] = ()):
+        self.rt = rt
+        self.parts = tuple(parts)
 
     # ---- Admin service ------------------------------------------------------------------------------------
 
@@ -40,14 +51,13 @@ class PublishingCases(ContextCases):
             source = load_program_text(request.yaml).source if request.yaml.strip() else None
         except ProgramError:
             source = None     # programs.publish reports it with its path
-        if source and source.get("scenarios"):
-            parse_scenarios(source["scenarios"])     # a bad scenario publishes nothing; workers apply them
-        if source and (source.get("segments") or source.get("audiences")):
-            SegmentService(self.db, clock=self.clock).apply_program(source)
+        if source:
+            for prepare in self.parts:
+                prepare(source)
         # Every process loads the memberships before it serves the version (ProgramRegistry.memberships),
         # and cached contexts of older versions are not used (their stamps).
-        row = self.programs.publish(request.yaml, request.comment)
-        budgeted = [p.id for p in self.programs.current().program.promotions
+        row = self.rt.programs.publish(request.yaml, request.comment)
+        budgeted = [p.id for p in self.rt.programs.current().program.promotions
                     if p.limits.discount_budget is not None or p.limits.points_budget is not None]
         if budgeted:
             def seed(conn):
@@ -57,7 +67,7 @@ class PublishingCases(ContextCases):
                 if missing:
                     conn.execute(insert(promotion_budgets), missing)
             try:
-                self.db.run_write(seed)
+                self.rt.db.run_write(seed)
             except IntegrityError:   # another process seeded them at the same moment
                 pass
         return _version_message(dict(row, current=True))
@@ -66,11 +76,11 @@ class PublishingCases(ContextCases):
         """Version ``request.version`` (0: the current one) with its YAML; ``NotFound`` when absent."""
         if request.version < 0:
             raise InvalidArgument("version", f"must be 0 (the current one) or a version number, got {request.version}")
-        return _version_message(self.programs.get(request.version))
+        return _version_message(self.rt.programs.get(request.version))
 
     def list_program_versions(self, request) -> admin_pb2.ListProgramVersionsResponse:
         """The versions, newest first, without the YAML text, a page at a time (``loyalty.server.paging``)."""
-        rows, token = paged(self.programs.versions(), page_of(request, "program_versions", (int,)),
+        rows, token = paged(self.rt.programs.versions(), page_of(request, "program_versions", (int,)),
                             key=lambda r: (-r["version"],))
         return admin_pb2.ListProgramVersionsResponse(versions=[_version_message(r) for r in rows],
                                                      next_page_token=token)

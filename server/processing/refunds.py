@@ -12,11 +12,14 @@ from loyalty.core.inputs import parse_at
 from loyalty.v1 import processing_pb2
 
 from .. import ledger
+from ..dialects import dialect_of
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ..limits import KEY_LIMIT, REASON_LIMIT
 from ..members import check_text, in_tier_window, period_key
 from ..models import ledger as ledger_entries, promotion_budgets, promotion_usage, purchase_lines, purchases, refunds
-from .common import REASON_LIMIT, _data_errors, _hash
-from .context import ContextCases
+from ..runtime import Runtime
+from .common import _data_errors, _hash
+from .context import Reads
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +90,11 @@ def _work_out_return(purchase, lines, wanted: dict) -> _Returned:
     return _Returned(updates, payable, redeemed, returned, taken_back, final, money)
 
 
-class RefundCases(ContextCases):
-    """RefundPurchase and CancelPurchase, a part of ``ProcessingService``."""
+class Refunds:
+    """RefundPurchase and CancelPurchase: what a return gives back, written once per refund id."""
+
+    def __init__(self, rt: Runtime, reads: Reads):
+        self.rt, self.reads = rt, reads
 
     @_data_errors
     def refund_purchase(self, request) -> processing_pb2.RefundPurchaseResponse:
@@ -105,13 +111,13 @@ class RefundCases(ContextCases):
         purchase's own lot lost to expiry. The final refund (nothing left afterwards) also gives back the
         purchase's use of promotions limited per member and what it spent of discount budgets; a partial
         refund leaves both as they are."""
-        refund_id = check_text("refund_id", request.refund_id.strip(), 100)
+        refund_id = check_text("refund_id", request.refund_id.strip(), KEY_LIMIT)
         if not refund_id:
             raise InvalidArgument("refund_id", "required: the idempotency key of this refund")
         if refund_id.startswith("cancel:"):
             raise InvalidArgument("refund_id", "the prefix 'cancel:' is reserved")
         check_text("reason", request.reason, REASON_LIMIT)
-        key = self._purchase_key(request.purchase, "purchase")
+        key = self.reads.purchase_key(request.purchase, "purchase")
         if request.all_remaining and len(request.lines):
             raise InvalidArgument("lines", "give either lines or all_remaining, not both")
         if not request.all_remaining and not len(request.lines):
@@ -125,10 +131,10 @@ class RefundCases(ContextCases):
             if rl.quantity <= 0:
                 raise InvalidArgument(f"lines[{i}].quantity", f"must be at least 1, got {rl.quantity}")
             wanted[rl.line] = rl.quantity
-        response, member_id = self._write_replaying(
+        response, member_id = self.reads.write_replaying(
             self._refund_tx, refund_id, key, wanted, request.all_remaining, request.reason, _hash(request),
             False)
-        self.contexts.invalidate(member_id)
+        self.rt.contexts.invalidate(member_id)
         return processing_pb2.RefundPurchaseResponse(**response)
 
     @_data_errors
@@ -136,11 +142,11 @@ class RefundCases(ContextCases):
         """Reverse what is left of a confirmed purchase, as a final refund does (promotion uses and discount
         budgets come back too). Idempotent by the purchase: calling it again (or concurrently) returns the
         stored answer with ``replayed=True``."""
-        key = self._purchase_key(request.purchase, "purchase")
+        key = self.reads.purchase_key(request.purchase, "purchase")
         check_text("reason", request.reason, REASON_LIMIT)
-        response, member_id = self._write_replaying(
+        response, member_id = self.reads.write_replaying(
             self._refund_tx, None, key, {}, True, request.reason, "", True)
-        self.contexts.invalidate(member_id)
+        self.rt.contexts.invalidate(member_id)
         response.pop("refund_id")
         response.pop("final")
         return processing_pb2.CancelPurchaseResponse(**response)
@@ -150,21 +156,19 @@ class RefundCases(ContextCases):
         """One refund (``cancel``: the purchase's cancellation, keyed ``cancel:<purchase id>``). The
         idempotency key is checked again once the purchase row is locked, so a concurrent call with the same
         key waits for the first one and replays it."""
-        is_pg = conn.dialect.name == "postgresql"
+        ops = dialect_of(conn)
         if not cancel:
             done = self._stored_refund(conn, refund_id, request_hash)
             if done is not None:
                 return done
         stmt = select(purchases).where(purchases.c.store == key[0], purchases.c.terminal == key[1],
                                        purchases.c.number == key[2])
-        if is_pg:
-            stmt = stmt.with_for_update()
-        purchase = conn.execute(stmt).first()
+        purchase = conn.execute(ops.lock(stmt)).first()
         if purchase is None:
             raise NotFound(f"purchase {'/'.join(key)} was not found")
         if cancel:
             refund_id = f"cancel:{purchase.id}"
-        if cancel or is_pg:       # (SQLite: the write lock was held since the first check)
+        if cancel or ops.locks_rows:       # (SQLite: the write lock was held since the first check)
             done = self._stored_refund(conn, refund_id, request_hash if not cancel else None)
             if done is not None:
                 return done
@@ -198,9 +202,9 @@ class RefundCases(ContextCases):
             allowed = max(purchase.accrued_points - expired - purchase.taken_back_points, 0)
             if ret.taken_back_points > allowed:
                 ret = dataclasses.replace(ret, taken_back_points=allowed)
-        now = self.clock()
+        now = self.rt.clock()
         if member_id is not None and (ret.returned_points or ret.taken_back_points or ret.payable):
-            ctx = self._lock_balance(conn, member_id)
+            ctx = self.reads.lock_balance(conn, member_id)
             active_delta = pending_delta = 0
             if ret.taken_back_points:
                 from_pending, from_active = ledger.take_back(conn, member_id, ret.taken_back_points, purchase.id)
@@ -210,7 +214,7 @@ class RefundCases(ContextCases):
                 active_delta -= from_active
                 pending_delta -= from_pending
             if ret.returned_points:
-                program = self.programs.current().program
+                program = self.rt.programs.current().program
                 entry = ledger.add_entry(conn, key=f"refund:{refund_id}:refund", member_id=member_id, kind="refund",
                                          active_delta=ret.returned_points, now=now, purchase_id=purchase.id,
                                          refund_id=refund_id, reason=reason)
@@ -220,7 +224,7 @@ class RefundCases(ContextCases):
                                else None)
                 active_delta += ret.returned_points
             try:
-                in_window = in_tier_window(self.programs.current().program, purchase.receipt_date, now)
+                in_window = in_tier_window(self.rt.programs.current().program, purchase.receipt_date, now)
             except FailedPrecondition:
                 in_window = True
             ledger.move_balance(conn, member_id, active=active_delta, pending=pending_delta,
@@ -229,7 +233,7 @@ class RefundCases(ContextCases):
                 ledger.settle_debt(conn, member_id, ctx[0] + active_delta)
             balance = (ctx[0] + active_delta, ctx[1] + pending_delta)
         elif member_id is not None:
-            balance = self._lock_balance(conn, member_id)
+            balance = self.reads.lock_balance(conn, member_id)
         else:
             balance = (0, 0)
         if cancel or ret.final:
@@ -251,7 +255,7 @@ class RefundCases(ContextCases):
                     "active_points": balance[0], "pending_points": balance[1], "replayed": False}
         conn.execute(insert(refunds).values(refund_id=refund_id, purchase_id=purchase.id, request_hash=request_hash,
                                             response=response, reason=reason, created_at=now))
-        self._event(conn, "refund", member_id, now, key=f"refund:{refund_id}", refund_id=refund_id,
+        self.reads.event(conn, "refund", member_id, now, key=f"refund:{refund_id}", refund_id=refund_id,
                     purchase_id=str(purchase.id), card=purchase.card, cancel=cancel,
                     refunded_amount=response["refunded_amount"], returned_points=ret.returned_points,
                     taken_back_points=ret.taken_back_points, final=ret.final or cancel,
@@ -277,7 +281,7 @@ class RefundCases(ContextCases):
         per member that it applied (in the period of its receipt), and its discounts back into the discount
         budgets of the promotions that gave them. The limits are those of the program version the purchase
         was confirmed with."""
-        program = self._program_version(conn, purchase.program_version)
+        program = self.reads.program_version(conn, purchase.program_version)
         answer = purchase.answer or {}
         applied = set(answer.get("promotions", ()))
         if purchase.member_id is not None:
@@ -301,4 +305,4 @@ class RefundCases(ContextCases):
             if given[promotion]:
                 conn.execute(update(promotion_budgets).where(b.promotion == promotion)
                              .values(spent=case((b.spent > given[promotion], b.spent - given[promotion]), else_=0)))
-        self._budget_cache = None
+        self.reads.budget_cache = None

@@ -30,7 +30,9 @@ import json
 
 from sqlalchemy import bindparam, func, insert, literal, select, text, update
 
+from loyalty.server.dialects import DialectOps, dialect_of
 from loyalty.server.errors import AlreadyExists, InvalidArgument, NotFound
+from loyalty.server.limits import REASON_LIMIT
 from loyalty.server.models import UTCDateTime, cards, members
 
 from .common import claim, insert_ignore
@@ -40,10 +42,6 @@ __all__ = ["create", "process_chunk", "progress", "run", "CHUNK"]
 
 CHUNK = 10_000
 _ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
-
-
-# The longest reason of a batch, as for every manual points operation (AdjustPoints).
-REASON_LIMIT = 500
 
 
 def _validate(batch_id: str, kind: str, points: int, expiry_days, target: dict, reason: str) -> None:
@@ -107,8 +105,7 @@ def create(database, now: dt.datetime, batch_id: str, kind: str, points: int, *,
             ids = _resolve(conn, target["members"])
             for k in range(0, len(ids), 5000):
                 conn.execute(insert(batch_members), [{"batch_id": batch_id, "member_id": m} for m in ids[k:k + 5000]])
-        if conn.dialect.name == "postgresql":
-            conn.exec_driver_sql("ANALYZE batch_members")     # fresh statistics: chunks join it by index
+        dialect_of(conn).analyze(conn, "batch_members")     # fresh statistics: chunks join it by index
         total = conn.execute(select(func.count()).where(batch_members.c.batch_id == batch_id)).scalar_one()
         values.update(total=total, state="running" if total else "done", finished_at=None if total else now)
         conn.execute(update(batches).where(batches.c.id == batch_id).values(
@@ -165,13 +162,12 @@ def progress(database, batch_id: str) -> dict:
     return _view(dict(row._mapping))
 
 
-def _sql(dialect: str, kind: str) -> list[str]:
-    pg = dialect == "postgresql"
-    least, greatest = ("LEAST", "GREATEST") if pg else ("MIN", "MAX")
+def _sql(ops: DialectOps, kind: str) -> list[str]:
+    least, greatest = ops.least, ops.greatest
     key = "(:prefix || bm.member_id)"
     in_chunk = "bm.batch_id = :bid AND bm.member_id > :lo AND bm.member_id <= :hi"
     out = []
-    if pg and kind == "award":
+    if ops.writes_in_with and kind == "award":
         # one statement: lock the chunk's balances, write the entries (RETURNING feeds the lots and the balance
         # update without looking the keys up again), count what was written
         return [f"""WITH chunk AS (
@@ -193,7 +189,7 @@ def _sql(dialect: str, kind: str) -> list[str]:
                 UPDATE balances b SET active = b.active + :points, updated_at = :now FROM ent e
                 WHERE b.member_id = e.member_id)
             SELECT count(*), count(*) * :points FROM ent"""]
-    if pg:
+    if ops.locks_rows:
         out.append(f"""SELECT count(*) FROM (SELECT b.member_id FROM balances b JOIN batch_members bm
             ON bm.member_id = b.member_id WHERE {in_chunk} ORDER BY b.member_id FOR UPDATE OF b) t""")
     if kind == "award":
@@ -255,12 +251,11 @@ def process_chunk(database, now: dt.datetime, *, batch_id: str | None = None, ch
             values = {"state": "done", "finished_at": now, "updated_at": now}
             conn.execute(update(batches).where(batches.c.id == row.id).values(**values))
             return _view({**dict(row._mapping), **values})
-        if conn.dialect.name == "postgresql":
-            conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")
+        dialect_of(conn).tune(conn, work_mem="64MB")
         params = {"bid": row.id, "lo": row.position, "hi": hi, "points": row.points, "prefix": f"batch:{row.id}:",
                   "op": f"batch:{row.id}"[:100], "reason": row.reason or f"batch {row.id}", "now": now,
                   "expires": _expires(conn, row, now)}
-        for sql in _sql(conn.dialect.name, row.kind):    # the last statement counts what was written
+        for sql in _sql(dialect_of(conn), row.kind):    # the last statement counts what was written
             stmt = text(sql)
             stmt = stmt.bindparams(*[bindparam(k, type_=UTCDateTime()) for k in ("now", "expires") if f":{k}" in sql])
             result = conn.execute(stmt, params)

@@ -7,7 +7,7 @@ import datetime as dt
 from sqlalchemy import select
 
 from loyalty.server.models import balances, cards, members, subscriptions
-from loyalty.server.db import insert_ignore
+from loyalty.server.dialects import dialect_of, insert_ignore
 from loyalty.server.timeutil import utcnow
 
 __all__ = ["utcnow", "insert_ignore", "claim", "load_member", "member_values", "backoff"]
@@ -16,9 +16,7 @@ __all__ = ["utcnow", "insert_ignore", "claim", "load_member", "member_values", "
 def claim(conn, stmt):
     """Row claiming: on PostgreSQL ``FOR UPDATE SKIP LOCKED`` (several workers take disjoint rows, nobody
     waits); SQLite has a single writer and the caller's transaction is already ``BEGIN IMMEDIATE``."""
-    if conn.dialect.name == "postgresql":
-        return stmt.with_for_update(skip_locked=True)
-    return stmt
+    return dialect_of(conn).claim(stmt)
 
 
 def backoff(attempts: int, base: float, cap: float) -> dt.timedelta:

@@ -19,15 +19,13 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
-from pyroaring import BitMap
 from sqlalchemy import exists, func, insert, or_, select, update
 
 from loyalty.server import ledger
+from loyalty.server.dialects import dialect_of
 from loyalty.server.errors import InvalidArgument
 from loyalty.server.models import balances, events, members, program_versions, purchases
-from loyalty.server.segments.models import (
-    audience_bitmaps, member_tags, message_events, segment_members,
-)
+from loyalty.server.segments.models import message_events
 
 from .common import backoff, claim, insert_ignore, load_member, member_values
 from .definitions import next_until, render
@@ -272,23 +270,16 @@ class Runner:
             done += sum(1 for r in w.log if r["step"] == arg["step"] and r["outcome"] == "completed")
             return done >= arg["times"]
         if kind == "tag":
-            return conn.execute(select(exists().where(member_tags.c.member_id == member_id,
-                                                      member_tags.c.tag == arg))).scalar()
+            return self._segments_service().has_tag(conn, member_id, arg)
         if kind == "segment":
-            if conn.execute(select(exists().where(segment_members.c.segment_id == arg,
-                                                  segment_members.c.member_id == member_id))).scalar():
-                return True
-            data = conn.execute(select(audience_bitmaps.c.bitmap).where(audience_bitmaps.c.audience_id == arg)).scalar()
-            return bool(data) and member_id in BitMap.deserialize(data)
+            return self._segments_service().contains(conn, arg, member_id)
         raise StepError(f"unknown condition {kind!r}")  # pragma: no cover
 
     # ---- effects ----------------------------------------------------------------------------------------------
 
     def _lock_balance(self, conn, member_id: int) -> tuple[int, int]:
         stmt = select(balances.c.active, balances.c.pending).where(balances.c.member_id == member_id)
-        if conn.dialect.name == "postgresql":
-            stmt = stmt.with_for_update()
-        row = conn.execute(stmt).first()
+        row = conn.execute(dialect_of(conn).lock(stmt)).first()
         if row is None:
             raise StepError(f"member {member_id} has no balance")
         return row.active, row.pending
@@ -340,10 +331,7 @@ class Runner:
 
     def _update_profile(self, conn, w: _Walk, step: dict) -> None:
         member_id = w.run.member_id
-        stmt = select(members.c.custom).where(members.c.id == member_id)
-        if conn.dialect.name == "postgresql":
-            stmt = stmt.with_for_update()
-        custom = conn.execute(stmt).scalar()
+        custom = conn.execute(dialect_of(conn).lock(select(members.c.custom).where(members.c.id == member_id))).scalar()
         field = step["field"]
         if field.startswith("custom."):
             name = field[7:]
@@ -422,9 +410,7 @@ class Runner:
         return self._segments
 
     def _add_tag(self, conn, w: _Walk, step: dict) -> None:
-        member_id, tag = w.run.member_id, step["tag"]
-        conn.execute(insert_ignore(conn, member_tags).values(member_id=member_id, tag=tag, created_at=w.now))
-        self._segments_service().tag_member(conn, tag, member_id)
+        self._segments_service().tag_member(conn, step["tag"], w.run.member_id, now=w.now)
 
     def _add_to_segment(self, conn, w: _Walk, step: dict) -> None:
         try:

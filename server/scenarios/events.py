@@ -24,8 +24,9 @@ import logging
 from pyroaring import BitMap
 from sqlalchemy import JSON, String, cast, func, literal, select, update
 
+from loyalty.server.dialects import dialect_of
 from loyalty.server.models import events, members
-from loyalty.server.segments.models import audience_bitmaps
+from loyalty.server.segments.service import stored_membership
 
 from .common import claim, insert_ignore
 from .definitions import match_trigger
@@ -196,8 +197,7 @@ def _birthdays_on(conn, target: dt.date, days_before: int, now: dt.datetime) -> 
     days = [target.strftime("%m-%d")]
     if target.month == 2 and target.day == 28 and not _leap(target.year):
         days.append("02-29")          # born on 29 February: celebrated on the 28th in other years
-    md = (func.to_char(members.c.birth_date, "MM-DD") if conn.dialect.name == "postgresql"
-          else func.strftime("%m-%d", members.c.birth_date))
+    md = dialect_of(conn).month_day(members.c.birth_date)
     key_prefix = f"birthday:{target.year}:{days_before}:"
     key = literal(key_prefix) + cast(members.c.id, String())
     payload = {"date": target.isoformat(), "days_before": days_before}
@@ -217,19 +217,16 @@ def _leap(year: int) -> bool:
 
 def watch_segments(database, now: dt.datetime) -> int:
     """For every segment a ``segment_entered`` trigger names: compare its membership bitmap (kept by the
-    segment module in ``audience_bitmaps``, versioned) with the one seen last time and emit
+    segment module, versioned: ``segments.service.stored_membership``) with the one seen last time and emit
     ``segment_entered`` for each member added. The first look only records the membership: members already
     inside did not just enter. Returns events added."""
     def tx(conn):
         wanted = _offsets(conn, "segment_entered", "segment")
         added = 0
         for sid in sorted(wanted):
-            cur = conn.execute(select(audience_bitmaps.c.version, audience_bitmaps.c.bitmap)
-                               .where(audience_bitmaps.c.audience_id == sid)).first()
+            version, bitmap = stored_membership(conn, sid)
             seen = conn.execute(claim(conn, select(scenario_segment_watch.c.version, scenario_segment_watch.c.bitmap)
                                       .where(scenario_segment_watch.c.segment_id == sid))).first()
-            version = cur.version if cur is not None else 0
-            bitmap = BitMap.deserialize(cur.bitmap) if cur is not None and cur.bitmap else BitMap()
             if seen is None:
                 conn.execute(insert_ignore(conn, scenario_segment_watch).values(
                     segment_id=sid, version=version, bitmap=bitmap.serialize(), updated_at=now))

@@ -2,10 +2,10 @@
 and its result into the response message. Errors stay ``loyalty.server.errors`` types, so the server maps
 them to status codes and rich details exactly as for the other services.
 
-``add_scenarios_service(server, service)`` is what the gRPC server calls (the lead wires it into
+``add_scenarios_service(server, module)`` is what the gRPC server calls (the lead wires it into
 ``grpc_server.py``, next to ``add_segments_service``): ``server`` is the transport's ``LoyaltyServer`` (its
-raw-bytes handlers, error mapping, metrics and I/O pool are reused) or a plain ``grpc.Server``; ``service``
-is the process's ``ProcessingService`` (its database and clock are shared) or a ``ScenarioService``.
+raw-bytes handlers, error mapping, metrics and I/O pool are reused) or a plain ``grpc.Server``; ``module``
+is the process's ``Runtime`` (its database and clock are shared) or a ``ScenarioService``.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import json
 
 from loyalty.server.grpc_register import register_servicer
 from loyalty.server.paging import page_of, paged
+from loyalty.server.runtime import Runtime
 from loyalty.server.timeutil import iso
 from loyalty.v1 import scenarios_pb2
 
@@ -100,10 +101,11 @@ class ScenariosServicer:
             subscriptions_changed=out["subscriptions_changed"])
 
 
-def add_scenarios_service(server, service) -> ScenariosServicer:
-    """Register ``loyalty.v1.Scenarios`` on ``server`` (a ``LoyaltyServer`` or a plain ``grpc.Server``)."""
-    module = service if isinstance(service, ScenarioService) else ScenarioService(
-        service.db, clock=getattr(service, "clock", None))
+def add_scenarios_service(server, module: ScenarioService | Runtime) -> ScenariosServicer:
+    """Register ``loyalty.v1.Scenarios`` on ``server`` (a ``LoyaltyServer`` or a plain ``grpc.Server``):
+    the module given, or one over the process's ``Runtime``."""
+    if not isinstance(module, ScenarioService):
+        module = ScenarioService(module.db, clock=module.clock)
     servicer = ScenariosServicer(module)
     register_servicer(server, scenarios_pb2, "Scenarios", servicer)
     return servicer

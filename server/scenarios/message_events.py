@@ -33,7 +33,9 @@ import re
 from sqlalchemy import and_, case, exists, or_, select, update
 
 from loyalty.core.errors import quote
+from loyalty.server.dialects import dialect_of
 from loyalty.server.errors import InvalidArgument
+from loyalty.server.limits import ID_LIMIT
 from loyalty.server.members import check_text, validate_ref
 from loyalty.server.models import cards, members, subscriptions
 from loyalty.server.segments.models import MESSAGE_KINDS, message_events
@@ -46,7 +48,6 @@ __all__ = ["MAX_EVENTS", "EVENT_KEYS", "FUTURE_SLACK", "validate_event", "valida
            "set_subscription", "message_key"]
 
 MAX_EVENTS = 1000
-ID_LIMIT = 64
 EVENT_KEYS = ("id", "card", "phone", "member_id", "message_id", "channel", "kind", "at", "scenario")
 # a provider's clock may run a little ahead; an event further in the future is a bug, not news
 FUTURE_SLACK = dt.timedelta(days=1)
@@ -267,9 +268,7 @@ def _apply_subscriptions(conn, rows: list[dict], now: dt.datetime) -> int:
     if not latest:
         return 0
     ids = sorted({m for m, _c in latest})
-    lock = select(members.c.id).where(members.c.id.in_(ids)).order_by(members.c.id)
-    if conn.dialect.name == "postgresql":
-        lock = lock.with_for_update()
+    lock = dialect_of(conn).lock(select(members.c.id).where(members.c.id.in_(ids)).order_by(members.c.id))
     conn.execute(lock).all()           # serialises this with any other batch about the same members
     me = message_events.c
     changed = 0

@@ -5,13 +5,13 @@ worker's (``worker.py``); this module only reads and writes definitions and repo
 """
 from __future__ import annotations
 
-import datetime as dt
 import logging
 
 import yaml
 from sqlalchemy import func, literal, select, update
 
 from loyalty.server.db import Database
+from loyalty.server.dialects import dialect_of
 from loyalty.server.errors import InvalidArgument, NotFound
 from loyalty.server.models import events, program_versions
 
@@ -218,10 +218,7 @@ class ScenarioService:
             stages += [{"stage": s["id"], "count": reached.get(s["id"], 0)} for s in d["steps"]]
             if goal:
                 table = scenario_events if goal in ("birthday", "segment_entered") else events
-                if conn.dialect.name == "postgresql":
-                    upper = r.entered_at + literal(dt.timedelta(seconds=seconds))
-                else:
-                    upper = func.strftime("%Y-%m-%d %H:%M:%f", r.entered_at, f"+{seconds} seconds")
+                upper = dialect_of(conn).plus_seconds(r.entered_at, seconds)
                 hit = select(func.count()).where(r.scenario_id == sid, select(table.c.id).where(
                     table.c.member_id == r.member_id, table.c.kind == goal, table.c.created_at >= r.entered_at,
                     table.c.created_at <= upper).exists())

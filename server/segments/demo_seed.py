@@ -19,12 +19,14 @@ for the seeding session when the role may do so).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import time
 
 from sqlalchemy import func, insert, select, text
 
 from loyalty.server.db import Database
 from loyalty.server.models import cards, members, program_versions, purchases
+from loyalty.server.timeutil import utcnow
 
 __all__ = ["seed_population", "SKUS"]
 
@@ -57,56 +59,6 @@ def _weighted(expr: str, pairs) -> str:
     return "CASE " + " ".join(out) + f" ELSE '{pairs[0][0]}' END"
 
 
-class _Dialect:
-    def __init__(self, name: str, now: dt.datetime):
-        self.pg = name == "postgresql"
-        self.now = now.astimezone(dt.timezone.utc).replace(tzinfo=None)
-
-    def series(self, n: int, body: str) -> str:
-        """``body`` selects FROM ``s`` (column ``i``, 1..n)."""
-        if self.pg:
-            return body.replace("{S}", f"generate_series(1::bigint, {n}::bigint) AS s(i)")
-        return f"WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {n}) " + \
-            body.replace("{S}", "s")
-
-    def ts(self, days: str, secs: str) -> str:
-        """now - days + secs (a timestamp the models read back as UTC)."""
-        if self.pg:
-            return f"(timestamptz '{self.now:%Y-%m-%d} 00:00:00+00' - ({days}) * interval '1 day' " \
-                   f"+ ({secs}) * interval '1 second')"
-        return f"(strftime('%Y-%m-%d %H:%M:%S', '{self.now:%Y-%m-%d}', '-' || ({days}) || ' days', " \
-               f"'+' || ({secs}) || ' seconds') || '.000000')"
-
-    def date(self, base: str, days: str) -> str:
-        if self.pg:
-            return f"(date '{base}' + ({days})::int)"
-        return f"date('{base}', '+' || ({days}) || ' days')"
-
-    def day(self, days: str, secs: str) -> str:
-        """The UTC date of ``ts(days, secs)``, as a date column reads it back."""
-        if self.pg:
-            return f"({self.ts(days, secs)})::date"
-        return f"date('{self.now:%Y-%m-%d}', '-' || ({days}) || ' days', '+' || ({secs}) || ' seconds')"
-
-    def iso(self, days: str, secs: str) -> str:
-        """``ts(days, secs)`` as the ISO 8601 text a POS sends (``receipt.at``, UTC)."""
-        if self.pg:
-            return f"to_char(({self.ts(days, secs)}) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"+00:00\"')"
-        return f"strftime('%Y-%m-%dT%H:%M:%S+00:00', '{self.now:%Y-%m-%d}', '-' || ({days}) || ' days', " \
-               f"'+' || ({secs}) || ' seconds')"
-
-    def pad(self, expr: str, width: int) -> str:
-        if self.pg:
-            return f"lpad(({expr})::text, {width}, '0')"
-        return f"printf('%0{width}d', {expr})"
-
-    def json(self, expr: str) -> str:
-        return f"({expr})::json" if self.pg else expr
-
-    def text(self, expr: str) -> str:
-        return f"({expr})::text" if self.pg else f"CAST({expr} AS TEXT)"
-
-
 def _ensure_program(conn, now) -> int:
     version = conn.execute(select(func.max(program_versions.c.version))).scalar()
     if version is not None:
@@ -125,8 +77,10 @@ def seed_population(database: Database | str, *, members_n: int, purchases_n: in
     """Add ``members_n`` members and ``purchases_n`` purchases (with everything around them); returns the
     timings in seconds per table and the id range of the new members."""
     db = Database(database) if isinstance(database, str) else database
-    now = now or dt.datetime.now(dt.timezone.utc)
-    d = _Dialect(db.dialect, now)
+    now = now or utcnow()
+    ops, today = db.dialect_ops, now.astimezone(dt.timezone.utc).date()
+    # a moment ``days`` before today (UTC midnight) and ``secs`` after: as a timestamp, its date, ISO text
+    ts, day, iso = (functools.partial(f, today) for f in (ops.timestamp, ops.date_of, ops.iso_utc))
     report = progress or (lambda step, done, total: None)
     timings: dict[str, float] = {}
     steps = ["members", "cards", "subscriptions", "purchases", "purchase_lines", "points", "message_events"]
@@ -135,14 +89,7 @@ def seed_population(database: Database | str, *, members_n: int, purchases_n: in
         t0 = time.perf_counter()
         with db.engine.connect() as conn:
             with conn.begin():
-                if d.pg:
-                    conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
-                    conn.exec_driver_sql("SET LOCAL work_mem = '256MB'")
-                    try:
-                        with conn.begin_nested():
-                            conn.exec_driver_sql("SET LOCAL session_replication_role = replica")
-                    except Exception:  # noqa: BLE001 - not a superuser: FK triggers stay on, only slower
-                        pass
+                ops.start_bulk_load(conn)
                 for sql in statements:
                     conn.execute(text(sql))
         timings[step] = round(time.perf_counter() - t0, 3)
@@ -162,21 +109,21 @@ def seed_population(database: Database | str, *, members_n: int, purchases_n: in
     gender = f"CASE WHEN {h(1)} % 100 < 56 THEN 'female' WHEN {h(1)} % 100 < 98 THEN 'male' ELSE '' END"
     first = f"CASE WHEN {h(1)} % 100 < 56 THEN {_pick(f'{h(2)} % 10', FEMALE)} ELSE {_pick(f'{h(2)} % 10', MALE)} END"
     last = f"{_pick(f'{h(3)} % 10', LAST)} || CASE WHEN {h(1)} % 100 < 56 THEN 'a' ELSE '' END"
-    custom = d.json(f"CASE {h(8)} % 5 WHEN 0 THEN '" + '{"pet": "cat"}' + "' WHEN 1 THEN '" + '{"pet": "dog"}'
+    custom = ops.as_json(f"CASE {h(8)} % 5 WHEN 0 THEN '" + '{"pet": "cat"}' + "' WHEN 1 THEN '" + '{"pet": "dog"}'
                     + "' ELSE '{}' END")
-    run("members", [d.series(n, f"""
+    run("members", [ops.series(n, f"""
         INSERT INTO members (id, phone, first_name, last_name, gender, birth_date, email, city, custom, source,
                              enroll_request_id, registered_at)
-        SELECT {base} + i, '+79' || {d.pad(f'{base} + i', 9)}, {first}, {last}, {gender},
-               CASE WHEN {h(4)} % 10 = 0 THEN NULL ELSE {d.date('1950-01-01', f'{h(5)} % 21000')} END,
-               CASE WHEN {h(6)} % 10 < 7 THEN 'member' || {d.text(f'{base} + i')} || '@example.com' ELSE '' END,
+        SELECT {base} + i, '+79' || {ops.zero_pad(f'{base} + i', 9)}, {first}, {last}, {gender},
+               CASE WHEN {h(4)} % 10 = 0 THEN NULL ELSE {ops.date_plus('1950-01-01', f'{h(5)} % 21000')} END,
+               CASE WHEN {h(6)} % 10 < 7 THEN 'member' || {ops.as_text(f'{base} + i')} || '@example.com' ELSE '' END,
                {_weighted(h(7), CITIES)},
                {custom},
-               {_weighted(h(9), SOURCES)}, NULL, {d.ts(f'{h(10)} % 1095 + 1', f'{h(11)} % 86400')}
+               {_weighted(h(9), SOURCES)}, NULL, {ts(f'{h(10)} % 1095 + 1', f'{h(11)} % 86400')}
         FROM {{S}}""")])
     run("cards", [f"""
         INSERT INTO cards (id, number, member_id, status, status_changed_at)
-        SELECT {card_base} + (id - {base}), '77' || {d.pad('id', 11)}, id,
+        SELECT {card_base} + (id - {base}), '77' || {ops.zero_pad('id', 11)}, id,
                {_weighted(_h('id', s + 12), STATUSES)}, registered_at FROM members WHERE id > {base}"""])
     run("subscriptions", [f"""
         INSERT INTO subscriptions (member_id, channel, "on", saved_on, updated_at)
@@ -198,19 +145,20 @@ def seed_population(database: Database | str, *, members_n: int, purchases_n: in
                {ph(31)} % 100 AS st, {ph(32)} % 4 AS disc_kind, {ph(33)} % 15 AS disc_pct,
                {ph(34)} % 20 AS store
         FROM {{S}}"""
-    run("purchases", [d.series(m, f"""
+    run("purchases", [ops.series(m, f"""
         INSERT INTO purchases (id, store, terminal, number, member_id, card, program_version, request_hash, answer,
                                receipt_at, receipt_time, receipt_date, amount, discount, payable,
                                redeemed_points, redeemed_amount, accrued_points, refunded_payable,
                                refunded_amount, returned_points, taken_back_points, status, created_at)
-        SELECT {pbase} + i, 'store-' || {d.pad('store + 1', 2)}, 'pos-' || {d.text('i % 4 + 1')},
-               'S{seed}-' || {d.text(f'{pbase} + i')}, member_id, '77' || {d.pad('member_id', 11)}, {version},
-               '', {d.json("'{}'")}, {d.iso('days', 'secs')}, {d.ts('days', 'secs')}, {d.day('days', 'secs')},
+        SELECT {pbase} + i, 'store-' || {ops.zero_pad('store + 1', 2)}, 'pos-' || {ops.as_text('i % 4 + 1')},
+               'S{seed}-' || {ops.as_text(f'{pbase} + i')}, member_id, '77' || {ops.zero_pad('member_id', 11)},
+               {version},
+               '', {ops.as_json("'{}'")}, {iso('days', 'secs')}, {ts('days', 'secs')}, {day('days', 'secs')},
                amount, disc, amount - disc, 0, 0, (amount - disc) * 3 / 10000,
                CASE WHEN st >= 97 AND st < 99 THEN amount - disc ELSE 0 END,
                CASE WHEN st >= 97 AND st < 99 THEN amount - disc ELSE 0 END, 0, 0,
                CASE WHEN st < 97 THEN 'confirmed' WHEN st < 99 THEN 'refunded' ELSE 'cancelled' END,
-               {d.ts('days', 'secs')}
+               {ts('days', 'secs')}
         FROM (SELECT q.*, CASE WHEN disc_kind = 0 THEN amount * disc_pct / 100 ELSE 0 END AS disc
               FROM ({inner}) q) r""")])
     lh = lambda k: _h("p.id", s + k)  # noqa: E731
@@ -228,10 +176,10 @@ def seed_population(database: Database | str, *, members_n: int, purchases_n: in
         SELECT p.id, 1, {sku2}, 1000, p.amount / 3, p.payable / 3, 0, 0, {refunded}, 0, 0, 0
         FROM purchases p WHERE p.id > {pbase} AND {two}"""])
 
-    pend_since = d.ts("14", "0")
-    far = d.ts("-200", "0")
-    soon = d.ts("-7", "0")
-    nowts = d.ts("0", "0")
+    pend_since = ts("14", "0")
+    far = ts("-200", "0")
+    soon = ts("-7", "0")
+    nowts = ts("0", "0")
     agg = f"""(SELECT m.id AS member_id, COALESCE(a.acc, 0) AS acc, COALESCE(a.pend, 0) AS pend,
                      CASE WHEN {_h('m.id', s + 51)} % 3 = 0 THEN (COALESCE(a.acc, 0) - COALESCE(a.pend, 0)) / 2
                           ELSE 0 END AS red, COALESCE(a.total, 0) AS total
@@ -251,44 +199,37 @@ def seed_population(database: Database | str, *, members_n: int, purchases_n: in
                    {nowts} FROM seed_points""",
         f"""INSERT INTO ledger (id, key, member_id, kind, points, active_delta, pending_delta, purchase_id,
                                 refund_id, operation_id, reason, created_at)
-            SELECT {lbase} + 2 * {k} - 1, 'demo-seed-accrual-' || {d.text('x.member_id')}, x.member_id, 'accrual',
+            SELECT {lbase} + 2 * {k} - 1, 'demo-seed-accrual-' || {ops.as_text('x.member_id')}, x.member_id, 'accrual',
                    acc, acc - pend, pend, NULL, NULL, NULL, 'demo seed', {nowts}
             FROM seed_points x WHERE acc > 0""",
         f"""INSERT INTO ledger (id, key, member_id, kind, points, active_delta, pending_delta, purchase_id,
                                 refund_id, operation_id, reason, created_at)
-            SELECT {lbase} + 2 * {k}, 'demo-seed-redemption-' || {d.text('x.member_id')}, x.member_id,
+            SELECT {lbase} + 2 * {k}, 'demo-seed-redemption-' || {ops.as_text('x.member_id')}, x.member_id,
                    'redemption', -red, -red, 0, NULL, NULL, NULL, 'demo seed', {nowts}
             FROM seed_points x WHERE red > 0""",
         f"""INSERT INTO point_lots (id, member_id, points, remaining, state, activates_at, expires_at, entry_id,
                                     purchase_id, expiring_notified)
             SELECT {lotbase} + 2 * {k} - 1, x.member_id, acc - pend, acc - pend - red, 'active', NULL, {far},
-                   {lbase} + 2 * {k} - 1, NULL, {'false' if d.pg else '0'}
+                   {lbase} + 2 * {k} - 1, NULL, {ops.false}
             FROM seed_points x WHERE acc - pend > 0""",
         f"""INSERT INTO point_lots (id, member_id, points, remaining, state, activates_at, expires_at, entry_id,
                                     purchase_id, expiring_notified)
             SELECT {lotbase} + 2 * {k}, x.member_id, pend, pend, 'pending', {soon}, {far},
-                   {lbase} + 2 * {k} - 1, NULL, {'false' if d.pg else '0'}
+                   {lbase} + 2 * {k} - 1, NULL, {ops.false}
             FROM seed_points x WHERE pend > 0""",
         "DROP TABLE seed_points",
     ])
     mh = lambda k: _h("id", s + k)  # noqa: E731
     run("message_events", [f"""
         INSERT INTO message_events (member_id, channel, kind, at)
-        SELECT id, 'email', '{kind}', {d.ts(f'{mh(61)} % 60 + {lag}', f'{mh(62)} % 86400')}
+        SELECT id, 'email', '{kind}', {ts(f'{mh(61)} % 60 + {lag}', f'{mh(62)} % 86400')}
         FROM members WHERE id > {base} AND email <> '' AND {mh(60)} % 10 < {pct}
         """ for kind, pct, lag in (("sent", 6, 1), ("opened", 3, 0), ("clicked", 1, 0))])
-    if d.pg:
-        with db.engine.begin() as conn:
-            for table, col in (("members", "id"), ("cards", "id"), ("purchases", "id"), ("ledger", "id"),
-                               ("point_lots", "id")):
-                conn.exec_driver_sql(f"SELECT setval(pg_get_serial_sequence('{table}', '{col}'), "
-                                     f"(SELECT max({col}) FROM {table}))")
-        t0 = time.perf_counter()
-        with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            # VACUUM sets the hint bits and the visibility map now, so the first query does not pay for it
-            for table in ("members", "cards", "subscriptions", "balances", "purchases", "purchase_lines",
-                          "ledger", "point_lots", "message_events"):
-                conn.exec_driver_sql(f"VACUUM ANALYZE {table}")
-        timings["vacuum_analyze"] = round(time.perf_counter() - t0, 3)
+    upkeep = ops.after_bulk_load(
+        db.engine, {table: "id" for table in ("members", "cards", "purchases", "ledger", "point_lots")},
+        ("members", "cards", "subscriptions", "balances", "purchases", "purchase_lines", "ledger", "point_lots",
+         "message_events"))
+    if upkeep is not None:
+        timings["vacuum_analyze"] = round(upkeep, 3)
     return {"members": n, "purchases": m, "first_member_id": base + 1, "last_member_id": base + n,
             "seconds": timings, "total_seconds": round(sum(timings.values()), 3)}

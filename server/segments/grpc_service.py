@@ -2,9 +2,9 @@
 and its result into the response message. Errors stay ``loyalty.server.errors`` types, so the server maps
 them to status codes and rich details exactly as for the Processing and Admin services.
 
-``add_segments_service(server, service)`` is what the gRPC server calls: ``server`` is the transport's
+``add_segments_service(server, module)`` is what the gRPC server calls: ``server`` is the transport's
 ``LoyaltyServer`` (its raw-bytes handlers, error mapping, metrics and I/O pool are reused) or a plain
-``grpc.Server``; ``service`` is the process's ``ProcessingService`` (its database and clock are shared) or a
+``grpc.Server``; ``module`` is the process's ``Runtime`` (its database and clock are shared) or a
 ``SegmentService``.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 from loyalty.server.errors import InvalidArgument
 from loyalty.server.grpc_register import register_servicer
 from loyalty.server.paging import page_of, paged
+from loyalty.server.runtime import Runtime
 from loyalty.server.timeutil import iso
 from loyalty.v1 import segments_pb2
 
@@ -151,10 +152,12 @@ class SegmentsServicer:
         return segments_pb2.SetTagResponse(**r)
 
 
-def add_segments_service(server, service, *, redis_url: str | None = None) -> SegmentsServicer:
-    """Register ``loyalty.v1.Segments`` on ``server`` (a ``LoyaltyServer`` or a plain ``grpc.Server``)."""
-    module = service if isinstance(service, SegmentService) else SegmentService(
-        service.db, clock=getattr(service, "clock", None), redis_url=redis_url)
+def add_segments_service(server, module: SegmentService | Runtime, *,
+                         redis_url: str | None = None) -> SegmentsServicer:
+    """Register ``loyalty.v1.Segments`` on ``server`` (a ``LoyaltyServer`` or a plain ``grpc.Server``):
+    the module given, or one over the process's ``Runtime``."""
+    if not isinstance(module, SegmentService):
+        module = SegmentService(module.db, clock=module.clock, redis_url=redis_url)
     servicer = SegmentsServicer(module)
     register_servicer(server, segments_pb2, "Segments", servicer)
     return servicer

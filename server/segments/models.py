@@ -29,6 +29,7 @@ from typing import Any
 from sqlalchemy import JSON, CheckConstraint, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
+from loyalty.server.limits import ID_LIMIT
 from loyalty.server.models import Base, Id
 
 __all__ = [
@@ -166,7 +167,7 @@ class MessageEvent(Base):
     channel: Mapped[str] = mapped_column(String(32))
     kind: Mapped[str] = mapped_column(String(16))
     at: Mapped[dt.datetime]                                          # when it happened (the provider's time)
-    event_id: Mapped[str | None] = mapped_column(String(64), unique=True)   # the provider's id; NULL: ours
+    event_id: Mapped[str | None] = mapped_column(String(ID_LIMIT), unique=True)   # the provider's id; NULL: ours
     message_id: Mapped[str | None] = mapped_column(String(200))     # our outbox key, or the provider's id
     scenario_id: Mapped[str | None] = mapped_column(String(100))
     recorded_at: Mapped[dt.datetime | None]                          # when a provider's event reached us

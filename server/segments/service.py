@@ -29,7 +29,8 @@ from sqlalchemy import (
 )
 
 from loyalty.core import ProgramError, load_program_text
-from loyalty.server.db import Database, insert_ignore
+from loyalty.server.db import Database
+from loyalty.server.dialects import dialect_of, insert_ignore
 from loyalty.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from loyalty.server.models import balances, cards, members, program_versions
 from loyalty.server.timeutil import utcnow
@@ -40,7 +41,8 @@ from .models import (
     segment_runs, segments,
 )
 
-__all__ = ["SegmentService", "PREVIEW_COLUMNS", "CHANNEL", "Progress", "bump_membership_version"]
+__all__ = ["SegmentService", "PREVIEW_COLUMNS", "CHANNEL", "Progress", "bump_membership_version",
+           "stored_membership"]
 
 log = logging.getLogger(__name__)
 
@@ -325,9 +327,7 @@ class SegmentService:
             .returning(segment_runs.c.id)).scalar_one())
 
         def tx(conn):
-            if conn.dialect.name == "postgresql":
-                # hashed semi / anti joins over a million members need more than the default 4MB
-                conn.exec_driver_sql("SET LOCAL work_mem = '256MB'")
+            dialect_of(conn).tune(conn, work_mem="256MB")
             ctx = self._context(conn)
             query = cond.compile_query(seg["conditions"], ctx)
             report("evaluating", 0, 3)
@@ -335,8 +335,7 @@ class SegmentService:
             try:
                 # Row counts of INSERT ... SELECT are not reliable across drivers: count instead.
                 conn.execute(insert(tmp).from_select(["member_id"], query))
-                if conn.dialect.name == "postgresql":
-                    conn.exec_driver_sql(f"ANALYZE {tmp.name}")
+                dialect_of(conn).analyze(conn, tmp.name)
                 report("writing", 1, 3)
                 ids = BitMap(conn.execute(select(tmp.c.member_id)).scalars())
                 if seg["type"] == "updatable":
@@ -703,9 +702,24 @@ class SegmentService:
         self._store_bitmap(conn, sid, "segment", bitmap)
         return True
 
-    def tag_member(self, conn, tag: str, member_id: int) -> None:
-        """Put a member into an external tag's audience (``SetTag``'s bitmap), in the caller's transaction, when
-        that tag is served as an audience; nothing otherwise."""
+    def contains(self, conn, target: str, member_id: int) -> bool:
+        """Whether the member is in the segment or audience ``target`` as stored (a static segment's rows, else
+        its stored bitmap), in the caller's transaction."""
+        sm = segment_members.c
+        if conn.execute(select(exists().where(sm.segment_id == target, sm.member_id == member_id))).scalar():
+            return True
+        return member_id in self._stored_bitmap(conn, target)
+
+    @staticmethod
+    def has_tag(conn, member_id: int, tag: str) -> bool:
+        """Whether the member carries ``tag``."""
+        return conn.execute(select(exists().where(member_tags.c.member_id == member_id,
+                                                  member_tags.c.tag == tag))).scalar()
+
+    def tag_member(self, conn, tag: str, member_id: int, *, now: dt.datetime) -> None:
+        """Tag a member in the caller's transaction (once: tagging again changes nothing), and put it into the
+        tag's audience (``SetTag``'s bitmap) when that tag is served as an audience."""
+        conn.execute(insert_ignore(conn, member_tags).values(member_id=member_id, tag=tag, created_at=now))
         external = conn.execute(select(audience_bitmaps.c.bitmap).where(
             audience_bitmaps.c.audience_id == tag, audience_bitmaps.c.kind == "tag")).first()
         if external is None:
@@ -772,3 +786,13 @@ class SegmentService:
             self._redis.publish(CHANNEL, "changed")
         except Exception as exc:  # noqa: BLE001 - the others still find it by their version check
             log.warning("could not announce a membership change on Redis: %s", exc)
+
+
+def stored_membership(conn, audience_id: str) -> tuple[int, BitMap]:
+    """The stored membership of a segment or audience and its version (0 and an empty bitmap when none is
+    stored yet): what a watcher compares with the one it saw last (the scenarios' ``segment_entered``)."""
+    row = conn.execute(select(audience_bitmaps.c.version, audience_bitmaps.c.bitmap)
+                       .where(audience_bitmaps.c.audience_id == audience_id)).first()
+    if row is None:
+        return 0, BitMap()
+    return row.version, BitMap.deserialize(row.bitmap) if row.bitmap else BitMap()

@@ -573,7 +573,7 @@ def _no_storage(service, monkeypatch):
         raise AssertionError("a calculate that must not wait touched storage")
     monkeypatch.setattr(service.db, "read", refuse)
     monkeypatch.setattr(service.programs, "current", refuse)
-    monkeypatch.setattr(service, "_budgets", refuse)
+    monkeypatch.setattr(service.reads, "budgets", refuse)
 
 
 def test_calculate_answer_is_calculate_receipt_on_plain_values(calc_service):
@@ -604,13 +604,13 @@ def test_calculate_without_waiting_answers_from_memory_or_not_at_all(calc_servic
 
 def test_an_expired_lease_sends_one_call_to_renew_it_and_a_dead_one_sends_all(calc_service, monkeypatch):
     call = convert.decode_calculate_request(spec_example_a("7000001"))
-    monkeypatch.setattr(calc_service, "CALCULATE_LEASE", -1.0)      # the lease this waiting call sets is due at once
+    monkeypatch.setattr(calc_service.calculation, "CALCULATE_LEASE", -1.0)      # the lease this waiting call sets is due at once
     waited = calc_service.calculate_answer(*call)
     _no_storage(calc_service, monkeypatch)
-    monkeypatch.setattr(calc_service, "CALCULATE_LEASE", 60.0)
+    monkeypatch.setattr(calc_service.calculation, "CALCULATE_LEASE", 60.0)
     assert calc_service.calculate_answer(*call, wait=False) is None     # this one goes to renew it...
     assert calc_service.calculate_answer(*call, wait=False) == waited   # ...the others go on with it meanwhile
-    monkeypatch.setattr(calc_service, "CALCULATE_STALE_MAX", -1.0)    # but not once it is too old: storage is away
+    monkeypatch.setattr(calc_service.calculation, "CALCULATE_STALE_MAX", -1.0)    # but not once it is too old: storage is away
     assert calc_service.calculate_answer(*call, wait=False) is None
 
 

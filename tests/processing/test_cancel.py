@@ -33,7 +33,7 @@ def test_cancel_of_keys_containing_slashes_reverses_each_purchase(service):
     assert balances_of(service, "7600001") == (1000, 0)       # both reversed: 940 + 60, 8 - 8
     with service.db.read() as conn:
         assert set(conn.execute(select(purchases.c.status)).scalars()) == {"cancelled"}
-    assert ledger.check(service) == []
+    assert ledger.check(service.db) == []
 
 
 def test_purchase_with_64_character_key_can_be_cancelled(service):

@@ -44,7 +44,7 @@ def test_fifty_threads_spending_one_card_never_exceed_the_balance(service):
     assert (m.active_points, m.pending_points) == (0, 10 * 23)
     with service.db.read() as conn:
         assert conn.execute(select(func.count()).select_from(purchases)).scalar() == 10
-    assert ledger.check(service) == []
+    assert ledger.check(service.db) == []
 
 
 def test_same_receipt_from_many_threads_is_written_once(service):
@@ -56,7 +56,7 @@ def test_same_receipt_from_many_threads_is_written_once(service):
     assert sum(not r.replayed for r in results) == 1
     m = service.get_member(P.GetMemberRequest(member=R.MemberRef(card="7200002")))
     assert (m.active_points, m.pending_points) == (695, 36)     # SPEC A once: 1000 - 305, +36
-    assert ledger.check(service) == []
+    assert ledger.check(service.db) == []
 
 
 def test_sqlite_locked_past_the_timeout_is_unavailable_and_writes_nothing(tmp_path, monkeypatch, clock):
@@ -128,7 +128,7 @@ def test_confirm_spends_the_earliest_expiring_lots_first_and_writes_every_row_on
         assert (payload["purchase_id"], payload["redeemed_points"], payload["accrued_points"]) == (str(pid), 60, 25)
     m = service.get_member(P.GetMemberRequest(member=ref))
     assert (m.active_points, m.pending_points) == (120 - 60, 25)
-    assert ledger.check(service) == []
+    assert ledger.check(service.db) == []
     again = service.confirm_purchase(P.ConfirmPurchaseRequest(member=ref, receipt=coffee("lots-1", redeem=60)))
     assert (again.replayed, again.purchase_id, again.answer) == (True, r.purchase_id, r.answer)
 
@@ -155,4 +155,4 @@ def test_many_members_confirming_at_once_keep_the_ledger_exact(service):
         m = service.get_member(P.GetMemberRequest(member=R.MemberRef(card=card)))
         expected = (500 - 10 * 50, 10 * 25) if k % 2 else (500, 10 * 26)
         assert (m.active_points, m.pending_points) == expected
-    assert ledger.check(service) == []
+    assert ledger.check(service.db) == []

@@ -27,8 +27,8 @@ def _open(url, clock, monkeypatch, *, batch, window_ms):
     monkeypatch.setenv("LOYALTY_CONFIRM_BATCH_WINDOW_MS", str(window_ms))
     monkeypatch.setenv("LOYALTY_CONFIRM_BATCH_THREADS", "1")
     svc = ProcessingService.open(url, clock=clock)
-    if svc._batcher is not None:
-        svc._batcher.idle_wait = True       # requests a moment apart from idle share a batch
+    if svc.confirmation.batcher is not None:
+        svc.confirmation.batcher.idle_wait = True       # requests a moment apart from idle share a batch
     return svc
 
 
@@ -63,7 +63,7 @@ def _balances(svc, card):
 def test_one_batch_mixes_winners_a_loser_a_duplicate_a_conflict_and_an_unknown_card(gc):
     enroll(gc, "7300001", points=250)
     enroll(gc, "7300002")
-    batches_before = gc._batcher.batches
+    batches_before = gc.confirmation.batcher.batches
     requests = [
         _req("7300001", coffee("gc-1", redeem=100)),    # 0: ok
         _req("7300001", coffee("gc-2", redeem=100)),    # 1: ok, sees 0's spend: 250 - 100 = 150 >= 100
@@ -75,7 +75,7 @@ def test_one_batch_mixes_winners_a_loser_a_duplicate_a_conflict_and_an_unknown_c
         _req(None, coffee("gc-6")),                     # 7: anonymous: ok, no member
     ]
     r = together(gc, requests)
-    assert gc._batcher.batches - batches_before == 1          # all eight in one transaction
+    assert gc.confirmation.batcher.batches - batches_before == 1          # all eight in one transaction
     assert not r[0].replayed and not r[1].replayed and not r[7].replayed
     assert isinstance(r[2], FailedPrecondition) and r[2].details["available_points"] == 50
     assert isinstance(r[3], FailedPrecondition) and r[3].details["available_points"] == 0
@@ -87,7 +87,7 @@ def test_one_batch_mixes_winners_a_loser_a_duplicate_a_conflict_and_an_unknown_c
     assert _balances(gc, "7300001") == (250 - 2 * 100, 2 * 23)
     assert _balances(gc, "7300002") == (0, 0)
     assert _count(gc) == 3                                      # gc-1, gc-2, gc-6
-    assert ledger.check(gc) == []
+    assert ledger.check(gc.db) == []
     # the loser, retried alone after the batch, still sees 50
     with pytest.raises(FailedPrecondition) as e:
         gc.confirm_purchase(requests[2])
@@ -106,7 +106,7 @@ def test_confirms_of_one_member_in_one_batch_follow_each_other(gc):
     m = gc.get_member(P.GetMemberRequest(member=R.MemberRef(card="7300010")))
     # the tier metric adds the payable of each: 4 x 89900 (points do not lower it)
     assert m.purchases_sum == 4 * 89900
-    assert ledger.check(gc) == []
+    assert ledger.check(gc.db) == []
 
 
 @pytest.mark.postgres
@@ -126,10 +126,10 @@ def test_fifty_confirms_spending_one_card_never_exceed_the_balance(pg_url, clock
             except FailedPrecondition as exc:
                 return exc
 
-        items_before = svc._batcher.items
+        items_before = svc.confirmation.batcher.items
         with ThreadPoolExecutor(50) as pool:
             results = list(pool.map(spend, range(50)))
-        assert svc._batcher.items - items_before == 50
+        assert svc.confirmation.batcher.items - items_before == 50
         won = [x for x in results if not isinstance(x, Exception)]
         lost = [x for x in results if isinstance(x, FailedPrecondition)]
         # 1000 points / 100 per receipt: exactly 10 winners; each earns 23 pending (see above)
@@ -137,7 +137,7 @@ def test_fifty_confirms_spending_one_card_never_exceed_the_balance(pg_url, clock
         assert all(exc.details["available_points"] < 100 for exc in lost)
         assert _balances(svc, "7300020") == (0, 10 * 23)
         assert _count(svc) == 10
-        assert ledger.check(svc) == []
+        assert ledger.check(svc.db) == []
     finally:
         svc.close()
 
@@ -151,7 +151,7 @@ def test_a_connection_lost_in_the_write_round_is_run_again_and_written_once(gc, 
     enroll(gc, "7300030", points=500)
     admin = psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
     killed, calls = [], []
-    calculate = gc._calculate
+    calculate = gc.reads.calculate
     requests = [_req("7300030", coffee(f"lost-{i}", redeem=100)) for i in range(3)] + \
                [_req(None, coffee("lost-anon"))]
 
@@ -165,20 +165,20 @@ def test_a_connection_lost_in_the_write_round_is_run_again_and_written_once(gc, 
             killed.append(pid)
         return answer
 
-    gc._calculate = calculate_then_kill
-    batches_before = gc._batcher.batches
+    gc.reads.calculate = calculate_then_kill
+    batches_before = gc.confirmation.batcher.batches
     try:
         r = together(gc, requests)
     finally:
-        gc._calculate = calculate
+        gc.reads.calculate = calculate
         admin.close()
-    assert len(killed) == 1 and gc._batcher.batches - batches_before == 1
+    assert len(killed) == 1 and gc.confirmation.batcher.batches - batches_before == 1
     # the batch ran again on a fresh connection: nothing had been stored, so it was written now, once:
     # 500 - 3 x 100 = 200, 3 x 23 pending
     assert all(not isinstance(x, Exception) and not x.replayed for x in r), r
     assert _count(gc) == 4
     assert _balances(gc, "7300030") == (200, 3 * 23)
-    assert ledger.check(gc) == []
+    assert ledger.check(gc.db) == []
     # the clients' retries replay
     again = together(gc, requests)
     assert all(not isinstance(x, Exception) and x.replayed for x in again), again
@@ -193,7 +193,7 @@ def test_a_key_taken_by_another_process_meanwhile_is_replayed_and_the_rest_commi
     other = ProcessingService.open(pg_url, clock=clock)      # another process: no batching
     race = _req(None, coffee("race-1"))
     first = []
-    calculate = gc._calculate
+    calculate = gc.reads.calculate
 
     def other_confirms_first(snap, receipt, member, conn=None, **kw):
         # after this batch checked its keys and before it writes: the other process confirms race-1
@@ -201,18 +201,18 @@ def test_a_key_taken_by_another_process_meanwhile_is_replayed_and_the_rest_commi
             first.append(other.confirm_purchase(race))
         return calculate(snap, receipt, member, conn, **kw)
 
-    gc._calculate = other_confirms_first
+    gc.reads.calculate = other_confirms_first
     try:
         r = together(gc, [race, _req("7300040", coffee("race-2", redeem=100))])
     finally:
-        gc._calculate = calculate
+        gc.reads.calculate = calculate
         other.close()
     # the batch's insert of race-1 hit the unique key: rolled back, each confirm ran alone
     assert r[0].replayed and r[0].purchase_id == first[0].purchase_id and r[0].answer == first[0].answer
     assert not r[1].replayed and r[1].answer.totals.redeemed_points == 100
     assert _balances(gc, "7300040") == (400, 23)
     assert _count(gc) == 2
-    assert ledger.check(gc) == []
+    assert ledger.check(gc.db) == []
 
 
 @pytest.mark.postgres
@@ -238,14 +238,14 @@ def test_the_future_api_answers_without_a_waiting_thread(gc):
         loser.result(10)
     assert e.value.details["available_points"] == 150 - 100
     assert _balances(gc, "7300050") == (50, 23)     # 23 pending: see the first test
-    assert ledger.check(gc) == []
+    assert ledger.check(gc.db) == []
 
 
 def test_sqlite_never_batches(sqlite_url, clock):
     db.upgrade(sqlite_url)
     svc = ProcessingService.open(sqlite_url, clock=clock)
     try:
-        assert svc._batcher is None
+        assert svc.confirmation.batcher is None
         assert _future(svc, None, coffee("lite-1")) is None
     finally:
         svc.close()
@@ -262,9 +262,9 @@ def _milk(number):
 @pytest.mark.postgres
 def test_confirms_of_one_batch_share_a_budget_in_key_order(gc):
     gc.publish_program(admin_pb2.PublishProgramRequest(yaml=BUDGET_PROGRAM))
-    batches_before = gc._batcher.batches
+    batches_before = gc.confirmation.batcher.batches
     r = together(gc, [_req(None, _milk(f"bud-{i}")) for i in (3, 1, 2, 0)])
-    assert gc._batcher.batches - batches_before == 1
+    assert gc.confirmation.batcher.batches - batches_before == 1
     # receipt-key order inside the batch: bud-0 spends the budget (0 < 100), bud-1..3 see 1798 >= 100
     assert [x.answer.totals.discount for x in r] == [0, 0, 0, 1798]
     assert spent(gc, "budget-10") == 1798
@@ -276,7 +276,7 @@ def test_a_budget_spent_by_another_process_meanwhile_sends_the_batch_alone(gc, p
     monkeypatch.setenv("LOYALTY_CONFIRM_BATCH", "0")
     other = ProcessingService.open(pg_url, clock=clock)      # another process: no batching
     first = []
-    calculate = gc._calculate
+    calculate = gc.reads.calculate
 
     def other_spends_first(snap, receipt, member, conn=None, **kw):
         # the batch has read the budget (0 spent) and not written yet: the other process spends it all
@@ -284,22 +284,22 @@ def test_a_budget_spent_by_another_process_meanwhile_sends_the_batch_alone(gc, p
             first.append(other.confirm_purchase(_req(None, _milk("bud-other"))))
         return calculate(snap, receipt, member, conn, **kw)
 
-    gc._calculate = other_spends_first
-    batches_before = gc._batcher.batches
+    gc.reads.calculate = other_spends_first
+    batches_before = gc.confirmation.batcher.batches
     try:
         r = together(gc, [_req(None, _milk("bud-a")), _req(None, _milk("bud-b"))])
     finally:
-        gc._calculate = calculate
+        gc.reads.calculate = calculate
         other.close()
     assert first[0].answer.totals.discount == 1798
     # the batch decided bud-a on 0 spent; at its write the budget had 1798: rolled back, each confirm alone,
     # on the locked figure: no discount for either, and the budget spent once
-    assert gc._batcher.batches - batches_before == 1
+    assert gc.confirmation.batcher.batches - batches_before == 1
     assert [x.answer.totals.discount for x in r] == [0, 0]
     assert all(not x.replayed for x in r)
     assert spent(gc, "budget-10") == 1798
     assert _count(gc) == 3
-    assert ledger.check(gc) == []
+    assert ledger.check(gc.db) == []
 
 
 @pytest.mark.postgres
@@ -348,11 +348,11 @@ def test_a_purchase_stored_by_an_earlier_release_replays(gc, member):
                      .values(request_hash=processing._hash(req)))
     again = gc.confirm_purchase(req)                    # a batch (group commit is on)
     assert again.replayed and again.purchase_id == first.purchase_id
-    gc._batcher, batcher = None, gc._batcher           # and alone
+    gc.confirmation.batcher, batcher = None, gc.confirmation.batcher           # and alone
     try:
         alone = gc.confirm_purchase(req)
     finally:
-        gc._batcher = batcher
+        gc.confirmation.batcher = batcher
     assert alone.replayed and alone.purchase_id == first.purchase_id
     req.receipt.redeem_points = 1
     with pytest.raises(AlreadyExists):

@@ -82,7 +82,7 @@ def test_nul_characters_and_overlong_values_are_invalid_argument_naming_the_fiel
     with service.db.read() as conn:
         assert conn.execute(select(purchases.c.number)).scalars().all() == ["v-ok"]
         assert len(conn.execute(select(members.c.id)).scalars().all()) == 1
-    assert ledger.check(service) == []
+    assert ledger.check(service.db) == []
 
 
 def test_a_value_storage_refuses_is_invalid_argument_without_driver_text(service, monkeypatch):
@@ -91,7 +91,7 @@ def test_a_value_storage_refuses_is_invalid_argument_without_driver_text(service
     def refuse(*_args, **_kw):
         raise DataError("INSERT ...", {}, Exception("driver says: value too long for type character varying(64)"))
 
-    monkeypatch.setattr(service, "_adjust_tx", refuse)
+    monkeypatch.setattr(service.accounts, "_adjust_tx", refuse)
     with pytest.raises(InvalidArgument) as info:
         service.adjust_points(P.AdjustPointsRequest(member=R.MemberRef(card="7600007"), kind="credit", points=1,
                                                     reason="x", operation_id="d-1"))

@@ -73,16 +73,16 @@ def test_every_job_over_one_two_and_many_levels(database_url, levels, window_day
         c2_tier = lowest        # 1 000 000 reaches no upper level, and is outside a 30-day window anyway
         assert balances(svc, "c2") == (500, 0, c2_tier)
 
-        counts = jobs.run_once(svc)                 # nothing due yet: no failure on any shape
+        counts = jobs.run_once(svc.runtime)                 # nothing due yet: no failure on any shape
         assert (counts["activated_lots"], counts["expired_lots"], counts["tier_changes"]) == (0, 0, 0)
 
         clock.advance(days=14, minutes=1)           # c1's lots activate
-        counts = jobs.run_once(svc)
+        counts = jobs.run_once(svc.runtime)
         assert (counts["activated_lots"], counts["activated_points"]) == (2, 1500)
         assert balances(svc, "c1")[:2] == (1500, 0)
 
         clock.advance(days=17)                      # day 31: c1's receipts leave a 30-day window
-        counts = jobs.run_once(svc)
+        counts = jobs.run_once(svc.runtime)
         # c2's lot: activated on day 0 (receipt of day -40 + 14 is past), expires 30 days later
         assert (counts["expired_lots"], counts["expired_points"]) == (1, 500)
         expected = lowest if window_days else top_today
@@ -90,10 +90,10 @@ def test_every_job_over_one_two_and_many_levels(database_url, levels, window_day
         assert counts["tier_downgrades"] == (1 if window_days and levels > 1 else 0)
 
         clock.advance(days=14)                      # day 45: c1's lots (activated day 14) expire on day 44
-        counts = jobs.run_once(svc)
+        counts = jobs.run_once(svc.runtime)
         assert (counts["expired_lots"], counts["expired_points"]) == (2, 1500)
         assert balances(svc, "c1")[:2] == (0, 0)
-        assert ledger.check(svc) == []
+        assert ledger.check(svc.db) == []
     finally:
         svc.close()
 

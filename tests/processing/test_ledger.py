@@ -14,10 +14,10 @@ from loyalty.v1 import receipt_pb2 as R
 
 def test_check_reports_a_tampered_balance(service):
     enroll(service, "7300001", points=100)
-    assert ledger.check(service) == []
+    assert ledger.check(service.db) == []
     with service.db.write() as conn:
         conn.execute(update(balances).values(active=balances.c.active + 1))
-    problems = ledger.check(service)
+    problems = ledger.check(service.db)
     assert any("ledger says 100 / 0" in p for p in problems)
     assert any("lots hold 100 / 0" in p for p in problems)
 
@@ -26,7 +26,7 @@ def test_take_back_beyond_the_balance_is_a_debt_the_next_credit_pays(service, cl
     enroll(service, "7300002")
     confirm(service, "7300002", coffee("d-1"))          # earns floor(89900 x 3% / 100) = floor(26.97) = 26
     clock.advance(days=15)
-    jobs.run_once(service)
+    jobs.run_once(service.runtime)
     ref = R.MemberRef(card="7300002")
     service.adjust_points(P.AdjustPointsRequest(member=ref, kind="debit", points=20, operation_id="d-spend",
                                                 reason="x"))
@@ -34,12 +34,12 @@ def test_take_back_beyond_the_balance_is_a_debt_the_next_credit_pays(service, cl
         store="msk-01", terminal="pos-3", number="d-1"), all_remaining=True))
     # 26 - 20 = 6 left; taking back 26 leaves a debt of 20.
     assert (r.taken_back_points, r.active_points) == (26, -20)
-    assert ledger.check(service) == []
-    assert ledger.liability(service)["debt_points"] == 20
+    assert ledger.check(service.db) == []
+    assert ledger.liability(service.runtime)["debt_points"] == 20
     service.adjust_points(P.AdjustPointsRequest(member=ref, kind="top_up", points=50, operation_id="d-top",
                                                 reason="x"))
     assert member(service, "7300002").active_points == 30            # 50 - 20 of debt
-    assert ledger.check(service) == []
+    assert ledger.check(service.db) == []
 
 
 def test_ledger_check_reports_purchase_lines_without_their_purchase(service):
@@ -48,12 +48,12 @@ def test_ledger_check_reports_purchase_lines_without_their_purchase(service):
 
     from loyalty.server.models import purchase_lines
 
-    assert ledger.check(service) == []
+    assert ledger.check(service.db) == []
     with service.db.write() as conn:
         conn.execute(insert(purchase_lines).values(
             purchase_id=987654, line=0, sku="ghost", quantity=1000, amount=100, payable=100, redeemed=0, points=0,
             refunded_quantity=0, refunded_payable=0, refunded_redeemed=0, refunded_points=0))
-    assert ledger.check(service) == ["1 purchase lines without their purchase"]
+    assert ledger.check(service.db) == ["1 purchase lines without their purchase"]
 
 
 def test_a_statement_storage_refuses_is_a_defect_not_retry_later(database_url):

@@ -58,7 +58,7 @@ def test_cancel_gives_back_the_coupon_use_and_the_budget(service):
     assert (_uses(service), spent(service, "welcome-500")) == (0, 0)
     assert confirm(service, "7600012", _welcome("w-3")).answer.totals.discount == 50000
     assert (_uses(service), spent(service, "welcome-500")) == (1, 50000)
-    assert ledger.check(service) == []
+    assert ledger.check(service.db) == []
 
 
 def test_final_refund_gives_back_the_use_a_partial_one_keeps_it(service):

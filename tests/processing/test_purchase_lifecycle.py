@@ -36,7 +36,7 @@ def test_full_flow_confirm_activate_spend_refund_cancel(service, clock):
 
     # Day 14: activation_days = 14 -> the 36 pending points become active: 695 + 36 = 731.
     clock.advance(days=14, minutes=1)
-    counts = jobs.run_once(service)
+    counts = jobs.run_once(service.runtime)
     assert (counts["activated_lots"], counts["activated_points"]) == (1, 36)
     assert balances_of(service, "7100001") == (731, 0)
 
@@ -85,8 +85,8 @@ def test_full_flow_confirm_activate_spend_refund_cancel(service, clock):
     m = member(service, "7100001")
     # Tier metric net of refunds: 152880 + 89900 - (45000 + 8990 + 98890) = 89900.
     assert m.purchases_sum == 89900
-    assert ledger.check(service) == []
-    liab = ledger.liability(service)
+    assert ledger.check(service.db) == []
+    liab = ledger.liability(service.runtime)
     assert (liab["active_points"], liab["pending_points"]) == (900, 23)
     with service.db.read() as conn:
         kinds = dict(conn.execute(select(events.c.kind, func.count()).group_by(events.c.kind)).all())
@@ -198,7 +198,7 @@ def test_adjust_points_credit_debit_top_up(service):
         service.adjust_points(P.AdjustPointsRequest(member=ref, kind="gift", points=1, reason="x",
                                                     operation_id="op-4"))
     assert e.value.path == "kind"
-    assert ledger.check(service) == []
+    assert ledger.check(service.db) == []
 
 
 def test_tier_upgrades_at_confirm_and_downgrades_only_in_the_job(service):
@@ -210,7 +210,7 @@ def test_tier_upgrades_at_confirm_and_downgrades_only_in_the_job(service):
         store="msk-01", terminal="pos-3", number="big-1"), all_remaining=True))
     m = member(service, "7100011")
     assert (m.tier, m.purchases_sum) == ("Silver", 0)               # no downgrade at refund time
-    counts = jobs.run_once(service)
+    counts = jobs.run_once(service.runtime)
     assert counts["tier_downgrades"] == 1
     assert member(service, "7100011").tier == "Basic"
     with service.db.read() as conn:
@@ -227,13 +227,13 @@ def test_expiry_and_expiring_notice_once_per_lot(service, clock):
     service.adjust_points(P.AdjustPointsRequest(member=ref, kind="credit", points=70, operation_id="e-2",
                                                 reason="x"))
     clock.advance(days=5)                                           # lot 1 expires in 5 days: within the 7-day notice
-    assert jobs.run_once(service)["expiring_notices"] == 1
-    assert jobs.run_once(service)["expiring_notices"] == 0
+    assert jobs.run_once(service.runtime)["expiring_notices"] == 1
+    assert jobs.run_once(service.runtime)["expiring_notices"] == 0
     # a debit takes the earliest-expiring lot first: 30 of the 50
     service.adjust_points(P.AdjustPointsRequest(member=ref, kind="debit", points=30, operation_id="e-3",
                                                 reason="x"))
     clock.advance(days=6)
-    counts = jobs.run_once(service)
+    counts = jobs.run_once(service.runtime)
     assert (counts["expired_lots"], counts["expired_points"]) == (1, 20)   # 50 - 30 left on lot 1
     assert member(service, "7100012").active_points == 70
-    assert ledger.check(service) == []
+    assert ledger.check(service.db) == []

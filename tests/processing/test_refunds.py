@@ -19,7 +19,7 @@ def test_refund_before_activation_takes_back_from_pending(service):
                                                         lines=[P.RefundLine(line=1, quantity=1000)]))
     # cheese: 11 points taken from the pending lot (36 -> 25), 89 written-off points back (695 -> 784).
     assert (r.active_points, r.pending_points) == (784, 25)
-    assert ledger.check(service) == []
+    assert ledger.check(service.db) == []
 
 
 def test_weight_line_partial_refunds_sum_to_exactly_the_line(service):
@@ -39,42 +39,42 @@ def test_weight_line_partial_refunds_sum_to_exactly_the_line(service):
     assert [g.taken_back_points for g in got] == [6, 9, 9]
     assert got[-1].final
     assert member(service, "7100003").purchases_sum == 0
-    assert ledger.check(service) == []
+    assert ledger.check(service.db) == []
 
 
 def test_refund_after_the_purchase_points_expired_takes_nothing_back(service, clock):
     enroll(service, "7600003")
     confirm(service, "7600003", coffee("x-1"))      # earns floor(89900 x 3% / 100) = 26, pending 14 days
     clock.advance(days=15)
-    jobs.run_once(service)                          # active
+    jobs.run_once(service.runtime)                          # active
     clock.advance(days=366)
-    assert jobs.run_once(service)["expired_points"] == 26      # expiry_days 365 after activation
+    assert jobs.run_once(service.runtime)["expired_points"] == 26      # expiry_days 365 after activation
     service.adjust_points(P.AdjustPointsRequest(member=R.MemberRef(card="7600003"), kind="credit", points=500,
                                                 reason="x", operation_id="x-credit"))
     r = refund(service, "x-r", key=P.PurchaseKey(store="msk-01", terminal="pos-3", number="x-1"),
                 all_remaining=True)
     # the 26 expired already: nothing of the unrelated 500 credit is taken.
     assert (r.taken_back_points, r.active_points) == (0, 500)
-    assert ledger.check(service) == []
+    assert ledger.check(service.db) == []
 
 
 def test_refund_after_partial_expiry_takes_back_only_what_did_not_expire(service, clock):
     enroll(service, "7600004")
     confirm(service, "7600004", coffee("x-2"))      # 26 points
     clock.advance(days=15)
-    jobs.run_once(service)
+    jobs.run_once(service.runtime)
     ref = R.MemberRef(card="7600004")
     service.adjust_points(P.AdjustPointsRequest(member=ref, kind="debit", points=20, operation_id="x-spend",
                                                 reason="x"))
     clock.advance(days=366)
-    assert jobs.run_once(service)["expired_points"] == 6       # 26 - 20 spent
+    assert jobs.run_once(service.runtime)["expired_points"] == 6       # 26 - 20 spent
     service.adjust_points(P.AdjustPointsRequest(member=ref, kind="credit", points=500, operation_id="x-credit2",
                                                 reason="x"))
     r = refund(service, "x-r2", key=P.PurchaseKey(store="msk-01", terminal="pos-3", number="x-2"),
                 all_remaining=True)
     # at most 26 - 6 expired = 20 (the ones the member spent) come back out: 500 - 20 = 480.
     assert (r.taken_back_points, r.active_points) == (20, 480)
-    assert ledger.check(service) == []
+    assert ledger.check(service.db) == []
 
 
 def test_partial_refunds_return_money_plus_points_equal_to_what_was_paid(service):
@@ -104,7 +104,7 @@ def test_partial_refunds_return_money_plus_points_equal_to_what_was_paid(service
     assert tuple(row) == (122380, 305)
     # pending 36 taken back in full (4 + 11 + 21); active 1000 - 305 + 305.
     assert balances_of(service, "7600010") == (1000, 0)
-    assert ledger.check(service) == []
+    assert ledger.check(service.db) == []
 
 
 def test_half_lines_return_the_fraction_as_money(service):

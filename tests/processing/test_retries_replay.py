@@ -21,7 +21,7 @@ def test_concurrent_adjustments_with_one_operation_id_replay(service):
     got = concurrently(6, lambda _: service.adjust_points(adj))
     assert all(isinstance(g, P.AdjustPointsResponse) for g in got), got
     assert sum(not g.replayed for g in got) == 1 and {g.active_points for g in got} == {1007}   # 1000 + 7 once
-    assert ledger.check(service) == []
+    assert ledger.check(service.db) == []
 
 
 def test_concurrent_refunds_with_one_refund_id_replay(service):
@@ -33,7 +33,7 @@ def test_concurrent_refunds_with_one_refund_id_replay(service):
     assert all(isinstance(g, P.RefundPurchaseResponse) for g in got), got
     assert sum(not g.replayed for g in got) == 1 and {g.taken_back_points for g in got} == {26}
     assert balances_of(service, "7600015") == (0, 0)
-    assert ledger.check(service) == []
+    assert ledger.check(service.db) == []
 
 
 def test_concurrent_cancels_replay(service):
@@ -44,7 +44,7 @@ def test_concurrent_cancels_replay(service):
     assert all(isinstance(g, P.CancelPurchaseResponse) for g in got), got
     assert sum(not g.replayed for g in got) == 1 and {g.taken_back_points for g in got} == {26}
     assert balances_of(service, "7600016") == (0, 0)
-    assert ledger.check(service) == []
+    assert ledger.check(service.db) == []
 
 
 def test_concurrent_enrollments_with_one_request_id_return_the_same_member(service, clock, monkeypatch):
@@ -52,7 +52,7 @@ def test_concurrent_enrollments_with_one_request_id_return_the_same_member(servi
         time.sleep(0.2)
         return clock()
 
-    monkeypatch.setattr(service, "clock", slow_clock)
+    monkeypatch.setattr(service.runtime, "clock", slow_clock)
     enr = P.EnrollMemberRequest(card="7600009", request_id="c-enroll", source="pos")
     got = concurrently(6, lambda _: service.enroll_member(enr))
     assert all(isinstance(g, P.Member) for g in got), got

@@ -74,7 +74,7 @@ def _assert_exactly_once(service, sink, ids):
     assert {r["key"] for r in sink.requests} == {r["key"] for r in rows if r["channel"] == "webhook"}
     with service.db.read() as conn:
         assert conn.execute(select(func.sum(balances.c.active))).scalar_one() == 150 * len(ids)
-    assert ledger.check(service) == []
+    assert ledger.check(service.db) == []
 
 
 def test_workers_killed_at_random_points_lose_no_run_and_repeat_no_effect(pg_url, http_sink):
@@ -143,6 +143,6 @@ def test_batch_killed_at_random_points_resumes_to_exactly_one_entry_per_member(p
         assert after - before == 3000 * 7
         rows = [r for r in ledger_rows(sc.db) if r[0].startswith("batch:promo:")]
         assert len(rows) == 3000 and len({r[1] for r in rows}) == 3000 and {r[2] for r in rows} == {7}
-        assert ledger.check(service) == []
+        assert ledger.check(service.db) == []
     finally:
         sc.close()

@@ -158,7 +158,7 @@ def test_batch_award_then_deduct_by_hand(scn):
     done = sc.run_batch("fine", chunk=2)
     assert (done["processed"], done["written"], done["points_moved"]) == (3, 2, 250)
     assert [active_points(service.db, m) for m in (a, b, c)] == [0, 150, 0]
-    assert ledger.check(service) == []
+    assert ledger.check(service.db) == []
     keys = [k for k, _, _ in ledger_rows(service.db) if k.startswith("batch:")]
     assert keys == [f"batch:spring:{a}", f"batch:spring:{b}", f"batch:fine:{a}", f"batch:fine:{b}"]
 
@@ -187,7 +187,7 @@ def test_admin_grpc_define_stats_and_batch(scn):
     from loyalty.v1 import scenarios_pb2_grpc
     service, _, worker = scn
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    add_scenarios_service(server, service)
+    add_scenarios_service(server, service.runtime)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:

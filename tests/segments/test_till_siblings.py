@@ -97,7 +97,7 @@ def test_a_downgrade_by_the_periodic_job_reaches_a_cached_context(service, vip, 
     assert answer(till).member.tier == "Silver"                # cached
     # A year and more later the 365-day window holds no purchase: the job's recalculation downgrades her.
     clock.advance(days=400)
-    counts = jobs.run_once(service)
+    counts = jobs.run_once(service.runtime)
     assert counts["tier_downgrades"] == 1
     assert seconds_until(till, lambda a: a.member.tier == "Basic") <= BOUND
 
