@@ -10,6 +10,7 @@ of the wrong type names its field too, never protobuf's ``ParseError``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import uuid
 from collections.abc import Mapping
@@ -130,7 +131,7 @@ def _check_keys(descriptor: Descriptor, data: Mapping[str, Any], path: str) -> N
     """Every key of ``data`` (and of the dicts inside it) names a field of ``descriptor``."""
     for key, value in data.items():
         where = f"{path}.{key}" if path else str(key)
-        field = descriptor.fields_by_name.get(key) or _by_json_name(descriptor, key)
+        field = _fields(descriptor).get(key)
         if field is None:
             raise invalid_field(where, "unknown field")
         if field.message_type is None or field.message_type.GetOptions().map_entry:
@@ -148,8 +149,10 @@ def _repeated(field: FieldDescriptor) -> bool:
     return field.is_repeated if hasattr(field, "is_repeated") else field.label == FieldDescriptor.LABEL_REPEATED
 
 
-def _by_json_name(descriptor: Descriptor, key: Any) -> FieldDescriptor | None:
-    return next((f for f in descriptor.fields if f.json_name == key), None)
+@functools.cache
+def _fields(descriptor: Descriptor) -> dict[str, FieldDescriptor]:
+    """A message's fields by proto name and by JSON name (what ``ParseDict`` accepts), built once."""
+    return {**{f.json_name: f for f in descriptor.fields}, **{f.name: f for f in descriptor.fields}}
 
 
 def _locate(cls: type[Message], data: Mapping[str, Any], path: str,
@@ -164,7 +167,7 @@ def _locate(cls: type[Message], data: Mapping[str, Any], path: str,
             continue
         except json_format.ParseError as inner:
             exc = inner
-        field = cls.DESCRIPTOR.fields_by_name.get(key) or _by_json_name(cls.DESCRIPTOR, key)
+        field = _fields(cls.DESCRIPTOR).get(key)
         sub = message_factory.GetMessageClass(field.message_type) if field and field.message_type else None
         if sub is not None and isinstance(value, Mapping):
             return _locate(sub, value, where, exc)
