@@ -51,6 +51,27 @@ def generate_protos() -> None:
         ]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed on {proto.relative_to(ROOT)}")
+    generate_client_methods(protos, include)
+
+
+def generate_client_methods(protos, include: pathlib.Path) -> None:
+    """The clients' typed methods (clients/_typed.py) from the protos' descriptors and comments
+    (clients/codegen.py says why they are generated)."""
+    import importlib.util
+    import tempfile
+
+    from grpc_tools import protoc
+
+    spec = importlib.util.spec_from_file_location("loyalty_client_codegen", ROOT / "clients" / "codegen.py")
+    codegen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(codegen)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "loyalty.desc"
+        args = ["grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--descriptor_set_out={out}",
+                "--include_imports", "--include_source_info", *map(str, protos)]
+        if protoc.main(args) != 0:
+            raise RuntimeError("protoc failed writing the descriptor set")
+        codegen.write_module(out.read_bytes(), ROOT / "clients" / "_typed.py")
 
 
 class BuildPy(build_py):
@@ -128,7 +149,8 @@ setup(
         "loyalty.server": ["*.pyi", "migrations/*.py", "migrations/*.mako", "migrations/versions/*.py"],
         "loyalty.server.demo": ["*.yaml", "*.json"],
         "loyalty.server.scenarios": ["examples/*.yaml"],
-        "loyalty.v1": ["*.proto", "*.pyi"],
+        "loyalty.clients": ["py.typed"],
+        "loyalty.v1": ["*.proto", "*.pyi", "py.typed"],
     },
     ext_modules=extensions(),
     cmdclass={"build_py": BuildPy, "develop": Develop},

@@ -251,7 +251,7 @@ def fail(exc: BaseException):
     """One line for a failure of the library, of an RPC or of the input; never a traceback."""
     from google.protobuf.json_format import ParseError
 
-    from loyalty.clients.client import LoyaltyError
+    from loyalty.clients import LoyaltyError
     from loyalty.core import LoyaltyError as CoreError
     from loyalty.server.errors import ServiceError
 

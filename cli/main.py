@@ -94,7 +94,7 @@ def _register_optional_commands():
     from loyalty.cli.examples import add_examples
     for name in ("loyalty.cli.server_commands", "loyalty.cli.segment_commands", "loyalty.cli.scenario_commands",
                  "loyalty.cli.message_commands", "loyalty.cli.security_commands",
-                 "loyalty.cli.audit_commands"):
+                 "loyalty.cli.audit_commands", "loyalty.cli.schema_commands"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:

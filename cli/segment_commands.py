@@ -42,6 +42,19 @@ def _load_conditions(text: str | None):
         error_exit(f"conditions: not valid YAML / JSON ({str(exc).splitlines()[0]})")
 
 
+def _export_through(server: str, sid: str, columns, out, report) -> int:
+    """Stream a segment's CSV from a server into ``out`` chunk by chunk; the number of members."""
+    from loyalty.cli.security_commands import connect
+
+    n = 0
+    with connect(server, timeout=3600.0, retries=2) as client:
+        for chunk in client.export_members_stream(id=sid, columns=columns):
+            out.write(chunk.csv.decode("utf-8"))
+            n += chunk.count
+            report(n)
+    return n
+
+
 def _show_run(run: dict, as_json: bool):
     if as_json:
         emit_json(run)
@@ -190,16 +203,22 @@ def register(group: click.Group) -> None:
     @click.argument("sid", metavar="ID")
     @_columns
     @click.option("--output", "-o", type=click.Path(dir_okay=False), help="File [default: stdout].")
+    @click.option("--server", metavar="HOST:PORT",
+                  help="Export through a running server (ExportMembersStream), written as it arrives "
+                       "[default: read the database directly].")
     @database_url_option
     @quiet_option
-    def export_cmd(sid, columns, output, database_url, quiet):
+    def export_cmd(sid, columns, output, server, database_url, quiet):
         """Every member as CSV."""
         cols = columns.split(",") if columns else None
-        svc = _open(database_url)
         stream = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
         try:
             with progress(None, f"exporting {sid}", quiet=quiet or not output) as bar:
-                n = call(svc.export_csv, sid, stream, cols, progress=lambda phase, done, total: bar.update(done))
+                if server:
+                    n = call(_export_through, server, sid, cols, stream, bar.update)
+                else:
+                    n = call(_open(database_url).export_csv, sid, stream, cols,
+                             progress=lambda phase, done, total: bar.update(done))
         finally:
             if output:
                 stream.close()

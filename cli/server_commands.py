@@ -55,7 +55,7 @@ class _Backend:
     def call(self, name: str, request):
         try:
             if self._service is not None:
-                from loyalty.clients.client import build_request
+                from loyalty.clients import build_request
                 from loyalty.server.security import audit
                 rpc = name.title().replace("_", "")
                 fn = getattr(self._service, name)

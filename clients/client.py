@@ -1,6 +1,8 @@
 """Python clients of the loyalty server: :class:`LoyaltyClient` (blocking) and :class:`AsyncLoyaltyClient`
-(grpc.aio), one method per RPC of ``loyalty.v1.Processing`` and ``loyalty.v1.Admin``, and
-``record_message_events`` of ``loyalty.v1.Scenarios`` (what an e-mail / SMS provider's webhook bridge sends).
+(grpc.aio), one typed method per RPC of every ``loyalty.v1`` service (Processing, Admin, Segments,
+Scenarios), generated at build time from the protos (``codegen.py`` says why), with the proto's comment as
+docstring. Paged lists also get ``iter_*`` methods that walk every page (``iter_segments``), and
+server-streaming RPCs (``export_members_stream``) yield their messages as they arrive.
 
 Each call has a deadline (``timeout``) and is retried with exponential backoff and jitter when the answer is
 UNAVAILABLE or DEADLINE_EXCEEDED: the server may have written and lost the answer, so a retry resends the
@@ -14,132 +16,38 @@ sending the same thing again cannot change them.
 Failures raise :class:`LoyaltyError` with the status code, the server's message and the rich details decoded
 (``field`` of a BadRequest, ``available_points`` of a FailedPrecondition, ...).
 
-Who is calling and over what (``loyalty.clients.channel``): ``api_key=`` or ``token=`` (sent as
-``authorization: Bearer ...``), ``tls_ca=`` / ``tls=True`` for TLS, ``tls_cert=`` / ``tls_key=`` for mutual TLS.
-
-Requests are ``loyalty.v1`` messages or plain dicts with the proto's field names::
+Requests are ``loyalty.v1`` messages, plain dicts with the proto's field names, or keyword arguments; a key
+that is not a field is a ``LoyaltyError`` naming it (``receipt.lnes: unknown field``), nothing sent. Who is calling and over
+what (``loyalty.clients.channel``): ``api_key=`` or ``token=`` (sent as ``authorization: Bearer ...``),
+``tls_ca=`` / ``tls=True`` for TLS, ``tls_cert=`` / ``tls_key=`` for mutual TLS::
 
     with LoyaltyClient("127.0.0.1:50051") as client:
-        answer = client.calculate_receipt({"member": {"card": "7000001"}, "receipt": {...}}).answer
+        answer = client.calculate_receipt(member={"card": "7000001"}, receipt={...}).answer
+        for segment in client.iter_segments(page_size=50):
+            ...
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
-import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Self
 
 import grpc
 from google.protobuf import json_format
-from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loyalty.clients.channel import connection_options
-from loyalty.v1 import (
-    admin_pb2, admin_pb2_grpc, processing_pb2, processing_pb2_grpc, scenarios_pb2, scenarios_pb2_grpc,
-)
+from .channel import connection_options
+from ._typed import AsyncMethods, SyncMethods
+from .errors import LoyaltyError
+from .rpcs import RPCS, Rpc, build_request
 
-__all__ = ["LoyaltyClient", "AsyncLoyaltyClient", "LoyaltyError", "RETRYABLE", "to_dict", "build_request"]
+__all__ = ["LoyaltyClient", "AsyncLoyaltyClient", "LoyaltyError", "RETRYABLE", "RPCS", "to_dict", "build_request",
+           "make_channel"]
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-_DETAILS_KEY = "grpc-status-details-bin"
-
-# RPC name -> (stub attribute, service, request class, idempotency key field to fill when empty)
-_RPCS = {
-    "calculate_receipt": ("CalculateReceipt", "processing", processing_pb2.CalculateReceiptRequest, None),
-    "confirm_purchase": ("ConfirmPurchase", "processing", processing_pb2.ConfirmPurchaseRequest, None),
-    "refund_purchase": ("RefundPurchase", "processing", processing_pb2.RefundPurchaseRequest, "refund_id"),
-    "cancel_purchase": ("CancelPurchase", "processing", processing_pb2.CancelPurchaseRequest, None),
-    "get_member": ("GetMember", "processing", processing_pb2.GetMemberRequest, None),
-    "enroll_member": ("EnrollMember", "processing", processing_pb2.EnrollMemberRequest, "request_id"),
-    "update_member": ("UpdateMember", "processing", processing_pb2.UpdateMemberRequest, "request_id"),
-    "adjust_points": ("AdjustPoints", "processing", processing_pb2.AdjustPointsRequest, "operation_id"),
-    "set_card_status": ("SetCardStatus", "processing", processing_pb2.SetCardStatusRequest, None),
-    "publish_program": ("PublishProgram", "admin", admin_pb2.PublishProgramRequest, None),
-    "get_program": ("GetProgram", "admin", admin_pb2.GetProgramRequest, None),
-    "list_program_versions": ("ListProgramVersions", "admin", admin_pb2.ListProgramVersionsRequest, None),
-    "list_audit": ("ListAudit", "admin", admin_pb2.ListAuditRequest, None),
-    "list_limit_breaches": ("ListLimitBreaches", "admin", admin_pb2.ListLimitBreachesRequest, None),
-    "erase_member": ("EraseMember", "admin", admin_pb2.EraseMemberRequest, None),     # idempotent by the card
-    "export_member": ("ExportMember", "admin", admin_pb2.ExportMemberRequest, None),
-    # idempotent by each event's own id, so a retried batch counts nothing twice
-    "record_message_events": ("RecordMessageEvents", "scenarios", scenarios_pb2.RecordMessageEventsRequest, None),
-}
-
-
-class LoyaltyError(Exception):
-    """A call that failed: ``code`` (grpc.StatusCode), ``message`` (the server's, written for clients),
-    ``field`` / ``violations`` (BadRequest), ``reason`` / ``metadata`` (ErrorInfo), ``available_points``,
-    ``preconditions`` ((type, subject) of PreconditionFailure: ``("OPERATION_LIMIT", "card_daily_confirms")``)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, details=(), attempts: int = 1):
-        super().__init__(f"{code.name}: {message}")
-        self.code = code
-        self.message = message
-        self.attempts = attempts
-        self.violations: list[tuple[str, str]] = []
-        self.reason = ""
-        self.metadata: dict[str, str] = {}
-        self.preconditions: list[tuple[str, str]] = []
-        for detail in details:
-            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                self.violations += [(v.field, v.description) for v in bad.field_violations]
-            elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                self.reason = info.reason
-                self.metadata.update(info.metadata)
-            elif detail.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
-                failure = error_details_pb2.PreconditionFailure()
-                detail.Unpack(failure)
-                self.preconditions += [(v.type, v.subject) for v in failure.violations]
-
-    @property
-    def field(self) -> str | None:
-        """The (first) bad field of INVALID_ARGUMENT, or the taken one of ALREADY_EXISTS (``phone``)."""
-        return self.violations[0][0] if self.violations else self.metadata.get("field")
-
-    @property
-    def available_points(self) -> int | None:
-        value = self.metadata.get("available_points")
-        return int(value) if value is not None else None
-
-    def one_line(self) -> str:
-        """``CODE: message`` (the message already names the field for bad input)."""
-        return f"{self.code.name}: {self.message}"
-
-    @classmethod
-    def from_rpc_error(cls, err: grpc.RpcError, metadata, attempts: int) -> "LoyaltyError":
-        details = ()
-        for key, value in metadata or ():
-            if key == _DETAILS_KEY:
-                details = status_pb2.Status.FromString(value).details
-        return cls(err.code(), err.details() or "", details, attempts)
-
-
-def build_request(name: str, request=None):
-    """The request message of the client method ``name`` (``"confirm_purchase"``) from a message, a dict of its
-    fields or None, its idempotency key filled when empty: what the method itself sends (for a caller that
-    hands it to something else, as the CLI does to a service in process)."""
-    _rpc, _service, cls, key_field = _RPCS[name]
-    return _request(cls, request, key_field)
-
-
-def _request(cls, request, key_field):
-    if isinstance(request, dict):
-        request = json_format.ParseDict(request, cls())
-    elif request is None:
-        request = cls()
-    elif not isinstance(request, cls):
-        raise TypeError(f"expected {cls.DESCRIPTOR.full_name} or a dict, got {type(request).__name__}")
-    if key_field and not getattr(request, key_field):
-        filled = cls()
-        filled.CopyFrom(request)
-        setattr(filled, key_field, uuid.uuid4().hex)
-        request = filled
-    return request
 
 
 def to_dict(message) -> dict:
@@ -155,49 +63,117 @@ def _backoff(attempt: int, base: float, cap: float) -> float:
 _OPTIONS = [("grpc.keepalive_time_ms", 30_000), ("grpc.enable_retries", 0)]
 
 
+def make_channel(target: str, *, aio: bool, interceptors=(), credentials=None):
+    """The channel every call of a client goes through (the one place that decides its transport and
+    credentials): blocking or grpc.aio, plaintext or TLS (``credentials``: ``grpc.ChannelCredentials``, from
+    ``channel.connection_options``), with ``interceptors`` (tracing, tests)."""
+    if aio:
+        interceptors = list(interceptors) or None
+        if credentials is None:
+            return grpc.aio.insecure_channel(target, options=_OPTIONS, interceptors=interceptors)
+        return grpc.aio.secure_channel(target, credentials, options=_OPTIONS, interceptors=interceptors)
+    channel = (grpc.insecure_channel(target, options=_OPTIONS) if credentials is None
+               else grpc.secure_channel(target, credentials, options=_OPTIONS))
+    return grpc.intercept_channel(channel, *interceptors) if interceptors else channel
+
+
+def _callable(channel, rpc: Rpc):
+    factory = channel.unary_stream if rpc.streaming else channel.unary_unary
+    return factory(rpc.path, request_serializer=rpc.request.SerializeToString,
+                   response_deserializer=rpc.response.FromString)
+
+
 class _Base:
     def __init__(self, target: str, *, timeout: float = 5.0, retries: int = 4, backoff: float = 0.05,
-                 max_backoff: float = 2.0, metadata=None):
+                 max_backoff: float = 2.0, metadata=None, interceptors=(), aio: bool = False, **connection):
+        """``connection``: ``api_key`` / ``token`` / ``tls_ca`` / ``tls`` / ``tls_cert`` / ``tls_key``
+        (``loyalty.clients.channel``)."""
+        credentials, auth = connection_options(connection)
+        if connection:
+            raise TypeError(f"unexpected keyword argument {next(iter(connection))!r}")
         self.target = target
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
-        self.metadata = tuple(metadata or ())
+        self.metadata = tuple(metadata or ()) + tuple(auth)
+        self.channel = make_channel(target, aio=aio, interceptors=interceptors, credentials=credentials)
+        self._callables = {name: _callable(self.channel, rpc) for name, rpc in RPCS.items()}
+
+    def _prepare(self, name: str, request, fields, timeout, retries):
+        """The request message (built once, so every attempt sends the same key), the method, the deadline
+        and the number of retries of one call."""
+        return (build_request(name, request, fields), self._callables[name], timeout or self.timeout,
+                self.retries if retries is None else retries)
+
+    def _pause(self, err: grpc.RpcError, attempt: int, retries: int) -> float:
+        """Seconds to wait before attempt ``attempt + 1`` after ``err``; a final ``err`` (not retryable, or
+        the retries used up) is raised as a ``LoyaltyError``."""
+        if err.code() in RETRYABLE and attempt < retries:
+            return _backoff(attempt, self.backoff, self.max_backoff)
+        raise LoyaltyError.from_rpc_error(err, err.trailing_metadata(), attempt + 1) from None
 
 
-class LoyaltyClient(_Base):
+_END = object()
+
+
+def _opened(call):
+    """A streaming call with its first message read (``_END`` when there is none): until then a failure may
+    be retried, after it a retry could not tell what the caller already took."""
+    return call, next(call, _END)
+
+
+async def _opened_async(call):
+    return call, await anext(aiter(call), _END)
+
+
+class LoyaltyClient(SyncMethods, _Base):
     """Blocking client. ``timeout`` is the deadline of each attempt; ``retries`` the attempts after the first;
     ``interceptors`` are grpc client interceptors (tracing, tests); ``api_key`` / ``token`` / ``tls_*``: see
     ``loyalty.clients.channel``."""
 
     def __init__(self, target: str, *, interceptors=(), **kwargs):
-        credentials, auth = connection_options(kwargs)
-        super().__init__(target, **kwargs)
-        self.metadata += auth
-        self.channel = (grpc.insecure_channel(target, options=_OPTIONS) if credentials is None
-                        else grpc.secure_channel(target, credentials, options=_OPTIONS))
-        if interceptors:
-            self.channel = grpc.intercept_channel(self.channel, *interceptors)
-        self._stubs = {"processing": processing_pb2_grpc.ProcessingStub(self.channel),
-                       "admin": admin_pb2_grpc.AdminStub(self.channel),
-                       "scenarios": scenarios_pb2_grpc.ScenariosStub(self.channel)}
+        super().__init__(target, interceptors=interceptors, aio=False, **kwargs)
 
     def call(self, name: str, request=None, *, timeout: float | None = None, retries: int | None = None):
-        rpc, service, cls, key_field = _RPCS[name]
-        request = _request(cls, request, key_field)
-        method = getattr(self._stubs[service], rpc)
-        retries = self.retries if retries is None else retries
-        attempt = 0
-        while True:
+        """The RPC whose method is ``name`` (``"confirm_purchase"``), for callers that pick it at run time."""
+        return self._invoke(name, request, {}, timeout, retries)
+
+    def _invoke(self, name: str, request, fields, timeout, retries):
+        request, method, timeout, retries = self._prepare(name, request, fields, timeout, retries)
+        return self._attempts(lambda: method(request, timeout=timeout, metadata=self.metadata), retries)
+
+    def _attempts(self, send, retries: int):
+        """``send()`` until it answers, again after a retryable failure (the same request: the same key)."""
+        for attempt in itertools.count():
             try:
-                return method(request, timeout=timeout or self.timeout, metadata=self.metadata)
+                return send()
             except grpc.RpcError as err:
-                if err.code() in RETRYABLE and attempt < retries:
-                    time.sleep(_backoff(attempt, self.backoff, self.max_backoff))
-                    attempt += 1
-                    continue
-                raise LoyaltyError.from_rpc_error(err, err.trailing_metadata(), attempt + 1) from None
+                time.sleep(self._pause(err, attempt, retries))
+
+    def _invoke_stream(self, name: str, request, fields, timeout, retries) -> Iterator[Any]:
+        """The messages of a server-streaming call as they arrive; retried only until the first arrives.
+        ``timeout`` bounds the whole stream."""
+        request, method, timeout, retries = self._prepare(name, request, fields, timeout, retries)
+        call, first = self._attempts(lambda: _opened(method(request, timeout=timeout, metadata=self.metadata)),
+                                     retries)
+        if first is _END:
+            return
+        yield first
+        try:
+            yield from call
+        except grpc.RpcError as err:
+            raise LoyaltyError.from_rpc_error(err, err.trailing_metadata(), 1) from None
+
+    def _invoke_pages(self, name: str, items: str, request, fields, timeout, retries) -> Iterator[Any]:
+        """Each item of every page: the call repeated with the last answer's ``next_page_token``."""
+        page = build_request(name, request, fields)
+        while True:
+            answer = self._invoke(name, page, {}, timeout, retries)
+            yield from getattr(answer, items)
+            if not answer.next_page_token:
+                return
+            page.page_token = answer.next_page_token
 
     def health(self, service: str = "", timeout: float = 2.0) -> str:
         """``SERVING`` / ``NOT_SERVING`` / ... of ``service`` ("" for the whole server)."""
@@ -220,44 +196,59 @@ class LoyaltyClient(_Base):
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc):
         self.close()
 
 
-class AsyncLoyaltyClient(_Base):
+class AsyncLoyaltyClient(AsyncMethods, _Base):
     """grpc.aio client; create it inside the running event loop."""
 
     def __init__(self, target: str, *, interceptors=(), **kwargs):
-        credentials, auth = connection_options(kwargs)
-        super().__init__(target, **kwargs)
-        self.metadata += auth
-        interceptors = list(interceptors) or None
-        self.channel = (grpc.aio.insecure_channel(target, options=_OPTIONS, interceptors=interceptors)
-                        if credentials is None else
-                        grpc.aio.secure_channel(target, credentials, options=_OPTIONS, interceptors=interceptors))
-        self._stubs = {"processing": processing_pb2_grpc.ProcessingStub(self.channel),
-                       "admin": admin_pb2_grpc.AdminStub(self.channel),
-                       "scenarios": scenarios_pb2_grpc.ScenariosStub(self.channel)}
+        super().__init__(target, interceptors=interceptors, aio=True, **kwargs)
 
     async def call(self, name: str, request=None, *, timeout: float | None = None, retries: int | None = None):
-        rpc, service, cls, key_field = _RPCS[name]
-        request = _request(cls, request, key_field)
-        method = getattr(self._stubs[service], rpc)
-        retries = self.retries if retries is None else retries
-        attempt = 0
-        while True:
-            call = method(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        """The RPC whose method is ``name`` (``"confirm_purchase"``), for callers that pick it at run time."""
+        return await self._invoke(name, request, {}, timeout, retries)
+
+    async def _invoke(self, name: str, request, fields, timeout, retries):
+        request, method, timeout, retries = self._prepare(name, request, fields, timeout, retries)
+        return await self._attempts(lambda: method(request, timeout=timeout, metadata=self.metadata), retries)
+
+    async def _attempts(self, send, retries: int):
+        """As the blocking client's: ``await send()`` until it answers, again after a retryable failure."""
+        for attempt in itertools.count():
             try:
-                return await call
+                return await send()
             except grpc.RpcError as err:
-                if err.code() in RETRYABLE and attempt < retries:
-                    await asyncio.sleep(_backoff(attempt, self.backoff, self.max_backoff))
-                    attempt += 1
-                    continue
-                raise LoyaltyError.from_rpc_error(err, await call.trailing_metadata(), attempt + 1) from None
+                await asyncio.sleep(self._pause(err, attempt, retries))
+
+    async def _invoke_stream(self, name: str, request, fields, timeout, retries) -> AsyncIterator[Any]:
+        """As the blocking client's: messages as they arrive, retried only until the first arrives."""
+        request, method, timeout, retries = self._prepare(name, request, fields, timeout, retries)
+        call, first = await self._attempts(
+            lambda: _opened_async(method(request, timeout=timeout, metadata=self.metadata)), retries)
+        if first is _END:
+            return
+        yield first
+        try:
+            async for message in call:
+                yield message
+        except grpc.RpcError as err:
+            raise LoyaltyError.from_rpc_error(err, err.trailing_metadata(), 1) from None
+
+    async def _invoke_pages(self, name: str, items: str, request, fields, timeout, retries) -> AsyncIterator[Any]:
+        """Each item of every page: the call repeated with the last answer's ``next_page_token``."""
+        page = build_request(name, request, fields)
+        while True:
+            answer = await self._invoke(name, page, {}, timeout, retries)
+            for item in getattr(answer, items):
+                yield item
+            if not answer.next_page_token:
+                return
+            page.page_token = answer.next_page_token
 
     async def health(self, service: str = "", timeout: float = 2.0) -> str:
         stub = health_pb2_grpc.HealthStub(self.channel)
@@ -267,30 +258,8 @@ class AsyncLoyaltyClient(_Base):
     async def close(self) -> None:
         await self.channel.close()
 
-    async def __aenter__(self):
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc):
         await self.close()
-
-
-def _add_methods(cls, is_async: bool) -> None:
-    for name, (rpc, _service, req_cls, key_field) in _RPCS.items():
-        def make(name=name):
-            if is_async:
-                async def method(self, request=None, **kwargs):
-                    return await self.call(name, request, **kwargs)
-            else:
-                def method(self, request=None, **kwargs):
-                    return self.call(name, request, **kwargs)
-            method.__name__ = name
-            key = f" An empty ``{key_field}`` is filled with a random one before the first attempt." \
-                if key_field else ""
-            method.__doc__ = (f"``{rpc}``: ``request`` is a {req_cls.DESCRIPTOR.full_name} or a dict of its "
-                              f"fields; ``timeout=`` / ``retries=`` override the client's.{key}")
-            return method
-        setattr(cls, name, make())
-
-
-_add_methods(LoyaltyClient, is_async=False)
-_add_methods(AsyncLoyaltyClient, is_async=True)

@@ -18,23 +18,21 @@ from decimal import Decimal, InvalidOperation
 
 import yaml
 
+from . import program_fields as fields
 from .errors import ProgramError
 from .model import (
     DISCOUNT_EFFECTS, EFFECTS, POINTS_EFFECTS, Conditions, Effect, Limits, OperationLimit, OperationLimits,
     ProductGroup, Program, Promotion, Scope, Tier, Tiers, Validity,
 )
+from .program_fields import EFFECT_PER, MAX_MONEY, MAX_POINTS, Field
 
 __all__ = ["load_program", "load_program_text", "program_from_dict"]
 
-MAX_MONEY = 10**12
-MAX_POINTS = 10**12
-MAX_QUANTITY = 10**9
-PERIODS = ("day", "week", "month", "year", "all")
-STACKINGS = ("priority", "best_for_customer")
-TIER_METRICS = ("purchases_sum",)
+# The keys, bounds and defaults are data (``program_fields``, also the JSON Schema's source); this module
+# reads them and keeps the rules between keys.
 # Kept in Program.source for later modules (segments, scenarios); not interpreted here.
-PASSTHROUGH_KEYS = ("segments", "audiences", "scenarios")
-OPERATION_LIMITS = ("card_daily_writeoff_points", "card_daily_confirms", "terminal_confirms_per_minute")
+PASSTHROUGH_KEYS = tuple(k for k, f in fields.PROGRAM.keys.items() if f.kind == "passthrough")
+OPERATION_LIMITS = tuple(fields.PROGRAM.keys["operation_limits"].keys)
 
 _HOURS_RE = re.compile(r"^(\d{2}):(\d{2})-(\d{2}):(\d{2})$")
 _CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
@@ -286,39 +284,75 @@ def _required(d: dict, key: str, path: str):
     return d[key]
 
 
+def _read(f: Field, value, path: str):
+    """``value`` read as the scalar kind of ``f`` (its bounds from the table), in the engine's unit."""
+    if f.kind == "int":
+        return _int(value, path, f.lo, f.hi, f.what or "an integer")
+    if f.kind == "money":
+        return _money(value, path)
+    if f.kind == "percent":
+        return _percent_bp(value, path, f.hi)
+    if f.kind == "hundredths":
+        return _hundredths(value, path, f.lo, f.hi, f.what)
+    if f.kind == "bool":
+        return _bool(value, path)
+    if f.kind == "str":
+        return _str(value, path, allow_empty=f.allow_empty)
+    if f.kind == "choice":
+        return _choice(value, path, f.choices)
+    if f.kind == "str_list":
+        return _str_list(value, path, allow_empty_list=f.allow_empty)
+    raise TypeError(f"{path}: a {f.kind} is read by its own code")
+
+
+def _value(section: Field, d: dict, key: str, path: str, *, none_is_absent: bool = False):
+    """The value of ``key`` in the mapping ``d`` at ``path``, read as the table says: its default (read the
+    same way) when absent, None when it has none, ``required`` when it must be given. ``none_is_absent``:
+    a null counts as absent (the keys the file may leave ``~``)."""
+    f = section.keys[key]
+    p = _join(path, key)
+    if key in d and not (none_is_absent and d[key] is None):
+        return _read(f, d[key], p)
+    if f.required:
+        raise ProgramError(p, "required")
+    return None if f.default is None else _read(f, f.default, p)
+
+
+def _section(section: Field, value, path: str) -> dict:
+    """A mapping whose keys are those of ``section``."""
+    return _mapping(value, path, tuple(section.keys))
+
+
 # ---- program sections -----------------------------------------------------------------------------------
 
-TOP_KEYS = ("program", "currency", "point_value", "stacking", "accrual", "redeem", "max_discount_percent",
-            "hints", "tiers", "product_groups", "promotions", "operation_limits") + PASSTHROUGH_KEYS
+P = fields.PROGRAM
+TOP_KEYS = tuple(P.keys)
 
 
 def _build_program(d: dict, source: dict) -> Program:
-    _mapping(d, "", TOP_KEYS)
-    name = _str(_required(d, "program", ""), "program")
-    currency = "RUB"
-    if "currency" in d:
-        currency = _str(d["currency"], "currency")
-        if not _CURRENCY_RE.match(currency):
-            raise ProgramError("currency", f"expected a three-letter code such as RUB, got {currency!r}")
-    point_value = _int(d["point_value"], "point_value", 1, MAX_MONEY) if "point_value" in d else 100
-    stacking = _choice(d["stacking"], "stacking", STACKINGS) if "stacking" in d else "priority"
+    _section(P, d, "")
+    name = _value(P, d, "program", "")
+    currency = _value(P, d, "currency", "")
+    if not _CURRENCY_RE.match(currency):
+        raise ProgramError("currency", f"expected a three-letter code such as RUB, got {currency!r}")
+    point_value = _value(P, d, "point_value", "")
+    stacking = _value(P, d, "stacking", "")
 
-    accrual = _mapping(d.get("accrual", {}), "accrual",
-                       ("activation_days", "expiry_days", "on_redeemed_part", "percent"))
-    activation_days = _int(accrual.get("activation_days", 0), "accrual.activation_days", 0, 36500)
-    expiry_days = accrual.get("expiry_days")
-    if expiry_days is not None:
-        expiry_days = _int(expiry_days, "accrual.expiry_days", 1, 36500)
-    on_redeemed_part = _bool(accrual.get("on_redeemed_part", False), "accrual.on_redeemed_part")
+    accrual_fields = P.keys["accrual"]
+    accrual = _section(accrual_fields, d.get("accrual", {}), "accrual")
+    activation_days = _value(accrual_fields, accrual, "activation_days", "accrual")
+    expiry_days = _value(accrual_fields, accrual, "expiry_days", "accrual", none_is_absent=True)
+    on_redeemed_part = _value(accrual_fields, accrual, "on_redeemed_part", "accrual")
 
-    redeem = _mapping(d.get("redeem", {}), "redeem", ("max_percent", "reduced", "min_payable_per_line"))
-    redeem_max_bp = _percent_bp(redeem.get("max_percent", 100), "redeem.max_percent")
+    redeem_fields = P.keys["redeem"]
+    redeem = _section(redeem_fields, d.get("redeem", {}), "redeem")
+    redeem_max_bp = _value(redeem_fields, redeem, "max_percent", "redeem")
     reduced = _reduced(redeem.get("reduced", []), "redeem.reduced")
-    min_payable = _money(redeem.get("min_payable_per_line", 0), "redeem.min_payable_per_line")
+    min_payable = _value(redeem_fields, redeem, "min_payable_per_line", "redeem")
 
-    max_discount_bp = _percent_bp(d.get("max_discount_percent", 100), "max_discount_percent")
-    hints = _mapping(d.get("hints", {}), "hints", ("within_percent",))
-    hint_within_bp = _percent_bp(hints.get("within_percent", 20), "hints.within_percent")
+    max_discount_bp = _value(P, d, "max_discount_percent", "")
+    hints = _section(P.keys["hints"], d.get("hints", {}), "hints")
+    hint_within_bp = _value(P.keys["hints"], hints, "within_percent", "hints")
 
     if "tiers" in d:
         if "percent" in accrual:
@@ -326,7 +360,7 @@ def _build_program(d: dict, source: dict) -> Program:
                                "not allowed when tiers are given: set accrual_percent on each tier level")
         tiers = _tiers(d["tiers"])
     else:
-        base_bp = _percent_bp(accrual.get("percent", 0), "accrual.percent")
+        base_bp = _value(accrual_fields, accrual, "percent", "accrual")
         tiers = Tiers(levels=(Tier(name="Basic", threshold=0, accrual_bp=base_bp),))
 
     groups = _product_groups(d.get("product_groups", {}))
@@ -370,21 +404,21 @@ def _reduced(value, path: str) -> tuple[tuple[int, int], ...]:
     if not isinstance(value, list):
         raise ProgramError(path, f"expected a list, got {_kind(value)}")
     out = []
+    item_fields = P.keys["redeem"].keys["reduced"]
     for i, item in enumerate(value):
         p = f"{path}[{i}]"
-        _mapping(item, p, ("external_discount_over_percent", "max_percent"))
-        over = _percent_bp(_required(item, "external_discount_over_percent", p), f"{p}.external_discount_over_percent")
-        cap = _percent_bp(_required(item, "max_percent", p), f"{p}.max_percent")
-        out.append((over, cap))
+        _section(item_fields, item, p)
+        out.append((_value(item_fields, item, "external_discount_over_percent", p),
+                    _value(item_fields, item, "max_percent", p)))
     return tuple(out)
 
 
 def _tiers(value) -> Tiers:
-    _mapping(value, "tiers", ("metric", "window_days", "levels"))
-    metric = _choice(value.get("metric", "purchases_sum"), "tiers.metric", TIER_METRICS)
-    window_days = value.get("window_days")
-    if window_days is not None:
-        window_days = _int(window_days, "tiers.window_days", 1, 36500)
+    tier_fields = P.keys["tiers"]
+    _section(tier_fields, value, "tiers")
+    metric = _value(tier_fields, value, "metric", "tiers")
+    window_days = _value(tier_fields, value, "window_days", "tiers", none_is_absent=True)
+    level_fields = tier_fields.keys["levels"]
     levels_raw = _required(value, "levels", "tiers")
     if not isinstance(levels_raw, list) or not levels_raw:
         raise ProgramError("tiers.levels", f"expected a non-empty list of levels, got {_kind(levels_raw)}")
@@ -392,21 +426,19 @@ def _tiers(value) -> Tiers:
     names: set[str] = set()
     for i, item in enumerate(levels_raw):
         p = f"tiers.levels[{i}]"
-        _mapping(item, p, ("name", "from", "accrual_percent", "redeem_max_percent"))
-        name = _str(_required(item, "name", p), f"{p}.name")
+        _section(level_fields, item, p)
+        name = _value(level_fields, item, "name", p)
         if name in names:
             raise ProgramError(f"{p}.name", f"duplicate tier name {name!r}")
         names.add(name)
-        threshold = _money(_required(item, "from", p), f"{p}.from")
+        threshold = _value(level_fields, item, "from", p)
         if i == 0 and threshold != 0:
             raise ProgramError(f"{p}.from", f"the first level must start from 0, got {threshold}")
         if i > 0 and threshold <= levels[-1].threshold:
             raise ProgramError(f"{p}.from", f"levels must be strictly ascending: {threshold} is not above "
                                             f"{levels[-1].threshold} of {levels[-1].name!r}")
-        accrual_bp = _percent_bp(_required(item, "accrual_percent", p), f"{p}.accrual_percent")
-        redeem_max_bp = None
-        if item.get("redeem_max_percent") is not None:
-            redeem_max_bp = _percent_bp(item["redeem_max_percent"], f"{p}.redeem_max_percent")
+        accrual_bp = _value(level_fields, item, "accrual_percent", p)
+        redeem_max_bp = _value(level_fields, item, "redeem_max_percent", p, none_is_absent=True)
         levels.append(Tier(name=name, threshold=threshold, accrual_bp=accrual_bp, redeem_max_bp=redeem_max_bp))
     return Tiers(metric=metric, window_days=window_days, levels=tuple(levels))
 
@@ -420,7 +452,8 @@ def _product_groups(value) -> tuple[ProductGroup, ...]:
         p = f"product_groups.{name}"
         if not isinstance(name, str) or not name.strip():
             raise ProgramError(p, "a group name must be a non-empty string")
-        _mapping(body, p, ("skus", "categories"))
+        group_fields = P.keys["product_groups"]
+        _section(group_fields, body, p)
         skus = _str_list(body.get("skus", []), f"{p}.skus")
         categories = _str_list(body.get("categories", []), f"{p}.categories")
         if not skus and not categories:
@@ -431,13 +464,8 @@ def _product_groups(value) -> tuple[ProductGroup, ...]:
 
 # ---- promotions -----------------------------------------------------------------------------------------
 
-PROMOTION_KEYS = ("id", "title", "priority", "exclusive", "audience", "tiers", "valid", "when", "scope",
-                  "effect", "limits")
-EFFECT_PER = {  # which `per` values an effect accepts, the first being its default
-    "amount_off": ("unit", "receipt"),
-    "extra_points": ("receipt", "unit"),
-    "fixed_price": ("unit",),
-}
+PROMO = P.keys["promotions"]
+PROMOTION_KEYS = tuple(PROMO.keys)
 
 
 def _promotions(value, groups: set[str], tiers: set[str]) -> tuple[Promotion, ...]:
@@ -455,24 +483,25 @@ def _promotions(value, groups: set[str], tiers: set[str]) -> tuple[Promotion, ..
 
 
 def _promotion(d, p: str, groups: set[str], tiers: set[str]) -> Promotion:
-    _mapping(d, p, PROMOTION_KEYS)
-    pid = _str(_required(d, "id", p), f"{p}.id")
+    _section(PROMO, d, p)
+    pid = _value(PROMO, d, "id", p)
     if pid != pid.strip():
         raise ProgramError(f"{p}.id", f"must not start or end with spaces: {pid!r}")
-    title = _str(d.get("title", ""), f"{p}.title", allow_empty=True)
-    priority = _int(d.get("priority", 0), f"{p}.priority", -10**6, 10**6)
-    exclusive = _bool(d.get("exclusive", False), f"{p}.exclusive")
+    title = _value(PROMO, d, "title", p)
+    priority = _value(PROMO, d, "priority", p)
+    exclusive = _value(PROMO, d, "exclusive", p)
 
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     if "audience" in d:
-        aud = _mapping(d["audience"], f"{p}.audience", ("include", "exclude"))
+        aud_fields = PROMO.keys["audience"]
+        aud = _section(aud_fields, d["audience"], f"{p}.audience")
         include = _str_list(aud.get("include", []), f"{p}.audience.include")
         exclude = _str_list(aud.get("exclude", []), f"{p}.audience.exclude")
 
     tier_names: frozenset[str] = frozenset()
     if "tiers" in d:
-        names = _str_list(d["tiers"], f"{p}.tiers", allow_empty_list=False)
+        names = _value(PROMO, d, "tiers", p)
         for j, name in enumerate(names):
             if name not in tiers:
                 raise ProgramError(f"{p}.tiers[{j}]", f"unknown tier {name!r} (tiers: {', '.join(sorted(tiers))})")
@@ -490,7 +519,7 @@ def _promotion(d, p: str, groups: set[str], tiers: set[str]) -> Promotion:
 
 
 def _effect(d, p: str) -> Effect:
-    _mapping(d, p, EFFECTS + ("per",))
+    _mapping(d, p, EFFECTS + ("per",))      # the effects of model.EFFECTS, each read as fields.EFFECT_VALUES says
     kinds = [k for k in EFFECTS if k in d]
     if not kinds:
         raise ProgramError(p, f"an effect expected: one of {', '.join(EFFECTS)}")
@@ -498,20 +527,7 @@ def _effect(d, p: str) -> Effect:
         got = ", ".join(kinds[:-1]) + " and " + kinds[-1]
         raise ProgramError(p, f"exactly one effect expected, got {got}")
     kind = kinds[0]
-    vp = f"{p}.{kind}"
-    raw = d[kind]
-    if kind == "percent_off":
-        value = _percent_bp(raw, vp)
-    elif kind == "extra_points_percent":
-        value = _percent_bp(raw, vp, hi_percent=1000)
-    elif kind in ("amount_off", "fixed_price"):
-        value = _money(raw, vp)
-    elif kind == "nth_free":
-        value = _int(raw, vp, 2, 1000)
-    elif kind == "points_multiplier":
-        value = _hundredths(raw, vp, 100, 10000, "a multiplier such as 2 or 1.5")
-    else:  # extra_points
-        value = _int(raw, vp, 0, MAX_POINTS, "a whole number of points")
+    value = _read(fields.EFFECT_VALUES[kind], d[kind], f"{p}.{kind}")
     per = ""
     if kind in EFFECT_PER:
         allowed = EFFECT_PER[kind]
@@ -568,7 +584,8 @@ def _hours(value, p: str) -> tuple[tuple[int, int], ...]:
 
 
 def _validity(d, p: str) -> Validity:
-    _mapping(d, p, ("from", "to", "weekdays", "hours", "stores", "channels"))
+    valid = PROMO.keys["valid"]
+    _section(valid, d, p)
     starts = _when_bound(d["from"], f"{p}.from", False) if d.get("from") is not None else None
     ends = _when_bound(d["to"], f"{p}.to", True) if d.get("to") is not None else None
     if starts is not None and ends is not None and ends <= starts:
@@ -579,28 +596,26 @@ def _validity(d, p: str) -> Validity:
         if not isinstance(raw, list) or not raw:
             raise ProgramError(f"{p}.weekdays", f"expected a non-empty list of days 1..7 (Monday = 1), "
                                                 f"got {_kind(raw)}")
-        weekdays = frozenset(_int(x, f"{p}.weekdays[{j}]", 1, 7, "a day 1..7 (Monday = 1)")
-                             for j, x in enumerate(raw))
+        day = valid.keys["weekdays"]
+        weekdays = frozenset(_int(x, f"{p}.weekdays[{j}]", day.lo, day.hi, day.what) for j, x in enumerate(raw))
     hours = _hours(d["hours"], f"{p}.hours") if "hours" in d else ()
-    stores = frozenset(_str_list(d["stores"], f"{p}.stores", False)) if "stores" in d else frozenset()
-    channels = frozenset(_str_list(d["channels"], f"{p}.channels", False)) if "channels" in d else frozenset()
+    stores = frozenset(_value(valid, d, "stores", p)) if "stores" in d else frozenset()
+    channels = frozenset(_value(valid, d, "channels", p)) if "channels" in d else frozenset()
     return Validity(starts=starts, ends=ends, weekdays=weekdays, hours=hours, stores=stores, channels=channels)
 
 
 def _conditions(d, p: str, groups: set[str]) -> Conditions:
-    _mapping(d, p, ("receipt_total_at_least", "group_quantity_at_least", "coupon"))
-    total = None
-    if d.get("receipt_total_at_least") is not None:
-        total = _money(d["receipt_total_at_least"], f"{p}.receipt_total_at_least")
+    when = PROMO.keys["when"]
+    _section(when, d, p)
+    total = _value(when, d, "receipt_total_at_least", p, none_is_absent=True)
     group_qty = None
     if d.get("group_quantity_at_least") is not None:
         gp = f"{p}.group_quantity_at_least"
-        g = _mapping(d["group_quantity_at_least"], gp, ("group", "quantity"))
+        by_group = when.keys["group_quantity_at_least"]
+        g = _section(by_group, d["group_quantity_at_least"], gp)
         group = _group_ref(_required(g, "group", gp), f"{gp}.group", groups)
-        quantity = _int(_required(g, "quantity", gp), f"{gp}.quantity", 1, MAX_QUANTITY * 1000,
-                        "a quantity in thousandths (2000 = 2 pcs)")
-        group_qty = (group, quantity)
-    coupon = _str(d["coupon"], f"{p}.coupon") if d.get("coupon") is not None else None
+        group_qty = (group, _value(by_group, g, "quantity", gp))
+    coupon = _value(when, d, "coupon", p, none_is_absent=True)
     return Conditions(receipt_total_at_least=total, group_quantity_at_least=group_qty, coupon=coupon)
 
 
@@ -612,7 +627,7 @@ def _group_ref(value, path: str, groups: set[str]) -> str:
     return name
 
 
-SCOPE_KEYS = ("groups", "skus", "categories", "exclude_groups", "exclude_skus", "exclude_categories")
+SCOPE_KEYS = tuple(PROMO.keys["scope"].keys)
 
 
 def _scope(value, p: str, groups: set[str]) -> Scope:
@@ -629,20 +644,19 @@ def _scope(value, p: str, groups: set[str]) -> Scope:
 
 
 def _limits(d, p: str, effect: Effect) -> Limits:
-    _mapping(d, p, ("uses_per_member", "period", "discount_budget", "points_budget"))
-    uses = None
-    if d.get("uses_per_member") is not None:
-        uses = _int(d["uses_per_member"], f"{p}.uses_per_member", 1, 10**9)
-    period = _choice(d["period"], f"{p}.period", PERIODS) if "period" in d else "all"
+    limits = PROMO.keys["limits"]
+    _section(limits, d, p)
+    uses = _value(limits, d, "uses_per_member", p, none_is_absent=True)
+    period = _value(limits, d, "period", p)
     discount_budget = points_budget = None
     if d.get("discount_budget") is not None:
         if effect.kind not in DISCOUNT_EFFECTS:
             raise ProgramError(f"{p}.discount_budget", f"only for discount effects, this one is {effect.kind} "
                                                        f"(use points_budget)")
-        discount_budget = _money(d["discount_budget"], f"{p}.discount_budget")
+        discount_budget = _value(limits, d, "discount_budget", p)
     if d.get("points_budget") is not None:
         if effect.kind not in POINTS_EFFECTS:
             raise ProgramError(f"{p}.points_budget", f"only for points effects, this one is {effect.kind} "
                                                      f"(use discount_budget)")
-        points_budget = _int(d["points_budget"], f"{p}.points_budget", 0, MAX_POINTS)
+        points_budget = _value(limits, d, "points_budget", p)
     return Limits(uses_per_member=uses, period=period, discount_budget=discount_budget, points_budget=points_budget)

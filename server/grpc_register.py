@@ -19,7 +19,8 @@ class ModuleHost(Protocol):
     """A server that serves a module's methods with its own handlers (the ``LoyaltyServer``)."""
 
     def add_module_service(self, full_name: str, methods: dict) -> None:
-        """Serve ``methods`` (RPC name -> ``(request class, fn(request) -> response)``) as ``full_name``."""
+        """Serve ``methods`` (RPC name -> ``(request class, fn(request) -> response, server streaming)``; a
+        streaming ``fn`` returns a generator of responses) as ``full_name``."""
 
 def snake(name: str) -> str:
     """An RPC's method name in Python: ``RecordMessageEvents`` -> ``record_message_events``."""
@@ -28,21 +29,29 @@ def snake(name: str) -> str:
 
 def register_servicer(server, pb2, service: str, servicer) -> None:
     """Serve ``loyalty.v1.<service>`` (described in ``pb2``) with ``servicer``, whose methods are the RPC
-    names in snake case, taking the request message and returning the response message."""
+    names in snake case, taking the request message and returning the response message (a server-streaming
+    RPC: a generator of them)."""
     descriptor = pb2.DESCRIPTOR.services_by_name[service]
-    methods = {m.name: (getattr(pb2, m.input_type.name), getattr(servicer, snake(m.name)))
+    methods = {m.name: (getattr(pb2, m.input_type.name), getattr(servicer, snake(m.name)), m.server_streaming)
                for m in descriptor.methods}
     if isinstance(server, ModuleHost):                          # the LoyaltyServer: its own handlers
         server.add_module_service(descriptor.full_name, methods)
         return
 
-    def plain(request_cls, fn):
+    def plain(request_cls, fn, streaming):
         def call(request, context):
             try:
                 return fn(request)
             except ServiceError as exc:
                 context.abort_with_status(status_for(exc))
-        return grpc.unary_unary_rpc_method_handler(call, request_deserializer=request_cls.FromString,
-                                                   response_serializer=lambda m: m.SerializeToString())
-    handlers = {name: plain(request_cls, fn) for name, (request_cls, fn) in methods.items()}
+
+        def stream(request, context):
+            try:
+                yield from fn(request)
+            except ServiceError as exc:
+                context.abort_with_status(status_for(exc))
+        kind = grpc.unary_stream_rpc_method_handler if streaming else grpc.unary_unary_rpc_method_handler
+        return kind(stream if streaming else call, request_deserializer=request_cls.FromString,
+                    response_serializer=lambda m: m.SerializeToString())
+    handlers = {name: plain(*spec) for name, spec in methods.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))

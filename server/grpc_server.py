@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from loyalty.server.convert import decode_receipt_request, encode_calculate_response, encode_confirm_response
 from loyalty.server.db import deadline as db_deadline
@@ -139,6 +139,86 @@ def _purchase_store(request) -> tuple[str, str]:
 
 STORE_OF = {"CalculateReceipt": _receipt_store, "ConfirmPurchase": _receipt_store,
             "RefundPurchase": _purchase_store, "CancelPurchase": _purchase_store}
+
+
+def _next_chunk(chunks):
+    """The next message of a streaming method's generator, None after the last."""
+    return next(chunks, None)
+
+
+def _close_when_done(pending: concurrent.futures.Future | None, chunks) -> None:
+    """Close a stream's generator (its database read ends) once no pool thread is inside it any more."""
+    if pending is None:
+        chunks.close()
+    else:
+        pending.add_done_callback(lambda _future: chunks.close())
+
+
+def _code_of(exc: BaseException) -> str:
+    """The code a failed call is counted under: a domain error's, CANCELLED when the call was cancelled (or
+    its stream closed), else INTERNAL."""
+    if isinstance(exc, ServiceError):
+        return exc.code
+    return "INTERNAL" if isinstance(exc, Exception) else "CANCELLED"
+
+
+async def _end_failed(context, method: str, exc: BaseException, code: str, where: str) -> None:
+    """End a call that failed: a cancellation goes on as it was raised; a domain error becomes its status
+    (logged at INFO, or WARNING when storage is the cause), anything else INTERNAL with an incident id (the
+    traceback in the log, never to the client)."""
+    if not isinstance(exc, Exception):
+        raise exc
+    if isinstance(exc, ServiceError):
+        level = logging.WARNING if code in ("UNAVAILABLE", "INTERNAL") else logging.INFO
+        log.log(level, "%s %s %s: %s", method, code, where or "-", exc.message)
+        status = status_for(exc)
+    else:
+        incident = uuid.uuid4().hex[:12]
+        log.error("%s INTERNAL incident=%s %s", method, incident, where or "-", exc_info=exc)
+        status = internal_status(incident)
+    await context.abort_with_status(status)
+
+
+class _Health(health.aio.HealthServicer):
+    """grpcio-health-checking's asyncio servicer, plus ``List`` (its own answers UNIMPLEMENTED, with a
+    traceback in the log): every service's status, as ``Check`` answers it, kept as the statuses are set."""
+
+    def __init__(self):
+        super().__init__()
+        self._statuses = {"": health_pb2.HealthCheckResponse.SERVING}
+        self._final = False
+
+    async def set(self, service: str, status) -> None:
+        if not self._final:
+            self._statuses[service] = status
+        await super().set(service, status)
+
+    async def enter_graceful_shutdown(self) -> None:
+        self._final = True
+        self._statuses = dict.fromkeys(self._statuses, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await super().enter_graceful_shutdown()
+
+    async def List(self, request, context) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=status) for name, status in self._statuses.items()})
+
+
+# grpcio-reflection implements v1alpha only; v1 (grpc.reflection.v1.ServerReflection, what current grpcurl,
+# Postman and grpcui ask first) is the same protocol with the package renamed: identical messages, field
+# numbers and semantics, so the v1alpha servicer answers it, registered under the v1 name.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _enable_reflection(server, service_names: tuple[str, ...], guarded=None) -> None:
+    """Serve reflection as ``grpc.reflection.v1`` and ``v1alpha``, both listing ``service_names`` and
+    themselves; ``guarded(names)``: the servicer to use instead of the open one (admin credentials only)."""
+    names = service_names + (REFLECTION_V1, reflection.SERVICE_NAME)
+    servicer = guarded(names) if guarded is not None else reflection.aio.ReflectionServicer(names)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers(tuple(grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": handler})
+                                          for name in (REFLECTION_V1, reflection.SERVICE_NAME)))
 
 
 @dataclasses.dataclass
@@ -273,7 +353,7 @@ class LoyaltyServer:
         cpu = config.cpu_threads or min(4, (os.cpu_count() or 1) + 1)
         self.cpu_pool = concurrent.futures.ThreadPoolExecutor(cpu, thread_name_prefix="loyalty-cpu")
         self.io_pool = concurrent.futures.ThreadPoolExecutor(config.io_threads, thread_name_prefix="loyalty-io")
-        self.health = health.aio.HealthServicer()
+        self.health = _Health()
         self._probe: asyncio.Future | None = None       # the storage probe in flight (``_check_health``)
         self.port: int | None = None
         self._tasks: list[asyncio.Task] = []
@@ -302,17 +382,15 @@ class LoyaltyServer:
 
     def _add_reflection(self) -> None:
         """Reflection as configured: open (or auth off), admin credentials only, or not served."""
-        names = SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                 reflection.SERVICE_NAME)
+        names = SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,)
         if self.config.reflection == "off":
             return
         if self.gate is None or self.config.reflection == "open":
-            reflection.enable_server_reflection(names, self.server)
+            _enable_reflection(self.server, names)
             return
-        from grpc_reflection.v1alpha import reflection_pb2_grpc
         from loyalty.server.security.edge import GuardedReflection
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            GuardedReflection(names, self.gate, self.io_pool), self.server)
+        _enable_reflection(self.server, names, lambda all_names: GuardedReflection(all_names, self.gate,
+                                                                                  self.io_pool))
 
     def _generic_handler(self, service_name: str, module) -> grpc.GenericRpcHandler:
         descriptor = module.DESCRIPTOR.services_by_name[service_name.rsplit(".", 1)[1]]
@@ -369,12 +447,60 @@ class LoyaltyServer:
 
     def add_module_service(self, full_name: str, methods: dict) -> None:
         """Serve a module's service (Segments, Scenarios; ``grpc_register.register_servicer``): ``methods`` maps
-        each RPC name to ``(request class, fn(request) -> response)``; they get the handlers every method of
+        each RPC name to ``(request class, fn(request) -> response, server streaming)`` (a streaming ``fn``
+        returns a generator of responses); they get the handlers every method of
         this server has (a pool thread, the call's deadline, the error map, metrics)."""
-        handlers = {name: grpc.unary_unary_rpc_method_handler(
-                        self._make_handler(f"{full_name}/{name}", request_cls, fn, self.io_pool))
-                    for name, (request_cls, fn) in methods.items()}
+        handlers = {}
+        for name, (request_cls, fn, streaming) in methods.items():
+            if streaming:
+                handlers[name] = grpc.unary_stream_rpc_method_handler(
+                    self._stream_handler(f"{full_name}/{name}", _message_decoder(request_cls), fn, self.io_pool))
+            else:
+                handlers[name] = grpc.unary_unary_rpc_method_handler(
+                    self._make_handler(f"{full_name}/{name}", request_cls, fn, self.io_pool))
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(full_name, handlers),))
+
+    def _stream_handler(self, path: str, decode, chunks_of, pool):
+        """The grpc.aio handler of the server-streaming method ``path``: the caller identified and held to the
+        method's scope as for every other method, then ``chunks_of(request)``, a generator of response messages,
+        each taken from it in ``pool`` (as the caller) only when the previous one was sent (so an export holds
+        one chunk in memory, and a slow client slows the reading down); the generator is closed when the call
+        ends, however it ends. Errors before or between chunks map as for every other method."""
+        metrics = self.metrics
+        service_name, method = path.split("/")
+        scopes = SCOPE_OF[service_name][method]
+        gate = self.gate
+
+        async def handler(raw: bytes, context: grpc.aio.ServicerContext):
+            started = time.perf_counter()
+            code = "OK"
+            request = chunks = None
+            principal = LOCAL
+            pending: concurrent.futures.Future | None = None
+            remaining = context.time_remaining()
+            until = time.monotonic() + (STORAGE_TIMEOUT_S if remaining is None else remaining)
+            try:
+                if gate is not None:
+                    principal = await gate.principal(context, self.io_pool)
+                    authorize(principal, scopes, method)
+                request = decode(raw)
+                chunks = chunks_of(request)
+                while True:
+                    pending = pool.submit(_bounded, until, principal, _next_chunk, chunks)
+                    chunk = await asyncio.wrap_future(pending)
+                    if chunk is None:
+                        break
+                    yield chunk.SerializeToString()
+            except BaseException as exc:
+                code = _code_of(exc)
+                await _end_failed(context, method, exc, code, request_key(request) if request else "")
+            finally:
+                if chunks is not None:
+                    _close_when_done(pending, chunks)
+                metrics.observe(method, code, time.perf_counter() - started)
+
+        handler.__name__ = method
+        return handler
 
     def _make_handler(self, method: str, request_cls, fn, pool):
         """The handler of a method whose service function takes the request message and returns the response

@@ -14,6 +14,7 @@ from ..convert import iso
 from ..errors import InvalidArgument, NotFound
 from ..members import check_text
 from ..models import promotion_budgets
+from ..paging import page_of, paged
 from ..runtime import Runtime
 
 
@@ -100,5 +101,8 @@ class Publishing:
         return _version_message(self.rt.programs.get(request.version))
 
     def list_program_versions(self, request) -> admin_pb2.ListProgramVersionsResponse:
-        """Every version, newest first, without the YAML text."""
-        return admin_pb2.ListProgramVersionsResponse(versions=[_version_message(r) for r in self.rt.programs.versions()])
+        """The versions, newest first, without the YAML text, a page at a time (``loyalty.server.paging``)."""
+        rows, token = paged(self.rt.programs.versions(), page_of(request, "program_versions", (int,)),
+                            key=lambda r: (-r["version"],))
+        return admin_pb2.ListProgramVersionsResponse(versions=[_version_message(r) for r in rows],
+                                                     next_page_token=token)

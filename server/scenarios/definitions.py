@@ -65,6 +65,22 @@ MEMBER_FIELDS = ("member_id", "first_name", "last_name", "gender", "birth_date",
                  "registered_at", "card", "card_status", "tier", "active_points", "pending_points", "purchases_sum")
 PROFILE_FIELDS = ("first_name", "last_name", "gender", "email", "city")
 OPERATORS = ("eq", "ne", "in", "not_in", "gt", "gte", "lt", "lte", "exists")
+# The keys of each part's mapping; the validator and the JSON Schema (``loyalty.server.schemas``) read them.
+SCENARIO_KEYS = ("id", "title", "enabled", "reentry", "goal", "triggers", "steps")
+STEP_COMMON_KEYS = ("id", "title", "next")
+BRANCH_KEYS = ("yes", "no")
+TRIGGER_OPTIONS = {"member_registered": ("source",), "purchase_confirmed": ("min_payable",),
+                   "tier_changed": ("to", "from"), "card_status_changed": ("to", "from"), "top_up": ("min_points",),
+                   "birthday": ("days_before",), "segment_entered": ("segment",)}
+STEP_ARGUMENTS = {"update_profile": ("field", "set", "increment"),
+                  "award_points": ("points", "reason", "expiry_days"), "deduct_points": ("points", "reason"),
+                  "issue_promo_code": ("pool",), "send": ("subject", "body", "transactional", "channel"),
+                  "webhook": ("url", "method", "headers", "body"), "add_tag": ("tag",), "add_to_segment": ("segment",)}
+WAIT_UNTIL_KEYS = ("until", "timezone")
+HISTORY_CONDITION_KEYS = {"message": ("channel", "kind", "within"), "event": ("kind", "within"),
+                          "visited": ("step", "times")}
+CONDITION_KINDS = ("all", "any", "not", "member", "message", "event", "visited", "tag", "segment")
+WEBHOOK_METHODS = ("POST", "PUT", "PATCH", "GET")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 _DURATION_RE = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -163,17 +179,17 @@ def _trigger(raw, path: str) -> dict:
         _fail(f"{path}.{kind}", "options are a mapping")
     out = {"type": kind}
     if kind == "member_registered":
-        _keys(opts, ("source",), path)
+        _keys(opts, TRIGGER_OPTIONS[kind], path)
         source = opts.get("source", "any")
         if source not in SOURCES:
             _fail(f"{path}.source", f"expected one of {', '.join(SOURCES)}, got {source!r}")
         out["source"] = source
     elif kind == "purchase_confirmed":
-        _keys(opts, ("min_payable",), path)
+        _keys(opts, TRIGGER_OPTIONS[kind], path)
         if "min_payable" in opts:
             out["min_payable"] = _int(opts["min_payable"], f"{path}.min_payable", 0, 10**15)
     elif kind in ("tier_changed", "card_status_changed"):
-        _keys(opts, ("to", "from"), path)
+        _keys(opts, TRIGGER_OPTIONS[kind], path)
         for k in ("to", "from"):
             if k in opts:
                 v = _text(opts[k], f"{path}.{k}", 64, True)
@@ -181,14 +197,14 @@ def _trigger(raw, path: str) -> dict:
                     _fail(f"{path}.{k}", f"expected one of {', '.join(CARD_STATUSES)}, got {v!r}")
                 out[k] = v
     elif kind == "top_up":
-        _keys(opts, ("min_points",), path)
+        _keys(opts, TRIGGER_OPTIONS[kind], path)
         if "min_points" in opts:
             out["min_points"] = _int(opts["min_points"], f"{path}.min_points", 0, 10**12)
     elif kind == "birthday":
-        _keys(opts, ("days_before",), path)
+        _keys(opts, TRIGGER_OPTIONS[kind], path)
         out["days_before"] = _int(opts.get("days_before", 0), f"{path}.days_before", 0, 30)
     elif kind == "segment_entered":
-        _keys(opts, ("segment",), path)
+        _keys(opts, TRIGGER_OPTIONS[kind], path)
         if "segment" not in opts:
             _fail(f"{path}.segment", "required: the segment or audience id")
         out["segment"] = _name(opts["segment"], f"{path}.segment")
@@ -255,7 +271,7 @@ def _condition(raw, path: str) -> dict:
     if kind == "message":
         if not isinstance(arg, dict):
             _fail(p, "expected {channel, kind, within}")
-        _keys(arg, ("channel", "kind", "within"), p)
+        _keys(arg, HISTORY_CONDITION_KEYS[kind], p)
         channel = arg.get("channel", "email")
         if channel not in CHANNELS:
             _fail(f"{p}.channel", f"expected one of {', '.join(CHANNELS)}, got {channel!r}")
@@ -271,7 +287,7 @@ def _condition(raw, path: str) -> dict:
             arg = {"kind": arg}
         if not isinstance(arg, dict):
             _fail(p, "expected {kind, within}")
-        _keys(arg, ("kind", "within"), p)
+        _keys(arg, HISTORY_CONDITION_KEYS[kind], p)
         ekind = arg.get("kind")
         if ekind not in EVENT_KINDS:
             _fail(f"{p}.kind", f"expected one of {', '.join(EVENT_KINDS)}, got {ekind!r}")
@@ -284,7 +300,7 @@ def _condition(raw, path: str) -> dict:
             arg = {"step": arg}
         if not isinstance(arg, dict) or "step" not in arg:
             _fail(p, "expected {step: id, times: N}")
-        _keys(arg, ("step", "times"), p)
+        _keys(arg, HISTORY_CONDITION_KEYS[kind], p)
         return {"visited": {"step": _name(arg["step"], f"{p}.step"),
                             "times": _int(arg.get("times", 1), f"{p}.times", 1, 10000)}}
     if kind == "tag":
@@ -300,7 +316,7 @@ def _condition(raw, path: str) -> dict:
 def _step_type(raw: dict, path: str) -> str:
     found = [k for k in raw if k in STEP_TYPES or k in SEND_SHORTHANDS]
     if not found:
-        others = [k for k in raw if k not in ("id", "next", "yes", "no", "title")]
+        others = [k for k in raw if k not in STEP_COMMON_KEYS + BRANCH_KEYS]
         _fail(path, f"unknown step type {others[0]!r}; expected one of {', '.join(STEP_TYPES)}" if others
               else f"the step has no type; expected one of {', '.join(STEP_TYPES)}")
     if len(found) > 1:
@@ -315,14 +331,14 @@ def _step(raw, path: str, index: int) -> dict:
     raw = {("yes" if k is True else "no" if k is False else k): v for k, v in raw.items()}
     kind = _step_type(raw, path)
     sid = _name(raw.get("id", f"step{index + 1}"), f"{path}.id")
-    allowed = ("id", "title", "next", kind) + (("yes", "no") if kind == "condition" else ())
+    allowed = STEP_COMMON_KEYS + (kind,) + (BRANCH_KEYS if kind == "condition" else ())
     _keys(raw, allowed, path)
     arg = raw[kind]
     p = f"{path}.{kind}"
     step: dict = {"id": sid, "type": kind, "title": _text(raw.get("title"), f"{path}.title", 200)}
     if kind == "wait":
         if isinstance(arg, dict) and "until" in arg:
-            _keys(arg, ("until", "timezone"), p)
+            _keys(arg, WAIT_UNTIL_KEYS, p)
             until = arg["until"]
             if not isinstance(until, str):
                 _fail(f"{p}.until", "a time of day HH:MM or an ISO datetime with offset")
@@ -355,7 +371,7 @@ def _step(raw, path: str, index: int) -> dict:
     elif kind == "update_profile":
         if not isinstance(arg, dict) or "field" not in arg:
             _fail(p, "expected {field: ..., set: value} or {field: custom.<name>, increment: n}")
-        _keys(arg, ("field", "set", "increment"), p)
+        _keys(arg, STEP_ARGUMENTS[kind], p)
         field = arg["field"]
         custom = isinstance(field, str) and field.startswith("custom.") and len(field) > 7
         if not (field in PROFILE_FIELDS or custom):
@@ -379,7 +395,7 @@ def _step(raw, path: str, index: int) -> dict:
             arg = {"points": arg}
         if not isinstance(arg, dict):
             _fail(p, "expected {points: N, reason: ..., expiry_days: N}")
-        _keys(arg, ("points", "reason", "expiry_days") if kind == "award_points" else ("points", "reason"), p)
+        _keys(arg, STEP_ARGUMENTS[kind], p)
         if "points" not in arg:
             _fail(f"{p}.points", "required")
         step["points"] = _int(arg["points"], f"{p}.points", 1, 10**9)
@@ -391,13 +407,13 @@ def _step(raw, path: str, index: int) -> dict:
             arg = {"pool": arg}
         if not isinstance(arg, dict) or "pool" not in arg:
             _fail(p, "expected {pool: name}")
-        _keys(arg, ("pool",), p)
+        _keys(arg, STEP_ARGUMENTS[kind], p)
         step["pool"] = _name(arg["pool"], f"{p}.pool")
     elif kind in ("send",) + tuple(SEND_SHORTHANDS):
         if not isinstance(arg, dict):
             _fail(p, "expected {channel, subject, body, transactional}")
         channel = SEND_SHORTHANDS.get(kind) or arg.get("channel")
-        _keys(arg, ("subject", "body", "transactional") + (("channel",) if kind == "send" else ()), p)
+        _keys(arg, tuple(k for k in STEP_ARGUMENTS["send"] if kind == "send" or k != "channel"), p)
         if channel not in CHANNELS:
             _fail(f"{p}.channel", f"expected one of {', '.join(CHANNELS)}, got {channel!r}")
         step.update(type="send", channel=channel,
@@ -411,12 +427,12 @@ def _step(raw, path: str, index: int) -> dict:
             arg = {"url": arg}
         if not isinstance(arg, dict) or "url" not in arg:
             _fail(p, "expected {url, method, headers, body}")
-        _keys(arg, ("url", "method", "headers", "body"), p)
+        _keys(arg, STEP_ARGUMENTS[kind], p)
         url = _template(arg["url"], f"{p}.url", required=True, limit=2000)
         if not url.startswith(("http://", "https://")):
             _fail(f"{p}.url", "an http:// or https:// address is required")
         method = arg.get("method", "POST")
-        if method not in ("POST", "PUT", "PATCH", "GET"):
+        if method not in WEBHOOK_METHODS:
             _fail(f"{p}.method", f"expected POST, PUT, PATCH or GET, got {method!r}")
         headers = arg.get("headers", {}) or {}
         if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
@@ -463,7 +479,7 @@ def parse_scenario(raw, path: str = "scenario") -> dict:
     """Validate one scenario mapping; returns the normalized definition (plain JSON types)."""
     if not isinstance(raw, dict):
         _fail(path, "a scenario is a mapping with id, triggers and steps")
-    _keys(raw, ("id", "title", "enabled", "reentry", "goal", "triggers", "steps"), path)
+    _keys(raw, SCENARIO_KEYS, path)
     if "id" not in raw:
         _fail(f"{path}.id", "required")
     out = {"id": _name(raw["id"], f"{path}.id"), "title": _text(raw.get("title"), f"{path}.title", 200)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 from loyalty.server.grpc_register import register_servicer
+from loyalty.server.paging import page_of, paged
 from loyalty.server.runtime import Runtime
 from loyalty.server.timeutil import iso
 from loyalty.v1 import scenarios_pb2
@@ -51,7 +52,8 @@ class ScenariosServicer:
         return _scenario(self.scenarios.define(request.yaml, mode="update", path="scenario"))
 
     def list_scenarios(self, request):
-        return scenarios_pb2.ListScenariosResponse(scenarios=[_scenario(d) for d in self.scenarios.list()])
+        rows, token = paged(self.scenarios.list(), page_of(request, "scenarios", (str,)), key=lambda d: (d["id"],))
+        return scenarios_pb2.ListScenariosResponse(scenarios=[_scenario(d) for d in rows], next_page_token=token)
 
     def get_scenario_stats(self, request):
         s = self.scenarios.stats(request.id)
@@ -67,12 +69,14 @@ class ScenariosServicer:
                                     stages=[scenarios_pb2.FunnelStage(**s) for s in f["stages"]])
 
     def list_dead_letters(self, request):
-        rows = self.scenarios.dead_letters(request.limit or 100)
-        return scenarios_pb2.ListDeadLettersResponse(dead_letters=[
+        page = page_of(request, "dead_letters", (str, int))
+        rows = self.scenarios.dead_letters(page.size + 1, after=page.after)
+        token = page.token(rows, key=lambda r: (r["kind"], r["id"]))
+        return scenarios_pb2.ListDeadLettersResponse(next_page_token=token, dead_letters=[
             scenarios_pb2.DeadLetter(kind=r["kind"], id=r["id"], key=r["key"], scenario_id=r["scenario_id"] or "",
                                      step=r["step"] or "", member_id=r["member_id"] or 0, channel=r["channel"],
                                      attempts=r["attempts"], error=r["error"] or "", at=iso(r["at"]))
-            for r in rows])
+            for r in rows[:page.size]])
 
     def retry_dead_letter(self, request):
         return scenarios_pb2.RetryDeadLetterResponse(

@@ -38,6 +38,11 @@ def _load_yaml(text: str, path: str):
         raise InvalidArgument(path, f"not valid YAML{where}") from None
 
 
+def _older(column, before: int | None) -> tuple:
+    """The condition of a newest-first page after the item ``before`` (none on the first page)."""
+    return () if before is None else (column < before,)
+
+
 class ScenarioService:
     """Sync and thread-safe; one per process (or per CLI command)."""
 
@@ -236,18 +241,22 @@ class ScenarioService:
 
     # ---- dead letters -------------------------------------------------------------------------------------
 
-    def dead_letters(self, limit: int = 100) -> list[dict]:
+    def dead_letters(self, limit: int = 100, after: tuple[str, int] | None = None) -> list[dict]:
         """Messages / webhook calls that failed for good and runs whose step failed ``MAX_STEP_ATTEMPTS`` times,
-        newest first; ``limit`` 1 to 10 000."""
+        newest first (the messages, then the runs); ``limit`` 1 to 10 000. ``after`` (kind, id): the next page
+        starts after that item."""
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
             raise InvalidArgument("limit", f"must be 1 to 10000, got {limit!r}")
         ob, r = scenario_outbox.c, scenario_runs.c
+        after_kind, after_id = after or ("", None)
         with self.db.read() as conn:
-            msgs = conn.execute(select(ob.id, ob.key, ob.scenario_id, ob.step, ob.member_id, ob.channel, ob.attempts,
-                                       ob.last_error, ob.next_attempt_at).where(ob.state == "dead")
-                                .order_by(ob.id.desc()).limit(limit)).all()
+            msgs = [] if after_kind == "run" else conn.execute(
+                select(ob.id, ob.key, ob.scenario_id, ob.step, ob.member_id, ob.channel, ob.attempts, ob.last_error,
+                       ob.next_attempt_at).where(ob.state == "dead", *_older(ob.id, after_id if after_kind == "message" else None))
+                .order_by(ob.id.desc()).limit(limit)).all()
             runs = conn.execute(select(r.id, r.scenario_id, r.step, r.member_id, r.attempts, r.error, r.finished_at)
-                                .where(r.state == "failed").order_by(r.id.desc()).limit(limit)).all()
+                                .where(r.state == "failed", *_older(r.id, after_id if after_kind == "run" else None))
+                                .order_by(r.id.desc()).limit(limit)).all()
         out = [{"kind": "message", "id": m.id, "key": m.key, "scenario_id": m.scenario_id, "step": m.step,
                 "member_id": m.member_id, "channel": m.channel, "attempts": m.attempts, "error": m.last_error,
                 "at": m.next_attempt_at} for m in msgs]

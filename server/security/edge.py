@@ -48,7 +48,7 @@ SCOPE_OF: dict[str, dict[str, tuple[str, ...]]] = {
         "CreateSegment": _ADMIN, "UpdateSegment": _ADMIN, "DefineAudience": _ADMIN, "RecalculateSegment": _ADMIN,
         "AddMembers": _ADMIN, "RemoveMembers": _ADMIN, "ImportCsv": _ADMIN, "SetTag": _ADMIN,
         "GetSegment": _READ, "ListSegments": _READ, "CountMembers": _READ, "PreviewMembers": _READ,
-        "ExportMembers": _READ, "GetHistory": _READ, "GetChanges": _READ,
+        "ExportMembers": _READ, "ExportMembersStream": _READ, "GetHistory": _READ, "GetChanges": _READ,
     },
     "loyalty.v1.Scenarios": {
         "CreateScenario": _ADMIN, "UpdateScenario": _ADMIN, "RetryDeadLetter": _ADMIN, "StartBatch": _ADMIN,

@@ -63,7 +63,17 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 PROFILE_STR = {"gender": members.c.gender, "city": members.c.city, "source": members.c.source}
 LEAVES = ("gender", "city", "source", "birth_date", "age", "registered_at", "custom", "subscribed", "tag",
           "tier", "card_status", "points", "purchases", "messages", "segment")
+# The leaves that are one comparison: value kind (str, date, int) and whether it may be empty (``exists``).
+# The validator and the JSON Schema (``loyalty.server.schemas``) both read this table.
+COMPARISON_LEAVES = {"gender": ("str", False), "city": ("str", False), "source": ("str", False),
+                     "tier": ("str", False), "card_status": ("str", False), "birth_date": ("date", True),
+                     "registered_at": ("date", False), "age": ("int", True)}
+AGE_RANGE = (0, 150)
+WINDOW_DAYS = (1, 36600)
+MAX_LIST = 1000
+MAX_TEXT = 254
 POINT_FIELDS = ("active", "pending", "accrued_total")
+BOUGHT_KEYS = ("group", "sku", "skus")
 PURCHASE_KEYS = ("window_days", "from", "to", "count", "sum", "average", "first_date", "last_date", "bought")
 MESSAGE_KEYS = ("kind", "channel", "window_days", "from", "to", "count")
 
@@ -104,8 +114,8 @@ def _as_int(value, path: str) -> int:
 def _as_str(value, path: str) -> str:
     if not isinstance(value, str):
         _fail(path, f"expected a string, got {value!r}")
-    if len(value) > 254:
-        _fail(path, "at most 254 characters")
+    if len(value) > MAX_TEXT:
+        _fail(path, f"at most {MAX_TEXT} characters")
     return value
 
 
@@ -134,8 +144,8 @@ def _comparison(value, path: str, kind: str, *, nullable: bool = False) -> dict:
         elif op in ("in", "not_in"):
             if not isinstance(v, list) or not v:
                 _fail(p, "expected a non-empty list")
-            if len(v) > 1000:
-                _fail(p, "at most 1000 values")
+            if len(v) > MAX_LIST:
+                _fail(p, f"at most {MAX_LIST} values")
             out[op] = [conv(x, f"{p}[{i}]") for i, x in enumerate(v)]
         elif op == "between":
             if not isinstance(v, list) or len(v) != 2:
@@ -163,8 +173,8 @@ def _window(spec: dict, path: str, out: dict) -> None:
         if "from" in spec or "to" in spec:
             _fail(f"{path}.window_days", "give either window_days or from / to, not both")
         n = _as_int(spec["window_days"], f"{path}.window_days")
-        if not 1 <= n <= 36600:
-            _fail(f"{path}.window_days", f"expected 1 to 36600 days, got {n}")
+        if not WINDOW_DAYS[0] <= n <= WINDOW_DAYS[1]:
+            _fail(f"{path}.window_days", f"expected {WINDOW_DAYS[0]} to {WINDOW_DAYS[1]} days, got {n}")
         out["window_days"] = n
     if "from" in spec:
         out["from"] = _as_date(spec["from"], f"{path}.from")
@@ -198,16 +208,15 @@ def _validate(tree, path, known, groups, depth) -> dict:
         return {key: [_validate(c, f"{p}[{i}]", known, groups, depth + 1) for i, c in enumerate(value)]}
     if key == "not":
         return {"not": _validate(value, p, known, groups, depth + 1)}
-    if key in PROFILE_STR or key in ("tier", "card_status"):
-        return {key: _comparison(value, p, "str")}
-    if key in ("birth_date", "registered_at"):
-        return {key: _comparison(value, p, "date", nullable=key == "birth_date")}
-    if key == "age":
-        c = _comparison(value, p, "int", nullable=True)
-        for op, v in c.items():
-            for x in (v if isinstance(v, list) else [v]):
-                if not isinstance(x, bool) and not 0 <= x <= 150:
-                    _fail(f"{p}.{op}", f"an age from 0 to 150, got {x}")
+    if key in COMPARISON_LEAVES:
+        kind, nullable = COMPARISON_LEAVES[key]
+        c = _comparison(value, p, kind, nullable=nullable)
+        if key == "age":
+            lo, hi = AGE_RANGE
+            for op, v in c.items():
+                for x in (v if isinstance(v, list) else [v]):
+                    if not isinstance(x, bool) and not lo <= x <= hi:
+                        _fail(f"{p}.{op}", f"an age from {lo} to {hi}, got {x}")
         return {key: c}
     if key == "custom":
         if not isinstance(value, dict) or not value:
@@ -244,7 +253,7 @@ def _validate(tree, path, known, groups, depth) -> dict:
             if k in spec:
                 out[k] = _comparison(spec[k], f"{p}.{k}", "date")
         if "bought" in spec:
-            b = _mapping(spec["bought"], f"{p}.bought", ("group", "sku", "skus"))
+            b = _mapping(spec["bought"], f"{p}.bought", BOUGHT_KEYS)
             if len(b) != 1:
                 _fail(f"{p}.bought", "expected exactly one of group, sku, skus")
             if "group" in b:

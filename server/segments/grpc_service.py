@@ -15,6 +15,7 @@ import json
 
 from loyalty.server.errors import InvalidArgument
 from loyalty.server.grpc_register import register_servicer
+from loyalty.server.paging import page_of, paged
 from loyalty.server.runtime import Runtime
 from loyalty.server.timeutil import iso
 from loyalty.v1 import segments_pb2
@@ -49,6 +50,11 @@ def _changed(r: dict) -> segments_pb2.ChangeMembersResponse:
                                               unknown_refs=r["unknown_refs"], member_count=r["member_count"])
 
 
+def _before(page) -> int | None:
+    """The id below which a newest-first log's next page starts."""
+    return None if page.after is None else page.after[0]
+
+
 class SegmentsServicer:
     """The methods of ``loyalty.v1.Segments`` as plain sync functions: request message in, response out."""
 
@@ -78,7 +84,10 @@ class SegmentsServicer:
         return _segment(self.segments.get(request.id))
 
     def list_segments(self, request):
-        return segments_pb2.ListSegmentsResponse(segments=[_segment(d) for d in self.segments.list()])
+        """Segments, then audiences, each by id (the key: kind's rank, id)."""
+        rows, token = paged(self.segments.list(), page_of(request, "segments", (int, str)),
+                            key=lambda d: (int(d["kind"] == "audience"), d["id"]))
+        return segments_pb2.ListSegmentsResponse(segments=[_segment(d) for d in rows], next_page_token=token)
 
     def define_audience(self, request):
         spec = {"id": request.id, "title": request.title, "include": list(request.include),
@@ -103,15 +112,24 @@ class SegmentsServicer:
         n = self.segments.export_csv(request.id, out, list(request.columns) or None)
         return segments_pb2.ExportResponse(csv=out.getvalue().encode("utf-8"), count=n)
 
+    def export_members_stream(self, request):
+        """A generator of chunks (server streaming): each read from the database as the client takes it."""
+        for text, rows in self.segments.export_chunks(request.id, list(request.columns) or None):
+            yield segments_pb2.ExportResponse(csv=text.encode("utf-8"), count=rows)
+
     def get_history(self, request):
-        return segments_pb2.HistoryResponse(runs=[_run(r) for r in self.segments.history(request.id,
-                                                                                         request.limit or 50)])
+        page = page_of(request, "segment_runs", (int,), default=50)
+        rows = self.segments.history(request.id, page.size + 1, before=_before(page))
+        return segments_pb2.HistoryResponse(runs=[_run(r) for r in rows[:page.size]],
+                                            next_page_token=page.token(rows, key=lambda r: (r["id"],)))
 
     def get_changes(self, request):
+        page = page_of(request, "segment_changes", (int,))
+        rows = self.segments.changes(request.id, page.size + 1, before=_before(page))
         return segments_pb2.ChangesResponse(changes=[
             segments_pb2.SegmentChange(member_id=c["member_id"], action=c["action"], source=c["source"],
                                        actor=c["actor"], at=iso(c["at"]))
-            for c in self.segments.changes(request.id, request.limit or 100)])
+            for c in rows[:page.size]], next_page_token=page.token(rows, key=lambda c: (c["id"],)))
 
     def add_members(self, request):
         return _changed(self.segments.add_members(request.id, list(request.members), source="api",

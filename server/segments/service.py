@@ -21,7 +21,7 @@ import io
 import logging
 import time
 import uuid
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from pyroaring import BitMap
 from sqlalchemy import (
@@ -415,10 +415,18 @@ class SegmentService:
                    progress: Progress | None = None) -> int:
         """Write the members as CSV (header row, then one row per member by id) to the text stream ``out``,
         streaming from the database; returns the number of members written."""
-        cols = self._columns(columns)
-        writer = csv.writer(out)
-        writer.writerow(cols)
         n = 0
+        for text, rows in self.export_chunks(target, columns, progress=progress):
+            out.write(text)
+            n += rows
+        return n
+
+    def export_chunks(self, target: str, columns: Iterable[str] | None = None, *,
+                      progress: Progress | None = None) -> Iterator[tuple[str, int]]:
+        """The members' CSV as it is read from the database: ``(text, members in it)`` per chunk of whole
+        rows, the header row in the first (alone when there are no members). The target and columns are
+        checked before the first chunk, so a bad request fails before anything is sent."""
+        cols = self._columns(columns)
         with self.db.read() as conn:
             where, src = self._predicate(conn, target)
             total = conn.execute(select(func.count()).select_from(src).where(where)).scalar_one() \
@@ -426,31 +434,40 @@ class SegmentService:
             result = conn.execution_options(stream_results=True, yield_per=_CHUNK).execute(
                 select(*[PREVIEW_COLUMNS[c].label(c) for c in cols]).select_from(src).where(where)
                 .order_by(members.c.id))
+            buffer = io.StringIO()
+            writer = csv.writer(buffer)
+            writer.writerow(cols)
+            n = 0
             for part in result.partitions(_CHUNK):
                 writer.writerows(["" if v is None else (v.isoformat() if hasattr(v, "isoformat") else v)
                                   for v in row] for row in part)
                 n += len(part)
                 if progress:
                     progress("exporting", n, total)
-        return n
+                yield buffer.getvalue(), len(part)
+                buffer.seek(0)
+                buffer.truncate()
+            if n == 0:
+                yield buffer.getvalue(), 0
 
-    def history(self, sid: str, limit: int = 50) -> list[dict]:
-        """Recalculation runs, newest first (a ``running`` one carries its phase: the progress)."""
+    def history(self, sid: str, limit: int = 50, before: int | None = None) -> list[dict]:
+        """Recalculation runs, newest first (a ``running`` one carries its phase: the progress); with
+        ``before``, those older than that run id (the next page)."""
+        return self._log(segment_runs, sid, limit, before)
+
+    def changes(self, sid: str, limit: int = 100, before: int | None = None) -> list[dict]:
+        """The manual-change log of a static segment, newest first; with ``before``, the entries older than
+        that id (the next page)."""
+        return self._log(segment_changes, sid, limit, before)
+
+    def _log(self, table, sid: str, limit: int, before: int | None) -> list[dict]:
         _check_limit(limit)
         self.get(sid)
+        query = select(table).where(table.c.segment_id == sid)
+        if before is not None:
+            query = query.where(table.c.id < before)
         with self.db.read() as conn:
-            return [dict(r._mapping) for r in conn.execute(
-                select(segment_runs).where(segment_runs.c.segment_id == sid)
-                .order_by(segment_runs.c.id.desc()).limit(limit))]
-
-    def changes(self, sid: str, limit: int = 100) -> list[dict]:
-        """The manual-change log of a static segment, newest first."""
-        _check_limit(limit)
-        self.get(sid)
-        with self.db.read() as conn:
-            return [dict(r._mapping) for r in conn.execute(
-                select(segment_changes).where(segment_changes.c.segment_id == sid)
-                .order_by(segment_changes.c.id.desc()).limit(limit))]
+            return [dict(r._mapping) for r in conn.execute(query.order_by(table.c.id.desc()).limit(limit))]
 
     def members_of(self, target: str) -> BitMap:
         """The member ids of a segment or audience now, as a bitmap (one query)."""

@@ -302,14 +302,14 @@ def test_a_huge_value_is_invalid_argument_with_a_small_trailer(server, method, r
     from google.protobuf import json_format
     from google.rpc import error_details_pb2, status_pb2
 
-    from loyalty.clients.client import _RPCS
+    from loyalty.clients import RPCS
     from loyalty.v1 import processing_pb2_grpc
 
-    rpc, _service, cls, _key = _RPCS[method]
+    rpc = RPCS[method]
     with grpc.insecure_channel(server.target) as channel:
         stub = processing_pb2_grpc.ProcessingStub(channel)
         with pytest.raises(grpc.RpcError) as err:
-            getattr(stub, rpc)(json_format.ParseDict(request_dict, cls()), timeout=30)
+            getattr(stub, rpc.method)(json_format.ParseDict(request_dict, rpc.request()), timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert _trailer_bytes(err.value) < TRAILER_BUDGET
     details = dict(err.value.trailing_metadata())["grpc-status-details-bin"]
