@@ -61,6 +61,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "scenarios dead-letters": ("loyalty scenarios dead-letters --limit 20",),
     "scenarios retry": ("loyalty scenarios retry message 17",),
     "scenarios codes": ("loyalty scenarios codes welcome codes.txt",),
+    "schema": ("loyalty schema program > program.schema.json", "loyalty schema --markdown > docs/REFERENCE.md"),
     "keys create": ("loyalty keys create --name till-msk-01-3 --scope pos --store msk-01 --server 127.0.0.1:50051",
                     "loyalty keys create --name first-admin --scope admin --database-url "
                     "postgresql+psycopg://loyalty@db/loyalty"),

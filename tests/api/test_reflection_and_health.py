@@ -12,7 +12,8 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from serverutil import start_server
 
-LOYALTY = {"loyalty.v1.Processing", "loyalty.v1.Admin", "loyalty.v1.Segments", "loyalty.v1.Scenarios"}
+LOYALTY = {"loyalty.v1.Processing", "loyalty.v1.Admin", "loyalty.v1.Segments", "loyalty.v1.Scenarios",
+           "loyalty.v1.Keys"}
 VERSIONS = ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection")
 
 

@@ -61,7 +61,7 @@ def test_every_rpc_has_a_typed_method_on_both_clients(module, service, method):
 def test_paged_lists_get_an_iterator_and_the_export_streams():
     assert {n for n in dir(LoyaltyClient) if n.startswith("iter_")} == {
         "iter_program_versions", "iter_segments", "iter_history", "iter_changes", "iter_scenarios",
-        "iter_dead_letters"}
+        "iter_dead_letters", "iter_audit", "iter_limit_breaches", "iter_keys"}
     assert typing.get_type_hints(LoyaltyClient.iter_segments)["return"] == Iterator[segments_pb2.Segment]
     assert typing.get_type_hints(AsyncLoyaltyClient.iter_segments)["return"] == \
         AsyncIterator[segments_pb2.Segment]

@@ -27,7 +27,7 @@ def test_calls_in_flight_are_counted_while_they_run(sqlite_service):
 
     async def main():
         server = LoyaltyServer(service, ServeConfig(database_url=url, port=0))
-        server.add_module_service("test.Blocking", {"Wait": (processing_pb2.GetMemberRequest, wait)})
+        server.add_module_service("test.Blocking", {"Wait": (processing_pb2.GetMemberRequest, wait, False)})
         port = await server.start()
         gauge = "loyalty_grpc_requests_in_flight"
         try:

@@ -59,7 +59,8 @@ def test_card_status_and_a_program_publication_are_recorded(server, client):
     member_id = enroll_with_points(client, card)
     status = build_request("set_card_status", {"card": card, "status": "blocked", "reason": "card reported stolen"})
     client.set_card_status(status)
-    publish = build_request("publish_program", {"yaml": DEMO_PROGRAM, "comment": "audit test"})
+    # a changed file: publishing the live one again makes no version (and changes nothing to audit)
+    publish = build_request("publish_program", {"yaml": DEMO_PROGRAM + "\n# audited\n", "comment": "audit test"})
     version = client.publish_program(publish).version
     [status_row] = with_digest(client, sha256_of(status))
     assert (status_row.rpc, status_row.target) == ("SetCardStatus", f"member:{member_id} status:active->blocked")
