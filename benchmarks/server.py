@@ -252,6 +252,8 @@ def secure_setup(tmp: pathlib.Path, name: str) -> dict:
     from helpers.pki import CA
     ca = CA(tmp / "pki")
     server = ca.issue("server", "localhost", server=True)
+    subprocess.run([sys.executable, "-c", "from loyalty.cli.main import main; main()", "db", "upgrade",
+                    "--data-dir", str(tmp / name)], capture_output=True, text=True, check=True)
     made = subprocess.run([sys.executable, "-c", "from loyalty.cli.main import main; main()", "keys", "create",
                            "--name", "bench-till", "--scope", "pos", "--scope", "integration", "--store", "msk-01",
                            "--data-dir", str(tmp / name), "--json"], capture_output=True, text=True, check=True)
