@@ -86,7 +86,8 @@ def serve_command(host, port, database_url, redis_url, workers, demo, metrics_po
                   log_format, access_log, otel, **security):
     from loyalty.server import tracing
     from loyalty.server.errors import ServiceError
-    from loyalty.server.grpc_server import ServeConfig, check_serving, serve
+    from loyalty.server.grpc_server import ServeConfig
+    from loyalty.server.serving import check_serving, serve
 
     if workers < 1:
         error_exit("--workers: must be at least 1")

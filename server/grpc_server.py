@@ -42,7 +42,9 @@ for a store-bound ``pos`` credential, the request's store, before the request is
 as that principal (``security.acting_as``, on the loop or on the pool thread). TLS (``security.tls``) with
 optional client certificates, reloaded on SIGHUP.
 ``workers > 1``: that many processes bind the same port (SO_REUSEPORT; the kernel spreads connections) under
-a parent that forwards signals and waits.
+a parent that forwards signals and waits (``serving``). What each call goes through besides the server object
+(decoders, the pool hop as its caller, the outcome and its log line) is ``edge_calls``; health with ``List`` and
+reflection under both names, ``edge_services``.
 
 What operators see of a call (README, Operating): its request id (``logs``: the caller's ``x-request-id`` or a new
 one, always sent back in the trailing metadata), one log line, the Prometheus series (``metrics``; with workers
@@ -53,31 +55,27 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import contextvars
 import dataclasses
-import gc
-import hashlib
 import logging
-import multiprocessing
 import os
-import signal
-import socket
-import sys
 import time
 import uuid
 from typing import TYPE_CHECKING
 
 import grpc
-from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loyalty.server.convert import decode_receipt_request, encode_calculate_response, encode_confirm_response
+from loyalty.server.convert import encode_calculate_response, encode_confirm_response
 from loyalty.server.db import deadline as db_deadline
-from loyalty.server.errors import InvalidArgument, ServiceError
+from loyalty.server.edge_calls import (
+    STORE_OF, abort, audit_refusal, bounded, calculate_key, close_when_done, code_of, decode_calculate, decode_confirm,
+    end_failed, log_call, message_decoder, next_chunk, request_key, serializing, ERROR_LEVELS,
+)
+from loyalty.server.edge_services import HealthWithList, enable_reflection
+from loyalty.server.errors import ServiceError
+from loyalty.server.logs import REQUEST_ID, request_id
 from loyalty.server.grpc_register import snake
-from loyalty.server.logs import REQUEST_ID, configure_logging, request_id
 from loyalty.server.metrics import Metrics
 from loyalty.server.security import LOCAL, acting_as
 from loyalty.server.security.edge import SCOPE_OF, authorize, authorize_store
@@ -92,7 +90,7 @@ from loyalty.v1 import admin_pb2, processing_pb2
 if TYPE_CHECKING:
     from loyalty.server.processing import ProcessingService
 
-__all__ = ["ServeConfig", "LoyaltyServer", "SERVICE_NAMES", "serve", "run_server", "check_serving"]
+__all__ = ["ServeConfig", "LoyaltyServer", "SERVICE_NAMES"]
 
 log = logging.getLogger("loyalty.server.grpc")
 
@@ -107,118 +105,6 @@ SERVICE_NAMES = (PROCESSING, ADMIN, SEGMENTS, SCENARIOS, KEYS)
 CPU_METHODS = frozenset({"CalculateReceipt"})
 # The storage time of a call that sent no deadline: $LOYALTY_STORAGE_TIMEOUT_S (a call's own deadline rules).
 STORAGE_TIMEOUT_S = float(os.environ.get("LOYALTY_STORAGE_TIMEOUT_S", "60") or 60)
-
-
-def _bounded(until: float, principal, call, request):
-    """``call(request)`` on a pool thread, as ``principal`` (``security.current()``), its storage work bounded
-    by ``until`` (``db.deadline``)."""
-    with db_deadline(until), acting_as(principal):
-        return call(request)
-
-
-def _audit_refusal(db, rpc: str, principal, decode, raw: bytes, code: str, detail: str) -> None:
-    """The audit row of an admin call refused for its credential (before its request was read)."""
-    try:
-        request = decode(raw)
-    except Exception:  # noqa: BLE001 - bytes that are not the request: recorded by their digest alone
-        request = None
-    audit.record_refusal(db, principal, rpc, audit.target_of(rpc, request) if request is not None else "",
-                         audit.digest(request) if request is not None else hashlib.sha256(raw).hexdigest(), code,
-                         detail)
-
-
-# The store a pos credential must be bound to, per method: (where it is in the decoded request, its field).
-def _receipt_store(request) -> tuple[str, str]:
-    """Of the decoded ``(card, phone, receipt dict, fits)``, or of the message (a service without group commit)."""
-    return (request[2]["store"] if type(request) is tuple else request.receipt.store), "receipt.store"
-
-
-def _purchase_store(request) -> tuple[str, str]:
-    return request.purchase.store, "purchase.store"
-
-
-STORE_OF = {"CalculateReceipt": _receipt_store, "ConfirmPurchase": _receipt_store,
-            "RefundPurchase": _purchase_store, "CancelPurchase": _purchase_store}
-
-
-def _next_chunk(chunks):
-    """The next message of a streaming method's generator, None after the last."""
-    return next(chunks, None)
-
-
-def _close_when_done(pending: concurrent.futures.Future | None, chunks) -> None:
-    """Close a stream's generator (its database read ends) once no pool thread is inside it any more."""
-    if pending is None:
-        chunks.close()
-    else:
-        pending.add_done_callback(lambda _future: chunks.close())
-
-
-def _code_of(exc: BaseException) -> str:
-    """The code a failed call is counted under: a domain error's, CANCELLED when the call was cancelled (or
-    its stream closed), else INTERNAL."""
-    if isinstance(exc, ServiceError):
-        return exc.code
-    return "INTERNAL" if isinstance(exc, Exception) else "CANCELLED"
-
-
-async def _end_failed(context, method: str, exc: BaseException, code: str, where: str) -> None:
-    """End a call that failed: a cancellation goes on as it was raised; a domain error becomes its status
-    (logged at INFO, or WARNING when storage is the cause), anything else INTERNAL with an incident id (the
-    traceback in the log, never to the client)."""
-    if not isinstance(exc, Exception):
-        raise exc
-    if isinstance(exc, ServiceError):
-        level = logging.WARNING if code in ("UNAVAILABLE", "INTERNAL") else logging.INFO
-        log.log(level, "%s %s %s: %s", method, code, where or "-", exc.message)
-        status = status_for(exc)
-    else:
-        incident = uuid.uuid4().hex[:12]
-        log.error("%s INTERNAL incident=%s %s", method, incident, where or "-", exc_info=exc)
-        status = internal_status(incident)
-    await context.abort_with_status(status)
-
-
-class _Health(health.aio.HealthServicer):
-    """grpcio-health-checking's asyncio servicer, plus ``List`` (its own answers UNIMPLEMENTED, with a
-    traceback in the log): every service's status, as ``Check`` answers it, kept as the statuses are set."""
-
-    def __init__(self):
-        super().__init__()
-        self._statuses = {"": health_pb2.HealthCheckResponse.SERVING}
-        self._final = False
-
-    async def set(self, service: str, status) -> None:
-        if not self._final:
-            self._statuses[service] = status
-        await super().set(service, status)
-
-    async def enter_graceful_shutdown(self) -> None:
-        self._final = True
-        self._statuses = dict.fromkeys(self._statuses, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await super().enter_graceful_shutdown()
-
-    async def List(self, request, context) -> health_pb2.HealthListResponse:
-        return health_pb2.HealthListResponse(statuses={
-            name: health_pb2.HealthCheckResponse(status=status) for name, status in self._statuses.items()})
-
-
-# grpcio-reflection implements v1alpha only; v1 (grpc.reflection.v1.ServerReflection, what current grpcurl,
-# Postman and grpcui ask first) is the same protocol with the package renamed: identical messages, field
-# numbers and semantics, so the v1alpha servicer answers it, registered under the v1 name.
-REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
-
-
-def _enable_reflection(server, service_names: tuple[str, ...], guarded=None) -> None:
-    """Serve reflection as ``grpc.reflection.v1`` and ``v1alpha``, both listing ``service_names`` and
-    themselves; ``guarded(names)``: the servicer to use instead of the open one (admin credentials only)."""
-    names = service_names + (REFLECTION_V1, reflection.SERVICE_NAME)
-    servicer = guarded(names) if guarded is not None else reflection.aio.ReflectionServicer(names)
-    handler = grpc.stream_stream_rpc_method_handler(
-        servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
-    server.add_generic_rpc_handlers(tuple(grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": handler})
-                                          for name in (REFLECTION_V1, reflection.SERVICE_NAME)))
 
 
 @dataclasses.dataclass
@@ -248,93 +134,6 @@ class ServeConfig:
     oidc: dict | None = None        # OidcVerifier's arguments: issuer, audience, roles, client, refresh_interval
 
 
-def request_key(request) -> str:
-    """What an operator greps for: the idempotency key or the card of a request ("" when it has none)."""
-    receipt = getattr(request, "receipt", None)
-    if receipt is not None and (receipt.store or receipt.terminal or receipt.number):
-        key = f"receipt={receipt.store}/{receipt.terminal}/{receipt.number}"
-    else:
-        purchase = getattr(request, "purchase", None)
-        key = f"purchase={purchase.store}/{purchase.terminal}/{purchase.number}" if purchase is not None else ""
-    for field in ("refund_id", "operation_id", "request_id"):
-        value = getattr(request, field, "")
-        if value:
-            key += f" {field}={value}"
-    member = getattr(request, "member", None)
-    card = getattr(member, "card", "") or getattr(request, "card", "")
-    if card:
-        key += f" card={card}"
-    return key.strip()
-
-
-def _calculate_key(request: tuple[str, str, dict, bool]) -> str:
-    """``request_key`` of a decoded ``CalculateReceiptRequest`` (``(card, phone, receipt dict, fits)``)."""
-    card, _phone, receipt, _fits = request
-    key = ""
-    if receipt["store"] or receipt["terminal"] or receipt["number"]:
-        key = f"receipt={receipt['store']}/{receipt['terminal']}/{receipt['number']}"
-    if card:
-        key += f" card={card}"
-    return key.strip()
-
-
-# ---- request and response bytes -------------------------------------------------------------------------------
-
-def _message_decoder(request_cls):
-    full_name = request_cls.DESCRIPTOR.full_name
-
-    def decode(raw: bytes):
-        try:
-            return request_cls.FromString(raw)
-        except DecodeError:
-            raise InvalidArgument("", f"not a valid {full_name} message") from None
-    return decode
-
-
-def _serializing(fn):
-    def call(request) -> bytes:
-        return fn(request).SerializeToString()
-    return call
-
-
-def _dict_decoder(full_name: str):
-    """The request bytes of CalculateReceipt or ConfirmPurchase (both ``member = 1, receipt = 2``) straight to
-    ``(card, phone, receipt dict, fits)`` (the compiled codec; ``fits``: the strings need no storage check)."""
-    def decode(raw: bytes) -> tuple[str, str, dict, bool]:
-        try:
-            return decode_receipt_request(raw)
-        except ValueError:
-            raise InvalidArgument("", f"not a valid {full_name} message") from None
-    return decode
-
-
-_decode_calculate = _dict_decoder("loyalty.v1.CalculateReceiptRequest")
-_decode_confirm = _dict_decoder("loyalty.v1.ConfirmPurchaseRequest")
-
-
-# ---- the call's outcome ---------------------------------------------------------------------------------------
-
-# The level of a failed call's line: the server's trouble warns, the caller's is information.
-_ERROR_LEVELS = {"UNAVAILABLE": logging.WARNING, "INTERNAL": logging.WARNING}
-
-
-async def _abort(context: grpc.aio.ServicerContext, status: grpc.Status, rid: str) -> None:
-    """End the call with ``status``, its trailing metadata (rich details) and the request id together (an
-    abort's own trailers replace the ones set before)."""
-    await context.abort(status.code, status.details, tuple(status.trailing_metadata) + ((REQUEST_ID, rid),))
-
-
-def _log_call(level: int, method: str, code: str, elapsed: float, rid: str, context, key: str,
-              detail: str | None) -> None:
-    """The call's line (``logs``): in the text, and as fields for JSON."""
-    peer = context.peer()
-    duration_ms = round(elapsed * 1000, 3)
-    log.log(level, "%s %s %.2fms request_id=%s peer=%s %s%s", method, code, duration_ms, rid, peer, key or "-",
-            f": {detail}" if detail else "",
-            extra={"request_id": rid, "method": method, "code": code, "duration_ms": duration_ms, "peer": peer,
-                   "key": key, "detail": detail})
-
-
 # ---- the server -----------------------------------------------------------------------------------------------
 
 class LoyaltyServer:
@@ -353,7 +152,7 @@ class LoyaltyServer:
         cpu = config.cpu_threads or min(4, (os.cpu_count() or 1) + 1)
         self.cpu_pool = concurrent.futures.ThreadPoolExecutor(cpu, thread_name_prefix="loyalty-cpu")
         self.io_pool = concurrent.futures.ThreadPoolExecutor(config.io_threads, thread_name_prefix="loyalty-io")
-        self.health = _Health()
+        self.health = HealthWithList()
         self._probe: asyncio.Future | None = None       # the storage probe in flight (``_check_health``)
         self.port: int | None = None
         self._tasks: list[asyncio.Task] = []
@@ -386,10 +185,10 @@ class LoyaltyServer:
         if self.config.reflection == "off":
             return
         if self.gate is None or self.config.reflection == "open":
-            _enable_reflection(self.server, names)
+            enable_reflection(self.server, names)
             return
         from loyalty.server.security.edge import GuardedReflection
-        _enable_reflection(self.server, names, lambda all_names: GuardedReflection(all_names, self.gate,
+        enable_reflection(self.server, names, lambda all_names: GuardedReflection(all_names, self.gate,
                                                                                   self.io_pool))
 
     def _generic_handler(self, service_name: str, module) -> grpc.GenericRpcHandler:
@@ -403,13 +202,13 @@ class LoyaltyServer:
                 # No message objects at all: the compiled codec turns the bytes into the core's dicts and the
                 # answer dict into the response bytes; on the loop when nothing needs storage.
                 inline = None if os.environ.get("LOYALTY_CALCULATE_IN_POOL") else self._calculate_inline
-                handler = self._bytes_handler(f"{service_name}/{method.name}", _decode_calculate,
-                                              self._calculate_bytes, _calculate_key, pool, inline)
+                handler = self._bytes_handler(f"{service_name}/{method.name}", decode_calculate,
+                                              self._calculate_bytes, calculate_key, pool, inline)
             elif service_name == PROCESSING and method.name == "ConfirmPurchase" and hasattr(self.service,
                                                                                               "confirm_future"):
                 # The same codec; with group commit the call waits for its batch on the loop (no thread).
-                handler = self._bytes_handler(f"{service_name}/{method.name}", _decode_confirm,
-                                              self._confirm_bytes, _calculate_key, pool, self._confirm_inline)
+                handler = self._bytes_handler(f"{service_name}/{method.name}", decode_confirm,
+                                              self._confirm_bytes, calculate_key, pool, self._confirm_inline)
             else:
                 handler = self._make_handler(f"{service_name}/{method.name}",
                                              getattr(module, method.input_type.name),
@@ -454,7 +253,7 @@ class LoyaltyServer:
         for name, (request_cls, fn, streaming) in methods.items():
             if streaming:
                 handlers[name] = grpc.unary_stream_rpc_method_handler(
-                    self._stream_handler(f"{full_name}/{name}", _message_decoder(request_cls), fn, self.io_pool))
+                    self._stream_handler(f"{full_name}/{name}", message_decoder(request_cls), fn, self.io_pool))
             else:
                 handlers[name] = grpc.unary_unary_rpc_method_handler(
                     self._make_handler(f"{full_name}/{name}", request_cls, fn, self.io_pool))
@@ -486,17 +285,17 @@ class LoyaltyServer:
                 request = decode(raw)
                 chunks = chunks_of(request)
                 while True:
-                    pending = pool.submit(_bounded, until, principal, _next_chunk, chunks)
+                    pending = pool.submit(bounded, until, principal, next_chunk, chunks)
                     chunk = await asyncio.wrap_future(pending)
                     if chunk is None:
                         break
                     yield chunk.SerializeToString()
             except BaseException as exc:
-                code = _code_of(exc)
-                await _end_failed(context, method, exc, code, request_key(request) if request else "")
+                code = code_of(exc)
+                await end_failed(context, method, exc, code, request_key(request) if request else "")
             finally:
                 if chunks is not None:
-                    _close_when_done(pending, chunks)
+                    close_when_done(pending, chunks)
                 metrics.observe(method, code, time.perf_counter() - started)
 
         handler.__name__ = method
@@ -508,7 +307,7 @@ class LoyaltyServer:
         rpc = method.rsplit("/", 1)[-1]
         if rpc in audit.AUDITED_RPCS:           # admin changes: the call named for the audit log, refusals recorded
             fn = audit.audited(self.service.db, rpc, fn)
-        return self._bytes_handler(method, _message_decoder(request_cls), _serializing(fn), request_key, pool)
+        return self._bytes_handler(method, message_decoder(request_cls), serializing(fn), request_key, pool)
 
     def _bytes_handler(self, path: str, decode, call, describe, pool, inline=None):
         """The grpc.aio handler of the method ``path`` (``loyalty.v1.Processing/ConfirmPurchase``): with
@@ -563,15 +362,15 @@ class LoyaltyServer:
                     if response is not None:
                         return response if type(response) is bytes else await response
                 if traced:
-                    return await loop_holder[0].run_in_executor(pool, contextvars.copy_context().run, _bounded,
+                    return await loop_holder[0].run_in_executor(pool, contextvars.copy_context().run, bounded,
                                                                 until, principal, call, request)
-                return await loop_holder[0].run_in_executor(pool, _bounded, until, principal, call, request)
+                return await loop_holder[0].run_in_executor(pool, bounded, until, principal, call, request)
             except ServiceError as exc:
                 code, detail = exc.code, exc.message
                 if audit_refusals and request is None and code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-                    await loop_holder[0].run_in_executor(io_pool, _audit_refusal, self.service.db, method,
+                    await loop_holder[0].run_in_executor(io_pool, audit_refusal, self.service.db, method,
                                                          principal, decode, raw, code, detail)
-                await _abort(context, status_for(exc), rid)
+                await abort(context, status_for(exc), rid)
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise
@@ -581,14 +380,14 @@ class LoyaltyServer:
                 detail = f"incident={incident}"
                 log.exception("%s INTERNAL incident=%s request_id=%s %s", method, incident, rid,
                               (describe(request) if request else "") or "-", extra={"request_id": rid})
-                await _abort(context, internal_status(incident), rid)
+                await abort(context, internal_status(incident), rid)
             finally:
                 in_flight.dec()
                 elapsed = time.perf_counter() - started
                 metrics.observe(method, code, elapsed)
-                level = ok_level if code == "OK" else _ERROR_LEVELS.get(code, logging.INFO)
+                level = ok_level if code == "OK" else ERROR_LEVELS.get(code, logging.INFO)
                 if log.isEnabledFor(level):
-                    _log_call(level, method, code, elapsed, rid, context, describe(request) if request else "",
+                    log_call(level, method, code, elapsed, rid, context, describe(request) if request else "",
                               detail)
 
         handler.__name__ = method
@@ -695,187 +494,3 @@ def _gate(config: ServeConfig, service):
     oidc = OidcVerifier(**config.oidc) if config.oidc else None
     client_certificates = config.tls is not None and bool(config.tls.client_ca)
     return Gate(KeyRing(service.db, redis_url=config.redis_url), oidc, certificates=client_certificates)
-
-
-# ---- running it -----------------------------------------------------------------------------------------------
-
-def _open_service(config: ServeConfig):
-    from loyalty.server.processing import ProcessingService
-    # One group-commit batch in flight per process when several processes serve (each one per core): their
-    # batches already overlap each other; two per process then only made each batch smaller (in interleaved
-    # runs of benchmarks/server.py on 2 cores, 2 workers x 1 did ~15% more confirms than 2 x 2). One process
-    # alone keeps two, so that one batch is calculated while the other waits for its COMMIT.
-    threads = None
-    if config.workers > 1 and not os.environ.get("LOYALTY_CONFIRM_BATCH_THREADS"):
-        threads = 1
-    return ProcessingService.open(config.database_url, redis_url=config.redis_url, batch_threads=threads)
-
-
-def check_serving(config: ServeConfig) -> None:
-    """Refuse a configuration that must not serve (``InvalidArgument`` saying why): a non-loopback address
-    without authentication and TLS (unless ``insecure``), certificate files that do not load."""
-    from loyalty.server.security.edge import exposure_problem
-    problem = exposure_problem(config.host, auth_required=config.auth == "required", tls=config.tls is not None,
-                               insecure=config.insecure)
-    if problem:
-        raise InvalidArgument("--host", problem)
-    if config.tls is not None:
-        from loyalty.server.security import tls
-        tls.check(config.tls)
-
-
-async def run_server(config: ServeConfig, *, service=None, announce=None, worker: int = 0) -> None:
-    """Serve until SIGTERM / SIGINT, then shut down gracefully. ``announce(line)`` is called once listening."""
-    check_serving(config)
-    loop = asyncio.get_running_loop()
-    own_service = service is None
-    if own_service:
-        service = await loop.run_in_executor(None, _open_service, config)
-    server = LoyaltyServer(service, config)
-    stop = asyncio.Event()
-
-    def on_signal(signum):
-        if stop.is_set():
-            log.info("already shutting down (signal %s ignored)", signal.Signals(signum).name)
-            return
-        log.info("%s: shutting down, finishing calls in flight (grace %.0fs)",
-                 signal.Signals(signum).name, config.grace)
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
-    loop.add_signal_handler(signal.SIGHUP, server.reload_certificates)
-    try:
-        port = await server.start(config.metrics_port)
-        # What exists by now (the program snapshot, SQLAlchemy's, gRPC's and protobuf's machinery: about 100k
-        # objects) lives as long as the process: out of the cyclic collector's sight, a full collection no longer
-        # walks it (under load that blocked the event loop for ~50 ms at a time: CalculateReceipt's p99).
-        gc.freeze()
-        # A request allocates a few hundred containers (receipt and answer dicts) that die with it: at the
-        # default threshold (700) the young generation was collected every other request, and older ones
-        # often behind it. 50,000 keeps a young collection to a few milliseconds of work, a few times a
-        # second (CalculateReceipt against the echo server: about 0.68x -> 0.75x in interleaved runs).
-        gc.set_threshold(50_000, 20, 100)
-        if announce is not None:
-            announce(f"listening on {config.host}:{port}")
-        log.info("worker %d (pid %d) serving on %s:%d", worker, os.getpid(), config.host, port)
-        await stop.wait()
-    finally:
-        await server.stop()
-        if own_service:
-            service.close()
-        log.info("worker %d stopped", worker)
-
-
-def _worker_main(config: ServeConfig, worker: int, log_level: str) -> None:
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)      # a reload while starting: nothing to reload yet (not death)
-    configure_logging(log_level, config.log_format)
-    try:
-        asyncio.run(run_server(config, worker=worker))
-    except ServiceError as exc:
-        log.error("worker %d cannot start: %s", worker, exc.message)
-        sys.exit(1)
-
-
-def _reserve_port(host: str, port: int) -> socket.socket:
-    """Bind (without listening) a SO_REUSEPORT socket on the port the workers will share: it turns port 0 into
-    a real port, and holds that port against any process that does not opt into sharing it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    return sock
-
-
-@contextlib.contextmanager
-def _shared_metrics(config: ServeConfig):
-    """With ``--metrics-port``, the workers' metrics through the parent (``metrics``' multi-process mode): the
-    directory made ready before they start, the parent's HTTP server on the port; yields the workers' config
-    and what to call with a worker's pid when it exits. Everything is undone on the way out."""
-    if config.metrics_port is None:
-        yield config, lambda pid: None
-        return
-    from loyalty.server import metrics
-    path, made = metrics.prepare_multiprocess_dir()
-    try:
-        try:
-            http = metrics.serve_multiprocess(config.host, config.metrics_port, path)
-        except OSError as exc:
-            raise OSError(exc.errno, f"metrics port {config.metrics_port}: {exc.strerror or exc}") from None
-        log.info("metrics of all %d workers at http://%s:%d/metrics", config.workers, config.host,
-                 config.metrics_port)
-        try:
-            yield dataclasses.replace(config, metrics_shared=True), lambda pid: metrics.forget_process(pid, path)
-        finally:
-            http.shutdown()
-    finally:
-        if made:
-            os.environ.pop(metrics.MULTIPROC_ENV, None)
-            metrics.remove_multiprocess_dir(path)
-
-
-def _supervise(config: ServeConfig, announce, log_level: str) -> int:
-    reserved = _reserve_port(config.host, config.port)
-    config = dataclasses.replace(config, port=reserved.getsockname()[1], reuse_port=True)
-    try:
-        with _shared_metrics(config) as (config, exited):
-            return _run_workers(config, announce, log_level, exited)
-    finally:
-        reserved.close()
-
-
-def _run_workers(config: ServeConfig, announce, log_level: str, exited) -> int:
-    """Start ``config.workers`` processes, forward SIGTERM / SIGINT to them, wait for all; ``exited(pid)`` as
-    each ends."""
-    ctx = multiprocessing.get_context("spawn")
-    children = [ctx.Process(target=_worker_main, args=(config, i, log_level), name=f"loyalty-worker-{i}")
-                for i in range(config.workers)]
-    stopping = False
-
-    def signal_children(signum, _frame):
-        for child in children:
-            if child.pid and child.is_alive():
-                os.kill(child.pid, signum)
-
-    def forward(signum, _frame):
-        nonlocal stopping
-        stopping = True
-        signal_children(signum, _frame)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        for child in children:
-            child.start()           # SIGHUP is ignored here, and so in each child until its server takes it
-        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal_children)     # reload certificates
-        if announce is not None:
-            announce(f"listening on {config.host}:{config.port} ({config.workers} worker processes)")
-        rc = 0
-        alive = list(children)
-        while alive:
-            ready = multiprocessing.connection.wait([c.sentinel for c in alive])
-            for child in [c for c in alive if c.sentinel in ready]:
-                child.join()
-                alive.remove(child)
-                exited(child.pid)
-                if child.exitcode != 0 and not stopping:
-                    # A worker died on its own: stop the others and fail, so the supervisor (systemd, k8s)
-                    # restarts a whole, known-good set rather than a server quietly running on fewer workers.
-                    log.error("%s exited with %s: stopping the other workers", child.name, child.exitcode)
-                    rc = 1
-                    forward(signal.SIGTERM, None)
-        return rc
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def serve(config: ServeConfig, *, announce=None, log_level: str = "INFO") -> int:
-    """Run the server in the foreground until signalled; returns the process exit code."""
-    configure_logging(log_level, config.log_format)
-    check_serving(config)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)      # until the server takes it (reload), SIGHUP must not kill
-    if config.workers > 1:
-        import multiprocessing.connection  # noqa: F401  (wait)
-        return _supervise(config, announce, log_level)
-    asyncio.run(run_server(config, announce=announce))
-    return 0

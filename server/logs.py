@@ -6,7 +6,7 @@ the process and a counter: unique without a system call per request). The server
 metadata, errors included, so a client can quote it and an operator find the call.
 
 The call line (logger ``loyalty.server.grpc``) has the request id, the method, the status code, the duration,
-the peer and the request key the edge computes (``grpc_server.request_key``: receipt, purchase, operation or
+the peer and the request key the edge computes (``edge_calls.request_key``: receipt, purchase, operation or
 card; never a secret). Its level: WARNING for UNAVAILABLE and INTERNAL, INFO for the other errors and, with the
 access log on (the default), for OK calls; DEBUG for OK calls with ``--no-access-log``. Nothing from the
 metadata is logged but the request id: an ``authorization`` header never reaches the log. The access log costs a

@@ -7,6 +7,7 @@ revocable), so the ``keys`` commands send each once and say so when the answer i
 from __future__ import annotations
 
 from loyalty.server.grpc_register import register_servicer
+from loyalty.server.paging import page_of, paged
 from loyalty.v1 import security_pb2
 
 from .keys import ROTATION_GRACE_S, create_key, list_keys, redis_announcer, revoke_key, rotate_key
@@ -34,8 +35,10 @@ class KeysServicer:
         return security_pb2.CreatedKey(key=_info(row), secret=secret or "")
 
     def list_keys(self, request: security_pb2.ListKeysRequest) -> security_pb2.ListKeysResponse:
-        return security_pb2.ListKeysResponse(keys=[_info(row) for row in
-                                                   list_keys(self.db, include_revoked=request.include_revoked)])
+        page = page_of(request, "keys", (str, str))
+        rows, token = paged(list_keys(self.db, include_revoked=request.include_revoked), page,
+                            key=lambda row: (str(row["created_at"]), row["id"]))
+        return security_pb2.ListKeysResponse(keys=[_info(row) for row in rows], next_page_token=token)
 
     def revoke_key(self, request: security_pb2.KeyRef) -> security_pb2.KeyInfo:
         return _info(revoke_key(self.db, request.id, announce=self.announce))

@@ -187,10 +187,12 @@ def record(conn, rows: list[dict], purchase_id: int | None = None) -> None:
         conn.execute(insert(limit_breaches), [{"purchase_id": purchase_id, **row} for row in rows])
 
 
-def listing(conn, *, since: dt.datetime | None = None, limit: int = 100) -> list[dict]:
-    """The soft breaches recorded, newest first (at most ``limit``)."""
+def listing(conn, *, since: dt.datetime | None = None, limit: int = 100, before: int | None = None) -> list[dict]:
+    """The soft breaches recorded, newest first (at most ``limit``; ``before``: older than that id)."""
     c = limit_breaches.c
     stmt = select(limit_breaches).order_by(c.id.desc()).limit(limit)
     if since is not None:
         stmt = stmt.where(c.at >= since)
+    if before is not None:
+        stmt = stmt.where(c.id < before)
     return [dict(r._mapping) for r in conn.execute(stmt)]

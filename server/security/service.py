@@ -10,6 +10,7 @@ from loyalty.v1 import admin_pb2
 
 from ..timeutil import iso
 from ..runtime import Runtime
+from ..paging import encode_token, page_of
 from ..errors import InvalidArgument
 from . import audit, limits, privacy
 
@@ -54,9 +55,14 @@ class Security:
     def list_limit_breaches(self, request) -> admin_pb2.ListLimitBreachesResponse:
         """Confirms past a soft operation limit, newest first."""
         since = parse_since(request.since)
+        page = page_of(request, "limit_breaches", (int,))
         with self.rt.db.read() as conn:
-            rows = limits.listing(conn, since=since, limit=_page_size(request.limit, "limit"))
-        return admin_pb2.ListLimitBreachesResponse(breaches=[admin_pb2.LimitBreach(
+            rows = limits.listing(conn, since=since, limit=page.size + 1,
+                                  before=page.after[0] if page.after else None)
+        # newest first: the key that orders the pages is the id counted down
+        token = encode_token("limit_breaches", (rows[page.size - 1]["id"],)) if len(rows) > page.size else ""
+        rows = rows[:page.size]
+        return admin_pb2.ListLimitBreachesResponse(next_page_token=token, breaches=[admin_pb2.LimitBreach(
             id=r["id"], at=iso(r["at"]), limit=r["limit"], threshold=r["threshold"], value=r["value"],
             member_id=str(r["member_id"] or ""), card=r["card"] or "", store=r["store"], terminal=r["terminal"],
             number=r["number"], purchase_id=str(r["purchase_id"] or ""), receipt_date=r["receipt_date"].isoformat())
