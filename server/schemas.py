@@ -6,7 +6,7 @@ page generated from the same schemas (``docs/REFERENCE.md``; a test keeps the co
 - ``segment``: a segment's conditions tree, from ``segments/conditions.py``'s tables (leaves, operators,
   windows, bounds);
 - ``scenario``: one scenario (the program file's ``scenarios:`` holds a list of them), from
-  ``scenarios/definitions.py``'s tables (triggers and their options, steps and their arguments, conditions).
+  ``scenarios/vocabulary.py``'s tables (triggers and their options, steps and their arguments, conditions).
 
 A schema says what can be checked one value at a time (a key's existence, type, bounds, choices); the
 validators also check the rules between values (tiers exclude ``accrual.percent``, a goto's target exists,
@@ -21,7 +21,7 @@ from typing import Any
 from loyalty.core import program_fields as pf
 from loyalty.core.model import EFFECTS
 from loyalty.server.models import CHANNELS
-from loyalty.server.scenarios import definitions as sd
+from loyalty.server.scenarios import vocabulary as sd
 from loyalty.server.segments import conditions as sc
 from loyalty.server.segments.models import MESSAGE_KINDS
 
@@ -167,7 +167,7 @@ def segment_schema() -> dict:
             "$defs": {"condition": condition}}
 
 
-# ---- scenarios (scenarios/definitions.py) -------------------------------------------------------------------
+# ---- scenarios (scenarios/vocabulary.py) --------------------------------------------------------------------
 
 _TEXT = {"type": "string"}
 _NAMED = {"type": "string", "pattern": _NAME}

@@ -28,8 +28,9 @@ from loyalty.server.models import balances, events, members, program_versions, p
 from loyalty.server.segments.models import message_events
 
 from .common import backoff, claim, insert_ignore, load_member, member_values
-from .definitions import next_until, render
+from .definitions import next_until
 from .models import promo_codes, scenario_events, scenario_outbox, scenario_runs, scenario_step_log, scenarios
+from .vocabulary import render
 
 __all__ = ["Runner", "StepError", "MAX_STEP_ATTEMPTS", "log_rows"]
 

@@ -29,9 +29,9 @@ from loyalty.server.models import events, members
 from loyalty.server.segments.service import stored_membership
 
 from .common import claim, insert_ignore
-from .definitions import match_trigger
 from .engine import log_rows
 from .models import scenario_cursors, scenario_events, scenario_runs, scenario_segment_watch, scenarios
+from .triggers import match_trigger
 
 __all__ = ["intake", "emit_birthdays", "watch_segments", "emit_event", "GRACE"]
 

@@ -37,11 +37,10 @@ from loyalty.server.dialects import dialect_of
 from loyalty.server.errors import InvalidArgument
 from loyalty.server.limits import ID_LIMIT
 from loyalty.server.members import check_text, validate_ref
-from loyalty.server.models import cards, members, subscriptions
+from loyalty.server.models import CHANNELS, cards, members, subscriptions
 from loyalty.server.segments.models import MESSAGE_KINDS, message_events
 
 from .common import insert_ignore
-from .definitions import CHANNELS
 from .models import scenario_outbox
 
 __all__ = ["MAX_EVENTS", "EVENT_KEYS", "FUTURE_SLACK", "validate_event", "validate_batch", "record",

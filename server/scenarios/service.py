@@ -19,10 +19,11 @@ from loyalty.server.security import audit
 from . import batch as batches_mod
 from . import message_events as message_events_mod
 from .common import insert_ignore, utcnow
-from .definitions import parse_duration, parse_scenario, parse_scenarios
+from .definitions import parse_scenario, parse_scenarios
 from .models import (
     promo_codes, scenario_cursors, scenario_events, scenario_outbox, scenario_runs, scenario_step_log, scenarios,
 )
+from .vocabulary import parse_duration
 
 __all__ = ["ScenarioService"]
 
@@ -291,7 +292,7 @@ class ScenarioService:
 
     def add_promo_codes(self, pool: str, codes) -> dict:
         """Add codes to a pool (codes already there are ignored); returns added and what is left unissued."""
-        from .definitions import _name
+        from .vocabulary import _name
         _name(pool, "pool")
         clean = []
         for i, c in enumerate(codes):
