@@ -101,11 +101,16 @@ class SegmentsServicer:
         return segments_pb2.CountResponse(count=self.segments.count(request.id))
 
     def preview_members(self, request):
+        """A page of the members by id (``limit`` or ``page_size``, 20 by default), resumable with
+        ``next_page_token``."""
         columns = list(request.columns) or None
-        rows = self.segments.preview(request.id, columns, request.limit or 20)
-        cols = list(rows[0]) if rows else (columns or list(self.segments._columns(None)))
-        return segments_pb2.PreviewResponse(columns=cols, rows=[
-            segments_pb2.PreviewRow(values=[iso(r[c]) for c in cols]) for r in rows])
+        page = page_of(request, "segment_members", (int,), default=20)
+        rows = self.segments.preview_page(request.id, columns, page.size + 1,
+                                          after=None if page.after is None else page.after[0])
+        cols = self.segments._columns(columns)
+        return segments_pb2.PreviewResponse(
+            columns=cols, rows=[segments_pb2.PreviewRow(values=[iso(r[c]) for c in cols]) for _, r in rows[:page.size]],
+            next_page_token=page.token(rows, key=lambda r: (r[0],)))
 
     def export_members(self, request):
         out = io.StringIO()

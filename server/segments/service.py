@@ -28,7 +28,7 @@ import logging
 from typing import Any, Iterable, Iterator
 
 from pyroaring import BitMap
-from sqlalchemy import exists, func, insert, select, update
+from sqlalchemy import and_, exists, func, insert, select, update
 
 from loyalty.server.db import Database
 from loyalty.server.errors import InvalidArgument, NotFound
@@ -51,19 +51,18 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "loyalty:membership"
 
-# column name -> SQL expression, for preview and export ("configurable columns")
+# column name -> SQL expression, for preview and export ("configurable columns"). The subqueries correlate to
+# ``members`` alone: a segment whose conditions join ``balances`` must not make them read the outer row's.
 PREVIEW_COLUMNS: dict[str, Any] = {
     "member_id": members.c.id, "phone": members.c.phone, "first_name": members.c.first_name,
     "last_name": members.c.last_name, "gender": members.c.gender, "birth_date": members.c.birth_date,
     "email": members.c.email, "city": members.c.city, "source": members.c.source,
     "registered_at": members.c.registered_at,
     "card": select(cards.c.number).where(cards.c.member_id == members.c.id).order_by(
-        (cards.c.status == "active").desc(), cards.c.id.desc()).limit(1).scalar_subquery(),
-    "tier": select(balances.c.tier).where(balances.c.member_id == members.c.id).scalar_subquery(),
-    "active_points": select(balances.c.active).where(balances.c.member_id == members.c.id).scalar_subquery(),
-    "pending_points": select(balances.c.pending).where(balances.c.member_id == members.c.id).scalar_subquery(),
-    "purchases_sum": select(balances.c.purchases_sum).where(balances.c.member_id == members.c.id)
-    .scalar_subquery(),
+        (cards.c.status == "active").desc(), cards.c.id.desc()).limit(1).correlate(members).scalar_subquery(),
+    **{name: select(column).where(balances.c.member_id == members.c.id).correlate(members).scalar_subquery()
+       for name, column in (("tier", balances.c.tier), ("active_points", balances.c.active),
+                            ("pending_points", balances.c.pending), ("purchases_sum", balances.c.purchases_sum))},
 }
 DEFAULT_COLUMNS = ("member_id", "card", "first_name", "last_name", "gender", "city", "tier", "active_points")
 
@@ -133,14 +132,23 @@ class SegmentService(Definitions, Calculation, StaticMembership, Tags):
 
     def preview(self, target: str, columns: Iterable[str] | None = None, limit: int = 20) -> list[dict]:
         """The first ``limit`` members (by id) with the chosen columns (``PREVIEW_COLUMNS``)."""
-        cols = self._columns(columns)
         if not 1 <= limit <= 10000:
             raise InvalidArgument("limit", "from 1 to 10000")
+        return [row for _, row in self.preview_page(target, columns, limit)]
+
+    def preview_page(self, target: str, columns: Iterable[str] | None, size: int,
+                     after: int | None = None) -> list[tuple[int, dict]]:
+        """At most ``size`` members with ids above ``after`` (None: from the first), by id: each as
+        ``(member id, {column: value})`` with the chosen columns (``PREVIEW_COLUMNS``). The id is the page's
+        key whether or not ``member_id`` is among the columns."""
+        cols = self._columns(columns)
         with self.db.read() as conn:
             where, src = self._predicate(conn, target)
-            rows = conn.execute(select(*[PREVIEW_COLUMNS[c].label(c) for c in cols]).select_from(src)
-                                .where(where).order_by(members.c.id).limit(limit)).all()
-        return [dict(zip(cols, r)) for r in rows]
+            if after is not None:
+                where = and_(where, members.c.id > after)
+            rows = conn.execute(select(members.c.id, *[PREVIEW_COLUMNS[c].label(c) for c in cols])
+                                .select_from(src).where(where).order_by(members.c.id).limit(size)).all()
+        return [(r[0], dict(zip(cols, r[1:]))) for r in rows]
 
     def export_csv(self, target: str, out, columns: Iterable[str] | None = None, *,
                    progress: Progress | None = None) -> int:
