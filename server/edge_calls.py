@@ -31,7 +31,8 @@ def bounded(until: float, principal, call, request):
 
 
 def audit_refusal(db, rpc: str, principal, decode, raw: bytes, code: str, detail: str) -> None:
-    """The audit row of an admin call refused for its credential (before its request was read)."""
+    """The audit row of an admin call refused before its service function was reached: for its credential,
+    or because ``raw`` is not its request (then recorded by the bytes' sha256 alone)."""
     try:
         request = decode(raw)
     except Exception:  # noqa: BLE001 - bytes that are not the request: recorded by their digest alone

@@ -337,13 +337,15 @@ class LoyaltyServer:
         store_of = STORE_OF.get(method) if service_name == PROCESSING else None
         gate = self.gate
         io_pool = self.io_pool
-        # an audited call refused for its credential (missing, unknown, without the scope) is recorded too
+        # an audited call refused before its service function (a credential missing, unknown or without the
+        # scope; bytes that are not the request) is recorded here; refusals after it, by ``audit.audited``
         audit_refusals = gate is not None and method in audit.AUDITED_RPCS
 
         async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
             started = time.perf_counter()
             code = "OK"
             detail = request = None
+            reached = False
             principal = LOCAL
             rid = request_id(context.invocation_metadata())
             context.set_trailing_metadata(((REQUEST_ID, rid),))
@@ -364,6 +366,7 @@ class LoyaltyServer:
                 request = decode(raw)
                 if store_of is not None and principal.stores:
                     authorize_store(principal, *store_of(request))
+                reached = True
                 if inline is not None:
                     with db_deadline(until), acting_as(principal):
                         response = inline(request)
@@ -375,7 +378,7 @@ class LoyaltyServer:
                 return await loop_holder[0].run_in_executor(pool, bounded, until, principal, call, request)
             except ServiceError as exc:
                 code, detail = exc.code, exc.message
-                if audit_refusals and request is None and code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+                if audit_refusals and not reached and code != "UNAVAILABLE":
                     await loop_holder[0].run_in_executor(io_pool, audit_refusal, self.service.db, method,
                                                          principal, decode, raw, code, detail)
                 await abort(context, status_for(exc), rid)

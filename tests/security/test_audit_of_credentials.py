@@ -3,6 +3,8 @@ calls refused for their credential (none, or one without the scope) are recorded
 tried, with nothing else written (issue 13: "refused admin calls are audited")."""
 from __future__ import annotations
 
+import hashlib
+
 import grpc
 
 from helpers.security import expect_status, rows
@@ -51,3 +53,22 @@ def test_reading_the_audit_log_needs_admin(secured):
     reader = secured.key("read", name="auditor-read")
     with secured.client(api_key=reader) as client, expect_status("PERMISSION_DENIED", "ListAudit"):
         client.list_audit(admin_pb2.ListAuditRequest())
+
+
+def test_an_admin_call_whose_bytes_are_not_its_request_is_refused_and_recorded(secured):
+    """An admin with a good key sends AdjustPoints bytes that do not decode: INVALID_ARGUMENT, nothing written,
+    and a row naming the admin, the status and the bytes' sha256 (there is no request to digest)."""
+    admin = secured.key("admin", name="ops-garbled")
+    garbage = b"\x0a\xff\xff\xff"               # field 1, length-delimited, a length running past the end
+    with grpc.insecure_channel(secured.server.target) as channel:
+        adjust = channel.unary_unary("/loyalty.v1.Processing/AdjustPoints")
+        try:
+            adjust(garbage, metadata=(("authorization", f"Bearer {admin}"),), timeout=30)
+            raise AssertionError("undecodable bytes were accepted")
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+            assert "loyalty.v1.AdjustPointsRequest" in err.details()
+    recorded = rows(secured.url, "SELECT actor, rpc, target, digest, outcome FROM audit_log "
+                                 "WHERE actor = 'ops-garbled'")
+    assert recorded == [{"actor": "ops-garbled", "rpc": "AdjustPoints", "target": "",
+                         "digest": hashlib.sha256(garbage).hexdigest(), "outcome": "INVALID_ARGUMENT"}]
