@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 class Slot:
     """One request in a batch: ``item`` in, ``value`` or ``error`` out."""
 
-    __slots__ = ("item", "key", "deadline", "value", "error", "done", "_event", "_callback")
+    __slots__ = ("item", "key", "deadline", "value", "error", "done", "origin", "_event", "_callback")
 
     def __init__(self, item, callback=None, deadline: float | None = None):
         self.item = item
@@ -40,6 +40,7 @@ class Slot:
         self.value = None
         self.error: BaseException | None = None
         self.done = False
+        self.origin = None                              # what ``Batcher.capture`` took in the submitting thread
         self._callback = callback                       # called with the slot once answered (no waiting)
         self._event = threading.Event() if callback is None else None
 
@@ -78,6 +79,10 @@ class Batcher:
         self.items = 0
         self._last = 0              # the size of the batch taken last: 1 (or 0) means no load, take at once
         self.on_batch = None        # on_batch(n) for every batch of n taken (the metrics), under the lock
+        # traces: ``capture()`` in the submitting thread (its span's context, kept in ``slot.origin``), and
+        # ``around(batch)``, a context manager entered around running a batch (a span linked to those)
+        self.capture = None
+        self.around = None
         self._threads = [threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True)
                          for i in range(max(1, threads))]
         for t in self._threads:
@@ -99,6 +104,8 @@ class Batcher:
         self._put(Slot(item, callback, deadline))
 
     def _put(self, slot: Slot) -> None:
+        if self.capture is not None:
+            slot.origin = self.capture()
         if self._key is not None:
             slot.key = self._key(slot.item)
         with self._cond:
@@ -183,7 +190,11 @@ class Batcher:
             if batch is None:
                 return
             try:
-                self._run(batch)
+                if self.around is None:
+                    self._run(batch)
+                else:
+                    with self.around(batch):
+                        self._run(batch)
             except BaseException as exc:  # noqa: BLE001 - every waiter must be woken, whatever happened
                 log.exception("batch of %d failed", len(batch))
                 for slot in batch:

@@ -167,6 +167,7 @@ class LoyaltyServer:
         interceptors = [] if tracing is None else tracing.interceptors()
         if tracing is not None:
             tracing.watch_storage()
+            service.trace_group_commit(*tracing.batch_hooks())
         self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs,
                                       interceptors=interceptors)
         self.gate = _gate(config, service) if config.auth == "required" else None

@@ -9,8 +9,11 @@ What a trace of a call holds:
 - ``storage``: every database transaction, BEGIN to COMMIT or ROLLBACK (SQLAlchemy's connection events, on every
   engine of the process; attributes ``db.system`` and ``db.outcome``), a child of the span current in the thread
   that began it. The edge carries the call's context into the pool thread that runs it, so a confirm's
-  transaction is a child of its ``confirm``. One exception: with group commit (PostgreSQL) a batch's transaction
-  serves many confirms and runs on the batcher's thread, so it is a trace of its own.
+  transaction is a child of its ``confirm``;
+- ``confirm_batch``: with group commit (PostgreSQL) one transaction serves many confirms on the batcher's thread,
+  so it cannot be the child of each: it runs under a ``confirm_batch`` span (attribute ``batch.size``) that
+  links to the ``confirm`` span of every confirm in the batch; its ``storage`` span is its child. A trace
+  viewer follows the links from the batch to the confirms it wrote.
 
 Export: OTLP over gRPC (``opentelemetry-exporter-otlp-proto-grpc``; endpoint, headers and the service name from the
 standard ``OTEL_*`` variables), through a batching processor, so a call never waits for the collector. Tests
@@ -82,6 +85,21 @@ class Tracing:
 
         traced_handler.__name__ = handler.__name__
         return traced_handler
+
+    def batch_hooks(self) -> tuple:
+        """``(capture, around)`` for a ``Batcher``: ``capture()`` takes the submitting thread's span context;
+        ``around(batch)`` is the ``confirm_batch`` span, linked to the valid ones among them."""
+        from opentelemetry import trace
+        tracer = self.tracer
+
+        def capture():
+            return trace.get_current_span().get_span_context()
+
+        def around(batch):
+            links = [trace.Link(s.origin) for s in batch if s.origin is not None and s.origin.is_valid]
+            return tracer.start_as_current_span("confirm_batch", links=links,
+                                                attributes={"batch.size": len(batch)})
+        return capture, around
 
     # ---- storage spans --------------------------------------------------------------------------------------
 

@@ -97,6 +97,9 @@ class ProcessingService:
     def watch_group_commit(self, make_on_batch) -> None:
         self.confirmation.watch_group_commit(make_on_batch)
 
+    def trace_group_commit(self, capture, around) -> None:
+        self.confirmation.trace_group_commit(capture, around)
+
     def refund_purchase(self, request):
         return self.refunds.refund_purchase(request)
 

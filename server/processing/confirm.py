@@ -132,6 +132,13 @@ class Confirmation:
         if self.batcher is not None:
             self.batcher.on_batch = make_on_batch()
 
+    def trace_group_commit(self, capture, around) -> None:
+        """With group commit, the batcher's trace hooks (``Batcher.capture`` / ``Batcher.around``): a batch's
+        transaction runs under a span linked to the spans of the confirms it serves. Without, nothing: each
+        confirm's transaction is already a child of its own span."""
+        if self.batcher is not None:
+            self.batcher.capture, self.batcher.around = capture, around
+
     def confirm_future(self, card: str, phone: str, receipt: dict, *,
                        fits: bool = False) -> concurrent.futures.Future | None:
         """``confirm_answer`` without a thread waiting for it, for an asyncio edge

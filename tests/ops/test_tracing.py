@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import grpc
+import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
@@ -21,16 +22,20 @@ RECEIPT = {"store": "msk-01", "terminal": "pos-t", "number": "t-1", "at": now_at
            "lines": [{"sku": "milk-1l", "categories": ["dairy"], "quantity": 1000, "price": 8990}]}
 
 
-def _serve_and_call(service, url: str, tracing: Tracing, *requests) -> None:
-    """An in-process server with ``tracing``; each ``(method, request)`` called once over a real channel."""
+def _serve_and_call(service, url: str, tracing: Tracing, *requests, together: bool = False) -> None:
+    """An in-process server with ``tracing``; each ``(method, request)`` called once over a real channel, one
+    after the other or, ``together``, all at once."""
     async def main():
         server = LoyaltyServer(service, ServeConfig(database_url=url, port=0), tracing=tracing)
         port = await server.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stub = processing_pb2_grpc.ProcessingStub(channel)
-                for method, request in requests:
-                    await getattr(stub, method)(request, timeout=10)
+                if together:
+                    await asyncio.gather(*(getattr(stub, m)(request, timeout=10) for m, request in requests))
+                else:
+                    for method, request in requests:
+                        await getattr(stub, method)(request, timeout=10)
         finally:
             await server.stop(0)
     asyncio.run(main())
@@ -54,6 +59,32 @@ def test_a_confirm_is_a_server_span_a_confirm_span_and_storage_spans_in_one_trac
     assert all(s.attributes["db.system"] == "sqlite" for s in storage)
     assert "commit" in {s.attributes["db.outcome"] for s in storage}      # the purchase was written
     assert all(server.start_time <= s.start_time and s.end_time <= server.end_time for s in trace)
+
+
+@pytest.mark.postgres
+def test_a_group_commit_is_a_batch_span_linked_to_every_confirm_it_wrote(postgres_service):
+    """On PostgreSQL 12 confirms sent at once are written by group commit: each batch's transaction (a
+    ``storage`` span) is a child of a ``confirm_batch`` span whose links are the ``confirm`` spans of exactly
+    the confirms it wrote, so every confirm is reachable from one batch and the sizes add up to 12."""
+    service, url = postgres_service
+    exporter = InMemorySpanExporter()
+    _serve_and_call(service, url, Tracing(exporter), *[
+        ("ConfirmPurchase", processing_pb2.ConfirmPurchaseRequest(receipt={**RECEIPT, "number": f"g-{i}"}))
+        for i in range(12)], together=True)
+    spans = exporter.get_finished_spans()
+    confirms = {s.context.span_id: s for s in spans if s.name == "confirm"}
+    batches = [s for s in spans if s.name == "confirm_batch"]
+    assert len(confirms) == 12 and batches
+    linked = [link.context.span_id for b in batches for link in b.links]
+    assert sorted(linked) == sorted(confirms)                      # every confirm once, nothing else
+    assert sum(b.attributes["batch.size"] for b in batches) == 12
+    for b in batches:
+        assert {link.context.trace_id for link in b.links} == {confirms[link.context.span_id].context.trace_id
+                                                               for link in b.links}
+        storage = [s for s in spans if s.name == "storage" and s.parent is not None
+                   and s.parent.span_id == b.context.span_id]
+        assert [s.attributes["db.outcome"] for s in storage] == ["commit"]
+        assert storage[0].attributes["db.system"] == "postgresql"
 
 
 def test_a_calculate_has_its_span_under_the_server_span_and_other_methods_only_the_server_span(sqlite_service):
