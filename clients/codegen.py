@@ -11,8 +11,8 @@ What is generated, for each RPC ``Name`` (``snake`` = ``name``):
 
 - ``SyncMethods.snake(request=None, /, *, <fields>, timeout=None, retries=None) -> Response`` and the same
   ``async def`` on ``AsyncMethods``; a server-streaming RPC returns an iterator of its messages instead;
-- for a paged RPC (the request has ``page_token``, the response ``next_page_token`` and one repeated field of
-  items), ``iter_<what>`` (``list_segments`` -> ``iter_segments``) yielding the items of every page;
+- for a paged RPC (the request has ``page_token``, the response ``next_page_token`` and one repeated message
+  field, its items), ``iter_<what>`` (``list_segments`` -> ``iter_segments``) yielding the items of every page;
 - ``SERVICES``: each service's full name and the ``*_pb2`` module that describes it, which
   ``loyalty.clients.rpcs`` reads to build its table of RPCs.
 """
@@ -115,7 +115,8 @@ class _Method:
         self.kwargs = [(f.name, types.annotation(f)) for f in fields
                        if f.name not in RESERVED and not keyword.iskeyword(f.name)]
         response = types.messages[method.output_type]
-        repeated = [f for f in response.field if f.label == FDP.LABEL_REPEATED]
+        # the items: the one repeated message field (PreviewMembers' ``rows`` beside its ``columns``)
+        repeated = [f for f in response.field if f.label == FDP.LABEL_REPEATED and f.type == FDP.TYPE_MESSAGE]
         paged = (any(f.name == PAGE_TOKEN for f in fields) and len(repeated) == 1
                  and any(f.name == NEXT_PAGE_TOKEN for f in response.field))
         self.items = (repeated[0].name, types.python[repeated[0].type_name]) if paged else None

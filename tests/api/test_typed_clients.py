@@ -61,7 +61,7 @@ def test_every_rpc_has_a_typed_method_on_both_clients(module, service, method):
 def test_paged_lists_get_an_iterator_and_the_export_streams():
     assert {n for n in dir(LoyaltyClient) if n.startswith("iter_")} == {
         "iter_program_versions", "iter_segments", "iter_history", "iter_changes", "iter_scenarios",
-        "iter_dead_letters", "iter_audit", "iter_limit_breaches", "iter_keys"}
+        "iter_dead_letters", "iter_audit", "iter_limit_breaches", "iter_keys", "iter_preview_members"}
     assert typing.get_type_hints(LoyaltyClient.iter_segments)["return"] == Iterator[segments_pb2.Segment]
     assert typing.get_type_hints(AsyncLoyaltyClient.iter_segments)["return"] == \
         AsyncIterator[segments_pb2.Segment]
@@ -133,6 +133,17 @@ def test_segments_come_page_by_page_in_id_order_without_repeats(server):
         walked = _names(client.iter_segments(page_size=2))
     assert walked == before
     assert [s for s in walked if s.startswith("page-")] == sorted(ids)
+
+
+def test_a_segments_members_walk_every_preview_page_by_id(server):
+    with LoyaltyClient(server.target) as client:
+        cards = [f"77{n:05d}" for n in (41, 7, 23, 3, 9)]
+        members = [int(client.enroll_member(card=card, request_id=f"preview-{card}").member_id) for card in cards]
+        client.create_segment(id="preview-walk", type="static", title="preview walk")
+        client.add_members(id="preview-walk", members=cards, actor="typed-test")
+        rows = list(client.iter_preview_members(id="preview-walk", columns=["member_id", "card"], page_size=2))
+    assert [r.values[0] for r in rows] == [str(m) for m in sorted(members)]
+    assert sorted(r.values[1] for r in rows) == sorted(cards)
 
 
 def test_the_last_page_has_no_token_and_a_bad_token_or_size_names_the_field(server):
