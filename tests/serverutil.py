@@ -96,8 +96,9 @@ def _run(module: str, name: str, args, env, timeout, cwd) -> subprocess.Complete
 
 def start_server(tmp_path: pathlib.Path, *, database_url: str | None = None, workers: int = 1,
                  args: tuple = (), timeout: float = 60.0, client_options: dict | None = None,
-                 prefix: tuple = ()) -> ServerProcess:
-    """``loyalty serve --port 0`` (demo seeded) in a subprocess; returns once it is SERVING. ``client_options``:
+                 prefix: tuple = (), every_worker: bool = True) -> ServerProcess:
+    """``loyalty serve --port 0`` (demo seeded) in a subprocess; returns once it is SERVING (and, with several
+    ``workers`` and ``every_worker``, once each has said it serves). ``client_options``:
     the ``LoyaltyClient`` keywords its clients need (``tls_ca=`` when ``args`` turn TLS on). ``prefix``: a
     command to run it under (``ip netns exec NAME``: on another network host)."""
     data_dir = tmp_path / f"data-{uuid.uuid4().hex[:6]}"
@@ -125,6 +126,14 @@ def start_server(tmp_path: pathlib.Path, *, database_url: str | None = None, wor
                            client_options)
     with server.client() as client:
         client.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
+    # one worker answering is not all of them: on a loaded machine the others may still be starting, and a test
+    # of "every worker" would then talk to one
+    expected = range(workers if workers > 1 and every_worker else 0)
+    while not all(f"worker {i} (pid" in server.log() for i in expected):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"not every one of {workers} workers started:\n{server.log()}")
+        time.sleep(0.05)
     return server
 
 
