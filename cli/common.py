@@ -232,9 +232,11 @@ def seed_demo(url: str) -> dict:
 
 def demo_summary(seeded: dict) -> str:
     """One line of what ``seed_demo`` did."""
-    version = seeded.get("program_version")
+    version, live = seeded.get("program_version"), seeded.get("program_live")
     created = seeded.get("members_created") or []
-    return (f"demo: program {f'published as version {version}' if version else 'already live'}, "
+    program = (f"program published as version {version}" if version else
+               f"program not published (version {live}, another program, is live)" if live else "program already live")
+    return (f"demo: {program}, "
             f"{len(created)} member(s) created (cards 7000001-7000005)")
 
 

@@ -101,7 +101,8 @@ def serve_command(host, port, database_url, redis_url, workers, demo, metrics_po
                          **security_config(host, security))
     call(check_serving, config)     # before anything is written: a refused start changes nothing
     url = config.database_url = resolve_url(database_url, migrate=True)
-    if demo if demo is not None else not database_url:
+    # the demo by default only on a new embedded database: a restart must not re-seed what was changed since
+    if demo or (demo is None and not database_url and not call(_published, url)):
         click.echo(demo_summary(seed_demo(url)))
     click.echo(f"database: {display_url(url)}")
     if not call(_published, url):
@@ -178,7 +179,8 @@ def register(group: click.Group) -> None:
     @click.option("--workers", default=1, show_default=True, type=int,
                   help="Processes sharing the port (SO_REUSEPORT).")
     @click.option("--demo/--no-demo", default=None,
-                  help="Seed the demo program and members [default: on with the embedded database].")
+                  help="Seed the demo program (when none is published) and members [default: on with a new "
+                       "embedded database].")
     @click.option("--metrics-port", type=int, default=None,
                   help="Serve Prometheus metrics at http://HOST:PORT/metrics (with --workers: the parent serves "
                        "every worker's, summed); without it a summary is logged every minute.")

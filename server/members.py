@@ -28,7 +28,7 @@ from .limits import (AT_LIMIT, CUSTOM_NAME_LIMIT, CUSTOM_VALUE_LIMIT, DATE_LIMIT
 from .models import CHANNELS, SOURCES, balances, cards, members, point_lots, promotion_usage, subscriptions
 
 __all__ = ["MemberContext", "ContextCache", "find_member", "load_usage", "tier_for",
-           "effective_tier", "period_key", "validate_ref", "check_pair", "normalize_phone", "check_phone",
+           "effective_tier", "period_key", "validate_ref", "check_card", "ERASED_PREFIX", "check_pair", "normalize_phone", "check_phone",
            "validate_enroll", "validate_update", "check_text", "CONTEXT_TTL"]
 
 CONTEXT_TTL = 2.0
@@ -91,6 +91,19 @@ def check_phone(path: str, raw: str) -> str:
     return phone
 
 
+# The card number an erasure leaves (``security.privacy.erased_marker``): no request may name a card so.
+ERASED_PREFIX = "erased:"
+
+
+def check_card(path: str, card: str) -> str:
+    """A card number a request carries (already stripped): its length and characters as any identifier, and
+    not an erased card's marker."""
+    check_text(path, card, ID_LIMIT)
+    if card[:len(ERASED_PREFIX)].lower() == ERASED_PREFIX:
+        raise InvalidArgument(path, f"{ERASED_PREFIX!r} marks an erased card: no card is numbered so")
+    return card
+
+
 def validate_ref(ref, path: str = "member", *, required: bool = False) -> tuple | None:
     """The member reference of a ``MemberRef``: ``("card", number)``, ``("phone", normalized)``, or with both
     ``("card", number, phone)``, which the lookup (``find_member``, ``check_pair``) accepts only when the phone
@@ -98,7 +111,7 @@ def validate_ref(ref, path: str = "member", *, required: bool = False) -> tuple 
     card = ref.card.strip() if ref is not None else ""
     phone = normalize_phone(ref.phone) if ref is not None else ""
     if card:
-        check_text(f"{path}.card", card, ID_LIMIT)
+        check_card(f"{path}.card", card)
     if phone:
         phone = check_phone(f"{path}.phone", ref.phone)
     if card:
@@ -187,7 +200,7 @@ def validate_enroll(request) -> dict:
     card = request.card.strip()
     if not card:
         raise InvalidArgument("card", "required")
-    check_text("card", card, ID_LIMIT)
+    check_card("card", card)
     phone = check_phone("phone", request.phone) if normalize_phone(request.phone) else None
     source = request.source or "api"
     if source not in SOURCES:

@@ -41,16 +41,20 @@ DEMO_CARDS = tuple(m[0] for m in _MEMBERS)
 
 
 def seed_demo(service) -> dict:
-    """Publish the demo program (unless a program with the same text is already current) and create the
-    demo members (skipping those that exist). Safe to run any number of times. Returns what it did."""
+    """Publish the demo program when no program has been published yet (a live program, the operator's, is
+    never replaced by the demo's) and create the demo members (skipping those that exist). Safe to run any
+    number of times. Returns what it did: ``program_version`` (published now, or None) and, when another
+    program is live, its version as ``program_live``."""
     text = DEMO_PROGRAM_PATH.read_text(encoding="utf-8")
-    published = None
+    published = live = None
     with service.db.read() as conn:
-        current = conn.execute(select(program_versions.c.yaml).order_by(program_versions.c.version.desc())
-                               .limit(1)).scalar()
-    if current != text:
+        current = conn.execute(select(program_versions.c.version, program_versions.c.yaml)
+                               .order_by(program_versions.c.version.desc()).limit(1)).first()
+    if current is None:
         published = service.publish_program(
             admin_pb2.PublishProgramRequest(yaml=text, comment="demo program")).version
+    elif current.yaml != text:
+        live = current.version
     created = []
     for (card, phone, first, last, gender, birth, city, subs, status, points, purchases_sum) in _MEMBERS:
         with service.db.read() as conn:
@@ -81,4 +85,4 @@ def seed_demo(service) -> dict:
                                                                         reason="demo"))
         created.append(card)
     service.contexts.clear()
-    return {"program_version": published, "members_created": created}
+    return {"program_version": published, "program_live": live, "members_created": created}

@@ -13,7 +13,7 @@ from .. import ledger
 from ..dialects import dialect_of
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ..limits import ID_LIMIT, KEY_LIMIT, REASON_LIMIT
-from ..members import check_text, find_member, validate_enroll, validate_ref, validate_status, validate_update
+from ..members import check_card, check_text, find_member, validate_enroll, validate_ref, validate_status, validate_update
 from ..models import balances, cards, member_updates, members, operations, subscriptions
 from ..security import audit
 from ..segments.service import bump_membership_version
@@ -308,9 +308,10 @@ class Accounts:
     def set_card_status(self, request) -> processing_pb2.Member:
         """Change a card's status. Leaving ``active`` switches every subscription off and remembers which
         were on; returning to ``active`` restores exactly those. Emits ``card_status_changed``."""
-        card = check_text("card", request.card.strip(), ID_LIMIT)
+        card = request.card.strip()
         if not card:
             raise InvalidArgument("card", "required")
+        check_card("card", card)
         status = validate_status(request.status)
         check_text("reason", request.reason, REASON_LIMIT)
         member_id = self.rt.db.run_write(self._status_tx, card, status, request.reason)

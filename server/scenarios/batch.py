@@ -33,6 +33,7 @@ from sqlalchemy import bindparam, func, insert, literal, select, text, update
 from loyalty.server.dialects import DialectOps, dialect_of
 from loyalty.server.errors import AlreadyExists, InvalidArgument, NotFound
 from loyalty.server.limits import REASON_LIMIT
+from loyalty.server.members import check_card
 from loyalty.server.models import UTCDateTime, cards, members
 from loyalty.server.security import audit
 
@@ -127,6 +128,7 @@ def _resolve(conn, refs) -> list[int]:
         elif isinstance(ref, str) and ref.startswith("id:") and ref[3:].isdigit():
             ids.add(int(ref[3:]))
         elif isinstance(ref, str) and ref.strip():
+            check_card(f"target.members[{i}]", ref.strip())       # an erased card's marker names no one
             cards_wanted[ref.strip()] = i
         else:
             raise InvalidArgument(f"target.members[{i}]", f"a member id or a card number, got {ref!r}")

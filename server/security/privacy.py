@@ -28,7 +28,7 @@ from sqlalchemy import insert, select, update
 
 from ..errors import InvalidArgument, NotFound
 from ..limits import ID_LIMIT, REASON_LIMIT
-from ..members import check_text, find_member
+from ..members import ERASED_PREFIX, check_card, check_text, find_member
 from ..models import (
     balances, cards, events, ledger, member_updates, members, operations, point_lots, purchase_lines, purchases,
     refunds, subscriptions,
@@ -41,12 +41,25 @@ from .models import limit_breaches, member_erasures
 __all__ = ["erase", "export", "erased_marker"]
 
 PROFILE_ERASED = {"phone": None, "first_name": "", "last_name": "", "gender": "", "birth_date": None, "email": "",
-                  "city": "", "custom": {}}
+                  "city": "", "custom": {}, "enroll_request_id": None}
 
 
 def erased_marker(card_id: int) -> str:
-    """What an erased card's number becomes: unique (the card's id), and no card a till could present."""
-    return f"erased:{card_id}"
+    """What an erased card's number becomes: unique (the card's id), and no card a till could present: every
+    card a request carries is refused with this prefix (``members.check_card``), so no lookup finds it."""
+    return f"{ERASED_PREFIX}{card_id}"
+
+
+def _replaced(value, numbers: dict[str, str], phone: str | None):
+    """``value`` (a stored answer or response) with every erased card number replaced by its marker and the
+    erased phone emptied, at any depth."""
+    if isinstance(value, dict):
+        return {k: _replaced(v, numbers, phone) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replaced(v, numbers, phone) for v in value]
+    if isinstance(value, str):
+        return numbers.get(value, "" if phone and value == phone else value)
+    return value
 
 
 def _card_digest(number: str) -> str:
@@ -56,9 +69,10 @@ def _card_digest(number: str) -> str:
 def erase(db, card: str, reason: str, now: dt.datetime) -> dict:
     """Erase the member holding ``card``: ``{"member_id", "erased_at", "replayed", "cards"}``; ``NotFound`` when
     no member holds it and it was never erased."""
-    card = check_text("card", card.strip(), ID_LIMIT)
+    card = card.strip()
     if not card:
         raise InvalidArgument("card", "required")
+    check_card("card", card)
     check_text("reason", reason, REASON_LIMIT)
     if not reason.strip():
         raise InvalidArgument("reason", "required: the request this erasure answers, kept with it")
@@ -80,6 +94,7 @@ def _erase_tx(conn, card: str, reason: str, now: dt.datetime) -> dict:
     # purchases by the card number, not the member: a suspended or blocked card's purchases are anonymous
     # (no member) but keep the card they were made with, and so do their events
     bought = conn.execute(select(purchases.c.id).where(purchases.c.card.in_(list(numbers)))).scalars().all()
+    phone = conn.execute(select(members.c.phone).where(members.c.id == member_id)).scalar()
     conn.execute(update(members).where(members.c.id == member_id).values(**PROFILE_ERASED))
     for number, marker in numbers.items():
         conn.execute(update(cards).where(cards.c.number == number).values(number=marker))
@@ -89,6 +104,7 @@ def _erase_tx(conn, card: str, reason: str, now: dt.datetime) -> dict:
     conn.execute(update(subscriptions).where(subscriptions.c.member_id == member_id)
                  .values(on=False, saved_on=None, updated_at=now))
     _erase_history(conn, member_id, numbers, bought)
+    _erase_answers(conn, member_id, numbers, phone, bought)
     _erase_messages(conn, member_id, now)
     audit.record(conn, "EraseMember", f"member:{member_id}", now)
     return {"member_id": member_id, "erased_at": now, "replayed": False, "cards": len(numbers)}
@@ -108,6 +124,19 @@ def _erase_history(conn, member_id: int, numbers: dict[str, str], bought: list[i
         conn.execute(update(member_updates).where(member_updates.c.id == row.id)
                      .values(changes={name: None for name in row.changes}))
     conn.execute(update(limit_breaches).where(limit_breaches.c.card.in_(list(numbers))).values(card=None))
+
+
+def _erase_answers(conn, member_id: int, numbers: dict[str, str], phone: str | None, bought: list[int]) -> None:
+    """The stored answers a retry replays (purchases, their refunds, manual operations) name the card by its
+    marker and no phone: a retry after the erasure gets the books, not the person."""
+    stored = ((purchases, purchases.c.answer, purchases.c.id.in_(bought)),
+              (refunds, refunds.c.response, refunds.c.purchase_id.in_(bought)),
+              (operations, operations.c.response, operations.c.member_id == member_id))
+    for table, column, which in stored:
+        for row in conn.execute(select(table.c.id, column).where(which)).all():
+            kept = _replaced(row[1], numbers, phone)
+            if kept != row[1]:
+                conn.execute(update(table).where(table.c.id == row[0]).values({column.key: kept}))
 
 
 def _erase_messages(conn, member_id: int, now: dt.datetime) -> None:
@@ -149,9 +178,10 @@ def export(db, card: str) -> tuple[int, bytes]:
     """``(member_id, JSON document)`` of everything held about the member holding ``card``: the profile, then
     one list per table of ``_SECTIONS``, and the purchases with their lines and refunds. ``NotFound`` when no
     member holds it."""
-    card = check_text("card", card.strip(), ID_LIMIT)
+    card = card.strip()
     if not card:
         raise InvalidArgument("card", "required")
+    check_card("card", card)
     with db.read() as conn:
         ctx = find_member(conn, ("card", card))
         if ctx is None:

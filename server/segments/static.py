@@ -13,6 +13,7 @@ from sqlalchemy import delete, exists, func, insert, literal, select, update
 
 from loyalty.server.dialects import insert_ignore
 from loyalty.server.errors import FailedPrecondition, InvalidArgument
+from loyalty.server.members import ERASED_PREFIX
 from loyalty.server.models import cards, members
 from loyalty.server.security import audit
 
@@ -117,7 +118,7 @@ class StaticMembership:
                     raise InvalidArgument(f"{path}[{i}]", f"not a member id: {ref!r}") from None
             elif ref.startswith("+"):
                 by_phone[ref] = ref
-            else:
+            elif not ref.lower().startswith(ERASED_PREFIX):        # an erased card's marker names no one
                 by_card[ref] = ref
         found: dict[str, int] = {}
         for keys, stmt in ((list(by_id), lambda ch: select(members.c.id, members.c.id).where(members.c.id.in_(ch))),

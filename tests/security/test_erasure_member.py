@@ -175,3 +175,46 @@ def test_erasure_reaches_the_anonymous_purchases_of_a_suspended_card(server, cli
     [event] = rows(url, "SELECT payload FROM events WHERE key = :k", k=f"purchase_confirmed:{bought.purchase_id}")
     payload = event["payload"] if isinstance(event["payload"], str) else json.dumps(event["payload"])
     assert card not in payload and purchase["card"] in payload
+
+
+def test_an_erased_card_marker_names_no_one_and_a_retry_gets_no_personal_data(server, client):
+    """The marker ``erased:<card id>`` is no card a request may name (look-up, points, status, enrolment,
+    erasure, export), so the erased member cannot be found or written to through it; a confirm retried after
+    the erasure replays an answer without the card or phone; the enrolment's request id is gone."""
+    card = new_card()
+    phone = f"+7{card}01"
+    member_id = enroll_with_points(client, card, 500)
+    client.update_member({"member": {"card": card}, "phone": phone, "first_name": "Anna"})
+    receipt = {"store": "msk-01", "terminal": "pos-m", "number": f"m-{member_id}", "channel": "pos", "at": now_at(),
+               "lines": [{"sku": "milk-1l", "categories": ["dairy"], "quantity": 1000, "price": 8990}]}
+    first = client.confirm_purchase({"member": {"card": card, "phone": phone}, "receipt": receipt})
+    assert first.answer.member.card == card
+    client.erase_member({"card": card, "reason": "GDPR request #45"})
+    url = server.database_url
+    [marker] = [r["number"] for r in rows(url, "SELECT number FROM cards WHERE member_id = :m", m=member_id)]
+    calls = [
+        lambda: client.get_member({"member": {"card": marker}}),
+        lambda: client.get_member({"member": {"card": marker.upper()}}),
+        lambda: client.adjust_points({"member": {"card": marker}, "kind": "credit", "points": 10,
+                                      "reason": "marker", "operation_id": f"marker-{member_id}"}),
+        lambda: client.update_member({"member": {"card": marker}, "first_name": "Back"}),
+        lambda: client.set_card_status({"card": marker, "status": "blocked", "reason": "marker"}),
+        lambda: client.confirm_purchase({"member": {"card": marker}, "receipt": {**receipt, "number": "m2"}}),
+        lambda: client.enroll_member({"card": f"erased:{10**9}"}),
+        lambda: client.erase_member({"card": marker, "reason": "again"}),
+        lambda: client.export_member({"card": marker}),
+    ]
+    for call in calls:
+        with pytest.raises(LoyaltyError) as err:
+            call()
+        assert err.value.code.name == "INVALID_ARGUMENT" and "erased" in str(err.value), err.value
+    assert rows(url, "SELECT first_name, enroll_request_id FROM members WHERE id = :m", m=member_id) == \
+        [{"first_name": "", "enroll_request_id": None}]
+    assert len(rows(url, "SELECT card_digest FROM member_erasures WHERE member_id = :m", m=member_id)) == 1
+    # the same confirm again (the till never got the answer): the books, not the person
+    again = client.confirm_purchase({"member": {"card": card, "phone": phone}, "receipt": receipt})
+    assert again.replayed and again.purchase_id == first.purchase_id
+    assert again.answer.member.card == marker and card not in str(again) and phone not in str(again)
+    for row in rows(url, "SELECT answer AS v FROM purchases WHERE member_id = :m", m=member_id):
+        text = row["v"] if isinstance(row["v"], str) else json.dumps(row["v"])
+        assert card not in text and phone not in text, text
