@@ -96,16 +96,19 @@ def _run(module: str, name: str, args, env, timeout, cwd) -> subprocess.Complete
 
 def start_server(tmp_path: pathlib.Path, *, database_url: str | None = None, workers: int = 1,
                  args: tuple = (), timeout: float = 60.0, client_options: dict | None = None,
-                 prefix: tuple = (), every_worker: bool = True) -> ServerProcess:
+                 prefix: tuple = (), every_worker: bool = True, demo: bool | None = True,
+                 data_dir: pathlib.Path | None = None) -> ServerProcess:
     """``loyalty serve --port 0`` (demo seeded) in a subprocess; returns once it is SERVING (and, with several
     ``workers`` and ``every_worker``, once each has said it serves). ``client_options``:
     the ``LoyaltyClient`` keywords its clients need (``tls_ca=`` when ``args`` turn TLS on). ``prefix``: a
-    command to run it under (``ip netns exec NAME``: on another network host)."""
-    data_dir = tmp_path / f"data-{uuid.uuid4().hex[:6]}"
+    command to run it under (``ip netns exec NAME``: on another network host). ``demo``: ``--demo`` (True),
+    ``--no-demo`` (False) or neither (None: serve's default); ``data_dir``: a given one (a restart), else new."""
+    data_dir = data_dir or tmp_path / f"data-{uuid.uuid4().hex[:6]}"
     log_path = tmp_path / f"server-{uuid.uuid4().hex[:6]}.log"
     out_path = log_path.with_suffix(".out")
     cmd = [*prefix, sys.executable, "-c", "from loyalty.cli.main import main; main()", "serve", "--port", "0",
-           "--data-dir", str(data_dir), "--demo", "--workers", str(workers), "--grace", "10", *args]
+           "--data-dir", str(data_dir), *{True: ("--demo",), False: ("--no-demo",), None: ()}[demo],
+           "--workers", str(workers), "--grace", "10", *args]
     if database_url:
         cmd += ["--database-url", database_url]
     with open(log_path, "wb") as err, open(out_path, "wb") as out:

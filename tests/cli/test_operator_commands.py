@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from loyalty.clients import LoyaltyError
+from loyalty.server.demo import DEMO_PROGRAM_PATH
 from serverutil import cli, fresh_postgres_database, pos, start_server
 
 NO_PROGRAM = "no program is published: POS calls fail until one is; publish the demo with"
@@ -42,6 +44,35 @@ def test_serve_with_the_demo_says_nothing_about_a_missing_program(tmp_path):
         assert printed.startswith("demo: program published as version 1, 5 member(s) created")
     finally:
         server.stop()
+
+
+def test_a_restart_keeps_the_live_program_and_seeds_nothing(tmp_path):
+    """``loyalty serve`` seeds the demo on a new embedded database only: restarted after the operator published
+    a program of their own, it keeps that program live and creates no member (an erased demo card stays so)."""
+    data = tmp_path / "data"
+    first = start_server(tmp_path, demo=None, data_dir=data)
+    try:
+        assert first.log_path.with_suffix(".out").read_text().startswith("demo: program published as version 1")
+        with first.client() as client:
+            own = DEMO_PROGRAM_PATH.read_text().replace("program: demo", "program: ours", 1)
+            assert client.publish_program({"yaml": own, "comment": "ours"}).version == 2
+            client.erase_member({"card": "7000001", "reason": "GDPR request #46"})
+    finally:
+        assert first.stop() == 0
+    again = start_server(tmp_path, demo=None, data_dir=data)
+    try:
+        assert "demo:" not in again.log_path.with_suffix(".out").read_text()
+        with again.client() as client:
+            assert client.get_program(version=0).version == 2
+            with pytest.raises(LoyaltyError) as err:
+                client.get_member({"member": {"card": "7000001"}})
+            assert err.value.code.name == "NOT_FOUND"
+    finally:
+        assert again.stop() == 0
+    # asked for explicitly, the demo still never replaces the live program
+    seeded = cli("demo", "seed", "--database-url", f"sqlite:///{data / 'loyalty.db'}")
+    assert seeded.returncode == 0, seeded.stderr
+    assert "program not published (version 2, another program, is live)" in seeded.stdout
 
 
 def test_worker_once_prints_what_it_did_and_no_migration_lines(tmp_path, home):
