@@ -13,7 +13,8 @@ metadata is logged but the request id: an ``authorization`` header never reaches
 log record per call (benchmarks/server.py with the servers at INFO: calculate/echo 0.53 against 0.585 at
 WARNING, medians of 10 interleaved rounds on a shared machine): ``--no-access-log`` where every call counts.
 
-In JSON every line is one object: ``ts`` (UTC, ISO 8601), ``level``, ``logger``, ``pid``, ``message``, the call
+In text, a message is one line whatever a caller sent: control characters (line breaks, terminal escapes) are
+written as escapes, so no request can forge a line. In JSON every line is one object: ``ts`` (UTC, ISO 8601), ``level``, ``logger``, ``pid``, ``message``, the call
 fields (``request_id``, ``method``, ``code``, ``duration_ms``, ``peer``, ``key``, ``detail``) when the line is a
 call's, and ``exception`` (the traceback) when there is one.
 """
@@ -28,7 +29,7 @@ import sys
 
 import orjson
 
-__all__ = ["REQUEST_ID", "CALL_FIELDS", "configure_logging", "request_id", "JsonFormatter"]
+__all__ = ["REQUEST_ID", "CALL_FIELDS", "configure_logging", "request_id", "JsonFormatter", "TextFormatter"]
 
 REQUEST_ID = "x-request-id"
 CALL_FIELDS = ("request_id", "method", "code", "duration_ms", "peer", "key", "detail")
@@ -44,6 +45,25 @@ def request_id(metadata) -> str:
         if key == REQUEST_ID and isinstance(value, str) and _USABLE_ID.fullmatch(value):
             return value
     return f"{_PREFIX}-{next(_SERIAL):x}"
+
+
+# What a caller's text (a receipt number, a card, an error quoting either) must not bring into a text log line:
+# line breaks that would start a forged line, terminal escapes, other control characters.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escaped(match: re.Match) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
+class TextFormatter(logging.Formatter):
+    """The text line, its message on one line whatever the caller sent: control characters written as escapes
+    (``\\n``, ``\\x1b``); a traceback after it keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        if _CONTROL.search(record.message):
+            record.message = _CONTROL.sub(_escaped, record.message)
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -69,5 +89,5 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
     """The root logger to stderr at ``level``, as text or JSON lines (replacing any earlier setup)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter(TEXT_FORMAT))
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)

@@ -105,3 +105,26 @@ def test_generated_request_ids_are_distinct_and_a_bad_one_is_replaced():
     assert request_id((("x-request-id", "abc-1"),)) == "abc-1"
     assert request_id((("x-request-id", "x" * 129),)) != "x" * 129
     assert request_id((("x-request-id", "a\nb"),)) != "a\nb"
+
+
+def test_a_callers_text_cannot_forge_a_line_of_the_text_log(tmp_path):
+    """A receipt number and a card with line breaks and a terminal escape, in the default text log: the call
+    is one line, the characters written as escapes; no line of the log starts with the forged text."""
+    server = start_server(tmp_path)
+    forged = "\n2026-12-04 04:09:59 INFO FORGED \x1b[31m"
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = processing_pb2_grpc.ProcessingStub(channel)
+            stub.CalculateReceipt(processing_pb2.CalculateReceiptRequest(receipt={
+                "store": "msk-01", "terminal": "pos-1", "number": "n" + forged, "at": now_at(),
+                "lines": [{"sku": "milk-1l", "categories": ["dairy"], "quantity": 1000, "price": 8990}]}), timeout=10)
+            with pytest.raises(grpc.RpcError):
+                stub.GetMember(processing_pb2.GetMemberRequest(member={"card": "99" + forged}), timeout=10)
+    finally:
+        assert server.stop() == 0
+    log = server.log()
+    assert "\x1b" not in log
+    assert not [line for line in log.splitlines() if "FORGED" in line and not line.startswith("20")], log
+    assert not [line for line in log.splitlines() if line.startswith("2026-12-04 04:09:59")], log
+    calls = [line for line in log.splitlines() if "FORGED" in line]
+    assert len(calls) >= 2 and all("\\n2026-12-04 04:09:59" in line and "\\x1b[31m" in line for line in calls)
