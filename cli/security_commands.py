@@ -284,7 +284,7 @@ def register(group: click.Group) -> None:
 
     @keys_group.command(name="rotate")
     @click.argument("key_id", metavar="ID")
-    @click.option("--grace", type=click.FloatRange(min=0), default=86_400.0, show_default=True,
+    @click.option("--grace", type=click.FloatRange(min=0, max=30 * 86_400), default=86_400.0, show_default=True,
                   help="Seconds the old key stays valid.")
     @_where
     @json_option

@@ -66,13 +66,18 @@ _MISSING = "missing credential: send the metadata `authorization: Bearer <API ke
 
 
 def _bearer(context) -> str | None:
+    """The credential of ``authorization: Bearer <credential>``; None when there is no such metadata. Sent more
+    than once it is ambiguous, and refused."""
+    found = None
     for key, value in context.invocation_metadata() or ():
         if key == "authorization":
+            if found is not None:
+                raise Unauthenticated("authorization: sent more than once; send one credential")
             scheme, _, credential = value.partition(" ")
             if scheme.lower() != "bearer" or not credential.strip():
                 raise Unauthenticated("authorization: expected `Bearer <API key or token>`")
-            return credential.strip()
-    return None
+            found = credential.strip()
+    return found
 
 
 class Gate:

@@ -27,6 +27,8 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
+import math
+import re
 import secrets
 import threading
 import time
@@ -52,6 +54,9 @@ VERIFIED_LIMIT = 100_000
 ROTATION_GRACE_S = 86_400.0      # a day: long enough for a fleet of terminals to take the new key
 ID_LENGTH = 16
 NAME_LIMIT = 200
+MAX_STORES = 1000                # stores one pos key may serve
+MAX_GRACE_S = 30 * 86_400.0      # the longest a rotated key stays valid
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 # A scope includes others: an administrator may also read and do what an integration does (it could make
 # itself such a key anyway). ``pos`` stays apart: it is the only scope bound to stores.
@@ -91,6 +96,17 @@ def _validate(name: str, scopes, stores, kind: str) -> tuple[list[str], list[str
         raise InvalidArgument("name", "required")
     if len(name) > NAME_LIMIT:
         raise InvalidArgument("name", f"at most {NAME_LIMIT} characters")
+    if _CONTROL.search(name):
+        raise InvalidArgument("name", "must not contain control characters (it names the actor in the audit log)")
+    if kind == "certificate":
+        from cryptography import x509
+        try:
+            x509.Name.from_rfc4514_string(name)
+        except ValueError:
+            raise InvalidArgument("name", f"not a certificate subject (RFC 4514, e.g. CN=till-7,O=Shop): "
+                                          f"{name[:64]!r}") from None
+        if "=" not in name:
+            raise InvalidArgument("name", "a certificate subject names attributes: CN=till-7,O=Shop")
     scopes = sorted(set(scopes))
     if not scopes:
         raise InvalidArgument("scope", f"at least one of {', '.join(SCOPES)}")
@@ -98,10 +114,12 @@ def _validate(name: str, scopes, stores, kind: str) -> tuple[list[str], list[str
         if scope not in SCOPES:
             raise InvalidArgument("scope", f"unknown scope {scope!r} (expected one of {', '.join(SCOPES)})")
     stores = sorted(set(stores))
+    if len(stores) > MAX_STORES:
+        raise InvalidArgument("store", f"at most {MAX_STORES} stores a key, got {len(stores)}")
     if stores and "pos" not in scopes:
         raise InvalidArgument("store", "only a pos credential is bound to stores")
-    if any(not s or len(s) > 64 for s in stores):
-        raise InvalidArgument("store", "a store id is 1 to 64 characters")
+    if any(not s or len(s) > 64 or _CONTROL.search(s) for s in stores):
+        raise InvalidArgument("store", "a store id is 1 to 64 characters, none a control character")
     if kind not in ("key", "certificate"):
         raise InvalidArgument("kind", "expected key or certificate")
     return scopes, stores
@@ -156,6 +174,15 @@ def list_keys(db, *, include_revoked: bool = False) -> list[dict]:
         return [_public(row) for row in conn.execute(query)]
 
 
+def check_key_id(key_id: str) -> str:
+    """A key id a request names: required, and no longer than an id can be."""
+    if not key_id:
+        raise InvalidArgument("id", "required: the key's id, as `keys list` shows it")
+    if len(key_id) > 64:
+        raise InvalidArgument("id", f"at most 64 characters, got {len(key_id)}")
+    return key_id
+
+
 def _live_row(conn, key_id: str):
     row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
     if row is None:
@@ -167,10 +194,12 @@ def _live_row(conn, key_id: str):
 
 def revoke_key(db, key_id: str, *, announce=None) -> dict:
     """Revoke at once (every process refuses it within a second)."""
+    check_key_id(key_id)
     with db.write() as conn:
+        revision = _next_revision(conn)         # first: its row lock orders changes of keys, so this sees theirs
         _live_row(conn, key_id)
         conn.execute(update(api_keys).where(api_keys.c.id == key_id)
-                     .values(revoked_at=_now(), revision=_next_revision(conn)))
+                     .values(revoked_at=_now(), revision=revision))
         row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).one()
         audit.record(conn, "RevokeKey", f"key:{key_id}")
     _announce(announce)
@@ -180,13 +209,16 @@ def revoke_key(db, key_id: str, *, announce=None) -> dict:
 def rotate_key(db, key_id: str, *, grace_s: float = ROTATION_GRACE_S, announce=None) -> tuple[dict, str]:
     """A new key with the same name, scopes and stores; the old one stays valid ``grace_s`` seconds more (or
     less, if it already expires sooner), so terminals can switch without an outage."""
-    if grace_s < 0:
-        raise InvalidArgument("grace", "must not be negative")
+    check_key_id(key_id)
+    if not (isinstance(grace_s, (int, float)) and math.isfinite(grace_s) and 0 <= grace_s <= MAX_GRACE_S):
+        raise InvalidArgument("grace", f"seconds from 0 to {MAX_GRACE_S:.0f} (30 days), got {grace_s!r}")
     with db.write() as conn:
+        revision = _next_revision(conn)         # first: a concurrent rotation of this key commits before we read
         old = _live_row(conn, key_id)
         if old.kind != "key":
             raise InvalidArgument("id", "a certificate registration has no secret to rotate")
-        revision = _next_revision(conn)
+        if old.replaced_by is not None:
+            raise InvalidArgument("id", f"key {key_id} was already rotated (to {old.replaced_by}): rotate that one")
         new, secret = _insert(conn, name=old.name, scopes=list(old.scopes), stores=list(old.stores), kind="key",
                               revision=revision)
         ends = _now() + dt.timedelta(seconds=grace_s)

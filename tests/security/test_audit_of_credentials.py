@@ -72,3 +72,20 @@ def test_an_admin_call_whose_bytes_are_not_its_request_is_refused_and_recorded(s
                                  "WHERE actor = 'ops-garbled'")
     assert recorded == [{"actor": "ops-garbled", "rpc": "AdjustPoints", "target": "",
                          "digest": hashlib.sha256(garbage).hexdigest(), "outcome": "INVALID_ARGUMENT"}]
+
+
+def test_two_authorization_headers_are_ambiguous_and_refused_whatever_their_order(secured):
+    reader = secured.key("read", name="reader-twice")
+    with grpc.insecure_channel(secured.server.target) as channel:
+        list_keys = security_pb2_grpc.KeysStub(channel).ListKeys
+        admin = secured.key("admin", name="admin-twice")
+        for pair in ((admin, "garbage"), ("garbage", admin), (admin, reader)):
+            try:
+                list_keys(security_pb2.ListKeysRequest(), timeout=30,
+                          metadata=tuple(("authorization", f"Bearer {k}") for k in pair))
+                raise AssertionError(f"two credentials were accepted: {pair}")
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.UNAUTHENTICATED, err
+                assert "more than once" in err.details()
+        assert list_keys(security_pb2.ListKeysRequest(), timeout=30,
+                         metadata=(("authorization", f"Bearer {admin}"),)).keys

@@ -121,3 +121,40 @@ def test_a_key_made_just_after_a_poll_is_found_on_its_first_use(db):
             assert ring.verify(key).name == f"fresh-{i}"
     finally:
         ring.close()
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"name": "till\nforged"}, "name"),
+    ({"name": "till\x01"}, "name"),
+    ({"name": "not a subject", "kind": "certificate", "scopes": ["pos"]}, "name"),
+    ({"name": "CN=till\x00", "kind": "certificate", "scopes": ["pos"]}, "name"),
+    ({"name": "till", "scopes": ["pos"], "stores": [f"s{i}" for i in range(1001)]}, "store"),
+    ({"name": "till", "scopes": ["pos"], "stores": ["msk\n01"]}, "store"),
+])
+def test_a_bad_key_field_is_refused_naming_it_and_makes_no_key(db, fields, field):
+    from loyalty.server.errors import InvalidArgument
+    from loyalty.server.security.keys import list_keys
+    with pytest.raises(InvalidArgument) as err:
+        create_key(db, **{"scopes": ["read"], **fields})
+    assert err.value.path == field
+    assert list_keys(db, include_revoked=True) == []
+
+
+def test_a_key_rotates_once_within_sane_grace_and_ids_are_checked(db):
+    from loyalty.server.errors import InvalidArgument
+    from loyalty.server.security.keys import list_keys, rotate_key
+    made, _ = create_key(db, name="till-rot", scopes=["pos"], stores=["msk-01"])
+    for grace in (float("nan"), float("inf"), 1e300, -1.0):
+        with pytest.raises(InvalidArgument) as err:
+            rotate_key(db, made["id"], grace_s=grace)
+        assert err.value.path == "grace"
+    successor, _ = rotate_key(db, made["id"], grace_s=0)
+    with pytest.raises(InvalidArgument) as err:               # its grace is over: still not a second successor
+        rotate_key(db, made["id"], grace_s=1e6)
+    assert err.value.path == "id" and successor["id"] in err.value.message
+    assert [k["id"] for k in list_keys(db)] == [made["id"], successor["id"]]
+    for bad in ("", "x" * 65):
+        for change in (rotate_key, revoke_key):
+            with pytest.raises(InvalidArgument) as err:
+                change(db, bad)
+            assert err.value.path == "id"
