@@ -130,6 +130,31 @@ def target_of(rpc: str, request) -> str:
     return "program" if rpc == "PublishProgram" else ""
 
 
+def _repeated(field) -> bool:
+    """Whether ``field`` is a list (protobuf 7's descriptors have ``is_repeated`` and no ``label``)."""
+    return field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+
+
+def _identifiers(message, found: set[str]) -> set[str]:
+    """The card numbers and phones ``message`` carries, at any depth."""
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_MESSAGE:
+            for item in (value if _repeated(field) else (value,)):
+                if hasattr(item, "ListFields"):
+                    _identifiers(item, found)
+        elif field.name in ("card", "phone", "cards", "phones"):
+            found.update(v for v in (value if _repeated(field) else (value,)) if v)
+    return found
+
+
+def without_identifiers(detail: str, request) -> str:
+    """A refusal's message as the audit log keeps it: the request's card numbers and phones left out (the log
+    is append-only and must not keep what an erasure removes; the digest still identifies the request)."""
+    for value in sorted(_identifiers(request, set()), key=len, reverse=True):
+        detail = detail.replace(value, "<member>")
+    return detail
+
+
 def audited(db, rpc: str, fn):
     """``fn(request)`` served as ``rpc``: named for :func:`record`, its refusals recorded."""
     def call(request):
@@ -139,7 +164,7 @@ def audited(db, rpc: str, fn):
             except ServiceError as exc:
                 if exc.code != "UNAVAILABLE":
                     record_refusal(db, current(), rpc, target_of(rpc, request), digest(request), exc.code,
-                                   exc.message)
+                                   without_identifiers(exc.message, request))
                 raise
     call.__name__ = getattr(fn, "__name__", rpc)
     return call

@@ -107,7 +107,9 @@ def test_refused_admin_calls_are_recorded_with_their_status_and_change_nothing(s
         [row] = with_digest(client, sha256_of(request))
         assert (row.rpc, row.outcome, row.actor) == ("AdjustPoints", status, "local")
         assert row.target == f"operation:{request.operation_id}"
-        assert row.detail == err.value.message
+        # the message, but for the member's card: the audit log outlives an erasure
+        assert row.detail == err.value.message.replace("00000000", "<member>").replace(card, "<member>")
+        assert "00000000" not in row.detail and card not in row.detail
     assert client.get_member({"member": {"card": card}}).active_points == 100
     assert rows(server.database_url, "SELECT count(*) AS n FROM operations WHERE member_id = :m",
                 m=member_id) == [{"n": 1}]      # the opening credit only

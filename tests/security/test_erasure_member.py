@@ -155,7 +155,11 @@ def test_erasure_needs_a_reason_and_a_known_card(server, client):
     assert client.get_member({"member": {"card": card}}).card == card     # nothing was erased
     with pytest.raises(LoyaltyError) as err:
         client.erase_member({"card": "00000001", "reason": "GDPR request #43"})
-    assert err.value.code.name == "NOT_FOUND"
+    assert err.value.code.name == "NOT_FOUND" and "00000001" in err.value.message
+    # the refusal is audited, without the card it named (the audit log outlives an erasure)
+    [refused] = rows(server.database_url, "SELECT detail FROM audit_log WHERE rpc = 'EraseMember' "
+                                          "AND outcome = 'NOT_FOUND'")
+    assert "00000001" not in refused["detail"] and "<member>" in refused["detail"]
 
 
 def test_erasure_reaches_the_anonymous_purchases_of_a_suspended_card(server, client):
