@@ -7,7 +7,7 @@ import json
 
 import click
 
-from loyalty.cli.output import emit_json, emit_table
+from loyalty.cli.output import emit_json, emit_table, message_dict
 from loyalty.cli.common import database_url_option, json_option
 from loyalty.cli.server_commands import _Backend, _print, _server
 
@@ -43,10 +43,9 @@ def register(group: click.Group) -> None:
     @_either_backend
     def audit_list(since, actor, server, database_url, as_json):
         """The audit log, oldest first."""
-        from loyalty.clients.client import to_dict
         with _Backend(server, database_url) as backend:
             entries = _all_audit(backend, since, actor)
-        rows = [to_dict(e) for e in entries]
+        rows = [message_dict(e) for e in entries]
         if as_json:
             emit_json(rows)
             return

@@ -1,9 +1,10 @@
 """What every group of `loyalty` commands shares.
 
 One rule for where a command works: through a running server (``--server`` / ``LOYALTY_SERVER``), or on a
-database named by ``--database-url`` / ``LOYALTY_DATABASE_URL``, or else on the one default database that
-``loyalty serve`` also uses (``loyalty.db`` in the data dir: ``--data-dir`` / ``LOYALTY_DATA_DIR`` /
-``LOYALTY_HOME``, else the platform's user data dir). Only ``serve``, ``worker``, ``db upgrade`` and
+database named by ``--database-url`` / ``LOYALTY_DATABASE_URL`` or by its data dir (``loyalty.db`` in
+``--data-dir`` / ``LOYALTY_DATA_DIR`` / ``LOYALTY_HOME``), or else on the one default database that
+``loyalty serve`` also uses (in the platform's user data dir); the commands a till's day needs (members,
+points, programs, the audit log) go to the default server (127.0.0.1:50051) when nothing is named. Only ``serve``, ``worker``, ``db upgrade`` and
 ``demo seed`` create or migrate a database (``migrate=True``); every other command refuses one that does not
 exist or whose schema is not at head, in one line that says to run ``loyalty db upgrade``, instead of
 creating an empty database or failing on a missing table.
@@ -26,7 +27,7 @@ import click
 from loyalty.cli.output import error_exit
 
 __all__ = ["DEFAULT_SERVER", "EnvCommand", "EnvGroup", "LoyaltyGroup", "ServiceCommand", "ToolCommand",
-           "call", "data_dir_option", "database_url_option", "demo_summary", "display_url", "fail", "json_option",
+           "call", "data_dir_named", "data_dir_option", "database_url_option", "demo_summary", "display_url", "fail", "json_option",
            "quiet_option", "resolve_url", "seed_demo", "server_option"]
 
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -108,6 +109,12 @@ class LoyaltyGroup(CommandLineRules, EnvGroup):
 
 class ToolCommand(CommandLineRules, EnvCommand):
     """A stand-alone command (``loyalty-pos``) with the ``loyalty`` group's rules."""
+
+
+def data_dir_named() -> bool:
+    """Whether a data dir was named (``--data-dir``, ``LOYALTY_DATA_DIR`` or ``LOYALTY_HOME``): a command that
+    goes to the default server unless told otherwise then works on that data dir's database instead."""
+    return bool(os.environ.get("LOYALTY_DATA_DIR") or os.environ.get("LOYALTY_HOME"))
 
 
 def _set_data_dir(ctx, param, value):

@@ -20,8 +20,8 @@ import time
 import click
 
 from loyalty.cli.common import (
-    DEFAULT_SERVER, ServiceCommand, call, database_url_option, demo_summary, display_url, fail, json_option,
-    resolve_url, seed_demo, server_option,
+    DEFAULT_SERVER, ServiceCommand, call, data_dir_named, database_url_option, demo_summary, display_url, fail,
+    json_option, resolve_url, seed_demo, server_option,
 )
 from loyalty.cli.output import emit_json, emit_table, error_exit, message_dict, moment, rfc3339
 
@@ -45,7 +45,7 @@ class _Backend:
         self._client = self._service = None
 
     def __enter__(self):
-        if self.database_url and not self.server:
+        if not self.server and (self.database_url or data_dir_named()):
             from loyalty.server.processing import ProcessingService
             self._service = call(ProcessingService.open, resolve_url(self.database_url))
         else:

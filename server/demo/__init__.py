@@ -43,8 +43,8 @@ DEMO_CARDS = tuple(m[0] for m in _MEMBERS)
 def seed_demo(service) -> dict:
     """Publish the demo program when no program has been published yet (a live program, the operator's, is
     never replaced by the demo's) and create the demo members (skipping those that exist). Safe to run any
-    number of times. Returns what it did: ``program_version`` (published now, or None) and, when another
-    program is live, its version as ``program_live``."""
+    number of times. Returns what it did: ``program_version`` (published now, or None), ``members_created``
+    and, when another program is live, its version as ``program_live``."""
     text = DEMO_PROGRAM_PATH.read_text(encoding="utf-8")
     published = live = None
     with service.db.read() as conn:
@@ -85,4 +85,5 @@ def seed_demo(service) -> dict:
                                                                         reason="demo"))
         created.append(card)
     service.contexts.clear()
-    return {"program_version": published, "program_live": live, "members_created": created}
+    done = {"program_version": published, "members_created": created}
+    return done if live is None else {**done, "program_live": live}

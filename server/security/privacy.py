@@ -193,7 +193,9 @@ def export(db, card: str) -> tuple[int, bytes]:
             document[section] = _rows(conn, select(table).where(column == member_id).order_by(order))
         document["balance"] = document["balance"][0] if document["balance"] else None
         document["purchases"] = _purchases(conn, member_id)
-    return member_id, orjson.dumps(document, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+    # moments as everywhere else in the CLI's JSON: RFC 3339 UTC, whole seconds (2026-03-02T09:30:00Z)
+    return member_id, orjson.dumps(document, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+                                   | orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z | orjson.OPT_OMIT_MICROSECONDS)
 
 
 def _purchases(conn, member_id: int) -> list[dict]:

@@ -5,6 +5,7 @@ in one line that says what to run, a database that is missing, empty or behind."
 from __future__ import annotations
 
 import json
+import re
 import pathlib
 
 import pytest
@@ -96,3 +97,25 @@ def test_the_database_url_comes_from_the_environment_too(home, tmp_path):
     assert cli("db", "upgrade", env={**home, "LOYALTY_DATABASE_URL": url}).returncode == 0
     assert (tmp_path / "env.db").exists()
     assert not (pathlib.Path(home["LOYALTY_HOME"]) / "loyalty.db").exists()
+
+
+def test_a_named_data_dir_is_the_database_of_every_command_that_could_go_to_a_server(home, tmp_path):
+    """``--data-dir`` / ``LOYALTY_DATA_DIR`` name a database as ``--database-url`` does: program, audit, limits
+    and member erase / export read it with no server running (none listens on the default port here)."""
+    data = tmp_path / "d"
+    assert cli("demo", "seed", "--data-dir", str(data), env=home).returncode == 0
+    versions = cli("program", "versions", "--data-dir", str(data), "--json", env=home)
+    assert versions.returncode == 0, versions.stderr
+    assert [v["version"] for v in json.loads(versions.stdout)["versions"]] == [1]
+    audit = cli("audit", "list", "--json", env={**home, "LOYALTY_DATA_DIR": str(data)})
+    assert audit.returncode == 0, audit.stderr
+    entries = json.loads(audit.stdout)
+    assert entries and all(type(e["id"]) is int for e in entries)        # int64 as numbers
+    assert {"PublishProgram", "AdjustPoints"} <= {e["rpc"] for e in entries}
+    limits = cli("limits", "list", "--data-dir", str(data), "--json", env=home)
+    assert limits.returncode == 0, limits.stderr
+    exported = cli("member", "export", "7000001", "--data-dir", str(data), env=home)
+    assert exported.returncode == 0, exported.stderr
+    document = json.loads(exported.stdout)
+    moments = [c["status_changed_at"] for c in document["cards"]] + [e["created_at"] for e in document["ledger"]]
+    assert moments and all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", m) for m in moments), moments
