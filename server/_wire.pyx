@@ -163,6 +163,9 @@ cdef inline str _text(Reader* r, Py_ssize_t n):
 # processing._check_receipt lets through, read once from ``limits`` into C; NO_LIMIT: any length, only no NUL.
 cdef Py_ssize_t ID_LIMIT = limits.ID_LIMIT       # store, terminal, number, sku
 cdef Py_ssize_t AT_LIMIT = limits.AT_LIMIT
+cdef Py_ssize_t CODE_LIMIT = limits.CODE_LIMIT   # channel, coupon codes, categories
+cdef Py_ssize_t MAX_COUPONS = limits.MAX_COUPONS
+cdef Py_ssize_t MAX_CATEGORIES = limits.MAX_CATEGORIES
 cdef enum:
     NO_LIMIT = -1
 
@@ -259,7 +262,7 @@ cdef dict _line(Reader* r, bint* fits):
             if field == 2:
                 if categories is None:
                     categories = []
-                categories.append(_fitting_string(r, NO_LIMIT, fits))
+                categories.append(_fitting_string(r, CODE_LIMIT, fits))
                 continue
         elif wire_type == VARINT and 3 <= field <= 10:
             _varint(r, &v)
@@ -287,6 +290,8 @@ cdef dict _line(Reader* r, bint* fits):
                    "no_redeem": no_redeem}
     if categories:
         d["categories"] = categories
+        if len(categories) > MAX_CATEGORIES:
+            fits[0] = False
     if has_amount:
         d["amount"] = amount
     return d
@@ -310,16 +315,18 @@ cdef int _receipt(Reader* r, _Receipt acc) except -1:
             elif field == 3:
                 acc.number = _fitting_string(r, ID_LIMIT, &acc.fits)
             elif field == 4:
-                acc.channel = _fitting_string(r, NO_LIMIT, &acc.fits)
+                acc.channel = _fitting_string(r, CODE_LIMIT, &acc.fits)
             elif field == 5:
                 acc.at = _fitting_string(r, AT_LIMIT, &acc.fits)
             else:
-                acc.coupons.append(_fitting_string(r, NO_LIMIT, &acc.fits))
+                acc.coupons.append(_fitting_string(r, CODE_LIMIT, &acc.fits))
         elif wire_type == VARINT and field == 7:
             _varint(r, &v)
             acc.redeem_points = <int64_t>v
         else:
             _skip(r, field, wire_type, 1)
+    if len(acc.coupons) > MAX_COUPONS:
+        acc.fits = False
     return 0
 
 

@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError
 from loyalty.core import NO_EXTENSIONS
 from loyalty.v1 import processing_pb2, receipt_pb2
 
-from .limits import AT_LIMIT, ID_LIMIT
+from .limits import AT_LIMIT, CODE_LIMIT, ID_LIMIT, MAX_CATEGORIES, MAX_COUPONS
 from .timeutil import iso
 
 __all__ = ["receipt_to_dict", "answer_to_proto", "iso", "decode_calculate_request", "decode_receipt_request",
@@ -98,26 +98,35 @@ def decode_calculate_request_py(data: bytes) -> tuple[str, str, dict]:
 
 def receipt_strings(receipt: dict, path: str = "receipt"):
     """``(field path, value, limit)`` of every string of ``receipt`` (``receipt_to_dict``'s shape) that the
-    service stores or looks up; ``limit`` None: any length, only no NUL. What ``processing._check_receipt``
-    checks and ``receipt_fits_storage`` tests."""
+    service stores, looks up or matches; ``limit`` None: any length, only no NUL. What
+    ``processing._check_receipt`` checks and ``receipt_fits_storage`` tests."""
     for name in ("store", "terminal", "number"):
         yield f"{path}.{name}", receipt.get(name, ""), ID_LIMIT
     yield f"{path}.at", receipt.get("at", ""), AT_LIMIT
-    yield f"{path}.channel", receipt.get("channel", ""), None
+    yield f"{path}.channel", receipt.get("channel", ""), CODE_LIMIT
     for j, coupon in enumerate(receipt.get("coupons", ())):
-        yield f"{path}.coupons[{j}]", coupon, None
+        yield f"{path}.coupons[{j}]", coupon, CODE_LIMIT
     for i, ln in enumerate(receipt.get("lines", ())):
         yield f"{path}.lines[{i}].sku", ln.get("sku", ""), ID_LIMIT
         for j, category in enumerate(ln.get("categories", ())):
-            yield f"{path}.lines[{i}].categories[{j}]", category, None
+            yield f"{path}.lines[{i}].categories[{j}]", category, CODE_LIMIT
+
+
+def receipt_lists(receipt: dict, path: str = "receipt"):
+    """``(field path, length, most)`` of every list of codes in ``receipt``: the coupons, each line's
+    categories."""
+    yield f"{path}.coupons", len(receipt.get("coupons", ())), MAX_COUPONS
+    for i, ln in enumerate(receipt.get("lines", ())):
+        yield f"{path}.lines[{i}].categories", len(ln.get("categories", ())), MAX_CATEGORIES
 
 
 def receipt_fits_storage(receipt: dict) -> bool:
     """True when no string of ``receipt`` holds a NUL and none is longer than its limit in UTF-8 bytes
     (``receipt_strings``): the ``fits`` of ``decode_receipt_request`` (a conservative test: bytes, not
     characters)."""
-    return all("\x00" not in value and (limit is None or len(value.encode()) <= limit)
-               for _path, value, limit in receipt_strings(receipt))
+    return (all("\x00" not in value and (limit is None or len(value.encode()) <= limit)
+                for _path, value, limit in receipt_strings(receipt))
+            and all(n <= most for _path, n, most in receipt_lists(receipt)))
 
 
 def decode_receipt_request_py(data: bytes) -> tuple[str, str, dict, bool]:

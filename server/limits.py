@@ -7,7 +7,7 @@ storage takes the text, so a column never holds less than the validation lets th
 from __future__ import annotations
 
 __all__ = ["ID_LIMIT", "AT_LIMIT", "KEY_LIMIT", "NAME_LIMIT", "EMAIL_LIMIT", "DATE_LIMIT", "REASON_LIMIT",
-           "CUSTOM_NAME_LIMIT", "CUSTOM_VALUE_LIMIT"]
+           "CUSTOM_NAME_LIMIT", "CUSTOM_VALUE_LIMIT", "CODE_LIMIT", "MAX_COUPONS", "MAX_CATEGORIES"]
 
 # Identifiers a till or a provider sends: card numbers, store / terminal / receipt number, line sku, the id of
 # a provider's message event.
@@ -29,3 +29,8 @@ REASON_LIMIT = 500
 # text (they are read with every member).
 CUSTOM_NAME_LIMIT = 100
 CUSTOM_VALUE_LIMIT = 1000
+# The codes a receipt carries that are matched, not stored: its channel, a coupon code, a line's category (a
+# retailer's category path included), and how many a receipt or a line may carry.
+CODE_LIMIT = 100
+MAX_COUPONS = 100
+MAX_CATEGORIES = 100

@@ -12,7 +12,7 @@ from sqlalchemy.exc import DataError
 
 from loyalty.v1 import processing_pb2
 
-from ..convert import receipt_strings
+from ..convert import receipt_lists, receipt_strings
 from ..errors import InvalidArgument
 from ..members import check_text
 
@@ -80,6 +80,9 @@ def _check_receipt(receipt: dict, path: str = "receipt") -> None:
     decoded the request itself that this would pass.)"""
     for field, value, limit in receipt_strings(receipt, path):
         check_text(field, value, limit)
+    for field, n, most in receipt_lists(receipt, path):
+        if n > most:
+            raise InvalidArgument(field, f"at most {most}, got {n}")
 
 
 class _Retry(Exception):

@@ -118,3 +118,24 @@ def test_member_enroll_from_the_cli_without_a_gender(server):
     with server.client() as client:
         m = client.get_member({"member": {"card": "8600003"}})
     assert (m.profile.gender, m.profile.email, dict(m.subscriptions)) == ("", "vera@example.com", {"email": True})
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda r: {**r, "channel": "c" * 101}, "receipt.channel"),
+    (lambda r: {**r, "coupons": ["ok", "x" * 101]}, "receipt.coupons[1]"),
+    (lambda r: {**r, "coupons": [f"c{i}" for i in range(101)]}, "receipt.coupons"),
+    (lambda r: {**r, "lines": [{**r["lines"][0], "categories": ["tea", "к" * 101]}]}, "receipt.lines[0].categories[1]"),
+    (lambda r: {**r, "lines": [{**r["lines"][0], "categories": [f"c{i}" for i in range(101)]}]},
+     "receipt.lines[0].categories"),
+])
+def test_a_receipts_codes_have_limits_of_length_and_number(client, server, change, field):
+    """Channel, coupon codes and categories are matched, not stored, and still bounded: 100 characters each, 100
+    coupons a receipt, 100 categories a line; past that INVALID_ARGUMENT naming the field, nothing written; at
+    the limit they pass (a 100-character Cyrillic category is 200 bytes)."""
+    base = receipt(f"codes-{field}", now_at())
+    for call in (client.calculate_receipt, client.confirm_purchase):
+        text = invalid(lambda: call({"member": {"card": "7000001"}, "receipt": change(base)}), field)
+        assert f"{field}:" in text
+    at_limit = {**base, "channel": "c" * 100, "coupons": [f"c{i}" for i in range(100)],
+                "lines": [{**base["lines"][0], "categories": ["к" * 100] + [f"c{i}" for i in range(99)]}]}
+    assert client.calculate_receipt({"member": {"card": "7000001"}, "receipt": at_limit}).answer.totals.payable > 0
