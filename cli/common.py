@@ -4,7 +4,8 @@ One rule for where a command works: through a running server (``--server`` / ``L
 database named by ``--database-url`` / ``LOYALTY_DATABASE_URL`` or by its data dir (``loyalty.db`` in
 ``--data-dir`` / ``LOYALTY_DATA_DIR`` / ``LOYALTY_HOME``), or else on the one default database that
 ``loyalty serve`` also uses (in the platform's user data dir); the commands a till's day needs (members,
-points, programs, the audit log) go to the default server (127.0.0.1:50051) when nothing is named. Only ``serve``, ``worker``, ``db upgrade`` and
+points, programs, the audit log) go to the default server (127.0.0.1:50051) when nothing is named. Only
+``serve``, ``worker``, ``db upgrade`` and
 ``demo seed`` create or migrate a database (``migrate=True``); every other command refuses one that does not
 exist or whose schema is not at head, in one line that says to run ``loyalty db upgrade``, instead of
 creating an empty database or failing on a missing table.
@@ -27,8 +28,8 @@ import click
 from loyalty.cli.output import error_exit
 
 __all__ = ["DEFAULT_SERVER", "EnvCommand", "EnvGroup", "LoyaltyGroup", "ServiceCommand", "ToolCommand",
-           "call", "data_dir_named", "data_dir_option", "database_url_option", "demo_summary", "display_url", "fail", "json_option",
-           "quiet_option", "resolve_url", "seed_demo", "server_option"]
+           "call", "data_dir_named", "data_dir_option", "database_url_option", "demo_summary", "display_url", "fail",
+           "json_option", "quiet_option", "resolve_url", "seed_demo", "server_option"]
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 ENV_PREFIX = "LOYALTY_"

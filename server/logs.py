@@ -14,7 +14,8 @@ log record per call (benchmarks/server.py with the servers at INFO: calculate/ec
 WARNING, medians of 10 interleaved rounds on a shared machine): ``--no-access-log`` where every call counts.
 
 In text, a message is one line whatever a caller sent: control characters (line breaks, terminal escapes) are
-written as escapes, so no request can forge a line. In JSON every line is one object: ``ts`` (UTC, ISO 8601), ``level``, ``logger``, ``pid``, ``message``, the call
+written as escapes, so no request can forge a line. In JSON every line is one object: ``ts`` (UTC, ISO 8601),
+``level``, ``logger``, ``pid``, ``message``, the call
 fields (``request_id``, ``method``, ``code``, ``duration_ms``, ``peer``, ``key``, ``detail``) when the line is a
 call's, and ``exception`` (the traceback) when there is one.
 """

@@ -28,7 +28,8 @@ from .limits import (AT_LIMIT, CUSTOM_NAME_LIMIT, CUSTOM_VALUE_LIMIT, DATE_LIMIT
 from .models import CHANNELS, SOURCES, balances, cards, members, point_lots, promotion_usage, subscriptions
 
 __all__ = ["MemberContext", "ContextCache", "find_member", "load_usage", "tier_for",
-           "effective_tier", "period_key", "validate_ref", "check_card", "ERASED_PREFIX", "check_pair", "normalize_phone", "check_phone",
+           "effective_tier", "period_key", "validate_ref",
+           "check_card", "ERASED_PREFIX", "check_pair", "normalize_phone", "check_phone",
            "validate_enroll", "validate_update", "check_text", "CONTEXT_TTL"]
 
 CONTEXT_TTL = 2.0

@@ -30,12 +30,6 @@ def parse_since(text: str, path: str = "since") -> dt.datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 
-def _page_size(value: int, path: str) -> int:
-    if not 0 <= value <= 1000:
-        raise InvalidArgument(path, f"must be 1 to 1000 (0: 100), got {value}")
-    return value or 100
-
-
 class Security:
     """ListAudit, ListLimitBreaches, EraseMember, ExportMember."""
 
@@ -43,14 +37,15 @@ class Security:
         self.rt = rt
 
     def list_audit(self, request) -> admin_pb2.ListAuditResponse:
-        """The audit log oldest first, from ``since``, of ``actor``, a page of ``page_size`` at a time."""
+        """The audit log oldest first, from ``since``, of ``actor``, a page at a time (``paging``)."""
         since = parse_since(request.since)
+        page = page_of(request, "audit", (int,))
         with self.rt.db.read() as conn:
-            page = audit.listing(conn, since=since, actor=request.actor.strip(),
-                                 page_size=_page_size(request.page_size, "page_size"), page_token=request.page_token)
+            rows = audit.listing(conn, since=since, actor=request.actor.strip(), limit=page.size + 1,
+                                 after=page.after[0] if page.after else 0)
         return admin_pb2.ListAuditResponse(
-            entries=[admin_pb2.AuditEntry(**{**row, "at": iso(row["at"])}) for row in page.rows],
-            next_page_token=page.next_token)
+            entries=[admin_pb2.AuditEntry(**{**row, "at": iso(row["at"])}) for row in rows[:page.size]],
+            next_page_token=page.token(rows, key=lambda row: (row["id"],)))
 
     def list_limit_breaches(self, request) -> admin_pb2.ListLimitBreachesResponse:
         """Confirms past a soft operation limit, newest first."""

@@ -141,6 +141,12 @@ def test_list_audit_pages_through_every_row_once(server, client):
     with pytest.raises(LoyaltyError) as err:
         client.list_audit({"page_token": "not-a-token"})
     assert (err.value.code.name, err.value.field) == ("INVALID_ARGUMENT", "page_token")
+    assert "not a page token of this list" in err.value.message             # as every list says it
+    # as every list: a page of more than 1000 is capped, not refused; a negative one is refused
+    assert [e.id for e in client.list_audit({"page_size": 5000}).entries] == [e.id for e in everything]
+    with pytest.raises(LoyaltyError) as err:
+        client.list_audit({"page_size": -1})
+    assert err.value.field == "page_size" and "must not be negative" in err.value.message
 
 
 def test_loyalty_audit_list_filters_by_actor_and_time(server, client):
