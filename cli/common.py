@@ -29,7 +29,7 @@ from loyalty.cli.output import error_exit
 
 __all__ = ["DEFAULT_SERVER", "EnvCommand", "EnvGroup", "LoyaltyGroup", "ServiceCommand", "ToolCommand",
            "call", "data_dir_named", "data_dir_option", "database_url_option", "demo_summary", "display_url", "fail",
-           "json_option", "quiet_option", "resolve_url", "seed_demo", "server_option"]
+           "json_option", "quiet_option", "check_server", "resolve_url", "seed_demo", "server_option"]
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 ENV_PREFIX = "LOYALTY_"
@@ -140,7 +140,17 @@ def database_url_option(fn):
                              "[default: loyalty.db in the data dir].")(fn)
 
 
-server_option = click.option("--server", envvar="LOYALTY_SERVER", metavar="HOST:PORT",
+def check_server(ctx, param, value):
+    """A ``--server`` value: ``HOST:PORT`` with a port gRPC can dial (it would wrap 99999 round to 34463), or
+    a gRPC target with its scheme (``unix:/run/loyalty.sock``)."""
+    if value and not value.startswith(("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:")):
+        _host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise click.BadParameter(f"expected HOST:PORT with a port from 1 to 65535, got {value!r}")
+    return value
+
+
+server_option = click.option("--server", envvar="LOYALTY_SERVER", metavar="HOST:PORT", callback=check_server,
                              help=f"A running loyalty server [default: {DEFAULT_SERVER}].")
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print JSON only (for scripts): numbers as numbers, times in RFC 3339 UTC "
@@ -274,6 +284,9 @@ def fail(exc: BaseException):
                    code=2 if exc.code == "INVALID_ARGUMENT" else 1)
     if isinstance(exc, (CoreError, ParseError, UnicodeDecodeError)):
         error_exit(str(exc), code=2)
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        # a path the user gave (a data dir under a file, a folder not there, not theirs): say which
+        error_exit(f"{exc.strerror or type(exc).__name__}: {exc.filename}" if exc.filename else str(exc), code=2)
     if os.environ.get("LOYALTY_TRACEBACK"):
         raise exc
     error_exit(f"internal error: {type(exc).__name__}: {exc} (LOYALTY_TRACEBACK=1 shows where)", code=1)

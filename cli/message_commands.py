@@ -15,7 +15,7 @@ import sys
 
 import click
 
-from loyalty.cli.common import DEFAULT_SERVER, call, database_url_option, json_option, resolve_url
+from loyalty.cli.common import DEFAULT_SERVER, call, check_server, database_url_option, json_option, resolve_url
 from loyalty.cli.output import emit_json, error_exit, message_dict
 from loyalty.cli.security_commands import client_options
 
@@ -82,7 +82,7 @@ def register(group: click.Group) -> None:
     @click.argument("file", metavar="FILE.jsonl|-")
     @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 1000),
                   help="Events per RecordMessageEvents call.")
-    @click.option("--server", envvar="LOYALTY_SERVER", metavar="HOST:PORT",
+    @click.option("--server", envvar="LOYALTY_SERVER", metavar="HOST:PORT", callback=check_server,
                   help=f"A running loyalty server [default: {DEFAULT_SERVER}, unless --database-url is given; "
                        f"env LOYALTY_SERVER]")
     @client_options

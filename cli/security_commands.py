@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from loyalty.cli.common import call, database_url_option, fail, json_option, resolve_url
+from loyalty.cli.common import call, check_server, database_url_option, fail, json_option, resolve_url
 from loyalty.cli.output import emit_json, emit_table, error_exit
 
 __all__ = ["register", "serve_security_options", "security_config", "client_options", "connect"]
@@ -214,7 +214,7 @@ def _keys_backend(server, database_url, redis_url):
 
 def _where(fn):
     """``--server`` (with the credential options) or ``--database-url`` / ``--data-dir``, and ``--redis-url``."""
-    fn = click.option("--server", envvar="LOYALTY_KEYS_SERVER", metavar="HOST:PORT",
+    fn = click.option("--server", envvar="LOYALTY_KEYS_SERVER", metavar="HOST:PORT", callback=check_server,
                       help="Through this server's Keys RPCs (an admin credential) instead of on the database "
                            "[env LOYALTY_KEYS_SERVER].")(client_options(fn))
     return database_url_option(_redis_option(fn))

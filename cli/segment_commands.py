@@ -15,6 +15,7 @@ import sys
 import click
 
 from loyalty.cli.common import (
+    check_server,
     call, database_url_option, demo_summary, json_option, quiet_option, resolve_url, seed_demo,
 )
 from loyalty.cli.output import emit_json, emit_table, error_exit, progress
@@ -203,7 +204,7 @@ def register(group: click.Group) -> None:
     @click.argument("sid", metavar="ID")
     @_columns
     @click.option("--output", "-o", type=click.Path(dir_okay=False), help="File [default: stdout].")
-    @click.option("--server", metavar="HOST:PORT",
+    @click.option("--server", metavar="HOST:PORT", callback=check_server,
                   help="Export through a running server (ExportMembersStream), written as it arrives "
                        "[default: read the database directly].")
     @database_url_option

@@ -5,8 +5,9 @@ in one line that says what to run, a database that is missing, empty or behind."
 from __future__ import annotations
 
 import json
-import re
+import os
 import pathlib
+import re
 
 import pytest
 
@@ -119,3 +120,21 @@ def test_a_named_data_dir_is_the_database_of_every_command_that_could_go_to_a_se
     document = json.loads(exported.stdout)
     moments = [c["status_changed_at"] for c in document["cards"]] + [e["created_at"] for e in document["ledger"]]
     assert moments and all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", m) for m in moments), moments
+
+
+def test_a_data_dir_that_cannot_be_one_is_one_line_naming_it(home, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for data_dir, reason in ((afile / "sub", "Not a directory"), (tmp_path / "ro" / "x", "Permission denied")):
+        if reason == "Permission denied":
+            (tmp_path / "ro").mkdir(mode=0o500)
+            if os.geteuid() == 0:        # root writes anywhere: a folder under a file is what it cannot make
+                continue
+        line = one_error_line(cli("db", "upgrade", "--data-dir", str(data_dir), env=home), 2)
+        assert reason in line and str(data_dir) in line, line
+
+
+@pytest.mark.parametrize("server", ["127.0.0.1:99999", "127.0.0.1:0", "127.0.0.1", "127.0.0.1:port"])
+def test_a_server_address_without_a_usable_port_is_a_usage_error(home, server):
+    line = one_error_line(cli("member", "get", "7000001", "--server", server, env=home), 2)
+    assert "--server" in line and "1 to 65535" in line and server in line, line
