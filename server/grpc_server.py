@@ -136,6 +136,11 @@ class ServeConfig:
 
 # ---- the server -----------------------------------------------------------------------------------------------
 
+def host_port(host: str, port: int) -> str:
+    """``HOST:PORT`` as gRPC takes it: an IPv6 address in brackets (``[::1]:50051``)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 class LoyaltyServer:
     """One process's gRPC server around one service. ``await start()``, then ``await stop()``."""
 
@@ -442,7 +447,7 @@ class LoyaltyServer:
                 was = ready
 
     async def start(self, metrics_port: int | None = None) -> int:
-        address = f"{self.config.host}:{self.config.port}"
+        address = host_port(self.config.host, self.config.port)
         try:
             if self.config.tls is not None:
                 from loyalty.server.security.tls import Certificates
@@ -453,7 +458,7 @@ class LoyaltyServer:
         except RuntimeError:     # grpc: "Failed to bind"
             self.port = 0
         if not self.port:
-            raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
+            raise OSError(f"cannot listen on {address}")
         await self._check_health()
         await self.server.start()
         self._tasks.append(asyncio.create_task(self._watch_health()))

@@ -15,7 +15,7 @@ import socket
 import sys
 
 from loyalty.server.errors import InvalidArgument, ServiceError
-from loyalty.server.grpc_server import LoyaltyServer, ServeConfig
+from loyalty.server.grpc_server import LoyaltyServer, ServeConfig, host_port
 from loyalty.server.logs import configure_logging
 
 __all__ = ["serve", "run_server", "check_serving"]
@@ -80,7 +80,7 @@ async def run_server(config: ServeConfig, *, service=None, announce=None, worker
         # second (CalculateReceipt against the echo server: about 0.68x -> 0.75x in interleaved runs).
         gc.set_threshold(50_000, 20, 100)
         if announce is not None:
-            announce(f"listening on {config.host}:{port}")
+            announce(f"listening on {host_port(config.host, port)}")
         log.info("worker %d (pid %d) serving on %s:%d", worker, os.getpid(), config.host, port)
         await stop.wait()
     finally:
@@ -171,7 +171,7 @@ def _run_workers(config: ServeConfig, announce, log_level: str, exited) -> int:
             child.start()           # SIGHUP is ignored here, and so in each child until its server takes it
         previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal_children)     # reload certificates
         if announce is not None:
-            announce(f"listening on {config.host}:{config.port} ({config.workers} worker processes)")
+            announce(f"listening on {host_port(config.host, config.port)} ({config.workers} worker processes)")
         rc = 0
         alive = list(children)
         while alive:

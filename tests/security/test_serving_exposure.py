@@ -61,3 +61,14 @@ def test_bad_certificate_files_are_refused_at_start(tmp_path, pki, which, words)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     for word in words:
         assert word in result.stderr
+
+
+def test_an_ipv6_loopback_address_serves_as_given(tmp_path):
+    """``--host ::1`` (no brackets, as an operator writes it) binds and is announced as ``[::1]:PORT``."""
+    server = start_server(tmp_path, args=("--host", "::1"))
+    try:
+        assert server.target.startswith("[::1]:")
+        with server.client() as client:
+            assert client.get_member({"member": {"card": "7000001"}}).card == "7000001"
+    finally:
+        assert server.stop() == 0
