@@ -16,7 +16,8 @@ Decided here:
   which request it was without keeping its content. Targets name members by id, never by card or phone: the
   log is append-only and must not keep what an erasure removes.
 - **Append-only.** Nothing here updates or deletes a row; a trigger refuses UPDATE, DELETE (and on PostgreSQL
-  TRUNCATE) of ``audit_log`` (migration ``0009_audit``).
+  TRUNCATE) of ``audit_log`` (migration ``0009_audit``), and on SQLite an INSERT over an existing id (REPLACE;
+  ``0010_audit_no_replace``).
 """
 from __future__ import annotations
 

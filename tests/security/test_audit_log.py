@@ -115,11 +115,23 @@ def test_refused_admin_calls_are_recorded_with_their_status_and_change_nothing(s
                 m=member_id) == [{"n": 1}]      # the opening credit only
 
 
-@pytest.mark.parametrize("statement", ["UPDATE audit_log SET actor = 'someone else'", "DELETE FROM audit_log"])
+_OVERWRITE = {   # a row written over in place: SQLite's REPLACE, PostgreSQL's upsert
+    "sqlite": "INSERT OR REPLACE INTO audit_log (id, at, actor, actor_kind, rpc, target, digest, outcome, detail) "
+              "SELECT min(id), at, 'x', 'x', 'x', 'x', 'x', 'x', 'x' FROM audit_log",
+    "postgresql": "INSERT INTO audit_log (id, at, actor, actor_kind, rpc, target, digest, outcome, detail) "
+                  "SELECT min(id), min(at), 'x', 'x', 'x', 'x', 'x', 'x', 'x' FROM audit_log "
+                  "ON CONFLICT (id) DO UPDATE SET actor = 'x'",
+}
+
+
+@pytest.mark.parametrize("statement", ["UPDATE audit_log SET actor = 'someone else'", "DELETE FROM audit_log",
+                                       "overwrite"])
 def test_the_audit_log_refuses_updates_and_deletes(server, client, statement):
     enroll_with_points(client, new_card(), 10)
     before = rows(server.database_url, "SELECT * FROM audit_log ORDER BY id")
     assert before
+    if statement == "overwrite":
+        statement = _OVERWRITE["sqlite" if server.database_url.startswith("sqlite") else "postgresql"]
     with pytest.raises(DBAPIError, match="append-only"):
         execute(server.database_url, statement)
     assert rows(server.database_url, "SELECT * FROM audit_log ORDER BY id") == before
