@@ -148,21 +148,34 @@ class _OnDatabase:
         self.db = call(Database, url)
         self.announce = redis_announcer(redis_url)
 
+    # Each change as the Keys service would be asked for it, so its audit row has the request's digest as a
+    # change made through a server has.
     def create(self, **fields) -> tuple[dict, str | None]:
+        from loyalty.server.security import audit
         from loyalty.server.security.keys import create_key
-        return call(create_key, self.db, announce=self.announce, **fields)
+        from loyalty.v1 import security_pb2
+        request = security_pb2.CreateKeyRequest(name=fields["name"], scopes=fields["scopes"], stores=fields["stores"],
+                                                certificate=fields["kind"] == "certificate")
+        with audit.calling("CreateKey", request):
+            return call(create_key, self.db, announce=self.announce, **fields)
 
     def list(self, include_revoked: bool) -> list[dict]:
         from loyalty.server.security.keys import list_keys
         return call(list_keys, self.db, include_revoked=include_revoked)
 
     def revoke(self, key_id: str) -> dict:
+        from loyalty.server.security import audit
         from loyalty.server.security.keys import revoke_key
-        return call(revoke_key, self.db, key_id, announce=self.announce)
+        from loyalty.v1 import security_pb2
+        with audit.calling("RevokeKey", security_pb2.KeyRef(id=key_id)):
+            return call(revoke_key, self.db, key_id, announce=self.announce)
 
     def rotate(self, key_id: str, grace: float) -> tuple[dict, str]:
+        from loyalty.server.security import audit
         from loyalty.server.security.keys import rotate_key
-        return call(rotate_key, self.db, key_id, grace_s=grace, announce=self.announce)
+        from loyalty.v1 import security_pb2
+        with audit.calling("RotateKey", security_pb2.RotateKeyRequest(id=key_id, grace_seconds=grace)):
+            return call(rotate_key, self.db, key_id, grace_s=grace, announce=self.announce)
 
 
 class _OnServer:

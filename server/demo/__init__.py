@@ -19,6 +19,7 @@ from loyalty.v1 import admin_pb2, processing_pb2, receipt_pb2
 
 from ..errors import AlreadyExists
 from ..models import cards, program_versions
+from ..security import audit
 
 __all__ = ["seed_demo", "DEMO_PROGRAM_PATH", "DEMO_CARDS"]
 
@@ -40,6 +41,12 @@ _MEMBERS = [
 DEMO_CARDS = tuple(m[0] for m in _MEMBERS)
 
 
+def _as_asked(method, rpc: str, request):
+    """``method(request)`` as a server serves ``rpc``: its audit row carries the request's digest."""
+    with audit.calling(rpc, request):
+        return method(request)
+
+
 def seed_demo(service) -> dict:
     """Publish the demo program when no program has been published yet (a live program, the operator's, is
     never replaced by the demo's) and create the demo members (skipping those that exist). Safe to run any
@@ -51,8 +58,8 @@ def seed_demo(service) -> dict:
         current = conn.execute(select(program_versions.c.version, program_versions.c.yaml)
                                .order_by(program_versions.c.version.desc()).limit(1)).first()
     if current is None:
-        published = service.publish_program(
-            admin_pb2.PublishProgramRequest(yaml=text, comment="demo program")).version
+        published = _as_asked(service.publish_program, "PublishProgram",
+                              admin_pb2.PublishProgramRequest(yaml=text, comment="demo program")).version
     elif current.yaml != text:
         live = current.version
     created = []
@@ -70,7 +77,7 @@ def seed_demo(service) -> dict:
             continue
         member = receipt_pb2.MemberRef(card=card)
         if points:
-            service.adjust_points(processing_pb2.AdjustPointsRequest(
+            _as_asked(service.adjust_points, "AdjustPoints", processing_pb2.AdjustPointsRequest(
                 member=member, kind="credit", points=points, reason="demo opening balance",
                 operation_id=f"demo:{card}:opening"))
         if purchases_sum:
@@ -81,8 +88,8 @@ def seed_demo(service) -> dict:
                 lines=[receipt_pb2.Line(sku="tv-65-oled", categories=["electronics"], quantity=1000,
                                         price=purchases_sum)])))
         if status != "active":
-            service.set_card_status(processing_pb2.SetCardStatusRequest(card=card, status=status,
-                                                                        reason="demo"))
+            _as_asked(service.set_card_status, "SetCardStatus",
+                      processing_pb2.SetCardStatusRequest(card=card, status=status, reason="demo"))
         created.append(card)
     service.contexts.clear()
     done = {"program_version": published, "members_created": created}

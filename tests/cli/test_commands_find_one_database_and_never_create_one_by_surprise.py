@@ -113,6 +113,11 @@ def test_a_named_data_dir_is_the_database_of_every_command_that_could_go_to_a_se
     entries = json.loads(audit.stdout)
     assert entries and all(type(e["id"]) is int for e in entries)        # int64 as numbers
     assert {"PublishProgram", "AdjustPoints"} <= {e["rpc"] for e in entries}
+    # made on the database, each row still carries its request's digest, as one made through a server
+    assert cli("keys", "create", "--name", "till-d", "--scope", "pos", "--data-dir", str(data), env=home).returncode == 0
+    entries = json.loads(cli("audit", "list", "--json", "--data-dir", str(data), env=home).stdout)
+    assert "CreateKey" in {e["rpc"] for e in entries}
+    assert all(re.fullmatch(r"[0-9a-f]{64}", e["digest"]) for e in entries), entries
     limits = cli("limits", "list", "--data-dir", str(data), "--json", env=home)
     assert limits.returncode == 0, limits.stderr
     exported = cli("member", "export", "7000001", "--data-dir", str(data), env=home)
