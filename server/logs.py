@@ -30,7 +30,8 @@ import sys
 
 import orjson
 
-__all__ = ["REQUEST_ID", "CALL_FIELDS", "configure_logging", "request_id", "JsonFormatter", "TextFormatter"]
+__all__ = ["REQUEST_ID", "CALL_FIELDS", "configure_logging", "request_id", "JsonFormatter", "TextFormatter",
+           "CONTROL_CHARACTERS"]
 
 REQUEST_ID = "x-request-id"
 CALL_FIELDS = ("request_id", "method", "code", "duration_ms", "peer", "key", "detail")
@@ -49,8 +50,9 @@ def request_id(metadata) -> str:
 
 
 # What a caller's text (a receipt number, a card, an error quoting either) must not bring into a text log line:
-# line breaks that would start a forged line, terminal escapes, other control characters.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# line breaks that would start a forged line, terminal escapes, other control characters. (Names that become
+# the log's actors, API keys', refuse them: ``security.keys``.)
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _escaped(match: re.Match) -> str:
@@ -62,8 +64,8 @@ class TextFormatter(logging.Formatter):
     (``\\n``, ``\\x1b``); a traceback after it keeps its lines."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
-        if _CONTROL.search(record.message):
-            record.message = _CONTROL.sub(_escaped, record.message)
+        if CONTROL_CHARACTERS.search(record.message):
+            record.message = CONTROL_CHARACTERS.sub(_escaped, record.message)
         return super().formatMessage(record)
 
 

@@ -30,6 +30,7 @@ import logging
 from sqlalchemy import insert, select
 
 from ..errors import InvalidArgument, ServiceError
+from ..members import normalize_phone
 from ..timeutil import utcnow
 from . import Principal, current
 from .models import audit_log
@@ -142,7 +143,10 @@ def _identifiers(message, found: set[str]) -> set[str]:
                 if hasattr(item, "ListFields"):
                     _identifiers(item, found)
         elif field.name in ("card", "phone", "cards", "phones"):
-            found.update(v for v in (value if _repeated(field) else (value,)) if v)
+            for v in (value if _repeated(field) else (value,)):
+                if v.strip():
+                    # as sent, and as the services quote it (a phone normalised, a card stripped)
+                    found.update({v, v.strip(), normalize_phone(v)} if "phone" in field.name else {v, v.strip()})
     return found
 
 

@@ -110,6 +110,14 @@ def test_refused_admin_calls_are_recorded_with_their_status_and_change_nothing(s
         # the message, but for the member's card: the audit log outlives an erasure
         assert row.detail == err.value.message.replace("00000000", "<member>").replace(card, "<member>")
         assert "00000000" not in row.detail and card not in row.detail
+    # a phone as a till formats it is quoted back normalised: neither form stays in the log
+    unknown_phone = build_request("adjust_points", {"member": {"phone": "+7 (955) 000-12-34"}, "kind": "credit",
+                                                    "points": 5, "reason": "r", "operation_id": f"ph-{card}"})
+    with pytest.raises(LoyaltyError) as err:
+        client.adjust_points(unknown_phone)
+    assert err.value.code.name == "NOT_FOUND" and "+79550001234" in err.value.message
+    [row] = with_digest(client, sha256_of(unknown_phone))
+    assert "+79550001234" not in row.detail and "955" not in row.detail and "<member>" in row.detail
     assert client.get_member({"member": {"card": card}}).active_points == 100
     assert rows(server.database_url, "SELECT count(*) AS n FROM operations WHERE member_id = :m",
                 m=member_id) == [{"n": 1}]      # the opening credit only
